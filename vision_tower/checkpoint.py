@@ -1,0 +1,102 @@
+"""Reading and writing weight files: safetensors (single or sharded), and weights-only torch files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+Tensor = torch.Tensor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the keys that are missing, unexpected or mis-shaped."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_sharded(index: Path) -> dict[str, Tensor]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no 'weight_map'")
+    sd: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        sd.update(_read_file(index.parent / shard))
+    missing = sorted(set(weight_map) - set(sd))
+    if missing:
+        raise CheckpointError(f"{index} lists keys that no shard holds: {missing[:20]}")
+    return sd
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
+    name = path.name
+    if name.endswith(".safetensors"):
+        return load_file(path)
+    if name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} does not hold a state dict")
+        return sd
+    raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors, .index.json, .bin/.pt)")
+
+
+def find_weights(folder: Path) -> Path:
+    """The weight file of a model folder, preferring safetensors (single, then sharded)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (folder / name).exists():
+            return folder / name
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(f"no single weight file in {folder} (found: {found[:20]})")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(state dict, parsed config.json or None) of a folder or a weight file."""
+    folder = path if path.is_dir() else path.parent
+    weights = find_weights(path) if path.is_dir() else path
+    config_file = folder / "config.json"
+    config = read_json(config_file) if config_file.exists() else None
+    return _read_file(weights), config
+
+
+def strict_load(module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()) -> None:
+    """Copy ``sd`` into ``module``; any missing, unexpected or mis-shaped key is an error naming it."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected)) + sorted(ignored)
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:30]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:30]}")
+        if shapes:
+            parts.append(f"mis-shaped keys ({len(shapes)}): {shapes[:30]}")
+        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=True)
+
+
+def write_safetensors(sd: dict[str, Tensor], out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return out

@@ -1,0 +1,200 @@
+"""Typed configs for the image tower, the text tower and the two-tower SigLIP model.
+
+Field names follow transformers' ``SiglipVisionConfig`` / ``SiglipTextConfig`` so that a
+``config.json`` maps onto them one to one; ``to_hf`` / ``from_hf`` do the translation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+# Keys transformers writes into every config.json that carry no architecture information.
+_HF_BOOKKEEPING = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "initializer_factor", "initializer_range", "return_dict", "output_hidden_states", "output_attentions",
+    "use_return_dict", "torchscript", "tie_word_embeddings", "is_encoder_decoder", "chunk_size_feed_forward",
+    "problem_type", "id2label", "label2id", "tokenizer_class", "prefix", "task_specific_params",
+    "_attn_implementation_autoset", "pruned_heads", "add_cross_attention", "tie_encoder_decoder",
+    "is_decoder", "cross_attention_hidden_size", "finetuning_task", "num_image_tokens", "projection_dim",
+    "projector_hidden_act", "sep_token_id", "decoder_start_token_id", "max_length", "min_length",
+    "do_sample", "num_beams", "temperature", "top_k", "top_p", "attention_probs_dropout_prob",
+    "dropout", "hidden_dropout_prob", "layerdrop", "vocab_size_or_config_json_file",
+}
+
+
+def _check_known(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+
+
+def _as_int(value: Any, name: str) -> int:
+    """transformers allows ``image_size``/``patch_size`` as a pair; SigLIP towers are square."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}={value!r}: only square sizes are supported")
+        value = value[0]
+    return int(value)
+
+
+@dataclass
+class VisionConfig:
+    """The SigLIP ViT image encoder."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    attention_dropout: float = 0.0
+    use_head: bool = True
+
+    def __post_init__(self) -> None:
+        self.image_size = _as_int(self.image_size, "image_size")
+        self.patch_size = _as_int(self.patch_size, "patch_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        """Strict: an unknown key is an error that names it."""
+        _check_known(cls, data, "vision config")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> VisionConfig:
+        """From a transformers ``SiglipVisionConfig`` dict (missing fields take its defaults)."""
+        data = {k: v for k, v in data.items() if k not in _HF_BOOKKEEPING}
+        if "vision_use_head" in data:
+            data["use_head"] = data.pop("vision_use_head")
+        return cls.from_dict(data)
+
+    def to_hf(self) -> dict[str, Any]:
+        out = self.to_dict()
+        out["vision_use_head"] = out.pop("use_head")
+        out["model_type"] = "siglip_vision_model"
+        return out
+
+
+@dataclass
+class TextConfig:
+    """The SigLIP text encoder (last-token pooling and a linear head)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 64
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    attention_dropout: float = 0.0
+    projection_size: int | None = None
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
+
+    def __post_init__(self) -> None:
+        if self.projection_size is None:
+            self.projection_size = self.hidden_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextConfig:
+        _check_known(cls, data, "text config")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> TextConfig:
+        data = {k: v for k, v in data.items() if k not in _HF_BOOKKEEPING}
+        if isinstance(data.get("eos_token_id"), list):
+            data["eos_token_id"] = data["eos_token_id"][0]
+        return cls.from_dict(data)
+
+    def to_hf(self) -> dict[str, Any]:
+        out = self.to_dict()
+        out["model_type"] = "siglip_text_model"
+        return out
+
+
+@dataclass
+class SiglipConfig:
+    """Both towers plus the initial values of the learnable temperature and bias.
+
+    ``logit_scale_init`` is t' (the model stores t' and uses t = exp(t')); the paper starts at
+    t' = ln 10, b = -10.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = math.log(10.0)
+    logit_bias_init: float = -10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig.from_dict(self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig.from_dict(self.text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiglipConfig:
+        _check_known(cls, data, "siglip config")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "logit_scale_init": self.logit_scale_init,
+            "logit_bias_init": self.logit_bias_init,
+        }
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> SiglipConfig:
+        return cls(
+            vision=VisionConfig.from_hf(data.get("vision_config") or {}),
+            text=TextConfig.from_hf(data.get("text_config") or {}),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "architectures": ["SiglipModel"],
+            "model_type": "siglip",
+            "text_config": self.text.to_hf(),
+            "vision_config": self.vision.to_hf(),
+        }

@@ -1,0 +1,156 @@
+"""Transformer building blocks shared by the image and text towers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def activation(name: str):
+    """The MLP non-linearity named as in transformers' configs."""
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection (rows ordered q, k, v)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, H, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks that can stop early and keep every hidden state."""
+
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float, dropout=0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_dim, act, eps, dropout) for _ in range(depth))
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        hidden_states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start`` to ``end`` (all by default); append their outputs to ``hidden_states``."""
+        for block in self.blocks[start:end]:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's multi-head attention pooling ("MAP") head: one learned probe attends to all tokens."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        hd = D // self.num_heads
+        q = self.q(self.probe).view(1, self.num_heads, 1, hd).expand(B, -1, -1, -1)  # (B, H, 1, hd)
+        kv = self.kv(x).view(B, N, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, H, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, hd)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]  # (B, D)
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """jax.nn.initializers.lecun_normal: a normal truncated at 2 std, variance 1/fan_in."""
+    std = math.sqrt(1.0 / weight[0].numel()) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=1.0, a=-2.0, b=2.0)
+    weight.mul_(std)
+
+
+@torch.no_grad()
+def init_encoder_weights(module: nn.Module) -> None:
+    """The initialisation of big_vision's ViT, as transformers applies it to SigLIP."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            lecun_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, Attention):
+            for part in m.qkv.weight.chunk(3, dim=0):
+                nn.init.xavier_uniform_(part)
+            nn.init.xavier_uniform_(m.proj.weight)
+        elif isinstance(m, MLP):
+            nn.init.xavier_uniform_(m.fc1.weight)
+            nn.init.xavier_uniform_(m.fc2.weight)
+            nn.init.normal_(m.fc1.bias, std=1e-6)
+            nn.init.normal_(m.fc2.bias, std=1e-6)
+        elif isinstance(m, AttentionPoolHead):
+            nn.init.xavier_uniform_(m.probe.view(1, -1))
+            dim = m.q.weight.shape[0]
+            in_proj = nn.init.xavier_uniform_(torch.empty(3 * dim, dim))  # as nn.MultiheadAttention
+            m.q.weight.copy_(in_proj[:dim])
+            m.kv.weight.copy_(in_proj[dim:])
+            nn.init.zeros_(m.q.bias)
+            nn.init.zeros_(m.kv.bias)

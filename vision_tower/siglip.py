@@ -1,0 +1,101 @@
+"""The two-tower SigLIP model with its learnable temperature and bias."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SiglipConfig
+from .text import TextTower
+from .vision import VisionTower
+
+
+@dataclass
+class SiglipOutput:
+    """``logits_per_image`` (B_img, B_txt) = t * <img, txt> + b, as transformers' SiglipModel;
+    ``logits_per_text`` is its transpose; the embeddings are L2-normalised."""
+
+    logits_per_image: torch.Tensor
+    logits_per_text: torch.Tensor
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+
+
+class SiglipModel(nn.Module):
+    """Image tower + text tower + ``logit_scale`` (t' with t = exp(t')) and ``logit_bias`` (b).
+
+    Both scalars are shaped (1,) as in transformers (DeepSpeed cannot partition 0-d parameters)
+    and start at t' = ln 10, b = -10 as in the paper.
+    """
+
+    def __init__(self, config: SiglipConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.text = TextTower(config.text)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
+
+    def encode_image(self, pixel_values: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) pooled image embeddings (the MAP head's output)."""
+        pooled = self.vision(pixel_values).pooled
+        if pooled is None:
+            raise ValueError("the image tower has no pooling head (use_head=False): no image embedding")
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, normalize: bool = True
+    ) -> torch.Tensor:
+        """(B, L) token ids -> (B, P) text embeddings."""
+        pooled = self.text(input_ids, attention_mask).pooled
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(B_img, B_txt) pair logits t * <img, txt> + b from normalised embeddings."""
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp() + self.logit_bias
+        return logits_per_text.t()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> SiglipOutput:
+        image_embeds = self.encode_image(pixel_values)  # (B_img, D)
+        text_embeds = self.encode_text(input_ids, attention_mask)  # (B_txt, D)
+        logits_per_image = self.logits(image_embeds, text_embeds)
+        return SiglipOutput(logits_per_image, logits_per_image.t(), image_embeds, text_embeds)
+
+    # ----------------------------------------------------------------- construction and checkpoints
+    @classmethod
+    def from_preset(cls, name: str) -> SiglipModel:
+        """A randomly initialised model of a registered preset."""
+        from .presets import get_preset
+
+        return cls(get_preset(name))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> SiglipModel:
+        """Load both towers from a transformers ``SiglipModel`` folder, file or hub repo id (strict)."""
+        from .loading import load_siglip_model
+
+        model = load_siglip_model(src, revision=revision, cache_dir=cache_dir)
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors)."""
+        from .loading import save_siglip_model
+
+        save_siglip_model(self, out_dir)

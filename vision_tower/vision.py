@@ -1,0 +1,205 @@
+"""The SigLIP image tower, usable as a patch-feature extractor."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+from .layers import AttentionPoolHead, Encoder, init_encoder_weights
+
+
+@dataclass
+class TowerOutput:
+    """What the tower returns.
+
+    ``patch_features`` (B, N, D) are the tokens of ``feature_layer``; ``grid`` is the (h, w)
+    token grid with N = h * w; ``pooled`` (B, D) is the attention-pooling head's output, or
+    ``None`` without head; ``hidden_states`` (embeddings, then every block's output) only when
+    asked for.
+    """
+
+    patch_features: torch.Tensor
+    grid: tuple[int, int]
+    pooled: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a square (N, D) position table to ``grid`` = (h, w) tokens.
+
+    Same numerics as transformers' ``SiglipVisionEmbeddings.interpolate_pos_encoding``: bicubic,
+    ``align_corners=False``, computed in the table's dtype.
+    """
+    n, dim = pos_embed.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position table of {n} entries is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    table = pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, s, s)
+    table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
+    return table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], dim)  # (h*w, D)
+
+
+class VisionTower(nn.Module):
+    """SigLIP ViT: patch conv, learned positions, pre-norm blocks, post-norm, optional MAP head.
+
+    ``feature_layer`` picks the tokens returned as ``patch_features``: -1 (default) is the final
+    output after the post-layernorm (transformers' ``last_hidden_state``, what PaliGemma feeds
+    its projector); any other k is the raw output of that block, as transformers'
+    ``hidden_states[k]`` (0 = embeddings, -2 = the block before last, the LLaVA convention).
+    Blocks above it are not computed unless the head needs them for ``pooled``.
+    """
+
+    def __init__(self, config: VisionConfig, *, feature_layer: int = -1) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(config.num_patches, dim))
+        self.encoder = Encoder(
+            config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
+            config.hidden_act, config.layer_norm_eps, config.attention_dropout,
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.head = (
+            AttentionPoolHead(dim, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                              config.layer_norm_eps)
+            if config.use_head
+            else None
+        )  # fmt: skip
+        self.feature_layer = feature_layer
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- settings
+    @property
+    def feature_layer(self) -> int:
+        return self._feature_layer
+
+    @feature_layer.setter
+    def feature_layer(self, k: int) -> None:
+        depth = self.config.num_hidden_layers
+        if not -(depth + 1) <= k <= depth:
+            raise ValueError(f"feature_layer={k} is out of range for a tower of {depth} blocks: "
+                             f"use -1 (final, post-layernorm) or a block index in [{-(depth + 1)}, {depth}]")
+        self._feature_layer = k
+
+    @property
+    def num_blocks_for_features(self) -> int:
+        """How many blocks produce ``patch_features``."""
+        k, depth = self.feature_layer, self.config.num_hidden_layers
+        if k == -1:
+            return depth
+        return k if k >= 0 else depth + 1 + k
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.gradient_checkpointing = enabled
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init_encoder_weights(self)
+        nn.init.normal_(self.pos_embed, std=1.0 / math.sqrt(self.config.hidden_size))
+
+    # ----------------------------------------------------------------- forward
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Patch + position embeddings, (B, 3, H, W) -> (B, N, D); pixels past the last whole patch are
+        dropped, as by transformers' strided convolution (384 px in 14 px patches: 27 a side)."""
+        _, _, H, W = pixel_values.shape
+        p = self.config.patch_size
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
+        grid = (H // p, W // p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos_embed
+        if grid != (self.config.grid_size,) * 2:
+            if not interpolate_pos_encoding:
+                raise ValueError(
+                    f"tower built for {self.config.image_size}px images got {H}x{W}: load it with "
+                    f"image_size={H} (resizes the position table once) or pass interpolate_pos_encoding=True"
+                )
+            pos = interpolate_pos_embed(pos, grid)
+        return x + pos
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> TowerOutput:
+        """(B, 3, H, W) pixels -> :class:`TowerOutput`."""
+        p = self.config.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        x = self.embed(pixel_values, interpolate_pos_encoding)  # (B, N, D)
+        hidden = [x] if output_hidden_states else None
+        k = self.num_blocks_for_features
+        needs_final = self.feature_layer == -1 or self.head is not None
+        stop = self.config.num_hidden_layers if needs_final or output_hidden_states else k
+        x = self.encoder(x, end=k, hidden_states=hidden)  # (B, N, D)
+        features = x
+        x = self.encoder(x, start=k, end=stop, hidden_states=hidden)
+        pooled = None
+        if needs_final:
+            final = self.norm(x)  # (B, N, D)
+            if self.feature_layer == -1:
+                features = final
+            if self.head is not None:
+                pooled = self.head(final)  # (B, D)
+        return TowerOutput(features, grid, pooled, tuple(hidden) if hidden is not None else None)
+
+    # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_preset(cls, name: str, *, feature_layer: int = -1, **overrides) -> VisionTower:
+        """A randomly initialised tower of a registered preset (``tiny``, ``so400m_p14_384``, ...)."""
+        from .presets import get_preset
+
+        config = get_preset(name).vision
+        if overrides:
+            config = VisionConfig.from_dict({**config.to_dict(), **overrides})
+        return cls(config, feature_layer=feature_layer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        *,
+        image_size: int | None = None,
+        feature_layer: int = -1,
+        use_head: bool | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> VisionTower:
+        """Load the image tower from a folder, a ``.safetensors`` file or a hub repo id.
+
+        The format (transformers SigLIP / SigLIP 2 / PaliGemma, 4.x and 5.x key layouts) is
+        detected from the keys. ``image_size`` resizes the position table once (written by
+        ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
+        """
+        from .loading import load_vision_tower
+
+        tower = load_vision_tower(src, image_size=image_size, use_head=use_head, revision=revision,
+                                  cache_dir=cache_dir)
+        tower.feature_layer = feature_layer
+        return tower.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def resize_pos_embed(self, image_size: int) -> None:
+        """Resize the position table for ``image_size`` px images (image_size // patch_size tokens a side)."""
+        p = self.config.patch_size
+        grid = (image_size // p, image_size // p)
+        table = interpolate_pos_embed(self.pos_embed.data, grid)
+        self.pos_embed = nn.Parameter(table.contiguous(), requires_grad=self.pos_embed.requires_grad)
+        self.config.image_size = image_size
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors)."""
+        from .loading import save_vision_tower
+
+        save_vision_tower(self, out_dir)
