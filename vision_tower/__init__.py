@@ -2,24 +2,31 @@
 
 from .checkpoint import CheckpointError
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .images import ImageLoadError, load_image
 from .presets import get_preset, list_presets, register_preset
+from .processor import ImageProcessor
 from .siglip import SiglipModel, SiglipOutput
 from .text import TextOutput, TextTower
+from .tokenizer import Tokenizer
 from .vision import TowerOutput, VisionTower, interpolate_pos_embed
 
 __all__ = [
     "CheckpointError",
+    "ImageLoadError",
+    "ImageProcessor",
     "SiglipConfig",
     "SiglipModel",
     "SiglipOutput",
     "TextConfig",
     "TextOutput",
     "TextTower",
+    "Tokenizer",
     "TowerOutput",
     "VisionConfig",
     "VisionTower",
     "get_preset",
     "interpolate_pos_embed",
+    "load_image",
     "list_presets",
     "register_preset",
 ]

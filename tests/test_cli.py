@@ -1,0 +1,93 @@
+"""The `vision-tower` command: info, extract, convert, demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch.testing import assert_close
+
+from tests.hf_reference import hf_siglip, hf_vision
+from training.cli import main
+from vision_tower import ImageProcessor, VisionTower, load_image
+
+
+def _images(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (40 + 7 * i, 31), (30 * i, 100, 200)).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder
+
+
+def test_info_prints_config_and_token_grid(tmp_path, capsys):
+    hf_vision(seed=31, patch_size=8, image_size=32).save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert '"hidden_size": 48' in out and "448 px: 56x56 = 3136 tokens" in out
+    assert main(["info", "preset:so400m_p14_384"]) == 0
+    out = capsys.readouterr().out
+    assert "384 px: 27x27 = 729 tokens  <- native" in out and "448 px: 32x32 = 1024 tokens" in out
+
+
+def test_extract_writes_features_equal_to_the_tower_and_skips_bad_images(tmp_path, capsys):
+    ref = hf_vision(seed=32, num_hidden_layers=3)
+    ref.save_pretrained(tmp_path / "m")
+    images = _images(tmp_path / "imgs")
+    out = tmp_path / "f.safetensors"
+    code = main(["extract", "--model", str(tmp_path / "m"), "--images", str(images), "--out", str(out),
+                 "--image-size", "48", "--layer", "-2", "--batch-size", "2", "--quiet"])
+    assert code == 0
+    assert "1 skipped" in capsys.readouterr().out
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+        feats = f.get_tensor("patch_features")
+        pooled = f.get_tensor("pooled")
+    files = json.loads(meta["files"])
+    assert len(files) == 3 and list(json.loads(meta["skipped"])) == [str(images / "broken.jpg")]
+    assert feats.shape == (3, 36, 48) and pooled.shape == (3, 48) and json.loads(meta["grid"]) == [6, 6]
+    pixels = ImageProcessor(image_size=48)([load_image(f) for f in files])
+    with torch.no_grad():
+        r = ref(pixels, interpolate_pos_encoding=True, output_hidden_states=True)
+    assert_close(feats, r.hidden_states[-2], atol=1e-5, rtol=1e-5)
+    assert_close(pooled, r.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_writes_transformers_layout(tmp_path):
+    from transformers import SiglipImageProcessor, SiglipModel, SiglipVisionModel
+
+    hf_siglip(seed=33).save_pretrained(tmp_path / "full")
+    assert main(["convert", str(tmp_path / "full"), str(tmp_path / "out")]) == 0
+    SiglipModel.from_pretrained(tmp_path / "out")
+    assert main(["convert", str(tmp_path / "full"), str(tmp_path / "vis"), "--vision-only",
+                 "--image-size", "64", "--no-head"]) == 0
+    vis = SiglipVisionModel.from_pretrained(tmp_path / "vis")
+    assert vis.config.image_size == 64 and not vis.config.vision_use_head
+    assert SiglipImageProcessor.from_pretrained(tmp_path / "vis").size == {"height": 64, "width": 64}
+    assert VisionTower.from_pretrained(tmp_path / "vis").config.image_size == 64
+
+
+def test_bad_source_is_a_clear_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "neither an existing local path" in capsys.readouterr().err
+    assert main(["info", "preset:nope"]) == 2
+    assert "known presets" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_demo_and_help(tmp_path):
+    exe = shutil.which("vision-tower") or [sys.executable, "-m", "training.cli"]
+    cmd = [exe] if isinstance(exe, str) else exe
+    for sub in ("info", "extract", "convert", "demo"):
+        proc = subprocess.run([*cmd, sub, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "usage: vision-tower" in proc.stdout
+    proc = subprocess.run([*cmd, "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "patch_features (8, 36, 64)" in proc.stdout
+    assert (tmp_path / "features.safetensors").exists()
