@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -80,14 +79,9 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
     assert "known presets" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_console_script_demo_and_help(tmp_path):
-    exe = shutil.which("vision-tower") or [sys.executable, "-m", "training.cli"]
-    cmd = [exe] if isinstance(exe, str) else exe
-    for sub in ("info", "extract", "convert", "demo"):
+def test_console_script_help():
+    exe = shutil.which("vision-tower")
+    cmd = [exe] if exe else [sys.executable, "-m", "training.cli"]
+    for sub in ("info", "extract", "convert", "demo", "pretrain", "make-shapes", "eval"):
         proc = subprocess.run([*cmd, sub, "--help"], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and "usage: vision-tower" in proc.stdout
-    proc = subprocess.run([*cmd, "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "patch_features (8, 36, 64)" in proc.stdout
-    assert (tmp_path / "features.safetensors").exists()
+        assert proc.returncode == 0 and "usage: vision-tower" in proc.stdout, proc.stderr

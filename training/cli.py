@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .tower_commands import add_tower_commands
+from .train_commands import add_train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,8 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vision-tower",
         description="SigLIP vision towers: inspect, extract patch features, convert checkpoints, train.",
     )
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_tower_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

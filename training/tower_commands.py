@@ -1,10 +1,9 @@
-"""The tower subcommands of ``vision-tower``: info, extract, convert, demo (needs no DeepSpeed)."""
+"""The tower subcommands of ``vision-tower``: info, extract, convert (they need no DeepSpeed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,9 +45,12 @@ def _count(module: torch.nn.Module | None) -> int:
 
 def cmd_info(args: argparse.Namespace) -> None:
     full = _is_full_model(args.src)
-    if full:
-        model = (SiglipModel.from_preset(args.src[len(PRESET_PREFIX) :]) if args.src.startswith(PRESET_PREFIX)
-                 else SiglipModel.from_pretrained(args.src))
+    if args.src.startswith(PRESET_PREFIX):  # shapes only: build on the meta device, no weights
+        with torch.device("meta"):
+            model = SiglipModel.from_preset(args.src[len(PRESET_PREFIX) :])
+        tower, text = model.vision, model.text
+    elif full:
+        model = SiglipModel.from_pretrained(args.src)
         tower, text = model.vision, model.text
     else:
         tower, text = load_tower(args.src), None
@@ -120,24 +122,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {what} layout to {args.out}: {len(sd)} tensors, image_size {size}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Features from a tiny random tower on synthetic images, end to end through the CLI paths."""
-    from PIL import Image, ImageDraw
-
-    out = Path(args.out or tempfile.mkdtemp(prefix="vision-tower-demo-"))
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(8):
-        img = Image.new("RGB", (96, 80), tuple(int(c) for c in torch.randint(0, 256, (3,), generator=gen)))
-        ImageDraw.Draw(img).ellipse((10 + 4 * i, 10, 60 + 3 * i, 70), fill=(255 - 20 * i, 40 * i % 256, 90))
-        img.save(images / f"shape_{i}.png")
-    tower_dir = out / "tiny-tower"
-    load_tower("preset:tiny").save_pretrained(tower_dir)
-    print(f"saved a tiny random tower (transformers SiglipVisionModel layout) to {tower_dir}")
-    ns = argparse.Namespace(model=str(tower_dir), images=[str(images)], out=str(out / "features.safetensors"),
-                            image_size=48, layer=-2, no_head=False, batch_size=4, device=None,
-                            dtype="float32", quiet=False)
+def extract_demo(tower_dir: Path, images: Path, out: Path) -> None:
+    """Patch features of the demo tower from layer -2 at a resized 48 px (the extractor path)."""
+    ns = argparse.Namespace(model=str(tower_dir), images=[str(images)], out=str(out), image_size=48, layer=-2,
+                            no_head=False, batch_size=64, device=None, dtype="float32", quiet=True)
     cmd_extract(ns)
 
 
@@ -167,7 +155,3 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-head", action="store_true", help="drop the attention-pooling head")
     p.add_argument("--vision-only", action="store_true", help="write only the image tower of a SiglipModel")
     p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("demo", help="run the package end to end on built-in data (no downloads)")
-    p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
-    p.set_defaults(func=cmd_demo)

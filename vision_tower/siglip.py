@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,14 @@ from .vision import VisionTower
 @dataclass
 class SiglipOutput:
     """``logits_per_image`` (B_img, B_txt) = t * <img, txt> + b, as transformers' SiglipModel;
-    ``logits_per_text`` is its transpose; the embeddings are L2-normalised."""
+    ``logits_per_text`` is its transpose; the embeddings are L2-normalised. With a ``loss_fn``
+    the logits are not formed (``None``) and ``loss`` holds its result."""
 
-    logits_per_image: torch.Tensor
-    logits_per_text: torch.Tensor
+    logits_per_image: torch.Tensor | None
+    logits_per_text: torch.Tensor | None
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
 class SiglipModel(nn.Module):
@@ -64,9 +67,19 @@ class SiglipModel(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> SiglipOutput:
+        """Embed both sides; then either the pair logits, or ``loss_fn(img, txt, logit_scale, logit_bias)``.
+
+        The loss is computed inside this forward so that sharded training (ZeRO-3) has
+        ``logit_scale``/``logit_bias`` gathered while it runs.
+        """
         image_embeds = self.encode_image(pixel_values)  # (B_img, D)
         text_embeds = self.encode_text(input_ids, attention_mask)  # (B_txt, D)
+        if loss_fn is not None:
+            loss = loss_fn(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
+            return SiglipOutput(None, None, image_embeds, text_embeds, loss)
         logits_per_image = self.logits(image_embeds, text_embeds)
         return SiglipOutput(logits_per_image, logits_per_image.t(), image_embeds, text_embeds)
 

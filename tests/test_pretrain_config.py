@@ -1,0 +1,84 @@
+"""Run configs: every YAML and DeepSpeed JSON in configs/ loads and validates; bad keys are named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.config import ROOT, load_config
+from training.engine import deepspeed_config, lr_factor, param_groups
+from vision_tower import SiglipModel
+
+YAMLS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
+JSONS = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+
+
+def test_configs_exist():
+    assert {p.name for p in YAMLS} >= {"demo_tiny.yaml", "b16_224_scratch.yaml", "so400m_finetune.yaml",
+                                       "siglit_b16.yaml"}
+    assert {p.name for p in JSONS} == {"zero0.json", "zero1.json", "zero2.json", "zero3.json"}
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_every_run_config_loads_and_its_deepspeed_config_resolves(path):
+    cfg = load_config(path)
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == cfg.data.batch_size * cfg.optim.grad_accum * 4
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
+def test_every_deepspeed_json_fills_in(path):
+    cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [f"run.deepspeed={path}"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert json.loads(path.read_text())["zero_optimization"]["stage"] == int(path.stem[-1])
+
+
+def test_unknown_keys_are_named():
+    demo = ROOT / "configs/pretrain/demo_tiny.yaml"
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr_max'\] in optim"):
+        load_config(demo, ["optim.lr_max=3"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['modle'\] in config"):
+        load_config(demo, ["modle.preset=tiny"])
+
+
+def test_overrides_and_validation(tmp_path: Path):
+    demo = ROOT / "configs/pretrain/demo_tiny.yaml"
+    cfg = load_config(demo, ["run.steps=7", "optim.betas=[0.8, 0.9]", "model.text.vocab_size=300"])
+    assert cfg.run.steps == 7 and cfg.optim.betas == (0.8, 0.9) and cfg.model.text == {"vocab_size": 300}
+    with pytest.raises(ValueError, match="exactly one of 'preset'"):
+        load_config(demo, ["model.init_from=some/repo"])
+    with pytest.raises(ValueError, match="loss.kind"):
+        load_config(demo, ["loss.kind=hinge"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(demo, ["run.steps"])
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=3"):
+        deepspeed_config(load_config(demo, [f"run.deepspeed={bad}"]), world_size=1)
+
+
+def test_weight_decay_groups_exclude_norms_biases_positions_and_t_b():
+    model = SiglipModel.from_preset("tiny")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no = {names[id(p)] for p in no_decay["params"]}
+    yes = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "logit_bias", "vision.pos_embed", "text.pos_embed", "vision.head.probe",
+            "vision.norm.weight", "vision.encoder.blocks.0.attn.qkv.bias"} <= no
+    assert "vision.encoder.blocks.0.attn.qkv.weight" in yes and "text.token_embed.weight" in yes
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    model.vision.requires_grad_(False)
+    frozen = param_groups(model, 0.1)
+    assert not any(names[id(p)].startswith("vision.") for g in frozen for p in g["params"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))

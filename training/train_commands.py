@@ -1,0 +1,88 @@
+"""The training subcommands of ``vision-tower``: pretrain, make-shapes, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import run_from_cli
+
+    result = run_from_cli(args.config, args.overrides, args.resume)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({k: v for k, v in result.items()}, default=str))
+
+
+def cmd_make_shapes(args: argparse.Namespace) -> None:
+    from .shapes import make_shapes
+
+    s = make_shapes(args.out, n_train=args.n_train, n_val=args.n_val, shard_size=args.shard_size,
+                    image_size=args.image_size, seed=args.seed)
+    print(f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} zero-shot "
+          f"images in {len(s.classes)} class folders ({s.zeroshot}) in {s.seconds:.1f}s")
+
+
+def _model_and_preprocessing(src: str, batch_tokenizer: str | None):
+    from vision_tower import ImageProcessor, SiglipModel, Tokenizer
+
+    model = SiglipModel.from_pretrained(src).eval()
+    tokenizer = Tokenizer.from_pretrained(batch_tokenizer or src,
+                                          max_length=model.text.config.max_position_embeddings)
+    return model, ImageProcessor(image_size=model.vision.config.image_size), tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import load_templates, retrieval, zero_shot
+
+    model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
+    if args.task == "zero-shot":
+        templates = load_templates(args.templates) if args.templates else None
+        result = zero_shot(model, args.images, templates=templates, image_transform=processor, tokenize=tokenizer,
+                           batch_size=args.batch_size)
+    else:
+        result = retrieval(model, args.shards, image_transform=processor, tokenize=tokenizer,
+                           batch_size=args.batch_size)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, ranks=args.ranks)
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint of run.out_dir")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("make-shapes", help="write the built-in demo dataset of coloured shapes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=8192)
+    p.add_argument("--n-val", type=int, default=512)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_shapes)
+
+    p = sub.add_parser("eval", help="zero-shot classification or image-text retrieval of a SiglipModel")
+    p.add_argument("task", choices=["zero-shot", "retrieval"])
+    p.add_argument("--model", required=True, help="SiglipModel folder or hub id (with its tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder if not beside the model")
+    p.add_argument("--images", help="zero-shot: ImageFolder root (one sub-folder per class)")
+    p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
+    p.add_argument("--shards", help="retrieval: WebDataset shards (brace pattern or folder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export")
+    p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
