@@ -22,7 +22,6 @@ streams; in a one-pass stream it holds until the first worker runs out.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -48,8 +47,14 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS: tuple[str, ...] = ("caption", "text")
 # Reasons a sample (or, for bad_shard, a whole shard) is skipped.
 SKIP_REASONS: tuple[str, ...] = (
-    "bad_image", "missing_image", "missing_caption", "bad_caption", "empty_caption",
-    "truncated", "bad_shard", "transform",
+    "bad_image",
+    "missing_image",
+    "missing_caption",
+    "bad_caption",
+    "empty_caption",
+    "truncated",
+    "bad_shard",
+    "transform",
 )
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -68,14 +73,22 @@ def expand_shards(shards: ShardSpec) -> list[str]:
         else:
             urls.extend(expand_urls(item))
     if not urls:
-        raise FileNotFoundError(f"no shards found in {shards!r}: give a brace pattern, a list or a folder of .tar")
+        raise FileNotFoundError(
+            f"no shards found in {shards!r}: give a brace pattern, a list or a folder of .tar"
+        )
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.exists(u)]
     if local and len(missing) == len(local):
-        raise FileNotFoundError(f"none of the {len(local)} shards exist, e.g. {missing[0]!r} (from {shards!r})")
+        raise FileNotFoundError(
+            f"none of the {len(local)} shards exist, e.g. {missing[0]!r} (from {shards!r})"
+        )
     if missing:
-        log.warning("%d of %d shards do not exist (e.g. %s); they will be skipped", len(missing), len(urls),
-                    missing[0])
+        log.warning(
+            "%d of %d shards do not exist (e.g. %s); they will be skipped",
+            len(missing),
+            len(urls),
+            missing[0],
+        )
     return urls
 
 
@@ -105,12 +118,20 @@ class SkipCounter:
             self.counts[reason] += 1
             level = logging.DEBUG if reason in self._warned else logging.WARNING
             self._warned.add(reason)
-            log.log(level, "skipping %s in %s: %s (%s)%s", key, url, reason, detail[:200],
-                    "" if level == logging.DEBUG else f"; further {reason!r} skips are counted, not logged")
+            log.log(
+                level,
+                "skipping %s in %s: %s (%s)%s",
+                key,
+                url,
+                reason,
+                detail[:200],
+                "" if level == logging.DEBUG else f"; further {reason!r} skips are counted, not logged",
+            )
         if self.consecutive > self.max_consecutive:
             raise RuntimeError(
                 f"{self.consecutive} samples in a row were skipped, the last one {key} in {url}: {reason} "
-                f"({detail[:200]}); check the shards, the image decoder and the transforms")
+                f"({detail[:200]}); check the shards, the image decoder and the transforms"
+            )
 
     def ok(self) -> None:
         self.consecutive = 0
@@ -190,7 +211,9 @@ def read_image(sample: dict[str, Any], decode_image: Callable[[bytes], Image.Ima
     """The decoded RGB image of a raw sample (first of IMAGE_EXTENSIONS present)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise SkipSample("missing_image", f"no member with extension {IMAGE_EXTENSIONS} (has {_exts(sample)})")
+        raise SkipSample(
+            "missing_image", f"no member with extension {IMAGE_EXTENSIONS} (has {_exts(sample)})"
+        )
     try:
         return decode_image(sample[ext])
     except Exception as exn:  # the decoder's own error (ImageLoadError) or PIL's
@@ -205,7 +228,7 @@ def default_decode_image(data: bytes) -> Image.Image:
     """Decode with `vision_tower.images.load_image` (RGB; raises ImageLoadError on bad input)."""
     from vision_tower.images import load_image
 
-    return load_image(io.BytesIO(data))
+    return load_image(data)
 
 
 def _squeeze(x: torch.Tensor, ndim: int, what: str) -> torch.Tensor:
@@ -259,24 +282,49 @@ class ShardDataset(IterableDataset):
     `"__state__"` entry each batch carries (skip counts and stream position).
     """
 
-    def __init__(self, urls: list[str], *, image_transform: Callable[[Image.Image], torch.Tensor],
-                 text_transform: Callable[[str], torch.Tensor], batch_size: int, seed: int, rank: int,
-                 world_size: int, resampled: bool, shuffle: bool, shuffle_buffer: int, epoch: int,
-                 drop_last: bool, decode_image: Callable[[bytes], Image.Image],
-                 max_consecutive_skips: int) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        text_transform: Callable[[str], torch.Tensor],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        resampled: bool,
+        shuffle: bool,
+        shuffle_buffer: int,
+        epoch: int,
+        drop_last: bool,
+        decode_image: Callable[[bytes], Image.Image],
+        max_consecutive_skips: int,
+    ) -> None:
         super().__init__()
         self.urls, self.batch_size, self.seed = urls, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.resampled, self.shuffle, self.shuffle_buffer = resampled, shuffle, shuffle_buffer
         self.drop_last, self.max_consecutive_skips = drop_last, max_consecutive_skips
-        self.image_transform, self.text_transform, self.decode_image = image_transform, text_transform, decode_image
+        self.image_transform, self.text_transform, self.decode_image = (
+            image_transform,
+            text_transform,
+            decode_image,
+        )
         self.plan = ResumePlan()
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same samples."""
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "epoch": self.epoch,
-                "batch_size": self.batch_size, "resampled": self.resampled, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer, "n_shards": len(self.urls)}
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "epoch": self.epoch,
+            "batch_size": self.batch_size,
+            "resampled": self.resampled,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "n_shards": len(self.urls),
+        }
 
     def worker_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         """Shards of one (rank, worker): drawn with replacement, or this worker's share of one pass."""
@@ -305,7 +353,11 @@ class ShardDataset(IterableDataset):
             image = read_image(sample, self.decode_image)
             try:
                 pixels = _squeeze(self.image_transform(image), 3, "image_transform")  # (3, H, W)
-                ids = _squeeze(torch.as_tensor(self.text_transform(caption)), 1, "text_transform")  # (L,)
+                ids = _squeeze(
+                    torch.as_tensor(self.text_transform(caption)),
+                    1,
+                    "text_transform (str -> (L,); wrap a batch tokenizer in TokenizeOne)",
+                )  # (L,)
             except Exception as exn:
                 raise SkipSample("transform", repr(exn)) from exn
         except SkipSample as skip:
@@ -318,8 +370,10 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if num_workers != self.plan.num_workers:
-            raise RuntimeError(f"ShardDataset planned for {self.plan.num_workers} workers but runs in "
-                               f"{num_workers}; iterate it through build_loader")
+            raise RuntimeError(
+                f"ShardDataset planned for {self.plan.num_workers} workers but runs in "
+                f"{num_workers}; iterate it through build_loader"
+            )
         worker = (slot + self.plan.start_step) % num_workers
         yield from self._worker_batches(worker, num_workers)
 
@@ -358,21 +412,36 @@ class ShardDataset(IterableDataset):
     def _collate(items: list[_Item], state: dict[str, Any]) -> dict[str, Any]:
         lengths = {tuple(it.ids.shape) for it in items}
         if len(lengths) > 1:
-            raise ValueError(f"text_transform gave token sequences of lengths {sorted(lengths)}; "
-                             "pad to a fixed length (max_length padding)")
-        return {"pixel_values": torch.stack([it.pixels for it in items]),  # (B, 3, H, W)
-                "input_ids": torch.stack([it.ids for it in items]).long(),  # (B, L)
-                "caption": [it.caption for it in items], "__key__": [it.key for it in items],
-                "__state__": state}
+            raise ValueError(
+                f"text_transform gave token sequences of lengths {sorted(lengths)}; "
+                "pad to a fixed length (max_length padding)"
+            )
+        return {
+            "pixel_values": torch.stack([it.pixels for it in items]),  # (B, 3, H, W)
+            "input_ids": torch.stack([it.ids for it in items]).long(),  # (B, L)
+            "caption": [it.caption for it in items],
+            "__key__": [it.key for it in items],
+            "__state__": state,
+        }
 
 
-def build_dataset(shards: ShardSpec, *, image_transform: Callable[[Image.Image], torch.Tensor],
-                  text_transform: Callable[[str], torch.Tensor], batch_size: int, seed: int = 0,
-                  rank: int | None = None, world_size: int | None = None, resampled: bool = True,
-                  shuffle: bool = True, shuffle_buffer: int = 1000, epoch: int = 0,
-                  drop_last: bool | None = None,
-                  decode_image: Callable[[bytes], Image.Image] = default_decode_image,
-                  max_consecutive_skips: int = 1000) -> ShardDataset:
+def build_dataset(
+    shards: ShardSpec,
+    *,
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    text_transform: Callable[[str], torch.Tensor],
+    batch_size: int,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    resampled: bool = True,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    epoch: int = 0,
+    drop_last: bool | None = None,
+    decode_image: Callable[[bytes], Image.Image] = default_decode_image,
+    max_consecutive_skips: int = 1000,
+) -> ShardDataset:
     """The per-worker pipeline over `shards` (brace pattern, list or folder of .tar).
 
     `image_transform`: PIL RGB image -> (3, H, W) float tensor (an `ImageProcessor` works, its
@@ -390,13 +459,25 @@ def build_dataset(shards: ShardSpec, *, image_transform: Callable[[Image.Image],
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     urls = expand_shards(shards)
     if not resampled and len(urls[rank::world_size]) == 0:
-        log.warning("rank %d of %d gets no shards: only %d shards for a one-pass split", rank, world_size,
-                    len(urls))
-    return ShardDataset(urls, image_transform=image_transform, text_transform=text_transform,
-                        batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, resampled=resampled,
-                        shuffle=shuffle, shuffle_buffer=shuffle_buffer, epoch=epoch,
-                        drop_last=resampled if drop_last is None else drop_last, decode_image=decode_image,
-                        max_consecutive_skips=max_consecutive_skips)
+        log.warning(
+            "rank %d of %d gets no shards: only %d shards for a one-pass split", rank, world_size, len(urls)
+        )
+    return ShardDataset(
+        urls,
+        image_transform=image_transform,
+        text_transform=text_transform,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        resampled=resampled,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        epoch=epoch,
+        drop_last=resampled if drop_last is None else drop_last,
+        decode_image=decode_image,
+        max_consecutive_skips=max_consecutive_skips,
+    )
 
 
 # ----------------------------------------------------------------------------- loader
@@ -412,24 +493,37 @@ class ShardLoader:
     a new pass.
     """
 
-    def __init__(self, dataset: ShardDataset, *, num_workers: int = 2, start_step: int = 0,
-                 resume_state: dict[str, Any] | None = None, pin_memory: bool = False,
-                 prefetch_factor: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        *,
+        num_workers: int = 2,
+        start_step: int = 0,
+        resume_state: dict[str, Any] | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
         self.dataset, self.num_workers = dataset, num_workers
         self.step, self._workers = start_step, {}
         if resume_state is not None:
             self.step, self._workers = self._check_resume(resume_state, start_step)
         self._start = (self.step, dict(self._workers))
-        self._loader_kwargs = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory,
-                               "prefetch_factor": prefetch_factor if num_workers else None}
+        self._loader_kwargs = {
+            "batch_size": None,
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "prefetch_factor": prefetch_factor if num_workers else None,
+        }
 
     def _check_resume(self, state: dict[str, Any], start_step: int) -> tuple[int, dict[int, dict]]:
         mine = {**self.dataset.fingerprint(), "num_workers": self.num_workers}
         theirs = {**state.get("fingerprint", {}), "num_workers": state.get("num_workers")}
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
-            raise ValueError(f"resume_state does not match this loader (saved, now): {diff}; rebuild the loader "
-                             "with the saved settings, or pass start_step alone to replay")
+            raise ValueError(
+                f"resume_state does not match this loader (saved, now): {diff}; rebuild the loader "
+                "with the saved settings, or pass start_step alone to replay"
+            )
         if start_step and start_step != state["step"]:
             raise ValueError(f"start_step={start_step} but resume_state was saved at step {state['step']}")
         return int(state["step"]), {int(w): dict(s) for w, s in state["workers"].items()}
@@ -445,7 +539,9 @@ class ShardLoader:
                 self.step += 1
                 yield batch
         if self.skipped:
-            log.info("data pass done after %d batches; skipped %d: %s", self.step, self.skipped, self.skip_counts)
+            log.info(
+                "data pass done after %d batches; skipped %d: %s", self.step, self.skipped, self.skip_counts
+            )
 
     @property
     def skip_counts(self) -> dict[str, int]:
@@ -461,19 +557,35 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch consumed: pass as `resume_state` to continue exactly."""
-        return {"version": 1, "step": self.step, "num_workers": self.num_workers,
-                "fingerprint": self.dataset.fingerprint(),
-                "workers": {str(w): {**s, "skips": dict(s["skips"])} for w, s in sorted(self._workers.items())}}
+        return {
+            "version": 1,
+            "step": self.step,
+            "num_workers": self.num_workers,
+            "fingerprint": self.dataset.fingerprint(),
+            "workers": {str(w): {**s, "skips": dict(s["skips"])} for w, s in sorted(self._workers.items())},
+        }
 
 
-def build_loader(dataset: ShardDataset, *, num_workers: int = 2, start_step: int = 0,
-                 resume_state: dict[str, Any] | None = None, pin_memory: bool = False,
-                 prefetch_factor: int | None = None) -> ShardLoader:
+def build_loader(
+    dataset: ShardDataset,
+    *,
+    num_workers: int = 2,
+    start_step: int = 0,
+    resume_state: dict[str, Any] | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> ShardLoader:
     """Load `dataset` in `num_workers` processes (0: in this one), from `start_step` or a saved state.
 
     The batches from step `k` on equal those of an uninterrupted loader with the same
     dataset settings and `num_workers`: `resume_state` (a `state_dict()`) skips the consumed
     samples undecoded; `start_step` alone replays them.
     """
-    return ShardLoader(dataset, num_workers=num_workers, start_step=start_step, resume_state=resume_state,
-                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    return ShardLoader(
+        dataset,
+        num_workers=num_workers,
+        start_step=start_step,
+        resume_state=resume_state,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+    )

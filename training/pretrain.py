@@ -100,7 +100,7 @@ def evaluate(model: SiglipModel, cfg: PretrainConfig, processor, tokenizer) -> d
                        batch_size=128)
         out.update({"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]})
     if cfg.data.val_shards:
-        r = retrieval(model, resolve_path(cfg.data.val_shards), image_transform=processor, tokenize=tokenizer,
+        r = retrieval(model, resolve_path(cfg.data.val_shards), image_transform=processor, text_transform=tokenizer,
                       batch_size=128)
         out.update({k: v for k, v in r.items() if isinstance(v, float)})
     return out

@@ -97,8 +97,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     else:
         raise ValueError(f"no polygon for shape {shape!r}; known: {SHAPES}")
     return [
-        (cx + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
-         cy + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n))
+        (
+            cx + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
+            cy + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n),
+        )
         for i in range(n)
     ]
 
@@ -111,8 +113,8 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) ->
 def draw_shape(color: str, shape: str, image_size: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
     """Draw one shape on a noisy, dim background; returns the image and its size word."""
     s = image_size
-    r = rng.uniform(0.18, 0.42) * s  # circumradius in pixels
-    size = "small" if r < 0.25 * s else ("large" if r > 0.34 * s else "medium")
+    r = rng.uniform(0.22, 0.45) * s  # circumradius in pixels
+    size = "small" if r < 0.3 * s else ("large" if r > 0.38 * s else "medium")
     cx, cy = rng.uniform(r, s - r, size=2)
     bg = tuple(int(v) for v in rng.integers(25, 100) + rng.integers(-20, 21, size=3))  # dim, low saturation
     img = Image.new("RGB", (s, s), bg)
@@ -128,8 +130,9 @@ def draw_shape(color: str, shape: str, image_size: int, rng: np.random.Generator
     return Image.fromarray(pixels), size
 
 
-def make_sample(split: str, index: int, *, image_size: int = 64, seed: int = 0,
-                class_index: int | None = None) -> ShapeSample:
+def make_sample(
+    split: str, index: int, *, image_size: int = 64, seed: int = 0, class_index: int | None = None
+) -> ShapeSample:
     """Sample `index` of `split`, a pure function of its arguments (class random unless given)."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
     if class_index is None:
@@ -157,22 +160,38 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _sample_files(key: str, sample: ShapeSample, image_format: str) -> Iterator[tuple[str, bytes]]:
-    meta = {"caption": sample.caption, "class": sample.class_name, "label": CLASSES.index(sample.class_name),
-            "color": sample.color, "shape": sample.shape, "size": sample.size}
+    meta = {
+        "caption": sample.caption,
+        "class": sample.class_name,
+        "label": CLASSES.index(sample.class_name),
+        "color": sample.color,
+        "shape": sample.shape,
+        "size": sample.size,
+    }
     yield f"{key}.{image_format}", _encode(sample.image, image_format)
     yield f"{key}.txt", sample.caption.encode("utf-8")
     yield f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
-def write_shards(out_dir: Path, split: str, n: int, shard_size: int, *, image_size: int, seed: int,
-                 image_format: str = "png") -> str:
+def write_shards(
+    out_dir: Path,
+    split: str,
+    n: int,
+    shard_size: int,
+    *,
+    image_size: int,
+    seed: int,
+    image_format: str = "png",
+) -> str:
     """Write `n` samples of `split` as tar shards of `shard_size`; returns the brace pattern."""
     if n < 1 or shard_size < 1:
         raise ValueError(f"{split}: need n >= 1 and shard_size >= 1, got n={n}, shard_size={shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / shard_size)
     for shard in range(n_shards):
-        with tarfile.open(out_dir / f"shapes-{split}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(
+            out_dir / f"shapes-{split}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT
+        ) as tar:
             for index in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
                 sample = make_sample(split, index, image_size=image_size, seed=seed)
                 for name, data in _sample_files(f"{split}-{index:07d}", sample, image_format):
@@ -198,9 +217,17 @@ def write_class_folders(out_dir: Path, per_class: int, *, image_size: int, seed:
     return index
 
 
-def make_shapes(out_dir: str | Path, *, n_train: int = 8192, n_val: int = 512, shard_size: int = 1024,
-                image_size: int = 64, seed: int = 0, zeroshot_per_class: int = 20,
-                image_format: str = "png") -> ShapesSummary:
+def make_shapes(
+    out_dir: str | Path,
+    *,
+    n_train: int = 8192,
+    n_val: int = 512,
+    shard_size: int = 1024,
+    image_size: int = 64,
+    seed: int = 0,
+    zeroshot_per_class: int = 20,
+    image_format: str = "png",
+) -> ShapesSummary:
     """Write the shapes dataset: `train/` and `val/` shards, `zeroshot/<class>/` images, `classes.json`."""
     if image_format not in _IMAGE_FORMATS:
         raise ValueError(f"image_format {image_format!r} unknown; choose one of {sorted(_IMAGE_FORMATS)}")
@@ -209,11 +236,26 @@ def make_shapes(out_dir: str | Path, *, n_train: int = 8192, n_val: int = 512, s
     train = write_shards(out / "train", "train", n_train, shard_size, image_format=image_format, **opts)
     val = write_shards(out / "val", "val", n_val, shard_size, image_format=image_format, **opts)
     n_zs = write_class_folders(out / "zeroshot", zeroshot_per_class, **opts)
-    info = {"classes": list(CLASSES), "folders": [folder_name(c) for c in CLASSES],
-            "templates": list(ZEROSHOT_TEMPLATES), "train": train, "val": val, "image_size": image_size,
-            "seed": seed}
+    info = {
+        "classes": list(CLASSES),
+        "folders": [folder_name(c) for c in CLASSES],
+        "templates": list(ZEROSHOT_TEMPLATES),
+        "image_size": image_size,
+        "train": str(Path(train).relative_to(out)),
+        "val": str(Path(val).relative_to(out)),
+        "seed": seed,
+    }
     (out / "classes.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return ShapesSummary(out_dir=str(out), train=train, val=val, zeroshot=str(out / "zeroshot"),
-                         n_train=n_train, n_val=n_val, n_zeroshot=n_zs, classes=list(CLASSES),
-                         templates=list(ZEROSHOT_TEMPLATES), seconds=time.perf_counter() - start)
+    return ShapesSummary(
+        out_dir=str(out),
+        train=train,
+        val=val,
+        zeroshot=str(out / "zeroshot"),
+        n_train=n_train,
+        n_val=n_val,
+        n_zeroshot=n_zs,
+        classes=list(CLASSES),
+        templates=list(ZEROSHOT_TEMPLATES),
+        seconds=time.perf_counter() - start,
+    )

@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = zero_shot(model, args.images, templates=templates, image_transform=processor, tokenize=tokenizer,
                            batch_size=args.batch_size)
     else:
-        result = retrieval(model, args.shards, image_transform=processor, tokenize=tokenizer,
+        result = retrieval(model, args.shards, image_transform=processor, text_transform=tokenizer,
                            batch_size=args.batch_size)
     print(json.dumps(result, indent=2, default=str))
 
