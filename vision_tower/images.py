@@ -31,14 +31,17 @@ MAX_IMAGE_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
 
 
-class _Default:
+class DefaultLimit:
     """Marker for "use the module-level MAX_IMAGE_PIXELS at call time"."""
 
     def __repr__(self) -> str:
         return "MAX_IMAGE_PIXELS"
 
+    def __reduce__(self) -> str:  # unpickles to the module's single DEFAULT
+        return "DEFAULT"
 
-DEFAULT = _Default()
+
+DEFAULT = DefaultLimit()
 
 
 class ImageLoadError(ValueError):
@@ -63,9 +66,9 @@ def describe_source(obj: object) -> str:
     return repr(name) if isinstance(name, str) else f"<{type(obj).__name__}>"
 
 
-def pixel_limit(max_pixels: int | None | _Default = DEFAULT) -> int | None:
+def pixel_limit(max_pixels: int | None | DefaultLimit = DEFAULT) -> int | None:
     """The effective pixel limit: ``max_pixels``, or ``MAX_IMAGE_PIXELS`` read at call time."""
-    return MAX_IMAGE_PIXELS if isinstance(max_pixels, _Default) else max_pixels
+    return MAX_IMAGE_PIXELS if isinstance(max_pixels, DefaultLimit) else max_pixels
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int | None, source: str) -> None:
@@ -80,7 +83,7 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None, source: str) -> 
         )
 
 
-def open_image(obj: ImageSource, *, max_pixels: int | None | _Default = DEFAULT) -> Image.Image:
+def open_image(obj: ImageSource, *, max_pixels: int | None | DefaultLimit = DEFAULT) -> Image.Image:
     """Open and fully decode ``obj`` (path, bytes or binary file) in its stored mode."""
     limit = pixel_limit(max_pixels)
     source = describe_source(obj)
@@ -132,7 +135,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I;16"):
         wide = np.asarray(image).astype(np.float64)  # (H, W) 0..65535
-        image = Image.fromarray(np.round(wide * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.round(wide * (255.0 / 65535.0)).astype(np.uint8))  # -> L
     elif image.mode == "La":  # premultiplied; Pillow converts it only to LA
         image = image.convert("LA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -145,7 +148,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(
     obj: ImageSource,
     *,
-    max_pixels: int | None | _Default = DEFAULT,
+    max_pixels: int | None | DefaultLimit = DEFAULT,
     exif_transpose: bool = True,
 ) -> Image.Image:
     """Load ``obj`` (path, bytes, binary file or PIL image) as a decoded RGB PIL image.

@@ -34,7 +34,15 @@ import torch
 from PIL import Image
 
 from .hub import resolve
-from .images import DEFAULT, ImageLoadError, _Default, check_pixels, describe_source, load_image, pixel_limit
+from .images import (
+    DEFAULT,
+    DefaultLimit,
+    ImageLoadError,
+    check_pixels,
+    describe_source,
+    load_image,
+    pixel_limit,
+)
 
 CONFIG_NAME = "preprocessor_config.json"
 
@@ -89,7 +97,7 @@ class ImageProcessor:
     do_rescale: bool = True
     do_normalize: bool = True
     do_convert_rgb: bool = True
-    max_pixels: int | None | _Default = DEFAULT
+    max_pixels: int | None | DefaultLimit = DEFAULT
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
@@ -162,7 +170,7 @@ class ImageProcessor:
                 raise ValueError("4-channel array with do_convert_rgb=False; the tower needs 3 channels")
             alpha = array[:, :, 3:4] / 255.0  # float64, as transformers
             array = np.round(alpha * array[:, :, :3] + (1 - alpha) * 255.0).astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+        return Image.fromarray(np.ascontiguousarray(array))  # (H, W, 3) uint8 -> RGB
 
     def _pixels(self, image: Image.Image) -> np.ndarray:
         """Resize, rescale and normalize one RGB image; returns float32 ``(H, W, 3)``."""

@@ -112,14 +112,16 @@ class Tokenizer:
         self.extra_special_tokens = list(extra_special_tokens)
         self.model_file = Path(model_file)
         self._proto = self.model_file.read_bytes()
-        self.sp = spm.SentencePieceProcessor()
-        self.sp.LoadFromSerializedProto(self._proto if self.legacy else _without_dummy_prefix(self._proto))
+        self.sp = _load_sentencepiece(self._proto, legacy=self.legacy, flavor=flavor)
         self._build_added_tokens(added_tokens or {})
 
     # ------------------------------------------------------------------ vocabulary
     def _build_added_tokens(self, added: dict[int, str]) -> None:
         """Token text -> id for every token matched whole in the input (specials included)."""
         self.added_tokens = {str(text): int(index) for index, text in sorted(added.items())}
+        if self.flavor == "gemma":  # transformers' Gemma conversion adds every non-normal piece
+            for index, piece in _non_normal_pieces(self._proto):
+                self.added_tokens.setdefault(piece, index)
         wanted = [t for t in self.special_tokens.values() if t] + self.extra_special_tokens
         next_id = max([self.sp.get_piece_size() - 1, *self.added_tokens.values()]) + 1
         for text in wanted:
@@ -261,6 +263,14 @@ class Tokenizer:
         """``decode`` for each row."""
         return [self.decode(row, skip_special_tokens) for row in ids]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (e.g. for DataLoader workers): the sentencepiece processor is rebuilt on load."""
+        return {k: v for k, v in self.__dict__.items() if k != "sp"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.sp = _load_sentencepiece(self._proto, legacy=self.legacy, flavor=self.flavor)
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer(flavor={self.flavor!r}, vocab_size={self.vocab_size}, max_length={self.max_length}, "
@@ -279,8 +289,9 @@ class Tokenizer:
     ) -> Tokenizer:
         """Load a transformers Siglip/SigLIP 2 tokenizer folder, a hub repo id, or a ``.model`` file."""
         path = resolve(src, revision=revision, cache_dir=cache_dir)
-        if path.is_file():
-            return cls(path, **overrides)
+        if path.is_file():  # a bare model file: Gemma's is named tokenizer.model
+            flavor = "gemma" if path.name == _FLAVORS["gemma"]["file"] else "siglip"
+            return cls(path, **{"flavor": flavor, **overrides})
         return cls(**{**_read_folder(path), **overrides})
 
     def to_config(self) -> dict[str, Any]:
@@ -334,6 +345,17 @@ class Tokenizer:
                 json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
             )
         return folder
+
+
+def _load_sentencepiece(proto: bytes, *, legacy: bool, flavor: str) -> spm.SentencePieceProcessor:
+    """Sentencepiece processor for ``proto`` with the adjustments transformers makes."""
+    if not legacy:
+        proto = _without_dummy_prefix(proto)
+    if flavor == "gemma":  # user-defined pieces match on raw text as added tokens, not in lower-cased text
+        proto = _user_defined_as_normal(proto)
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(proto)
+    return processor
 
 
 def _token_text(value: Any) -> str | None:
@@ -428,6 +450,33 @@ def _fields(buf: bytes) -> Iterable[tuple[int, bytes, bytes]]:
         else:
             raise ValueError(f"unsupported protobuf wire type {wire} in the sentencepiece model")
         yield key >> 3, buf[start:pos], payload
+
+
+def _non_normal_pieces(proto: bytes) -> list[tuple[int, str]]:
+    """``(id, piece)`` of the unknown, control and user-defined pieces of a ``ModelProto``."""
+    out = []
+    pieces = (payload for number, _, payload in _fields(proto) if number == 1)  # ModelProto.pieces
+    for index, payload in enumerate(pieces):
+        if b"\x18" not in payload:  # no type field: NORMAL (fast path)
+            continue
+        fields = {field: (raw, text) for field, raw, text in _fields(payload)}
+        if 3 in fields and _read_varint(fields[3][0], 1)[0] in (2, 3, 4):
+            out.append((index, fields[1][1].decode("utf-8")))
+    return out
+
+
+def _user_defined_as_normal(proto: bytes) -> bytes:
+    """``ModelProto`` whose USER_DEFINED pieces become NORMAL, so only BPE merges can produce them."""
+    out = bytearray()
+    for number, raw, payload in _fields(proto):
+        if number != 1 or b"\x18\x04" not in payload:
+            out += raw
+            continue
+        fields = [r for n, r, _ in _fields(payload) if n != 3]
+        kinds = [r for n, r, _ in _fields(payload) if n == 3]
+        piece = b"".join(fields) + (b"\x18\x01" if kinds == [b"\x18\x04"] else b"".join(kinds))
+        out += b"\x0a" + _varint(len(piece)) + piece
+    return bytes(out)
 
 
 def _without_dummy_prefix(proto: bytes) -> bytes:
