@@ -31,10 +31,17 @@ def worker(args: argparse.Namespace) -> None:
     from training.pretrain import build_model, make_loss_fn
 
     rank, world = init_distributed()
-    cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [
-        f"model.preset={args.preset}", "model.text={}", f"data.batch_size={args.batch}",
-        f"run.deepspeed=configs/deepspeed/zero{args.stage}.json", "loss.chunk_size=256", "run.precision=fp32",
-    ])
+    cfg = load_config(
+        ROOT / "configs/pretrain/demo_tiny.yaml",
+        [
+            f"model.preset={args.preset}",
+            "model.text={}",
+            f"data.batch_size={args.batch}",
+            f"run.deepspeed=configs/deepspeed/zero{args.stage}.json",
+            "loss.chunk_size=256",
+            "run.precision=fp32",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     engine, _, _, _ = build_engine(model, cfg, world)
@@ -59,26 +66,55 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         times.sort()
         median = times[len(times) // 2]
-        print("RESULT " + json.dumps({"preset": args.preset, "stage": args.stage, "world": world,
-                                      "global_batch": args.batch * world, "step_s": median,
-                                      "images_per_s": args.batch * world / median,
-                                      "peak_rss_mib": [round(g.item()) for g in gathered]}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "preset": args.preset,
+                    "stage": args.stage,
+                    "world": world,
+                    "global_batch": args.batch * world,
+                    "step_s": median,
+                    "images_per_s": args.batch * world / median,
+                    "peak_rss_mib": [round(g.item()) for g in gathered],
+                }
+            ),
+            flush=True,
+        )
 
 
 def launch(preset: str, stage: int, ranks: int, steps: int, warmup: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           __file__, "--worker", "--preset", preset, "--stage", str(stage), "--batch", str(BATCH[preset]),
-           "--steps", str(steps), "--warmup", str(warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        __file__,
+        "--worker",
+        "--preset",
+        preset,
+        "--stage",
+        str(stage),
+        "--batch",
+        str(BATCH[preset]),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"{preset} zero{stage} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "b16_224"], choices=sorted(BATCH))
     parser.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--ranks", type=int, default=2)
@@ -93,13 +129,18 @@ def main() -> None:
         worker(args)
         return
     print(f"{args.ranks} CPU ranks (1 thread each), fp32, synthetic batches; median step of the timed steps")
-    print(f"{'preset':8} {'stage':>5} {'global batch':>12} {'step s':>8} {'images/s':>9} {'peak RSS/rank MiB':>18}")
+    print(
+        f"{'preset':8} {'stage':>5} {'global batch':>12} {'step s':>8} {'images/s':>9} {'peak RSS/rank MiB':>18}"
+    )
     for preset in args.presets:
         steps = args.steps or (20 if preset == "tiny" else 3)
         for stage in args.stages:
             r = launch(preset, stage, args.ranks, steps, args.warmup)
-            print(f"{preset:8} {stage:5d} {r['global_batch']:12d} {r['step_s']:8.3f} {r['images_per_s']:9.1f} "
-                  f"{'/'.join(map(str, r['peak_rss_mib'])):>18}", flush=True)
+            print(
+                f"{preset:8} {stage:5d} {r['global_batch']:12d} {r['step_s']:8.3f} {r['images_per_s']:9.1f} "
+                f"{'/'.join(map(str, r['peak_rss_mib'])):>18}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

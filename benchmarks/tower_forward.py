@@ -19,10 +19,28 @@ import time
 import torch
 
 CASES = {
-    "base": dict(cfg=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          image_size=224, patch_size=16), batch=8),
-    "so400m": dict(cfg=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                            num_attention_heads=16, image_size=384, patch_size=14), batch=1),
+    "base": dict(
+        cfg=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        ),
+        batch=8,
+    ),
+    "so400m": dict(
+        cfg=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
+        batch=1,
+    ),
 }
 
 
@@ -67,12 +85,21 @@ def run_case(name: str, repeats: int, dtype: torch.dtype, device: str) -> dict:
             t_ours.append(_time(mine, x))
     ips_ref = spec["batch"] / statistics.median(t_ref)
     ips_ours = spec["batch"] / statistics.median(t_ours)
-    return dict(case=name, batch=spec["batch"], size=size, ref=ips_ref, ours=ips_ours, ratio=ips_ours / ips_ref,
-                diff=diff)
+    return dict(
+        case=name,
+        batch=spec["batch"],
+        size=size,
+        ref=ips_ref,
+        ours=ips_ours,
+        ratio=ips_ours / ips_ref,
+        diff=diff,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["base", "so400m"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -81,13 +108,19 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
-          f"median of {args.repeats}")
-    print(f"{'case':8} {'batch':>5} {'px':>4} {'transformers img/s':>19} {'ours img/s':>11} {'ratio':>6} {'max|diff|':>10}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'case':8} {'batch':>5} {'px':>4} {'transformers img/s':>19} {'ours img/s':>11} {'ratio':>6} {'max|diff|':>10}"
+    )
     for name in args.cases:
         r = run_case(name, args.repeats, dtype, args.device)
-        print(f"{r['case']:8} {r['batch']:5d} {r['size']:4d} {r['ref']:19.2f} {r['ours']:11.2f} "
-              f"{r['ratio']:6.3f} {r['diff']:10.2e}")
+        print(
+            f"{r['case']:8} {r['batch']:5d} {r['size']:4d} {r['ref']:19.2f} {r['ours']:11.2f} "
+            f"{r['ratio']:6.3f} {r['diff']:10.2e}"
+        )
 
 
 if __name__ == "__main__":

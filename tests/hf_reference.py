@@ -30,16 +30,32 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> t
 
 
 def vision_config(**kw) -> SiglipVisionConfig:
-    base = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8, vision_use_head=True)
+    base = dict(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=True,
+    )
     base.update(kw)
     return SiglipVisionConfig(**base)
 
 
 def text_config(**kw) -> SiglipTextConfig:
-    base = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=97, max_position_embeddings=12, projection_size=40,
-                pad_token_id=1, bos_token_id=None, eos_token_id=1)
+    base = dict(
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=97,
+        max_position_embeddings=12,
+        projection_size=40,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
     base.update(kw)
     return SiglipTextConfig(**base)
 

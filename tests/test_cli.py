@@ -40,8 +40,24 @@ def test_extract_writes_features_equal_to_the_tower_and_skips_bad_images(tmp_pat
     ref.save_pretrained(tmp_path / "m")
     images = _images(tmp_path / "imgs")
     out = tmp_path / "f.safetensors"
-    code = main(["extract", "--model", str(tmp_path / "m"), "--images", str(images), "--out", str(out),
-                 "--image-size", "48", "--layer", "-2", "--batch-size", "2", "--quiet"])
+    code = main(
+        [
+            "extract",
+            "--model",
+            str(tmp_path / "m"),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--image-size",
+            "48",
+            "--layer",
+            "-2",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "1 skipped" in capsys.readouterr().out
     with safe_open(out, "pt") as f:
@@ -64,8 +80,20 @@ def test_convert_writes_transformers_layout(tmp_path):
     hf_siglip(seed=33).save_pretrained(tmp_path / "full")
     assert main(["convert", str(tmp_path / "full"), str(tmp_path / "out")]) == 0
     SiglipModel.from_pretrained(tmp_path / "out")
-    assert main(["convert", str(tmp_path / "full"), str(tmp_path / "vis"), "--vision-only",
-                 "--image-size", "64", "--no-head"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "full"),
+                str(tmp_path / "vis"),
+                "--vision-only",
+                "--image-size",
+                "64",
+                "--no-head",
+            ]
+        )
+        == 0
+    )
     vis = SiglipVisionModel.from_pretrained(tmp_path / "vis")
     assert vis.config.image_size == 64 and not vis.config.vision_use_head
     assert SiglipImageProcessor.from_pretrained(tmp_path / "vis").size == {"height": 64, "width": 64}

@@ -49,8 +49,11 @@ def test_runtime_interpolation_and_clear_error(ref_and_dir):
     with pytest.raises(ValueError, match="image_size=64"):
         ours(x)
     with torch.no_grad():
-        assert_close(ours(x, interpolate_pos_encoding=True).patch_features,
-                     ref(x, interpolate_pos_encoding=True).last_hidden_state, **TOL)
+        assert_close(
+            ours(x, interpolate_pos_encoding=True).patch_features,
+            ref(x, interpolate_pos_encoding=True).last_hidden_state,
+            **TOL,
+        )
 
 
 @pytest.mark.parametrize("layer", [-1, -2, -3, -4, 0, 1, 2, 3])
@@ -113,8 +116,14 @@ def test_feature_layer_out_of_range_is_refused(ref_and_dir):
 @pytest.mark.parametrize("size,tokens", [(384, 729), (448, 1024)])
 def test_token_grid_of_patch14_towers(size, tokens):
     """So400m/14's grid (built at reduced width so the test stays fast): 27x27 at 384, 32x32 at 448."""
-    tower = VisionTower.from_preset("so400m_p14_384", hidden_size=32, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2, use_head=False).eval()
+    tower = VisionTower.from_preset(
+        "so400m_p14_384",
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        use_head=False,
+    ).eval()
     if size != 384:
         tower.resize_pos_embed(size)
     with torch.no_grad():

@@ -31,11 +31,28 @@ def _tiny_paligemma():
     from tests.hf_reference import randomize_
 
     cfg = PaliGemmaConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=48, vision_use_head=False),
-        text_config=dict(model_type="gemma", hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=24, vocab_size=300),
-        image_token_index=299, projection_dim=48,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=48,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma",
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=24,
+            vocab_size=300,
+        ),
+        image_token_index=299,
+        projection_dim=48,
     )
     torch.manual_seed(0)
     return randomize_(PaliGemmaForConditionalGeneration(cfg).eval())
@@ -52,9 +69,14 @@ def test_paligemma_vision_tower_in_every_key_layout(layout, tmp_path):
     pg.save_pretrained(tmp_path / "pg")
     weights = tmp_path / "pg" / "model.safetensors"
     sd = load_file(weights)
-    prefix = {"v5_saved": "vision_tower.", "v4": "vision_tower.vision_model.",
-              "v5_in_memory": "model.vision_tower.vision_model."}[layout]
-    renamed = {(prefix + k[len("vision_tower."):]) if k.startswith("vision_tower.") else k: v for k, v in sd.items()}
+    prefix = {
+        "v5_saved": "vision_tower.",
+        "v4": "vision_tower.vision_model.",
+        "v5_in_memory": "model.vision_tower.vision_model.",
+    }[layout]
+    renamed = {
+        (prefix + k[len("vision_tower.") :]) if k.startswith("vision_tower.") else k: v for k, v in sd.items()
+    }
     save_file(renamed, weights)
     tower = VisionTower.from_pretrained(tmp_path / "pg").eval()
     assert tower.head is None
@@ -171,13 +193,18 @@ def test_hub_repo_id_resolves_offline_from_the_cache(tmp_path):
     _hub_cache(cache, "google/siglip-tiny-test", tmp_path / "src", commit)
     x = _pixels()
     with torch.no_grad():
-        torch.save({"x": x, "pooled": ref.vision_model(x).pooler_output,
-                    "logits": ref(pixel_values=x, input_ids=torch.ones(1, 12, dtype=torch.long)).logits_per_image},
-                   tmp_path / "expected.pt")
+        torch.save(
+            {
+                "x": x,
+                "pooled": ref.vision_model(x).pooler_output,
+                "logits": ref(pixel_values=x, input_ids=torch.ones(1, 12, dtype=torch.long)).logits_per_image,
+            },
+            tmp_path / "expected.pt",
+        )
     script = textwrap.dedent(f"""
         import torch
         from vision_tower import SiglipModel, VisionTower
-        exp = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        exp = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         t = VisionTower.from_pretrained("google/siglip-tiny-test").eval()
         t2 = VisionTower.from_pretrained("google/siglip-tiny-test", revision={commit!r}).eval()
         m = SiglipModel.from_pretrained("google/siglip-tiny-test").eval()
@@ -195,8 +222,9 @@ def test_hub_repo_id_resolves_offline_from_the_cache(tmp_path):
         print("HUB-OK")
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "HUB-OK" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -14,10 +14,13 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 VISION_CASES = {
     "base": {},
-    "odd_width_no_head": dict(hidden_size=30, num_attention_heads=5, intermediate_size=70, vision_use_head=False),
+    "odd_width_no_head": dict(
+        hidden_size=30, num_attention_heads=5, intermediate_size=70, vision_use_head=False
+    ),
     "one_layer_3_heads": dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=1),
-    "three_layers_patch7": dict(num_hidden_layers=3, image_size=28, patch_size=7, hidden_size=42,
-                                num_attention_heads=6),
+    "three_layers_patch7": dict(
+        num_hidden_layers=3, image_size=28, patch_size=7, hidden_size=42, num_attention_heads=6
+    ),
 }
 
 
@@ -141,8 +144,14 @@ def test_so400m_patch14_384_full_shape():
     from vision_tower.loading import vision_tower_from_state_dict
 
     torch.manual_seed(0)
-    cfg = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-               image_size=384, patch_size=14)
+    cfg = dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    )
     ref = hf_vision(seed=6, **cfg)
     ours = vision_tower_from_state_dict(ref.state_dict(), ref.config.to_dict(), source="so400m").eval()
     x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))

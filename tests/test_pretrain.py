@@ -28,23 +28,51 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     s = make_shapes(root / "data", n_train=512, n_val=64, shard_size=64, image_size=32, zeroshot_per_class=2)
     train_tokenizer(caption_corpus(), root / "tok", vocab_size=128, max_length=16)
-    return {"data.train_shards": s.train, "data.val_shards": s.val, "data.zeroshot_dir": s.zeroshot,
-            "data.tokenizer": str(root / "tok")}
+    return {
+        "data.train_shards": s.train,
+        "data.val_shards": s.val,
+        "data.zeroshot_dir": s.zeroshot,
+        "data.tokenizer": str(root / "tok"),
+    }
 
 
 def _args(out: Path, shapes: dict, **extra) -> list[str]:
-    base = {**shapes, "run.out_dir": str(out), "data.batch_size": 8, "data.num_workers": 1,
-            "data.shuffle_buffer": 32, "run.log_every": 1, "run.eval_every": 0, "optim.warmup_steps": 2,
-            "loss.chunk_size": 4, **extra}
+    base = {
+        **shapes,
+        "run.out_dir": str(out),
+        "data.batch_size": 8,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 32,
+        "run.log_every": 1,
+        "run.eval_every": 0,
+        "optim.warmup_steps": 2,
+        "loss.chunk_size": 4,
+        **extra,
+    }
     return ["pretrain", "--config", str(DEMO), *(f"{k}={v}" for k, v in base.items())]
 
 
 def _launch(ranks: int, args: list[str], *, wait: bool = True, timeout: float = 240):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "training.cli", *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "training.cli",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if not wait:
         return proc
     try:
@@ -67,8 +95,14 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_run_for_each_zero_stage(stage, shapes, tmp_path):
     out = tmp_path / f"zero{stage}"
-    _launch(2, _args(out, shapes, **{"run.steps": 12, "run.save_every": 0,
-                                     "run.deepspeed": f"configs/deepspeed/zero{stage}.json"}))
+    _launch(
+        2,
+        _args(
+            out,
+            shapes,
+            **{"run.steps": 12, "run.save_every": 0, "run.deepspeed": f"configs/deepspeed/zero{stage}.json"},
+        ),
+    )
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
@@ -102,7 +136,9 @@ def _export_matches_consolidated_weights(out: Path):
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         o = ours(x, ids)
-        assert_close(hf(input_ids=ids, pixel_values=x).logits_per_image, o.logits_per_image, atol=1e-5, rtol=1e-5)
+        assert_close(
+            hf(input_ids=ids, pixel_values=x).logits_per_image, o.logits_per_image, atol=1e-5, rtol=1e-5
+        )
         assert_close(hf_vision(x).pooler_output, ours.vision(x).pooled, atol=1e-5, rtol=1e-5)
 
 
@@ -111,8 +147,19 @@ def test_locked_image_tower_does_not_change(shapes, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "lit"
-    _launch(1, _args(out, shapes, **{"run.steps": 4, "run.save_every": 0, "model.lock_image": "true",
-                                     "run.deepspeed": "configs/deepspeed/zero1.json"}))
+    _launch(
+        1,
+        _args(
+            out,
+            shapes,
+            **{
+                "run.steps": 4,
+                "run.save_every": 0,
+                "model.lock_image": "true",
+                "run.deepspeed": "configs/deepspeed/zero1.json",
+            },
+        ),
+    )
     first_ckpt = load_file(out / "export" / "vision" / "model.safetensors")
     # the same seed builds the same initial model: compare with a fresh one
     from training.config import load_config
@@ -168,11 +215,16 @@ def _corrupt_shard(path: Path) -> None:
 
     good = png(Image.new("RGB", (32, 32), (200, 30, 30)))
     members = [
-        ("a0.png", good[: len(good) // 2]), ("a0.txt", b"a red square"),
-        ("a1.jpg", os.urandom(300)), ("a1.txt", b"a red square"),
-        ("a2.jpg", jpg(Image.new("CMYK", (32, 32), (0, 200, 200, 0)))), ("a2.txt", b"a red square"),
-        ("a3.png", png(Image.new("RGB", (1, 1), (200, 30, 30)))), ("a3.txt", b"a red square"),
-        ("a4.png", good), ("a4.txt", b"   "),
+        ("a0.png", good[: len(good) // 2]),
+        ("a0.txt", b"a red square"),
+        ("a1.jpg", os.urandom(300)),
+        ("a1.txt", b"a red square"),
+        ("a2.jpg", jpg(Image.new("CMYK", (32, 32), (0, 200, 200, 0)))),
+        ("a2.txt", b"a red square"),
+        ("a3.png", png(Image.new("RGB", (1, 1), (200, 30, 30)))),
+        ("a3.txt", b"a red square"),
+        ("a4.png", good),
+        ("a4.txt", b"   "),
     ]
     for i in range(5, 40):
         members += [(f"a{i}.png", good), (f"a{i}.txt", b"a red square")]
@@ -188,8 +240,14 @@ def test_corrupt_shard_run_completes_and_reports_skips(shapes, tmp_path):
     shards.mkdir()
     _corrupt_shard(shards / "bad-000000.tar")
     out = tmp_path / "corrupt"
-    _launch(1, _args(out, {**shapes, "data.train_shards": str(shards)},
-                     **{"run.steps": 6, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json"}))
+    _launch(
+        1,
+        _args(
+            out,
+            {**shapes, "data.train_shards": str(shards)},
+            **{"run.steps": 6, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json"},
+        ),
+    )
     final = _metrics(out)[-1]
     assert final["skipped"] >= 3, final
     assert all(torch.isfinite(torch.tensor(v)) for v in _losses(out).values())

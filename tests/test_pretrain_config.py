@@ -16,8 +16,12 @@ JSONS = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
 
 def test_configs_exist():
-    assert {p.name for p in YAMLS} >= {"demo_tiny.yaml", "b16_224_scratch.yaml", "so400m_finetune.yaml",
-                                       "siglit_b16.yaml"}
+    assert {p.name for p in YAMLS} >= {
+        "demo_tiny.yaml",
+        "b16_224_scratch.yaml",
+        "so400m_finetune.yaml",
+        "siglit_b16.yaml",
+    }
     assert {p.name for p in JSONS} == {"zero0.json", "zero1.json", "zero2.json", "zero3.json"}
 
 
@@ -68,8 +72,15 @@ def test_weight_decay_groups_exclude_norms_biases_positions_and_t_b():
     names = {id(p): n for n, p in model.named_parameters()}
     no = {names[id(p)] for p in no_decay["params"]}
     yes = {names[id(p)] for p in decay["params"]}
-    assert {"logit_scale", "logit_bias", "vision.pos_embed", "text.pos_embed", "vision.head.probe",
-            "vision.norm.weight", "vision.encoder.blocks.0.attn.qkv.bias"} <= no
+    assert {
+        "logit_scale",
+        "logit_bias",
+        "vision.pos_embed",
+        "text.pos_embed",
+        "vision.head.probe",
+        "vision.norm.weight",
+        "vision.encoder.blocks.0.attn.qkv.bias",
+    } <= no
     assert "vision.encoder.blocks.0.attn.qkv.weight" in yes and "text.token_embed.weight" in yes
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
     model.vision.requires_grad_(False)

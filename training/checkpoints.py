@@ -48,9 +48,14 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, data_state: dict[str, Any
     (folder / f"data_rank{rank}.json").write_text(json.dumps(data_state))
     rng = _rng_state()
     np_state = rng.pop("numpy")
-    torch.save({**rng, "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-                "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]]},
-               folder / f"rng_rank{rank}.pt")
+    torch.save(
+        {
+            **rng,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
+        },
+        folder / f"rng_rank{rank}.pt",
+    )
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -81,8 +86,9 @@ def latest(ckpt_dir: Path) -> str | None:
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[int, dict[str, Any]]:
     """Restore engine, optimizer, scheduler, RNG; return (step, this rank's data state)."""
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     folder = ckpt_dir / tag
     data_state = json.loads((folder / f"data_rank{rank}.json").read_text())
     rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)

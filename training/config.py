@@ -37,7 +37,9 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.init_from is None):
-            raise ValueError("model: set exactly one of 'preset' (from scratch) or 'init_from' (a checkpoint)")
+            raise ValueError(
+                "model: set exactly one of 'preset' (from scratch) or 'init_from' (a checkpoint)"
+            )
         if self.lock_image and self.lock_text:
             raise ValueError("model: lock_image and lock_text together leave nothing to train")
 

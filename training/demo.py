@@ -32,8 +32,16 @@ def caption_corpus() -> list[str]:
 def launch(ranks: int, args: list[str], timeout: float | None = None) -> None:
     """``torchrun --standalone --nproc_per_node ranks -m training.cli ARGS`` with one thread per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "training.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "training.cli",
+        *args,
+    ]
     subprocess.run(cmd, env=env, check=True, timeout=timeout, cwd=ROOT)
 
 
@@ -45,21 +53,32 @@ def run_demo(out: str | None, *, steps: int | None = None, ranks: int = 2, overr
     print(f"[2/4] training a sentencepiece tokenizer on the captions -> {out_dir / 'tokenizer'}", flush=True)
     train_tokenizer(caption_corpus(), out_dir / "tokenizer", vocab_size=128, max_length=16)
     run = out_dir / "run"
-    args = ["pretrain", "--config", str(DEMO_CONFIG), f"run.out_dir={run}", f"data.train_shards={summary.train}",
-            f"data.val_shards={summary.val}", f"data.zeroshot_dir={summary.zeroshot}",
-            f"data.tokenizer={out_dir / 'tokenizer'}"]
+    args = [
+        "pretrain",
+        "--config",
+        str(DEMO_CONFIG),
+        f"run.out_dir={run}",
+        f"data.train_shards={summary.train}",
+        f"data.val_shards={summary.val}",
+        f"data.zeroshot_dir={summary.zeroshot}",
+        f"data.tokenizer={out_dir / 'tokenizer'}",
+    ]
     if steps is not None:
         args.append(f"run.steps={steps}")
     print(f"[3/4] pretraining a tiny SigLIP on {ranks} CPU ranks under ZeRO-2 -> {run}", flush=True)
     launch(ranks, [*args, *overrides])
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     chance = 1 / len(CLASSES)
-    print(f"[4/4] held-out zero-shot accuracy on {len(CLASSES)} shape classes: top-1 {final['zeroshot_top1']:.1%}"
-          f" (chance {chance:.1%}), top-5 {final['zeroshot_top5']:.1%}; retrieval i2t R@1 "
-          f"{final.get('i2t_r1', float('nan')):.1%}")
+    print(
+        f"[4/4] held-out zero-shot accuracy on {len(CLASSES)} shape classes: top-1 {final['zeroshot_top1']:.1%}"
+        f" (chance {chance:.1%}), top-5 {final['zeroshot_top5']:.1%}; retrieval i2t R@1 "
+        f"{final.get('i2t_r1', float('nan')):.1%}"
+    )
     from .tower_commands import extract_demo
 
     extract_demo(run / "export" / "vision", Path(summary.zeroshot), out_dir / "features.safetensors")
-    print(f"exported: SiglipModel {run / 'export' / 'siglip'}, SiglipVisionModel {run / 'export' / 'vision'}; "
-          f"loss curve {run / 'loss.png'}; metrics {run / 'metrics.jsonl'}")
+    print(
+        f"exported: SiglipModel {run / 'export' / 'siglip'}, SiglipVisionModel {run / 'export' / 'vision'}; "
+        f"loss curve {run / 'loss.png'}; metrics {run / 'metrics.jsonl'}"
+    )
     return final

@@ -35,7 +35,12 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     quiet_deepspeed()
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    for key, default in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
@@ -99,12 +104,16 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
     for key, value in wanted.items():
         have = ds.get(key, "auto")
         if have != "auto" and have != value:
-            raise ValueError(f"{cfg.run.deepspeed}: {key}={have} but the run config gives {value}; "
-                             f"set it to \"auto\" in the JSON")
+            raise ValueError(
+                f"{cfg.run.deepspeed}: {key}={have} but the run config gives {value}; "
+                f'set it to "auto" in the JSON'
+            )
         ds[key] = value
     bf16 = use_bf16(cfg)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16 if ds.get("bf16", {}).get("enabled", "auto") == "auto"
-                  else ds["bf16"]["enabled"]}
+    ds["bf16"] = {
+        **ds.get("bf16", {}),
+        "enabled": bf16 if ds.get("bf16", {}).get("enabled", "auto") == "auto" else ds["bf16"]["enabled"],
+    }
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError("fp16 is not supported: use bf16 (GPU) or fp32")
     ds.setdefault("steps_per_print", 10**9)

@@ -30,12 +30,18 @@ def build_model(cfg: PretrainConfig) -> SiglipModel:
     if m.init_from:
         model = SiglipModel.from_pretrained(m.init_from)
         if m.vision or m.text:
-            raise ValueError("model.vision/model.text overrides apply to presets, not to init_from checkpoints")
+            raise ValueError(
+                "model.vision/model.text overrides apply to presets, not to init_from checkpoints"
+            )
     else:
         base = get_preset(m.preset)
-        config = SiglipConfig.from_dict({**base.to_dict(),
-                                         "vision": {**base.vision.to_dict(), **m.vision},
-                                         "text": {**base.text.to_dict(), **m.text}})
+        config = SiglipConfig.from_dict(
+            {
+                **base.to_dict(),
+                "vision": {**base.vision.to_dict(), **m.vision},
+                "text": {**base.text.to_dict(), **m.text},
+            }
+        )
         model = SiglipModel(config)
     for locked, tower in ((m.lock_image, model.vision), (m.lock_text, model.text)):
         if locked:
@@ -53,21 +59,34 @@ def build_preprocessing(cfg: PretrainConfig, model: SiglipModel) -> tuple[ImageP
         model.vision.resize_pos_embed(size)
     source = cfg.data.tokenizer or cfg.model.init_from
     if source is None:
-        raise ValueError("data.tokenizer is required when training from a preset (a sentencepiece tokenizer folder)")
-    tokenizer = Tokenizer.from_pretrained(resolve_path(source), max_length=model.text.config.max_position_embeddings)
+        raise ValueError(
+            "data.tokenizer is required when training from a preset (a sentencepiece tokenizer folder)"
+        )
+    tokenizer = Tokenizer.from_pretrained(
+        resolve_path(source), max_length=model.text.config.max_position_embeddings
+    )
     if tokenizer.vocab_size > model.text.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
-                         f"{model.text.config.vocab_size}: set model.text.vocab_size")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
+            f"{model.text.config.vocab_size}: set model.text.vocab_size"
+        )
     return ImageProcessor(image_size=size), tokenizer
 
 
 def build_train_loader(cfg: PretrainConfig, processor, tokenizer, rank: int, world: int, resume_state=None):
     from .data import TokenizeOne, build_dataset, build_loader
 
-    dataset = build_dataset(resolve_path(cfg.data.train_shards), image_transform=processor,
-                            text_transform=TokenizeOne(tokenizer), batch_size=cfg.data.batch_size,
-                            seed=cfg.run.seed, rank=rank, world_size=world, resampled=True,
-                            shuffle_buffer=cfg.data.shuffle_buffer)
+    dataset = build_dataset(
+        resolve_path(cfg.data.train_shards),
+        image_transform=processor,
+        text_transform=TokenizeOne(tokenizer),
+        batch_size=cfg.data.batch_size,
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        resampled=True,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
     return build_loader(dataset, num_workers=cfg.data.num_workers, resume_state=resume_state)
 
 
@@ -83,8 +102,9 @@ def make_loss_fn(cfg: PretrainConfig, world: int):
             logit_scale = logit_scale.clamp(max=max_scale)
         if cfg.loss.kind == "softmax":
             return softmax_loss(img.float(), txt.float(), logit_scale, group=group)
-        return sigmoid_loss(img.float(), txt.float(), logit_scale, logit_bias, chunk_size=cfg.loss.chunk_size,
-                            group=group)
+        return sigmoid_loss(
+            img.float(), txt.float(), logit_scale, logit_bias, chunk_size=cfg.loss.chunk_size, group=group
+        )
 
     return loss_fn
 
@@ -96,18 +116,36 @@ def evaluate(model: SiglipModel, cfg: PretrainConfig, processor, tokenizer) -> d
 
     out: dict[str, float] = {}
     if cfg.data.zeroshot_dir:
-        zs = zero_shot(model, resolve_path(cfg.data.zeroshot_dir), image_transform=processor, tokenize=tokenizer,
-                       batch_size=128)
+        zs = zero_shot(
+            model,
+            resolve_path(cfg.data.zeroshot_dir),
+            image_transform=processor,
+            tokenize=tokenizer,
+            batch_size=128,
+        )
         out.update({"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]})
     if cfg.data.val_shards:
-        r = retrieval(model, resolve_path(cfg.data.val_shards), image_transform=processor, text_transform=tokenizer,
-                      batch_size=128)
+        r = retrieval(
+            model,
+            resolve_path(cfg.data.val_shards),
+            image_transform=processor,
+            text_transform=tokenizer,
+            batch_size=128,
+        )
         out.update({k: v for k, v in r.items() if isinstance(v, float)})
     return out
 
 
-def export(cfg: PretrainConfig, model_config: SiglipConfig, ckpt_dir: Path, tag: str, stage: int,
-           processor, tokenizer, live_state: dict[str, torch.Tensor] | None) -> Path:
+def export(
+    cfg: PretrainConfig,
+    model_config: SiglipConfig,
+    ckpt_dir: Path,
+    tag: str,
+    stage: int,
+    processor,
+    tokenizer,
+    live_state: dict[str, torch.Tensor] | None,
+) -> Path:
     """Consolidated fp32 weights -> ``export/siglip`` (SiglipModel) and ``export/vision`` (SiglipVisionModel)."""
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -198,15 +236,24 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if step % cfg.run.log_every == 0 or step == cfg.run.steps:
             module = engine.module
             with _gathered([module.logit_scale, module.logit_bias], stage):
-                t, b = module.logit_scale.detach().float().exp().item(), module.logit_bias.detach().float().item()
+                t, b = (
+                    module.logit_scale.detach().float().exp().item(),
+                    module.logit_bias.detach().float().item(),
+                )
             dt = time.perf_counter() - t0
-            last = {"step": step, "loss": _mean_over_ranks(loss, world), "t": t, "b": b,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": images_per_step * cfg.optim.grad_accum * cfg.run.log_every / dt,
-                    "skipped": loader.skipped}
+            last = {
+                "step": step,
+                "loss": _mean_over_ranks(loss, world),
+                "t": t,
+                "b": b,
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": images_per_step * cfg.optim.grad_accum * cfg.run.log_every / dt,
+                "skipped": loader.skipped,
+            }
             metrics.write(last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", t=f"{t:.2f}", b=f"{b:.2f}",
-                            ips=f"{last['images_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}", t=f"{t:.2f}", b=f"{b:.2f}", ips=f"{last['images_per_s']:.0f}"
+            )
             t0 = time.perf_counter()
         bar.update(1)
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
@@ -215,15 +262,20 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step != cfg.run.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, loader.state_dict(), cfg.run.keep_checkpoints)
     bar.close()
-    final_tag_dir = checkpoints.save(engine, ckpt_dir, step, rank, loader.state_dict(), cfg.run.keep_checkpoints)
+    final_tag_dir = checkpoints.save(
+        engine, ckpt_dir, step, rank, loader.state_dict(), cfg.run.keep_checkpoints
+    )
     result = {**last, "skip_counts": loader.skip_counts}
     with _gathered([engine.module.logit_scale, engine.module.logit_bias], stage):
         result.update(evaluate(engine.module, cfg, processor, tokenizer))
     live = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if stage == 0 else None
     if rank == 0:
-        result["export"] = str(export(cfg, model_config, ckpt_dir, final_tag_dir.name, stage, processor, tokenizer,
-                                      live))
-        metrics.write({"step": step, "final": True, **{k: v for k, v in result.items() if k != "skip_counts"}})
+        result["export"] = str(
+            export(cfg, model_config, ckpt_dir, final_tag_dir.name, stage, processor, tokenizer, live)
+        )
+        metrics.write(
+            {"step": step, "final": True, **{k: v for k, v in result.items() if k != "skip_counts"}}
+        )
         _plot_loss(out / "metrics.jsonl", out / "loss.png")
     if dist.is_initialized():
         dist.barrier()
@@ -278,4 +330,3 @@ def run_from_cli(config_path: str | None, overrides: list[str], resume: bool) ->
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
     cfg = load_config(config_path, overrides)
     return train(cfg, resume=resume)
-

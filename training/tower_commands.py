@@ -72,19 +72,27 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from vision_tower.features import extract_features, iter_image_files
     from vision_tower.processor import ImageProcessor
 
-    tower = load_tower(args.model, image_size=args.image_size, feature_layer=args.layer,
-                       use_head=False if args.no_head else None, device=args.device,
-                       dtype=DTYPES[args.dtype]).eval()
+    tower = load_tower(
+        args.model,
+        image_size=args.image_size,
+        feature_layer=args.layer,
+        use_head=False if args.no_head else None,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+    ).eval()
     files = list(iter_image_files(args.images))
     if not files:
         raise SystemExit(f"no image files found in {args.images}")
     processor = _processor_for(args.model, tower.config.image_size) or ImageProcessor(tower.config.image_size)
-    feats = extract_features(tower, files, processor=processor, batch_size=args.batch_size,
-                             progress=not args.quiet)
+    feats = extract_features(
+        tower, files, processor=processor, batch_size=args.batch_size, progress=not args.quiet
+    )
     feats.save(args.out, model=args.model, feature_layer=str(args.layer))
-    print(f"wrote {args.out}: patch_features {tuple(feats.patch_features.shape)}, grid {feats.grid}, "
-          f"pooled {None if feats.pooled is None else tuple(feats.pooled.shape)}; "
-          f"{len(feats.files)} images, {len(feats.skipped)} skipped")
+    print(
+        f"wrote {args.out}: patch_features {tuple(feats.patch_features.shape)}, grid {feats.grid}, "
+        f"pooled {None if feats.pooled is None else tuple(feats.pooled.shape)}; "
+        f"{len(feats.files)} images, {len(feats.skipped)} skipped"
+    )
     for name, reason in feats.skipped.items():
         print(f"  skipped {name}: {reason}")
 
@@ -124,23 +132,40 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def extract_demo(tower_dir: Path, images: Path, out: Path) -> None:
     """Patch features of the demo tower from layer -2 at a resized 48 px (the extractor path)."""
-    ns = argparse.Namespace(model=str(tower_dir), images=[str(images)], out=str(out), image_size=48, layer=-2,
-                            no_head=False, batch_size=64, device=None, dtype="float32", quiet=True)
+    ns = argparse.Namespace(
+        model=str(tower_dir),
+        images=[str(images)],
+        out=str(out),
+        image_size=48,
+        layer=-2,
+        no_head=False,
+        batch_size=64,
+        device=None,
+        dtype="float32",
+        quiet=True,
+    )
     cmd_extract(ns)
 
 
 def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="config, parameter counts and token grid per resolution of a checkpoint")
-    p.add_argument("src", help="folder, .safetensors file, hub repo id, or preset:NAME "
-                               f"({', '.join(list_presets())})")
+    p.add_argument(
+        "src", help=f"folder, .safetensors file, hub repo id, or preset:NAME ({', '.join(list_presets())})"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("extract", help="patch features of image files into a .safetensors file")
     p.add_argument("--model", required=True, help="folder, file, hub repo id or preset:NAME")
-    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output .safetensors (patch_features, pooled; names in metadata)")
+    p.add_argument(
+        "--images", nargs="+", required=True, help="image files and/or folders (searched recursively)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output .safetensors (patch_features, pooled; names in metadata)"
+    )
     p.add_argument("--image-size", type=int, default=None, help="resize the position table for this size")
-    p.add_argument("--layer", type=int, default=-1, help="-1: final post-layernorm output; k: block k (-2: LLaVA)")
+    p.add_argument(
+        "--layer", type=int, default=-1, help="-1: final post-layernorm output; k: block k (-2: LLaVA)"
+    )
     p.add_argument("--no-head", action="store_true", help="skip the attention-pooling head")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
@@ -151,7 +176,9 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="write a checkpoint in the transformers layout (safetensors)")
     p.add_argument("src", help="folder, file or hub repo id in any supported layout")
     p.add_argument("out", help="output folder")
-    p.add_argument("--image-size", type=int, default=None, help="resize the position table (written to the file)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize the position table (written to the file)"
+    )
     p.add_argument("--no-head", action="store_true", help="drop the attention-pooling head")
     p.add_argument("--vision-only", action="store_true", help="write only the image tower of a SiglipModel")
     p.set_defaults(func=cmd_convert)

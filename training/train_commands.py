@@ -19,18 +19,27 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_make_shapes(args: argparse.Namespace) -> None:
     from .shapes import make_shapes
 
-    s = make_shapes(args.out, n_train=args.n_train, n_val=args.n_val, shard_size=args.shard_size,
-                    image_size=args.image_size, seed=args.seed)
-    print(f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} zero-shot "
-          f"images in {len(s.classes)} class folders ({s.zeroshot}) in {s.seconds:.1f}s")
+    s = make_shapes(
+        args.out,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        shard_size=args.shard_size,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} zero-shot "
+        f"images in {len(s.classes)} class folders ({s.zeroshot}) in {s.seconds:.1f}s"
+    )
 
 
 def _model_and_preprocessing(src: str, batch_tokenizer: str | None):
     from vision_tower import ImageProcessor, SiglipModel, Tokenizer
 
     model = SiglipModel.from_pretrained(src).eval()
-    tokenizer = Tokenizer.from_pretrained(batch_tokenizer or src,
-                                          max_length=model.text.config.max_position_embeddings)
+    tokenizer = Tokenizer.from_pretrained(
+        batch_tokenizer or src, max_length=model.text.config.max_position_embeddings
+    )
     return model, ImageProcessor(image_size=model.vision.config.image_size), tokenizer
 
 
@@ -40,11 +49,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
     if args.task == "zero-shot":
         templates = load_templates(args.templates) if args.templates else None
-        result = zero_shot(model, args.images, templates=templates, image_transform=processor, tokenize=tokenizer,
-                           batch_size=args.batch_size)
+        result = zero_shot(
+            model,
+            args.images,
+            templates=templates,
+            image_transform=processor,
+            tokenize=tokenizer,
+            batch_size=args.batch_size,
+        )
     else:
-        result = retrieval(model, args.shards, image_transform=processor, text_transform=tokenizer,
-                           batch_size=args.batch_size)
+        result = retrieval(
+            model,
+            args.shards,
+            image_transform=processor,
+            text_transform=tokenizer,
+            batch_size=args.batch_size,
+        )
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -55,10 +75,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)")
+    p = sub.add_parser(
+        "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
+    )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
-    p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint of run.out_dir")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last committed checkpoint of run.out_dir"
+    )
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
     p.set_defaults(func=cmd_pretrain)
 

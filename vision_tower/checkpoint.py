@@ -51,8 +51,13 @@ def _read_file(path: Path) -> dict[str, Tensor]:
 
 def find_weights(folder: Path) -> Path:
     """The weight file of a model folder, preferring safetensors (single, then sharded)."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors",
-                 "pytorch_model.bin", "pytorch_model.bin.index.json"):
+    for name in (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "open_clip_model.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ):
         if (folder / name).exists():
             return folder / name
     candidates = sorted(folder.glob("*.safetensors"))
@@ -71,13 +76,18 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | Non
     return _read_file(weights), config
 
 
-def strict_load(module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()) -> None:
+def strict_load(
+    module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()
+) -> None:
     """Copy ``sd`` into ``module``; any missing, unexpected or mis-shaped key is an error naming it."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected)) + sorted(ignored)
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -86,7 +96,9 @@ def strict_load(module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, 
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:30]}")
         if shapes:
             parts.append(f"mis-shaped keys ({len(shapes)}): {shapes[:30]}")
-        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts))
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts)
+        )
     module.load_state_dict(sd, strict=True)
 
 
@@ -94,8 +106,11 @@ def write_safetensors(sd: dict[str, Tensor], out_dir: str | os.PathLike, config:
     """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in sd.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

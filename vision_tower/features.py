@@ -45,8 +45,12 @@ class Features:
         tensors = {"patch_features": self.patch_features.contiguous()}
         if self.pooled is not None:
             tensors["pooled"] = self.pooled.contiguous()
-        meta = {"files": json.dumps(self.files), "grid": json.dumps(list(self.grid)),
-                "skipped": json.dumps(self.skipped), **extra_metadata}
+        meta = {
+            "files": json.dumps(self.files),
+            "grid": json.dumps(list(self.grid)),
+            "skipped": json.dumps(self.skipped),
+            **extra_metadata,
+        }
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, out, metadata=meta)

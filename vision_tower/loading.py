@@ -22,7 +22,15 @@ Tensor = torch.Tensor
 _VISION_ANCHOR = "embeddings.patch_embedding.weight"  # transformers, every model that embeds a SigLIP tower
 _TEXT_ANCHOR = "embeddings.token_embedding.weight"
 # config.json model types whose ``vision_config`` describes a SigLIP tower
-_VISION_CONFIG_HOSTS = {"siglip", "paligemma", "llava", "llava_next", "llava_onevision", "idefics3", "smolvlm"}
+_VISION_CONFIG_HOSTS = {
+    "siglip",
+    "paligemma",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+}
 
 
 def _prefix(keys: list[str], anchor: str, source: str) -> str:
@@ -57,12 +65,20 @@ def _infer_vision_config(sd: dict[str, Tensor], source: str) -> VisionConfig:
     for name in list_presets():
         v = get_preset(name).vision
         if (v.hidden_size, v.num_hidden_layers, v.intermediate_size) == (width, depth, mlp):
-            return VisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=depth,
-                                num_attention_heads=v.num_attention_heads, image_size=side * patch.shape[-1],
-                                patch_size=patch.shape[-1], num_channels=patch.shape[1],
-                                use_head="head.probe" in sd)
-    raise CheckpointError(f"{source} has no config.json and its shapes (width {width}, depth {depth}, mlp {mlp}) "
-                          f"match no preset: put the transformers config.json beside the weights")
+            return VisionConfig(
+                hidden_size=width,
+                intermediate_size=mlp,
+                num_hidden_layers=depth,
+                num_attention_heads=v.num_attention_heads,
+                image_size=side * patch.shape[-1],
+                patch_size=patch.shape[-1],
+                num_channels=patch.shape[1],
+                use_head="head.probe" in sd,
+            )
+    raise CheckpointError(
+        f"{source} has no config.json and its shapes (width {width}, depth {depth}, mlp {mlp}) "
+        f"match no preset: put the transformers config.json beside the weights"
+    )
 
 
 def vision_tower_from_state_dict(
@@ -75,7 +91,9 @@ def vision_tower_from_state_dict(
 ) -> VisionTower:
     """A :class:`VisionTower` from a raw checkpoint state dict and its (optional) config.json."""
     prefix = _prefix(list(sd), _VISION_ANCHOR, source)
-    native, leftover = hf.vision_to_native({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+    native, leftover = hf.vision_to_native(
+        {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    )
     leftover = [prefix + k for k in leftover]
     has_head = "head.probe" in native
     if use_head and not has_head:
@@ -117,14 +135,20 @@ def load_siglip_model(
     sd, config = read_checkpoint(Path(path))
     if config is None or config.get("model_type") != "siglip":
         found = None if config is None else config.get("model_type")
-        raise CheckpointError(f"{src} is not a transformers SiglipModel checkpoint (config model_type {found!r}); "
-                              f"for the image tower alone use VisionTower.from_pretrained")
-    cfg = SiglipConfig(VisionConfig.from_hf(config.get("vision_config") or {}),
-                       TextConfig.from_hf(config.get("text_config") or {}))
+        raise CheckpointError(
+            f"{src} is not a transformers SiglipModel checkpoint (config model_type {found!r}); "
+            f"for the image tower alone use VisionTower.from_pretrained"
+        )
+    cfg = SiglipConfig(
+        VisionConfig.from_hf(config.get("vision_config") or {}),
+        TextConfig.from_hf(config.get("text_config") or {}),
+    )
     native: dict[str, Tensor] = {}
     leftover: list[str] = []
-    for tower, prefix, convert in (("vision", "vision_model.", hf.vision_to_native),
-                                   ("text", "text_model.", hf.text_to_native)):
+    for tower, prefix, convert in (
+        ("vision", "vision_model.", hf.vision_to_native),
+        ("text", "text_model.", hf.text_to_native),
+    ):
         part, rest = convert({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
         native.update({f"{tower}.{k}": v for k, v in part.items()})
         leftover += [prefix + k for k in rest]

@@ -29,13 +29,25 @@ def get_preset(name: str) -> SiglipConfig:
 
 
 def _vit(width: int, depth: int, heads: int, mlp: int, image: int, patch: int) -> VisionConfig:
-    return VisionConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                        intermediate_size=mlp, image_size=image, patch_size=patch)
+    return VisionConfig(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        image_size=image,
+        patch_size=patch,
+    )
 
 
 def _txt(width: int, depth: int, heads: int, mlp: int, vocab: int = 32000, **kw) -> TextConfig:
-    return TextConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                      intermediate_size=mlp, vocab_size=vocab, **kw)
+    return TextConfig(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        vocab_size=vocab,
+        **kw,
+    )
 
 
 def _base(image: int) -> SiglipConfig:  # google/siglip-base-patch16-*
@@ -53,8 +65,20 @@ def _so400m(image: int, patch: int, vocab: int) -> SiglipConfig:  # shape-optimi
 @register_preset
 def tiny() -> SiglipConfig:
     """For tests and the demo: 32 px images in 8 px patches (4x4 tokens), two blocks of width 64."""
-    return SiglipConfig(_vit(64, 2, 4, 128, 32, 8), _txt(64, 2, 4, 128, vocab=1024, max_position_embeddings=16,
-                                                    pad_token_id=1, bos_token_id=None, eos_token_id=1))
+    return SiglipConfig(
+        _vit(64, 2, 4, 128, 32, 8),
+        _txt(
+            64,
+            2,
+            4,
+            128,
+            vocab=1024,
+            max_position_embeddings=16,
+            pad_token_id=1,
+            bos_token_id=None,
+            eos_token_id=1,
+        ),
+    )
 
 
 @register_preset

@@ -68,7 +68,8 @@ class SiglipModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        | None = None,
     ) -> SiglipOutput:
         """Embed both sides; then either the pair logits, or ``loss_fn(img, txt, logit_scale, logit_bias)``.
 

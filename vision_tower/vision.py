@@ -86,8 +86,10 @@ class VisionTower(nn.Module):
     def feature_layer(self, k: int) -> None:
         depth = self.config.num_hidden_layers
         if not -(depth + 1) <= k <= depth:
-            raise ValueError(f"feature_layer={k} is out of range for a tower of {depth} blocks: "
-                             f"use -1 (final, post-layernorm) or a block index in [{-(depth + 1)}, {depth}]")
+            raise ValueError(
+                f"feature_layer={k} is out of range for a tower of {depth} blocks: "
+                f"use -1 (final, post-layernorm) or a block index in [{-(depth + 1)}, {depth}]"
+            )
         self._feature_layer = k
 
     @property
@@ -184,8 +186,9 @@ class VisionTower(nn.Module):
         """
         from .loading import load_vision_tower
 
-        tower = load_vision_tower(src, image_size=image_size, use_head=use_head, revision=revision,
-                                  cache_dir=cache_dir)
+        tower = load_vision_tower(
+            src, image_size=image_size, use_head=use_head, revision=revision, cache_dir=cache_dir
+        )
         tower.feature_layer = feature_layer
         return tower.to(device=device, dtype=dtype)
 
