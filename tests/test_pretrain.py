@@ -245,9 +245,26 @@ def test_corrupt_shard_run_completes_and_reports_skips(shapes, tmp_path):
         _args(
             out,
             {**shapes, "data.train_shards": str(shards)},
-            **{"run.steps": 6, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json"},
+            **{"run.steps": 12, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json"},
         ),
     )
     final = _metrics(out)[-1]
-    assert final["skipped"] >= 3, final
+    assert final["skipped"] >= 3, final  # per pass: truncated png + random bytes + blank caption
+    assert sorted(final["skip_counts"]) == ["bad_image", "empty_caption"], final
     assert all(torch.isfinite(torch.tensor(v)) for v in _losses(out).values())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_multi_rank_training_loss_equals_single_process_global_batch(world):
+    """Same global batch of 12: the loss of the training step (and of the next step, after the
+    update) on `world` ranks equals the single-process result."""
+    from tests._pretrain_workers import loss_steps_worker
+    from tests.distributed_utils import run_ranks
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(12, 3, 32, 32, generator=gen)
+    ids = torch.randint(0, 128, (12, 16), generator=gen)
+    single = run_ranks(loss_steps_worker, 1, pixels, ids, 3, backend=None, timeout=180)[0]
+    multi = run_ranks(loss_steps_worker, world, pixels, ids, 3, backend=None, timeout=180)
+    for rank_losses in multi:
+        assert rank_losses == pytest.approx(single, rel=1e-5), (single, rank_losses)

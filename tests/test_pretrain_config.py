@@ -93,3 +93,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["optim.lr=1e-3", "run.steps=5"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float) and cfg.run.steps == 5
+    with pytest.raises(ValueError, match=r"optim.lr: expected a number, got 'fast'"):
+        load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["optim.lr=fast"])

@@ -141,11 +141,22 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip("."))
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, sub, f"{where}.{name}".lstrip("."))
     try:
         return cls(**kwargs)
     except ValueError as err:
         raise ValueError(f"{where or 'config'}: {err}") from err
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Numbers for numeric fields: YAML reads ``1e-3`` (no dot) as a string, and ``1`` as an int."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None or isinstance(value, bool) or not ({float, int} & set(allowed)):
+        return value
+    try:
+        return int(value) if int in allowed and float not in allowed else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -136,6 +136,12 @@ def evaluate(model: SiglipModel, cfg: PretrainConfig, processor, tokenizer) -> d
     return out
 
 
+def full_state_dict(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    """Every parameter in full on CPU (gathered under ZeRO-3), in the module's dtype; call on all ranks."""
+    with _gathered(list(module.parameters()), stage):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 def export(
     cfg: PretrainConfig,
     model_config: SiglipConfig,
@@ -144,15 +150,18 @@ def export(
     stage: int,
     processor,
     tokenizer,
-    live_state: dict[str, torch.Tensor] | None,
+    live_state: dict[str, torch.Tensor],
 ) -> Path:
-    """Consolidated fp32 weights -> ``export/siglip`` (SiglipModel) and ``export/vision`` (SiglipVisionModel)."""
+    """Consolidated weights -> ``export/siglip`` (SiglipModel) and ``export/vision`` (SiglipVisionModel).
+
+    Trainable parameters come from the fp32 master copy in the ZeRO checkpoint (stages 1-3);
+    frozen ones (a locked tower) and stage 0 from the live module.
+    """
+    state = dict(live_state)
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        state = live_state
+        state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     model = SiglipModel(model_config)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     out = Path(cfg.run.out_dir) / "export"
@@ -268,14 +277,12 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     result = {**last, "skip_counts": loader.skip_counts}
     with _gathered([engine.module.logit_scale, engine.module.logit_bias], stage):
         result.update(evaluate(engine.module, cfg, processor, tokenizer))
-    live = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if stage == 0 else None
+    live = full_state_dict(engine.module, stage)
     if rank == 0:
         result["export"] = str(
             export(cfg, model_config, ckpt_dir, final_tag_dir.name, stage, processor, tokenizer, live)
         )
-        metrics.write(
-            {"step": step, "final": True, **{k: v for k, v in result.items() if k != "skip_counts"}}
-        )
+        metrics.write({"step": step, "final": True, **result})
         _plot_loss(out / "metrics.jsonl", out / "loss.png")
     if dist.is_initialized():
         dist.barrier()

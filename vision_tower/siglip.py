@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,7 @@ from .text import TextTower
 from .vision import VisionTower
 
 
-@dataclass
-class SiglipOutput:
+class SiglipOutput(NamedTuple):
     """``logits_per_image`` (B_img, B_txt) = t * <img, txt> + b, as transformers' SiglipModel;
     ``logits_per_text`` is its transpose; the embeddings are L2-normalised. With a ``loss_fn``
     the logits are not formed (``None``) and ``loss`` holds its result."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -11,8 +11,7 @@ from .config import TextConfig
 from .layers import Encoder, init_encoder_weights
 
 
-@dataclass
-class TextOutput:
+class TextOutput(NamedTuple):
     """``last_hidden_state`` (B, L, D) after the final norm; ``pooled`` (B, P): the last token
     through the head; ``hidden_states`` (embeddings, then every block) only when asked for."""
 

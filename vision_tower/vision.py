@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,7 @@ from .config import VisionConfig
 from .layers import AttentionPoolHead, Encoder, init_encoder_weights
 
 
-@dataclass
-class TowerOutput:
+class TowerOutput(NamedTuple):
     """What the tower returns.
 
     ``patch_features`` (B, N, D) are the tokens of ``feature_layer``; ``grid`` is the (h, w)

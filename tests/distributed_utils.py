@@ -1,0 +1,99 @@
+"""Run a function on several real processes (gloo by default) and collect what each rank returns.
+
+    from tests.distributed_utils import run_ranks
+    results = run_ranks(my_worker, 2, case_args, timeout=60)   # [rank 0's return, rank 1's return]
+
+`my_worker(rank, world_size, *args)` must live in an importable module (the ranks are spawned, not
+forked) and return something `torch.save` can write and `torch.load(weights_only=True)` can read:
+tensors, numbers, strings, lists, tuples and dicts of those. A rank that raises makes `run_ranks`
+raise with that rank's traceback; ranks still running after `timeout` seconds are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind port 0 and let the OS choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(
+    rank: int,
+    worker_fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    out_dir: str,
+    backend: str | None,
+    timeout: float,
+    args: tuple,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)  # one thread per rank: the ranks share the machine's cores
+    if backend is not None:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+    try:
+        result = worker_fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        if backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    worker_fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str | None = "gloo",
+) -> list[Any]:
+    """Spawn `world_size` processes running `worker_fn(rank, world_size, *args)`; return results by rank.
+
+    Each process gets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK set, one torch thread, and,
+    unless `backend=None` (e.g. for code that calls `deepspeed.init_distributed` itself), an
+    initialised default process group of `backend`.
+    """
+    with tempfile.TemporaryDirectory(prefix="run_ranks_") as out_dir:
+        context = mp.start_processes(
+            _rank_entry,
+            args=(worker_fn, world_size, free_port(), out_dir, backend, timeout, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, proc in enumerate(context.processes) if proc.is_alive()]
+                for proc in context.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join()
+                raise TimeoutError(
+                    f"ranks {alive} of {world_size} still running after {timeout:.0f} s; killed them"
+                )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True)
+            for rank in range(world_size)
+        ]

@@ -1,0 +1,18 @@
+"""Contrastive losses for two-tower pretraining: SigLIP's sigmoid loss (plain, tiled, multi-rank)
+and CLIP's softmax loss for ablations. Imports only torch."""
+
+from .registry import LOSSES, build_loss, register_loss
+from .sigmoid import SigmoidLoss, sigmoid_loss
+from .softmax import SoftmaxLoss, softmax_loss
+from .tiled import DEFAULT_CHUNK_SIZE
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "LOSSES",
+    "SigmoidLoss",
+    "SoftmaxLoss",
+    "build_loss",
+    "register_loss",
+    "sigmoid_loss",
+    "softmax_loss",
+]

@@ -1,0 +1,28 @@
+"""Registry of the contrastive losses, built by name from configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+LOSSES: dict[str, type[nn.Module]] = {}
+
+
+def register_loss(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a loss module buildable as `build_loss(name, ...)`."""
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered (by {LOSSES[name].__name__})")
+        LOSSES[name] = cls
+        return cls
+
+    return add
+
+
+def build_loss(name: str, **options) -> nn.Module:
+    """The loss module registered as `name`, e.g. `build_loss("sigmoid", chunk_size=2048)`."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](**options)

@@ -1,0 +1,123 @@
+"""The pairwise sigmoid loss of SigLIP: public function, module with learnable t and b, plain path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._dist import ProcessGroup, resolve_group
+from ._inputs import check_pair_inputs
+from .registry import register_loss
+from .ring import RingSigmoidLoss
+from .tiled import DEFAULT_CHUNK_SIZE, GradNeeds, TiledSigmoidLoss, accumulation_dtype
+
+
+def sigmoid_loss(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    *,
+    chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over a batch of B matching image/text pairs.
+
+        L = -(1/B) sum_i sum_j log sigmoid(y_ij * (t * <x_i, y_j> + b)),   y_ij = +1 if i == j else -1
+
+    the normalisation of the paper and big_vision (sum over all B^2 pairs, divided by B).
+
+    Args:
+        img_emb, txt_emb: L2-normalised embeddings, (b, D) each; row i of both is a matching pair.
+        logit_scale: t' = log t, shaped (1,) like transformers' `SiglipModel.logit_scale`; the loss
+            applies `exp`.
+        logit_bias: b, shaped (1,); None means b = 0.
+        chunk_size: None computes the plain B x B logits; an int walks the pairs in tiles of that
+            side, with memory O(B * D + chunk_size^2) and the same matmul work.
+        group: process group the batch is split over; None uses the default group when one is
+            initialised. With W > 1 ranks each rank passes its local b rows, the text blocks travel
+            around a ring (tiled, `chunk_size` or 2048), and each rank gets the loss of its rows
+            divided by b, so the mean over ranks is the loss of the global batch. All ranks must
+            pass the same b and backpropagate with the same `grad_output` (as `loss.backward()` and
+            DeepSpeed loss scaling do). To get a rank-local loss in a multi-rank job, pass a
+            one-rank group.
+
+    Returns the 0-dim loss, in fp32 (fp64 for fp64 inputs).
+    """
+    check_pair_inputs("sigmoid_loss", img_emb, txt_emb, logit_scale, logit_bias, chunk_size)
+    group, world_size = resolve_group(group)
+    needs = GradNeeds.of(img_emb, txt_emb, logit_scale, logit_bias)
+    if world_size > 1:
+        tile = chunk_size or DEFAULT_CHUNK_SIZE
+        return RingSigmoidLoss.apply(img_emb, txt_emb, logit_scale, logit_bias, tile, group, needs)
+    if chunk_size is None:
+        return plain_sigmoid_loss(img_emb, txt_emb, logit_scale, logit_bias)
+    return TiledSigmoidLoss.apply(img_emb, txt_emb, logit_scale, logit_bias, chunk_size, needs)
+
+
+def plain_sigmoid_loss(
+    img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The reference path: materialise all B x B logits and let autograd differentiate."""
+    acc_dtype = accumulation_dtype(img_emb.dtype)
+    scale = logit_scale.to(acc_dtype).reshape(()).exp()
+    logits = scale * (img_emb @ txt_emb.T).to(acc_dtype)  # (B, B)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(acc_dtype).reshape(())
+    logits.diagonal().neg_()  # -y * z: the loss of every pair is softplus(-y z) = -log sigmoid(y z)
+    return F.softplus(logits).sum() / img_emb.shape[0]
+
+
+class ScalarParamsInFp32(nn.Module):
+    """Base for losses with learnable scalars that stay fp32 when the model is cast to bf16/fp16."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for param in self.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters to leave out of weight decay (timm's convention): all of them."""
+        return {name for name, _ in self.named_parameters()}
+
+
+@register_loss("sigmoid")
+class SigmoidLoss(ScalarParamsInFp32):
+    """SigLIP loss with its learnable temperature t = exp(t') and bias b.
+
+    `forward(img_emb, txt_emb)` returns `sigmoid_loss(...)` with the module's t' and b. Both are
+    fp32 parameters shaped (1,), excluded from weight decay (`no_weight_decay()`); t' is clamped
+    to `logit_scale_max` in the forward when given. The default is the tiled path.
+    """
+
+    def __init__(
+        self,
+        *,
+        logit_scale_init: float = math.log(10.0),
+        logit_bias_init: float = -10.0,
+        logit_scale_max: float | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init), dtype=torch.float32))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(logit_bias_init), dtype=torch.float32))
+        self.logit_scale_max = logit_scale_max
+        self.chunk_size = chunk_size
+        self.group = group
+
+    def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+        logit_scale = self.logit_scale
+        if self.logit_scale_max is not None:
+            logit_scale = logit_scale.clamp(max=self.logit_scale_max)
+        return sigmoid_loss(
+            img_emb, txt_emb, logit_scale, self.logit_bias, chunk_size=self.chunk_size, group=self.group
+        )
+
+    def extra_repr(self) -> str:
+        return f"logit_scale_max={self.logit_scale_max}, chunk_size={self.chunk_size}"
