@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,14 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     loss_fn = make_loss_fn(cfg, world)
     device = engine.device
     bf16 = use_bf16(cfg)
-    bar = tqdm(total=cfg.run.steps, initial=step, disable=rank != 0, unit="step", desc="pretrain")
+    bar = tqdm(
+        total=cfg.run.steps,
+        initial=step,
+        disable=rank != 0,
+        unit="step",
+        desc="pretrain",
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
     images_per_step = cfg.data.batch_size * world
     last: dict[str, Any] = {}
     micro = 0
