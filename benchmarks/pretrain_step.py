@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 BATCH = {"tiny": 64, "b16_224": 4}
 
 
@@ -84,13 +84,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(preset: str, stage: int, ranks: int, steps: int, warmup: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
+    from training.launch import launch_env, torchrun_command
+
+    target = [
         __file__,
         "--worker",
         "--preset",
@@ -104,7 +100,14 @@ def launch(preset: str, stage: int, ranks: int, steps: int, warmup: int) -> dict
         "--warmup",
         str(warmup),
     ]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        torchrun_command(ranks, target),
+        env=launch_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch.testing import assert_close
 
 from training.config import ROOT
 from training.demo import caption_corpus
+from training.launch import launch_env, torchrun_command
 from training.shapes import make_shapes
 from training.tokenizer_train import train_tokenizer
 
@@ -53,20 +53,10 @@ def _args(out: Path, shapes: dict, **extra) -> list[str]:
 
 
 def _launch(ranks: int, args: list[str], *, wait: bool = True, timeout: float = 240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        "-m",
-        "training.cli",
-        *args,
-    ]
+    cmd = torchrun_command(ranks, ["-m", "training.cli", *args])
     proc = subprocess.Popen(
         cmd,
-        env=env,
+        env=launch_env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -95,14 +85,10 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_run_for_each_zero_stage(stage, shapes, tmp_path):
     out = tmp_path / f"zero{stage}"
-    _launch(
-        2,
-        _args(
-            out,
-            shapes,
-            **{"run.steps": 12, "run.save_every": 0, "run.deepspeed": f"configs/deepspeed/zero{stage}.json"},
-        ),
-    )
+    settings = {"run.steps": 12, "run.save_every": 0, "run.deepspeed": f"configs/deepspeed/zero{stage}.json"}
+    if stage == 3:  # activation checkpointing under parameter partitioning
+        settings["model.gradient_checkpointing"] = "true"
+    _launch(2, _args(out, shapes, **settings))
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

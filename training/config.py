@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Numbers for numeric fields: YAML reads ``1e-3`` (no dot) as a string, and ``1`` as an int."""
+    if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
+        return value  # containers (betas: tuple[float, float]) are taken as written
     allowed = typing.get_args(hint) or (hint,)
     if value is None or isinstance(value, bool) or not ({float, int} & set(allowed)):
         return value

@@ -4,13 +4,11 @@ held-out zero-shot accuracy -> exported towers -> patch features. Needs no downl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from .config import ROOT
+from .launch import launch
 from .shapes import CAPTION_TEMPLATES, CLASSES, ZEROSHOT_TEMPLATES, make_shapes
 from .tokenizer_train import train_tokenizer
 
@@ -27,22 +25,6 @@ def caption_corpus() -> list[str]:
             texts += [t.format(color=color, shape=shape, size=size) for t in CAPTION_TEMPLATES]
         texts += [t.format(name) for t in ZEROSHOT_TEMPLATES]
     return texts
-
-
-def launch(ranks: int, args: list[str], timeout: float | None = None) -> None:
-    """``torchrun --standalone --nproc_per_node ranks -m training.cli ARGS`` with one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        "-m",
-        "training.cli",
-        *args,
-    ]
-    subprocess.run(cmd, env=env, check=True, timeout=timeout, cwd=ROOT)
 
 
 def run_demo(out: str | None, *, steps: int | None = None, ranks: int = 2, overrides: list[str] = ()) -> dict:
