@@ -31,3 +31,14 @@ def test_demo_trains_evaluates_exports_and_extracts(tmp_path):
     for folder in ("siglip", "vision"):
         assert (tmp_path / "run" / "export" / folder / "model.safetensors").exists()
     assert (tmp_path / "features.safetensors").exists()
+    # the README's eval commands on the demo's outputs
+    from training.cli import main
+
+    model = str(tmp_path / "run" / "export" / "siglip")
+    assert (
+        main(["eval", "zero-shot", "--model", model, "--images", str(tmp_path / "shapes" / "zeroshot")]) == 0
+    )
+    assert main(["eval", "retrieval", "--model", model, "--shards", str(tmp_path / "shapes" / "val")]) == 0
+    assert (
+        main(["eval", "retrieval", "--model", model]) == 2
+    )  # --shards missing: a clear error, not a traceback

@@ -240,3 +240,15 @@ def test_saved_config_is_transformers_vision_config(tmp_path):
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["model_type"] == "siglip_vision_model" and cfg["architectures"] == ["SiglipVisionModel"]
     assert cfg["image_size"] == 32 and cfg["patch_size"] == 8 and cfg["vision_use_head"] is True
+
+
+def test_bare_weights_file_takes_image_size_from_the_matching_preset(tmp_path):
+    """No config.json: shapes give the tower, a preset of the same shape gives heads and image size."""
+    from vision_tower.loading import vision_state_dict_hf
+
+    with torch.device("meta"):
+        shape = VisionTower.from_preset("so400m_p14_384")
+    sd = {k: torch.zeros(v.shape) for k, v in vision_state_dict_hf(shape).items()}
+    save_file(sd, tmp_path / "bare.safetensors")
+    tower = VisionTower.from_pretrained(tmp_path / "bare.safetensors")
+    assert tower.config.image_size == 384 and tower.config.num_attention_heads == 16

@@ -88,7 +88,12 @@ def test_two_rank_run_for_each_zero_stage(stage, shapes, tmp_path):
     settings = {"run.steps": 12, "run.save_every": 0, "run.deepspeed": f"configs/deepspeed/zero{stage}.json"}
     if stage == 3:  # activation checkpointing under parameter partitioning
         settings["model.gradient_checkpointing"] = "true"
+    accum = 2 if stage == 2 else 1
+    settings["optim.grad_accum"] = accum
     _launch(2, _args(out, shapes, **settings))
+    ckpt = out / "checkpoints"
+    data_state = json.loads((ckpt / (ckpt / "COMMITTED").read_text().strip() / "data_rank1.json").read_text())
+    assert data_state["step"] == 12 * accum  # the final data position: exactly the batches consumed
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -100,3 +100,18 @@ def test_numbers_written_without_a_dot_are_numbers():
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float) and cfg.run.steps == 5
     with pytest.raises(ValueError, match=r"optim.lr: expected a number, got 'fast'"):
         load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.log_every=0", "log_every"),
+        ("optim.grad_accum=0", "grad_accum"),
+        ("optim.betas=0.9", "optim.betas must be two numbers"),
+        ("model.preset=b99", "unknown preset 'b99'"),
+        ("model.vision.hidden_sise=3", "unknown key.*hidden_sise"),
+    ],
+)
+def test_bad_values_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [override])

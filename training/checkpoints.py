@@ -3,6 +3,9 @@
 A checkpoint ``<out>/checkpoints/step00000100/`` counts only once every rank has written it and
 rank 0 has replaced ``<out>/checkpoints/COMMITTED`` (write to a temporary file, then
 ``os.replace``), so a crash while writing leaves the previous checkpoint as the one to resume.
+
+Every rank must see the same ``out_dir`` (a shared filesystem across nodes): rank 0 decides
+which checkpoint to resume and every rank reads it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save(engine, ckpt_dir: Path, step: int, rank: int, data_state: dict[str, Any], keep: int) -> Path:
     """Write the checkpoint of ``step`` on every rank, then commit it on rank 0 and prune old ones."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world}, save_latest=False
+    )
     folder = ckpt_dir / tag
     (folder / f"data_rank{rank}.json").write_text(json.dumps(data_state))
     rng = _rng_state()
@@ -76,20 +82,36 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
 
 
 def latest(ckpt_dir: Path) -> str | None:
-    """The tag of the last committed checkpoint, or None."""
+    """The tag of the last committed checkpoint as rank 0 sees it (broadcast to all ranks), or None."""
     marker = ckpt_dir / COMMITTED
-    if not marker.exists():
-        return None
-    tag = marker.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    tag = marker.read_text().strip() if marker.exists() else None
+    tag = tag if tag and (ckpt_dir / tag).is_dir() else None
+    if dist.is_initialized():
+        box = [tag]
+        dist.broadcast_object_list(box, src=0)
+        tag = box[0]
+    return tag
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[int, dict[str, Any]]:
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world: int) -> tuple[int, dict[str, Any]]:
     """Restore engine, optimizer, scheduler, RNG; return (step, this rank's data state)."""
+    folder = ckpt_dir / tag
+    if not (folder / f"data_rank{rank}.json").exists():
+        saved = sorted(p.name for p in folder.glob("data_rank*.json"))
+        raise RuntimeError(
+            f"checkpoint {folder} has no data position for rank {rank} of {world} (it holds {saved}): resume "
+            f"with the world size it was saved with, on a filesystem every rank sees"
+        )
     _, client = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
-    folder = ckpt_dir / tag
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder} (model state files missing?)")
+    if client.get("world_size", world) != world:
+        raise RuntimeError(
+            f"checkpoint {folder} was saved by {client['world_size']} ranks, this run has {world}: "
+            f"exact resume needs the same world size"
+        )
     data_state = json.loads((folder / f"data_rank{rank}.json").read_text())
     rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
     np_state = rng["numpy"]

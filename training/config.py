@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vision_tower import SiglipConfig, get_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,21 @@ class ModelSection:
             )
         if self.lock_image and self.lock_text:
             raise ValueError("model: lock_image and lock_text together leave nothing to train")
+        if self.preset is not None:
+            self.model_config()  # an unknown preset or override key fails here, not after set-up
+        elif self.vision or self.text:
+            raise ValueError("model.vision/model.text override presets; they do not apply to init_from")
+
+    def model_config(self) -> SiglipConfig:
+        """The preset's config with the ``vision`` / ``text`` overrides applied (strictly)."""
+        base = get_preset(self.preset)
+        return SiglipConfig.from_dict(
+            {
+                **base.to_dict(),
+                "vision": {**base.vision.to_dict(), **self.vision},
+                "text": {**base.text.to_dict(), **self.text},
+            }
+        )
 
 
 @dataclass
@@ -79,7 +96,14 @@ class OptimSection:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, e.g. [0.9, 0.95], got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 0:
+            raise ValueError(
+                f"optim: need lr > 0, grad_accum >= 1, warmup_steps >= 0 (got {self.lr}, "
+                f"{self.grad_accum}, {self.warmup_steps})"
+            )
 
 
 @dataclass
@@ -111,6 +135,13 @@ class RunSection:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        if self.steps < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError(
+                f"run: need steps, log_every, keep_checkpoints >= 1 (got {self.steps}, "
+                f"{self.log_every}, {self.keep_checkpoints})"
+            )
+        if self.save_every < 0 or self.eval_every < 0:
+            raise ValueError("run: save_every and eval_every must be >= 0 (0 turns them off)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"run.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -145,7 +176,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = _coerce(value, sub, f"{where}.{name}".lstrip("."))
     try:
         return cls(**kwargs)
-    except ValueError as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where or 'config'}: {err}") from err
 
 

@@ -45,16 +45,18 @@ def _device(model: Any, device: torch.device | str | None) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
-    """Model in eval mode and no autograd inside; the training flag is restored after."""
-    was_training = getattr(model, "training", False)
+    """Model in eval mode and no autograd inside; every submodule's training flag is restored after
+    (a tower locked in eval mode stays so)."""
+    modules = list(model.modules()) if hasattr(model, "modules") else []
+    flags = [m.training for m in modules]
     if hasattr(model, "eval"):
         model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        if was_training and hasattr(model, "train"):
-            model.train(True)
+        for m, flag in zip(modules, flags):
+            m.training = flag
 
 
 def _chw(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from vision_tower import ImageProcessor, SiglipConfig, SiglipModel, Tokenizer, get_preset
+from vision_tower import ImageProcessor, SiglipConfig, SiglipModel, Tokenizer
 
 from . import checkpoints
 from .config import PretrainConfig, resolve_path
@@ -28,22 +28,9 @@ log = logging.getLogger(__name__)
 def build_model(cfg: PretrainConfig) -> SiglipModel:
     """From a preset (with overrides) or a checkpoint; locks and activation checkpointing applied."""
     m = cfg.model
-    if m.init_from:
-        model = SiglipModel.from_pretrained(m.init_from)
-        if m.vision or m.text:
-            raise ValueError(
-                "model.vision/model.text overrides apply to presets, not to init_from checkpoints"
-            )
-    else:
-        base = get_preset(m.preset)
-        config = SiglipConfig.from_dict(
-            {
-                **base.to_dict(),
-                "vision": {**base.vision.to_dict(), **m.vision},
-                "text": {**base.text.to_dict(), **m.text},
-            }
-        )
-        model = SiglipModel(config)
+    model = SiglipModel.from_pretrained(m.init_from) if m.init_from else SiglipModel(m.model_config())
+    if cfg.loss.kind == "softmax":
+        model.logit_bias.requires_grad_(False)  # the softmax loss is invariant to b
     for locked, tower in ((m.lock_image, model.vision), (m.lock_text, model.text)):
         if locked:
             tower.requires_grad_(False)
@@ -186,9 +173,29 @@ class MetricsLog:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut off by a kill
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _accumulated_step(engine, batches, loss_fn, accum: int, bf16: bool) -> torch.Tensor:
+    """One optimizer step over ``accum`` micro-batches; returns their mean loss (this rank's)."""
+    total = torch.zeros(())
+    for _ in range(accum):
+        batch = next(batches)
+        pixels = batch["pixel_values"].to(engine.device, torch.bfloat16 if bf16 else torch.float32)
+        loss = engine(pixels, batch["input_ids"].to(engine.device), loss_fn=loss_fn).loss
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        total += loss.detach().float().cpu()
+    return total / accum
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -218,13 +225,12 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if resume and tag is None and rank == 0:
         log.warning("--resume: no committed checkpoint in %s, starting from step 0", ckpt_dir)
     if tag is not None:
-        step, data_state = checkpoints.load(engine, ckpt_dir, tag, rank)
+        step, data_state = checkpoints.load(engine, ckpt_dir, tag, rank, world)
     if rank == 0:
         _truncate_metrics(out / "metrics.jsonl", step)
     loader = build_train_loader(cfg, processor, tokenizer, rank, world, resume_state=data_state)
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
     loss_fn = make_loss_fn(cfg, world)
-    device = engine.device
     bf16 = use_bf16(cfg)
     bar = tqdm(
         total=cfg.run.steps,
@@ -234,50 +240,39 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
         desc="pretrain",
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
-    images_per_step = cfg.data.batch_size * world
+    images_per_step = cfg.data.batch_size * world * cfg.optim.grad_accum
     last: dict[str, Any] = {}
-    micro = 0
-    t0 = time.perf_counter()
-    for batch in loader:
-        if step >= cfg.run.steps:
-            break
-        pixels = batch["pixel_values"].to(device, torch.bfloat16 if bf16 else torch.float32)
-        ids = batch["input_ids"].to(device)
-        loss = engine(pixels, ids, loss_fn=loss_fn).loss
-        engine.backward(loss)
-        engine.step()
-        micro += 1
-        if micro % cfg.optim.grad_accum:
-            continue
+    batches = iter(loader)
+    window = (step, time.perf_counter())  # (step, time) where the throughput window starts
+    while step < cfg.run.steps:
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        loss = _accumulated_step(engine, batches, loss_fn, cfg.optim.grad_accum, bf16)
         step += 1
         if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-            module = engine.module
-            with _gathered([module.logit_scale, module.logit_bias], stage):
-                t, b = (
-                    module.logit_scale.detach().float().exp().item(),
-                    module.logit_bias.detach().float().item(),
-                )
-            dt = time.perf_counter() - t0
+            with _gathered([engine.module.logit_scale, engine.module.logit_bias], stage):
+                t = engine.module.logit_scale.detach().float().exp().item()
+                b = engine.module.logit_bias.detach().float().item()
+            ips = images_per_step * (step - window[0]) / (time.perf_counter() - window[1])
             last = {
                 "step": step,
                 "loss": _mean_over_ranks(loss, world),
                 "t": t,
                 "b": b,
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": images_per_step * cfg.optim.grad_accum * cfg.run.log_every / dt,
+                "lr": lr,
+                "images_per_s": ips,
                 "skipped": loader.skipped,
             }
             metrics.write(last)
-            bar.set_postfix(
-                loss=f"{last['loss']:.4f}", t=f"{t:.2f}", b=f"{b:.2f}", ips=f"{last['images_per_s']:.0f}"
-            )
-            t0 = time.perf_counter()
+            bar.set_postfix(loss=f"{last['loss']:.4f}", t=f"{t:.2f}", b=f"{b:.2f}", ips=f"{ips:.0f}")
+            window = (step, time.perf_counter())
         bar.update(1)
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
             with _gathered([engine.module.logit_scale, engine.module.logit_bias], stage):
                 metrics.write({"step": step, **evaluate(engine.module, cfg, processor, tokenizer)})
+            window = (step, time.perf_counter())  # evaluation time is not training throughput
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step != cfg.run.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, loader.state_dict(), cfg.run.keep_checkpoints)
+            window = (step, time.perf_counter())
     bar.close()
     final_tag_dir = checkpoints.save(
         engine, ckpt_dir, step, rank, loader.state_dict(), cfg.run.keep_checkpoints

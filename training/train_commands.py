@@ -33,19 +33,27 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
     )
 
 
-def _model_and_preprocessing(src: str, batch_tokenizer: str | None):
+def _model_and_preprocessing(src: str, tokenizer_src: str | None):
+    """The model, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
     from vision_tower import ImageProcessor, SiglipModel, Tokenizer
 
+    from .tower_commands import _processor_for
+
     model = SiglipModel.from_pretrained(src).eval()
+    size = model.vision.config.image_size
     tokenizer = Tokenizer.from_pretrained(
-        batch_tokenizer or src, max_length=model.text.config.max_position_embeddings
+        tokenizer_src or src, max_length=model.text.config.max_position_embeddings
     )
-    return model, ImageProcessor(image_size=model.vision.config.image_size), tokenizer
+    return model, _processor_for(src, size) or ImageProcessor(image_size=size), tokenizer
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import load_templates, retrieval, zero_shot
 
+    needed = {"zero-shot": ("images", "--images CLASS_DIR"), "retrieval": ("shards", "--shards SHARDS")}
+    attr, flag = needed[args.task]
+    if getattr(args, attr) is None:
+        raise ValueError(f"eval {args.task} needs {flag}")
     model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
     if args.task == "zero-shot":
         templates = load_templates(args.templates) if args.templates else None
@@ -82,9 +90,6 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last committed checkpoint of run.out_dir"
     )
-    p.add_argument(
-        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
     p.set_defaults(func=cmd_pretrain)
 

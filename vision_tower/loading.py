@@ -62,19 +62,24 @@ def _infer_vision_config(sd: dict[str, Tensor], source: str) -> VisionConfig:
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
     side = math.isqrt(sd["pos_embed"].shape[0])
     width, mlp = patch.shape[0], sd["encoder.blocks.0.mlp.fc1.weight"].shape[0]
-    for name in list_presets():
-        v = get_preset(name).vision
-        if (v.hidden_size, v.num_hidden_layers, v.intermediate_size) == (width, depth, mlp):
-            return VisionConfig(
-                hidden_size=width,
-                intermediate_size=mlp,
-                num_hidden_layers=depth,
-                num_attention_heads=v.num_attention_heads,
-                image_size=side * patch.shape[-1],
-                patch_size=patch.shape[-1],
-                num_channels=patch.shape[1],
-                use_head="head.probe" in sd,
-            )
+    p = patch.shape[-1]
+    same = [get_preset(n).vision for n in list_presets()]
+    same = [
+        v for v in same if (v.hidden_size, v.num_hidden_layers, v.intermediate_size) == (width, depth, mlp)
+    ]
+    if same:
+        # 384 px in 14 px patches is a 27-token side: a preset with the same grid gives the pixel size
+        sizes = [v.image_size for v in same if v.patch_size == p and v.image_size // p == side]
+        return VisionConfig(
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=depth,
+            num_attention_heads=same[0].num_attention_heads,
+            image_size=sizes[0] if sizes else side * p,
+            patch_size=p,
+            num_channels=patch.shape[1],
+            use_head="head.probe" in sd,
+        )
     raise CheckpointError(
         f"{source} has no config.json and its shapes (width {width}, depth {depth}, mlp {mlp}) "
         f"match no preset: put the transformers config.json beside the weights"
