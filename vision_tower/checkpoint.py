@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 Tensor = torch.Tensor
 
@@ -22,30 +24,35 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def _read_sharded(index: Path) -> dict[str, Tensor]:
+KeyFilter = Callable[[str], bool]
+
+
+def _read_sharded(index: Path, keep: KeyFilter) -> dict[str, Tensor]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index} has no 'weight_map'")
+    wanted = {k: f for k, f in weight_map.items() if keep(k)}
     sd: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        sd.update(_read_file(index.parent / shard))
-    missing = sorted(set(weight_map) - set(sd))
+    for shard in sorted(set(wanted.values())):  # shards holding none of the wanted keys are not opened
+        sd.update(_read_file(index.parent / shard, keep))
+    missing = sorted(set(wanted) - set(sd))
     if missing:
         raise CheckpointError(f"{index} lists keys that no shard holds: {missing[:20]}")
     return sd
 
 
-def _read_file(path: Path) -> dict[str, Tensor]:
+def _read_file(path: Path, keep: KeyFilter) -> dict[str, Tensor]:
     name = path.name
     if name.endswith(".safetensors"):
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (safe_open is no dict)
     if name.endswith(".index.json"):
-        return _read_sharded(path)
+        return _read_sharded(path, keep)
     if path.suffix in (".bin", ".pt", ".pth"):
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} does not hold a state dict")
-        return sd
+        return {k: v for k, v in sd.items() if keep(k)}
     raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors, .index.json, .bin/.pt)")
 
 
@@ -67,13 +74,18 @@ def find_weights(folder: Path) -> Path:
     raise CheckpointError(f"no single weight file in {folder} (found: {found[:20]})")
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(state dict, parsed config.json or None) of a folder or a weight file."""
+def read_checkpoint(
+    path: Path, keep: KeyFilter = lambda key: True
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(state dict of the keys ``keep`` accepts, parsed config.json or None) of a folder or a weight file.
+
+    Only the tensors kept are read: the image tower of a PaliGemma checkpoint does not load its LM.
+    """
     folder = path if path.is_dir() else path.parent
     weights = find_weights(path) if path.is_dir() else path
     config_file = folder / "config.json"
     config = read_json(config_file) if config_file.exists() else None
-    return _read_file(weights), config
+    return _read_file(weights, keep), config
 
 
 def strict_load(

@@ -121,6 +121,21 @@ def vision_tower_from_state_dict(
     return tower
 
 
+# Parts of multimodal checkpoints that are not the image tower (never read when loading a tower).
+_DECODER_PREFIXES = (
+    "language_model.",
+    "model.language_model.",
+    "lm_head.",
+    "multi_modal_projector.",
+    "model.multi_modal_projector.",
+    "text_model.",
+)
+
+
+def _not_a_decoder(key: str) -> bool:
+    return not key.startswith(_DECODER_PREFIXES)
+
+
 def load_vision_tower(
     src: str | os.PathLike,
     *,
@@ -129,7 +144,7 @@ def load_vision_tower(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> VisionTower:
-    sd, config = read_checkpoint(resolve(src, revision=revision, cache_dir=cache_dir))
+    sd, config = read_checkpoint(resolve(src, revision=revision, cache_dir=cache_dir), keep=_not_a_decoder)
     return vision_tower_from_state_dict(sd, config, source=str(src), image_size=image_size, use_head=use_head)
 
 
