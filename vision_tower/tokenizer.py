@@ -28,6 +28,7 @@ import sentencepiece as spm
 import torch
 
 from .hub import resolve
+from .spm_proto import non_normal_pieces, user_defined_as_normal, without_dummy_prefix
 
 SPIECE_UNDERLINE = "\u2581"
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -120,7 +121,7 @@ class Tokenizer:
         """Token text -> id for every token matched whole in the input (specials included)."""
         self.added_tokens = {str(text): int(index) for index, text in sorted(added.items())}
         if self.flavor == "gemma":  # transformers' Gemma conversion adds every non-normal piece
-            for index, piece in _non_normal_pieces(self._proto):
+            for index, piece in non_normal_pieces(self._proto):
                 self.added_tokens.setdefault(piece, index)
         wanted = [t for t in self.special_tokens.values() if t] + self.extra_special_tokens
         next_id = max([self.sp.get_piece_size() - 1, *self.added_tokens.values()]) + 1
@@ -350,9 +351,9 @@ class Tokenizer:
 def _load_sentencepiece(proto: bytes, *, legacy: bool, flavor: str) -> spm.SentencePieceProcessor:
     """Sentencepiece processor for ``proto`` with the adjustments transformers makes."""
     if not legacy:
-        proto = _without_dummy_prefix(proto)
+        proto = without_dummy_prefix(proto)
     if flavor == "gemma":  # user-defined pieces match on raw text as added tokens, not in lower-cased text
-        proto = _user_defined_as_normal(proto)
+        proto = user_defined_as_normal(proto)
     processor = spm.SentencePieceProcessor()
     processor.LoadFromSerializedProto(proto)
     return processor
@@ -413,79 +414,3 @@ def _read_folder(folder: Path) -> dict[str, Any]:
         added.setdefault(int(entry["id"]), entry["content"])
     args["added_tokens"] = added
     return args
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        value |= (buf[pos] & 0x7F) << shift
-        shift, pos = shift + 7, pos + 1
-        if not buf[pos - 1] & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes) -> Iterable[tuple[int, bytes, bytes]]:
-    """Protobuf wire fields of ``buf``: ``(field number, raw bytes, payload if length-delimited)``."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        wire, payload = key & 7, b""
-        if wire == 0:
-            pos = _read_varint(buf, pos)[1]
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            payload, pos = buf[pos : pos + length], pos + length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} in the sentencepiece model")
-        yield key >> 3, buf[start:pos], payload
-
-
-def _non_normal_pieces(proto: bytes) -> list[tuple[int, str]]:
-    """``(id, piece)`` of the unknown, control and user-defined pieces of a ``ModelProto``."""
-    out = []
-    pieces = (payload for number, _, payload in _fields(proto) if number == 1)  # ModelProto.pieces
-    for index, payload in enumerate(pieces):
-        if b"\x18" not in payload:  # no type field: NORMAL (fast path)
-            continue
-        fields = {field: (raw, text) for field, raw, text in _fields(payload)}
-        if 3 in fields and _read_varint(fields[3][0], 1)[0] in (2, 3, 4):
-            out.append((index, fields[1][1].decode("utf-8")))
-    return out
-
-
-def _user_defined_as_normal(proto: bytes) -> bytes:
-    """``ModelProto`` whose USER_DEFINED pieces become NORMAL, so only BPE merges can produce them."""
-    out = bytearray()
-    for number, raw, payload in _fields(proto):
-        if number != 1 or b"\x18\x04" not in payload:
-            out += raw
-            continue
-        fields = [r for n, r, _ in _fields(payload) if n != 3]
-        kinds = [r for n, r, _ in _fields(payload) if n == 3]
-        piece = b"".join(fields) + (b"\x18\x01" if kinds == [b"\x18\x04"] else b"".join(kinds))
-        out += b"\x0a" + _varint(len(piece)) + piece
-    return bytes(out)
-
-
-def _without_dummy_prefix(proto: bytes) -> bytes:
-    """Sentencepiece ``ModelProto`` with ``normalizer_spec.add_dummy_prefix = false`` (no protobuf needed)."""
-    out = bytearray()
-    for number, raw, payload in _fields(proto):
-        if number != 3:  # ModelProto.normalizer_spec
-            out += raw
-            continue
-        spec = b"".join(r for n, r, _ in _fields(payload) if n != 3) + b"\x18\x00"  # add_dummy_prefix = 0
-        out += b"\x1a" + _varint(len(spec)) + spec
-    return bytes(out)
