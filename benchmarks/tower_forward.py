@@ -18,30 +18,7 @@ import time
 
 import torch
 
-CASES = {
-    "base": dict(
-        cfg=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=16,
-        ),
-        batch=8,
-    ),
-    "so400m": dict(
-        cfg=dict(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=27,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        ),
-        batch=1,
-    ),
-}
+CASES = {"base": ("b16_224", 8), "so400m": ("so400m_p14_384", 1)}  # preset, batch
 
 
 def _time(fn, x) -> float:
@@ -53,15 +30,17 @@ def _time(fn, x) -> float:
 def run_case(name: str, repeats: int, dtype: torch.dtype, device: str) -> dict:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
+    from vision_tower import get_preset
     from vision_tower.loading import vision_tower_from_state_dict
 
-    spec = CASES[name]
-    ref = SiglipVisionModel(SiglipVisionConfig(**spec["cfg"])).eval()
+    preset, batch = CASES[name]
+    hf_config = {k: v for k, v in get_preset(preset).vision.to_hf().items() if k != "model_type"}
+    ref = SiglipVisionModel(SiglipVisionConfig(**hf_config)).eval()
     ours = vision_tower_from_state_dict(ref.state_dict(), ref.config.to_dict(), source=name).eval()
     ref.to(device=device, dtype=dtype)
     ours.to(device=device, dtype=dtype)
-    size = spec["cfg"]["image_size"]
-    x = torch.randn(spec["batch"], 3, size, size, device=device, dtype=dtype)
+    size = hf_config["image_size"]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def theirs(v):
@@ -83,11 +62,11 @@ def run_case(name: str, repeats: int, dtype: torch.dtype, device: str) -> dict:
         for _ in range(repeats):
             t_ref.append(_time(theirs, x))
             t_ours.append(_time(mine, x))
-    ips_ref = spec["batch"] / statistics.median(t_ref)
-    ips_ours = spec["batch"] / statistics.median(t_ours)
+    ips_ref = batch / statistics.median(t_ref)
+    ips_ours = batch / statistics.median(t_ours)
     return dict(
         case=name,
-        batch=spec["batch"],
+        batch=batch,
         size=size,
         ref=ips_ref,
         ours=ips_ours,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vision_tower import SiglipModel, VisionTower, list_presets
+from vision_tower import ImageProcessor, SiglipModel, VisionTower, list_presets
 from vision_tower.checkpoint import read_checkpoint
 from vision_tower.hub import resolve
 
@@ -70,7 +70,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from vision_tower.features import extract_features, iter_image_files
-    from vision_tower.processor import ImageProcessor
 
     tower = load_tower(
         args.model,
@@ -83,7 +82,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     files = list(iter_image_files(args.images))
     if not files:
         raise SystemExit(f"no image files found in {args.images}")
-    processor = _processor_for(args.model, tower.config.image_size) or ImageProcessor(tower.config.image_size)
+    processor = processor_for(args.model, tower.config.image_size)
     feats = extract_features(
         tower, files, processor=processor, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -97,21 +96,17 @@ def cmd_extract(args: argparse.Namespace) -> None:
         print(f"  skipped {name}: {reason}")
 
 
-def _processor_for(src: str, image_size: int):
-    """The checkpoint's own preprocessing (mean/std/filter) at the tower's size, if it ships one."""
-    from vision_tower.processor import ImageProcessor
-
-    if src.startswith(PRESET_PREFIX):
-        return None
-    path = resolve(src)
-    folder = path if path.is_dir() else path.parent
-    if not (folder / "preprocessor_config.json").exists():
-        return None
-    return ImageProcessor.from_pretrained(folder).with_image_size(image_size)
+def processor_for(src: str, image_size: int) -> ImageProcessor:
+    """The checkpoint's own preprocessing (mean/std/filter) at ``image_size`` if it ships one, else SigLIP's."""
+    if not src.startswith(PRESET_PREFIX):
+        path = resolve(src)
+        folder = path if path.is_dir() else path.parent
+        if (folder / "preprocessor_config.json").exists():
+            return ImageProcessor.from_pretrained(folder).with_image_size(image_size)
+    return ImageProcessor(image_size=image_size)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from vision_tower.processor import ImageProcessor
 
     if _is_full_model(args.src) and not args.vision_only:
         if args.image_size or args.no_head:
@@ -125,7 +120,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         tower.save_pretrained(args.out)
         size = tower.config.image_size
         what = "SiglipVisionModel"
-    (_processor_for(args.src, size) or ImageProcessor(size)).save_pretrained(args.out)
+    processor_for(args.src, size).save_pretrained(args.out)
     sd, _ = read_checkpoint(Path(args.out))
     print(f"wrote {what} layout to {args.out}: {len(sd)} tensors, image_size {size}")
 

@@ -35,16 +35,16 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
 
 def _model_and_preprocessing(src: str, tokenizer_src: str | None):
     """The model, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
-    from vision_tower import ImageProcessor, SiglipModel, Tokenizer
+    from vision_tower import SiglipModel, Tokenizer
 
-    from .tower_commands import _processor_for
+    from .tower_commands import processor_for
 
     model = SiglipModel.from_pretrained(src).eval()
     size = model.vision.config.image_size
     tokenizer = Tokenizer.from_pretrained(
         tokenizer_src or src, max_length=model.text.config.max_position_embeddings
     )
-    return model, _processor_for(src, size) or ImageProcessor(image_size=size), tokenizer
+    return model, processor_for(src, size), tokenizer
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -61,7 +61,6 @@ def find_weights(folder: Path) -> Path:
     for name in (
         "model.safetensors",
         "model.safetensors.index.json",
-        "open_clip_model.safetensors",
         "pytorch_model.bin",
         "pytorch_model.bin.index.json",
     ):

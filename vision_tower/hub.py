@@ -12,7 +12,6 @@ DEFAULT_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "*.model",
-    "*.npz",
     "*.txt",
 )
 

@@ -81,6 +81,12 @@ class ScalarParamsInFp32(nn.Module):
                 param.data = param.data.float()
         return self
 
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """t', clamped to ``logit_scale_max`` when that is set."""
+        if self.logit_scale_max is None:
+            return self.logit_scale
+        return self.logit_scale.clamp(max=self.logit_scale_max)
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to leave out of weight decay (timm's convention): all of them."""
         return {name for name, _ in self.named_parameters()}
@@ -112,11 +118,13 @@ class SigmoidLoss(ScalarParamsInFp32):
         self.group = group
 
     def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-        logit_scale = self.logit_scale
-        if self.logit_scale_max is not None:
-            logit_scale = logit_scale.clamp(max=self.logit_scale_max)
         return sigmoid_loss(
-            img_emb, txt_emb, logit_scale, self.logit_bias, chunk_size=self.chunk_size, group=self.group
+            img_emb,
+            txt_emb,
+            self.clamped_logit_scale(),
+            self.logit_bias,
+            chunk_size=self.chunk_size,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:

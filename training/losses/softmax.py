@@ -77,10 +77,9 @@ class SoftmaxLoss(ScalarParamsInFp32):
         self.group = group
 
     def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-        logit_scale = self.logit_scale
-        if self.logit_scale_max is not None:
-            logit_scale = logit_scale.clamp(max=self.logit_scale_max)
-        return softmax_loss(img_emb, txt_emb, logit_scale, None, chunk_size=self.chunk_size, group=self.group)
+        return softmax_loss(
+            img_emb, txt_emb, self.clamped_logit_scale(), None, chunk_size=self.chunk_size, group=self.group
+        )
 
     def extra_repr(self) -> str:
         return f"logit_scale_max={self.logit_scale_max}"
