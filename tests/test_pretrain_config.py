@@ -115,3 +115,14 @@ def test_numbers_written_without_a_dot_are_numbers():
 def test_bad_values_are_refused_when_the_config_loads(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [override])
+
+
+def test_precision_in_the_json_must_agree_with_the_run(tmp_path: Path):
+    demo = ROOT / "configs/pretrain/demo_tiny.yaml"
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="bf16.enabled=True but run.precision=fp32"):
+        deepspeed_config(load_config(demo, [f"run.deepspeed={ds}", "run.precision=fp32"]), world_size=1)
+    assert (
+        deepspeed_config(load_config(demo, [f"run.deepspeed={ds}"]), world_size=1)["bf16"]["enabled"] is True
+    )

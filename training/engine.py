@@ -32,9 +32,9 @@ def init_distributed() -> tuple[int, int]:
 
     A plain single process (no launcher variables) runs as rank 0 of 1.
     """
+    quiet_deepspeed()
     import deepspeed
 
-    quiet_deepspeed()
     for key, default in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),
@@ -109,11 +109,13 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
                 f'set it to "auto" in the JSON'
             )
         ds[key] = value
-    bf16 = use_bf16(cfg)
-    ds["bf16"] = {
-        **ds.get("bf16", {}),
-        "enabled": bf16 if ds.get("bf16", {}).get("enabled", "auto") == "auto" else ds["bf16"]["enabled"],
-    }
+    bf16, have = use_bf16(cfg), ds.get("bf16", {}).get("enabled", "auto")
+    if have != "auto" and cfg.run.precision != "auto" and have != bf16:
+        raise ValueError(
+            f"{cfg.run.deepspeed}: bf16.enabled={have} but run.precision={cfg.run.precision}; "
+            f'set it to "auto" in the JSON'
+        )
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16 if have == "auto" else have}
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError("fp16 is not supported: use bf16 (GPU) or fp32")
     ds.setdefault("steps_per_print", 10**9)

@@ -19,7 +19,7 @@ from vision_tower import ImageProcessor, SiglipConfig, SiglipModel, Tokenizer
 
 from . import checkpoints
 from .config import PretrainConfig, resolve_path
-from .engine import build_engine, init_distributed, use_bf16
+from .engine import build_engine, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     loader = build_train_loader(cfg, processor, tokenizer, rank, world, resume_state=data_state)
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
     loss_fn = make_loss_fn(cfg, world)
-    bf16 = use_bf16(cfg)
+    bf16 = bool(ds_config["bf16"]["enabled"])  # what the engine trains in
     bar = tqdm(
         total=cfg.run.steps,
         initial=step,
