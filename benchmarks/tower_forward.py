@@ -30,13 +30,12 @@ def _time(fn, x) -> float:
 def run_case(name: str, repeats: int, dtype: torch.dtype, device: str) -> dict:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from vision_tower import get_preset
-    from vision_tower.loading import vision_tower_from_state_dict
+    from vision_tower import VisionTower, get_preset
 
     preset, batch = CASES[name]
     hf_config = {k: v for k, v in get_preset(preset).vision.to_hf().items() if k != "model_type"}
     ref = SiglipVisionModel(SiglipVisionConfig(**hf_config)).eval()
-    ours = vision_tower_from_state_dict(ref.state_dict(), ref.config.to_dict(), source=name).eval()
+    ours = VisionTower.from_state_dict(ref.state_dict(), ref.config.to_dict(), source=name).eval()
     ref.to(device=device, dtype=dtype)
     ours.to(device=device, dtype=dtype)
     size = hf_config["image_size"]

@@ -248,7 +248,7 @@ def test_bare_weights_file_takes_image_size_from_the_matching_preset(tmp_path):
 
     with torch.device("meta"):
         shape = VisionTower.from_preset("so400m_p14_384")
-    sd = {k: torch.zeros(v.shape) for k, v in vision_state_dict_hf(shape).items()}
+    sd = {k: torch.zeros(v.shape) for k, v in vision_state_dict_hf(shape.state_dict()).items()}
     save_file(sd, tmp_path / "bare.safetensors")
     tower = VisionTower.from_pretrained(tmp_path / "bare.safetensors")
     assert tower.config.image_size == 384 and tower.config.num_attention_heads == 16

@@ -141,8 +141,6 @@ def test_siglip_gradients_match(tmp_path):
 @pytest.mark.slow
 def test_so400m_patch14_384_full_shape():
     """One image through the full So400m/14 shape at 384 px (27x27 = 729 tokens)."""
-    from vision_tower.loading import vision_tower_from_state_dict
-
     torch.manual_seed(0)
     cfg = dict(
         hidden_size=1152,
@@ -153,7 +151,7 @@ def test_so400m_patch14_384_full_shape():
         patch_size=14,
     )
     ref = hf_vision(seed=6, **cfg)
-    ours = vision_tower_from_state_dict(ref.state_dict(), ref.config.to_dict(), source="so400m").eval()
+    ours = VisionTower.from_state_dict(ref.state_dict(), ref.config.to_dict(), source="so400m").eval()
     x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         r = ref(x)

@@ -161,7 +161,7 @@ def test_locked_image_tower_does_not_change(shapes, tmp_path):
     init = build_model(cfg)
     from vision_tower.loading import vision_state_dict_hf
 
-    for k, v in vision_state_dict_hf(init.vision).items():
+    for k, v in vision_state_dict_hf(init.vision.state_dict()).items():
         assert torch.equal(first_ckpt[k], v), k
 
 

@@ -56,9 +56,18 @@ def run_demo(out: str | None, *, steps: int | None = None, ranks: int = 2, overr
         f" (chance {chance:.1%}), top-5 {final['zeroshot_top5']:.1%}; retrieval i2t R@1 "
         f"{final.get('i2t_r1', float('nan')):.1%}"
     )
-    from .tower_commands import extract_demo
+    from vision_tower.features import extract_to_file
 
-    extract_demo(run / "export" / "vision", Path(summary.zeroshot), out_dir / "features.safetensors")
+    # patch features of the exported tower from layer -2 at a resized 48 px (the extractor path)
+    extract_to_file(
+        str(run / "export" / "vision"),
+        [summary.zeroshot],
+        out_dir / "features.safetensors",
+        image_size=48,
+        feature_layer=-2,
+        batch_size=64,
+        progress=False,
+    )
     print(
         f"exported: SiglipModel {run / 'export' / 'siglip'}, SiglipVisionModel {run / 'export' / 'vision'}; "
         f"loss curve {run / 'loss.png'}; metrics {run / 'metrics.jsonl'}"

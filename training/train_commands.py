@@ -36,8 +36,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
 def _model_and_preprocessing(src: str, tokenizer_src: str | None):
     """The model, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
     from vision_tower import SiglipModel, Tokenizer
-
-    from .tower_commands import processor_for
+    from vision_tower.sources import processor_for
 
     model = SiglipModel.from_pretrained(src).eval()
     size = model.vision.config.image_size

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -111,6 +111,20 @@ def strict_load(
             f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts)
         )
     module.load_state_dict(sd, strict=True)
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def build_and_load(
+    build: Callable[[], M], sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()
+) -> M:
+    """``build()`` on the meta device (no random init), then ``sd`` loaded strictly into CPU storage."""
+    with torch.device("meta"):
+        module = build()
+    module = module.to_empty(device="cpu")
+    strict_load(module, sd, source=source, ignored=ignored)
+    return module
 
 
 def write_safetensors(sd: dict[str, Tensor], out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:

@@ -93,3 +93,39 @@ def extract_features(
     if not kept:
         raise ValueError(f"none of the {len(files)} images could be read: {skipped}")
     return Features(kept, torch.cat(feats), grid, torch.cat(pooled) if pooled else None, skipped)
+
+
+def extract_to_file(
+    model: str,
+    images: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    feature_layer: int = -1,
+    use_head: bool | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Features:
+    """Load ``model`` (folder, file, hub id or ``preset:NAME``), run it over the image files and folders in
+    ``images`` with the checkpoint's own preprocessing, and save the features to ``out`` (safetensors)."""
+    from .sources import load_tower, processor_for
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tower = load_tower(
+        model,
+        image_size=image_size,
+        feature_layer=feature_layer,
+        use_head=use_head,
+        device=device,
+        dtype=dtype,
+    ).eval()
+    files = list(iter_image_files(images))
+    if not files:
+        raise FileNotFoundError(f"no image files found in {[str(i) for i in images]}")
+    processor = processor_for(model, tower.config.image_size)
+    feats = extract_features(tower, files, processor=processor, batch_size=batch_size, progress=progress)
+    feats.save(out, model=str(model), feature_layer=str(feature_layer))
+    return feats

@@ -1,21 +1,23 @@
-"""Build towers from checkpoints of any supported layout, and save them in transformers' layout."""
+"""Read checkpoints of any supported layout into this package's layout, and write transformers' layout.
+
+Pure I/O and key conversion: this module never imports the model classes. It hands them
+:class:`Weights` (a config plus a state dict in our layout), which they load strictly."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, read_checkpoint, strict_load, write_safetensors
+from .checkpoint import CheckpointError, read_checkpoint, write_safetensors
 from .config import SiglipConfig, TextConfig, VisionConfig
 from .formats import transformers as hf
 from .hub import resolve
 from .presets import get_preset, list_presets
-from .siglip import SiglipModel
-from .vision import VisionTower
 
 Tensor = torch.Tensor
 
@@ -86,15 +88,27 @@ def _infer_vision_config(sd: dict[str, Tensor], source: str) -> VisionConfig:
     )
 
 
-def vision_tower_from_state_dict(
+@dataclass
+class Weights:
+    """A checkpoint read into this package's layout, ready for a model of ``config`` to load strictly.
+
+    ``ignored`` are source keys that mapped to nothing (reported as unexpected by the strict load).
+    """
+
+    config: Any  # VisionConfig or SiglipConfig
+    state_dict: dict[str, Tensor]
+    source: str
+    ignored: list[str] = field(default_factory=list)
+
+
+def vision_weights_from_state_dict(
     sd: dict[str, Tensor],
     config: dict[str, Any] | None,
     *,
     source: str,
-    image_size: int | None = None,
     use_head: bool | None = None,
-) -> VisionTower:
-    """A :class:`VisionTower` from a raw checkpoint state dict and its (optional) config.json."""
+) -> Weights:
+    """The image tower of a raw checkpoint state dict (any transformers layout) and its config.json."""
     prefix = _prefix(list(sd), _VISION_ANCHOR, source)
     native, leftover = hf.vision_to_native(
         {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -112,13 +126,7 @@ def vision_tower_from_state_dict(
     else:
         vcfg = VisionConfig.from_hf({**cfg_dict, "vision_use_head": has_head})
     vcfg.use_head = keep_head
-    with torch.device("meta"):
-        tower = VisionTower(vcfg)
-    tower = tower.to_empty(device="cpu")
-    strict_load(tower, native, source=source, ignored=leftover)
-    if image_size is not None and image_size != vcfg.image_size:
-        tower.resize_pos_embed(image_size)
-    return tower
+    return Weights(vcfg, native, source, leftover)
 
 
 # Parts of multimodal checkpoints that are not the image tower (never read when loading a tower).
@@ -136,21 +144,22 @@ def _not_a_decoder(key: str) -> bool:
     return not key.startswith(_DECODER_PREFIXES)
 
 
-def load_vision_tower(
+def read_vision_weights(
     src: str | os.PathLike,
     *,
-    image_size: int | None = None,
     use_head: bool | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> VisionTower:
+) -> Weights:
+    """The image tower of a folder, file or hub repo id; a multimodal checkpoint's decoder is never read."""
     sd, config = read_checkpoint(resolve(src, revision=revision, cache_dir=cache_dir), keep=_not_a_decoder)
-    return vision_tower_from_state_dict(sd, config, source=str(src), image_size=image_size, use_head=use_head)
+    return vision_weights_from_state_dict(sd, config, source=str(src), use_head=use_head)
 
 
-def load_siglip_model(
+def read_siglip_weights(
     src: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
-) -> SiglipModel:
+) -> Weights:
+    """Both towers, t' and b of a transformers ``SiglipModel`` folder, file or hub repo id."""
     path = resolve(src, revision=revision, cache_dir=cache_dir)
     sd, config = read_checkpoint(Path(path))
     if config is None or config.get("model_type") != "siglip":
@@ -177,26 +186,28 @@ def load_siglip_model(
             native[name] = sd[name].reshape(1)
     leftover += [k for k in sd if not k.startswith(("vision_model.", "text_model.", "logit_"))]
     cfg.vision.use_head = "vision.head.probe" in native
-    with torch.device("meta"):
-        model = SiglipModel(cfg)
-    model = model.to_empty(device="cpu")
-    strict_load(model, native, source=str(src), ignored=leftover)
-    return model
+    return Weights(cfg, native, str(src), leftover)
 
 
-def vision_state_dict_hf(tower: VisionTower) -> dict[str, Tensor]:
-    """The tower's weights under transformers' names with the ``vision_model.`` infix."""
-    return {f"vision_model.{k}": v for k, v in hf.vision_from_native(tower.state_dict()).items()}
+def vision_state_dict_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An image tower's state dict (ours) under transformers' names with the ``vision_model.`` infix."""
+    return {f"vision_model.{k}": v for k, v in hf.vision_from_native(sd).items()}
 
 
-def save_vision_tower(tower: VisionTower, out_dir: str | os.PathLike) -> Path:
-    config = {"architectures": ["SiglipVisionModel"], **tower.config.to_hf()}
-    return write_safetensors(vision_state_dict_hf(tower), out_dir, config)
+def write_vision_weights(config: VisionConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike) -> Path:
+    """transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors) from our state dict."""
+    hf_config = {"architectures": ["SiglipVisionModel"], **config.to_hf()}
+    return write_safetensors(vision_state_dict_hf(sd), out_dir, hf_config)
 
 
-def save_siglip_model(model: SiglipModel, out_dir: str | os.PathLike) -> Path:
-    sd = vision_state_dict_hf(model.vision)
-    sd.update({f"text_model.{k}": v for k, v in hf.text_from_native(model.text.state_dict()).items()})
-    sd["logit_scale"] = model.logit_scale
-    sd["logit_bias"] = model.logit_bias
-    return write_safetensors(sd, out_dir, model.config.to_hf())
+def write_siglip_weights(config: SiglipConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike) -> Path:
+    """transformers' ``SiglipModel`` layout from our two-tower state dict (``vision.*``, ``text.*``, t', b)."""
+    out = vision_state_dict_hf(_part(sd, "vision."))
+    out.update({f"text_model.{k}": v for k, v in hf.text_from_native(_part(sd, "text.")).items()})
+    out["logit_scale"] = sd["logit_scale"]
+    out["logit_bias"] = sd["logit_bias"]
+    return write_safetensors(out, out_dir, config.to_hf())
+
+
+def _part(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}

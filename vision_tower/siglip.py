@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import build_and_load
 from .config import SiglipConfig
+from .loading import read_siglip_weights, write_siglip_weights
 from .text import TextTower
 from .vision import VisionTower
 
@@ -102,13 +104,10 @@ class SiglipModel(nn.Module):
         cache_dir: str | os.PathLike | None = None,
     ) -> SiglipModel:
         """Load both towers from a transformers ``SiglipModel`` folder, file or hub repo id (strict)."""
-        from .loading import load_siglip_model
-
-        model = load_siglip_model(src, revision=revision, cache_dir=cache_dir)
+        w = read_siglip_weights(src, revision=revision, cache_dir=cache_dir)
+        model = build_and_load(lambda: cls(w.config), w.state_dict, source=w.source, ignored=w.ignored)
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors)."""
-        from .loading import save_siglip_model
-
-        save_siglip_model(self, out_dir)
+        write_siglip_weights(self.config, self.state_dict(), out_dir)

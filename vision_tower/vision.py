@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import build_and_load
 from .config import VisionConfig
 from .layers import AttentionPoolHead, Encoder, init_encoder_weights
+from .loading import Weights, read_vision_weights, vision_weights_from_state_dict, write_vision_weights
 
 
 class TowerOutput(NamedTuple):
@@ -183,13 +185,40 @@ class VisionTower(nn.Module):
         detected from the keys. ``image_size`` resizes the position table once (written by
         ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
         """
-        from .loading import load_vision_tower
-
-        tower = load_vision_tower(
-            src, image_size=image_size, use_head=use_head, revision=revision, cache_dir=cache_dir
-        )
-        tower.feature_layer = feature_layer
+        weights = read_vision_weights(src, use_head=use_head, revision=revision, cache_dir=cache_dir)
+        tower = cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer)
         return tower.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        config: dict | None = None,
+        *,
+        source: str = "state dict",
+        image_size: int | None = None,
+        feature_layer: int = -1,
+        use_head: bool | None = None,
+    ) -> VisionTower:
+        """A tower from an in-memory checkpoint state dict in any supported layout (e.g. a transformers
+        ``SiglipVisionModel``'s ``state_dict()``) and its config dict (``config.to_dict()``), strictly."""
+        weights = vision_weights_from_state_dict(state_dict, config, source=source, use_head=use_head)
+        return cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer)
+
+    @classmethod
+    def from_weights(
+        cls, weights: Weights, *, image_size: int | None = None, feature_layer: int = -1
+    ) -> VisionTower:
+        """Build on the meta device and load ``weights`` strictly; resize the position table if asked."""
+        tower = build_and_load(
+            lambda: cls(weights.config, feature_layer=feature_layer),
+            weights.state_dict,
+            source=weights.source,
+            ignored=weights.ignored,
+        )
+        if image_size is not None and image_size != weights.config.image_size:
+            tower.resize_pos_embed(image_size)
+        return tower
 
     @torch.no_grad()
     def resize_pos_embed(self, image_size: int) -> None:
@@ -202,6 +231,4 @@ class VisionTower(nn.Module):
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors)."""
-        from .loading import save_vision_tower
-
-        save_vision_tower(self, out_dir)
+        write_vision_weights(self.config, self.state_dict(), out_dir)
