@@ -25,9 +25,9 @@ BATCH = {"tiny": 64, "b16_224": 4}
 
 def worker(args: argparse.Namespace) -> None:
     import torch
+    from training.engine import build_engine, init_distributed
 
     from training.config import load_config
-    from training.engine import build_engine, init_distributed
     from training.pretrain import build_model, make_loss_fn
 
     rank, world = init_distributed()

@@ -6,10 +6,24 @@ import argparse
 import json
 
 
+class _ResumeAction(argparse.Action):
+    """``--resume`` (a checkpoint must exist) or ``--resume auto`` (start fresh when none does). A
+    ``key=value`` right after a bare ``--resume`` is an override, not its value."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is not None and "=" in value:
+            namespace.leading_overrides = [*getattr(namespace, "leading_overrides", []), value]
+            value = None
+        if value not in (None, "auto"):
+            parser.error(f"--resume takes no value or 'auto', got {value!r}")
+        setattr(namespace, self.dest, value or "latest")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import run_from_cli
 
-    result = run_from_cli(args.config, args.overrides, args.resume)
+    overrides = [*getattr(args, "leading_overrides", []), *args.overrides]
+    result = run_from_cli(args.config, overrides, args.resume, args.overwrite)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -86,8 +100,20 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
     )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the last committed checkpoint of run.out_dir"
+    once = p.add_mutually_exclusive_group()
+    once.add_argument(
+        "--resume",
+        nargs="?",
+        metavar="auto",
+        action=_ResumeAction,
+        default=None,
+        help="continue from the last intact committed checkpoint of run.out_dir (an error if there is "
+        "none); '--resume auto' starts fresh when there is none",
+    )
+    once.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous run in run.out_dir (its checkpoints, metrics and export)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
     p.set_defaults(func=cmd_pretrain)

@@ -106,6 +106,10 @@ class AttentionPoolHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim, act)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (besides biases and norms) that training should not decay: the learned probe."""
+        return {"probe"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         hd = D // self.num_heads

@@ -44,6 +44,10 @@ class SiglipModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters training should not decay: the temperature t' and the bias b."""
+        return {"logit_scale", "logit_bias"}
+
     def encode_image(self, pixel_values: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) pooled image embeddings (the MAP head's output)."""
         pooled = self.vision(pixel_values).pooled

@@ -46,6 +46,10 @@ class TextTower(nn.Module):
         for table in (self.token_embed.weight, self.pos_embed):
             nn.init.normal_(table, std=self.config.hidden_size**-0.5)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (besides biases and norms) that training should not decay: the position table."""
+        return {"pos_embed"}
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
 

@@ -101,6 +101,10 @@ class VisionTower(nn.Module):
             return depth
         return k if k >= 0 else depth + 1 + k
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (besides biases and norms) that training should not decay: the position table."""
+        return {"pos_embed"}
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
 

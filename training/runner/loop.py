@@ -1,0 +1,203 @@
+"""The training loop every task runs: steps with accumulation and precision casting, the bad-step
+guard, logging, evaluation and checkpoint cadence, resume, final checkpoint and export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
+from .metrics import MetricsLog, mean_over_ranks, plot_loss
+from .run_dir import RunDirError, RunLock, prepare
+from .task import ExportContext, Task
+from .zero import Zero, barrier
+
+log = logging.getLogger(__name__)
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+
+
+class TrainingDiverged(ValueError):
+    """``run.max_bad_steps`` non-finite or skipped steps in a row: the run stops without saving."""
+
+
+def prepare_batch(batch: dict[str, Any], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Tensors moved to ``device``; floating ones cast to ``dtype`` (what the engine trains in)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        out[key] = value
+    return out
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the micro-batches, fp32 on CPU
+    skipped: bool  # DeepSpeed skipped the optimizer step (non-finite gradients)
+
+
+def train_step(engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossFn) -> StepResult:
+    """One optimizer step: ``gradient_accumulation_steps`` micro-batches from ``batches``, each cast to the
+    engine's precision, through ``loss_fn(module, batch)``, backward, and DeepSpeed's step (which updates
+    at the accumulation boundary). The step that training, tests and benchmarks all run."""
+    ds = engine.engine
+    before = ds.skipped_steps
+    total = torch.zeros(())
+    accum = ds.gradient_accumulation_steps()
+    for _ in range(accum):
+        batch = prepare_batch(next(batches), engine.dtype, ds.device)
+        loss = loss_fn(ds, batch)
+        ds.backward(loss)
+        ds.step()
+        total += loss.detach().float().cpu()
+    return StepResult(total / accum, ds.skipped_steps > before)
+
+
+def _agree(fn: Callable[[], None], rank: int) -> None:
+    """Run ``fn`` on rank 0; if it refuses (``ValueError``), every rank raises the same error."""
+    message = None
+    if rank == 0:
+        try:
+            fn()
+        except ValueError as err:
+            message = (type(err), str(err))
+    if dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise message[0](message[1])
+
+
+def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``task`` (or resume it: ``resume="latest"`` needs a checkpoint, ``"auto"`` starts fresh without
+    one); returns the final metrics on every rank. One run per ``run.out_dir`` at a time."""
+    rank, world = init_distributed()
+    out = Path(task.run.out_dir)
+    lock = RunLock(out)
+    try:
+        _agree(lock.acquire, rank)
+        _agree(lambda: prepare(out, resume=resume, overwrite=overwrite), rank)
+        return _train(task, rank, world, out, resume)
+    finally:
+        lock.release()
+
+
+def _resume_point(ckpt_dir: Path, resume: str | None) -> str | None:
+    if not resume:
+        return None
+    tag = checkpoints.find_intact(ckpt_dir)
+    if tag is None and resume != "auto":
+        raise RunDirError(
+            f"--resume: no committed checkpoint in {ckpt_dir} (use --resume auto to start fresh when there is none)"
+        )
+    return tag
+
+
+def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> dict[str, Any]:
+    run, optim = task.run, task.optim
+    torch.manual_seed(run.seed)
+    ckpt_dir = out / "checkpoints"
+    tag = _resume_point(ckpt_dir, resume)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(task.config_dict(), indent=2, default=list))
+    ds_config = deepspeed_config(optim, run, task.micro_batch_size, world)
+    zero = Zero(zero_stage(ds_config), ds_config, rank, world)
+    model = task.build_model(zero)
+    engine = build_engine(model, task.param_groups(model), optim, run, ds_config)
+    step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)
+    metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
+    metrics.truncate(step)
+    loader = task.build_loader(rank, world, data_state)
+    step, last = _loop(task, engine, zero, loader, metrics, step, ckpt_dir)
+    final = ckpt_dir / checkpoints.tag_for(step)
+    if tag != final.name:  # a resumed run that had already finished holds its final checkpoint
+        final = checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
+    result = {**last, "skip_counts": loader.skip_counts}
+    result.update(task.evaluate(engine.engine.module, zero))
+    where = task.export(engine.engine.module, ExportContext(out, final, zero))
+    if rank == 0:
+        if where is not None:
+            result["export"] = where
+        metrics.write({"step": step, "final": True, **result})
+        plot_loss(out / "metrics.jsonl", out / "loss.png", task.loss_label)
+    barrier()
+    return result
+
+
+def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, step: int, ckpt_dir: Path):
+    """Steps until ``run.steps``; returns (step, last logged record)."""
+    run, rank = task.run, zero.rank
+    module = engine.engine.module
+    bar = tqdm(total=run.steps, initial=step, disable=rank != 0, unit="step", desc=task.name,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fmt: skip
+    per_step = task.micro_batch_size * zero.world * task.optim.grad_accum
+    last: dict[str, Any] = {}
+    batches = iter(loader)
+    window = (step, time.perf_counter())  # (step, time) where the throughput window starts
+    bad = 0
+    while step < run.steps:
+        lr = engine.scheduler.get_last_lr()[0]  # the rate this step uses
+        result = train_step(engine, batches, task.loss)
+        step += 1
+        loss = mean_over_ranks(result.loss)  # every step, so that all ranks agree on a bad one
+        bad = bad + 1 if result.skipped or not math.isfinite(loss) else 0
+        if bad:
+            _bad_step(step, loss, result.skipped, bad, run.max_bad_steps, ckpt_dir, rank)
+        if step % run.log_every == 0 or step == run.steps:
+            rate = per_step * (step - window[0]) / (time.perf_counter() - window[1])
+            last = {"step": step, "loss": loss, **task.step_metrics(module, zero), "lr": lr,
+                    f"{task.sample_unit}_per_s": rate, "skipped": loader.skipped}  # fmt: skip
+            metrics.write(last)
+            extra = {k: f"{v:.2f}" for k, v in last.items() if k not in ("step", "loss", "lr", "skipped")}
+            bar.set_postfix(loss=f"{loss:.4f}", **extra)
+            window = (step, time.perf_counter())
+        bar.update(1)
+        if run.eval_every and step % run.eval_every == 0 and step != run.steps:
+            metrics.write({"step": step, **task.evaluate(module, zero)})
+            window = (step, time.perf_counter())  # evaluation time is not training throughput
+        if run.save_every and step % run.save_every == 0 and step != run.steps:
+            if bad:
+                if rank == 0:
+                    log.warning("step %d: not saving a checkpoint after a bad step", step)
+            else:
+                checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
+            window = (step, time.perf_counter())
+    bar.close()
+    if bad:
+        raise TrainingDiverged(
+            f"the run ended at step {step} after {bad} bad step(s) in a row: nothing saved or exported; "
+            f"{_last_good(ckpt_dir)}"
+        )
+    return step, last
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    marker = ckpt_dir / checkpoints.COMMITTED
+    if marker.exists():
+        return f"the last good checkpoint is {ckpt_dir / marker.read_text().strip()}"
+    return "no checkpoint was committed"
+
+
+def _bad_step(step: int, loss: float, skipped: bool, bad: int, limit: int, ckpt_dir: Path, rank: int) -> None:
+    what = f"loss {loss}" + (", optimizer step skipped (non-finite gradients)" if skipped else "")
+    if bad >= limit:
+        raise TrainingDiverged(
+            f"step {step}: {bad} bad steps in a row ({what}; run.max_bad_steps={limit}): stopped without "
+            f"saving or exporting; {_last_good(ckpt_dir)}"
+        )
+    if rank == 0:
+        log.warning("step %d: %s (%d of run.max_bad_steps=%d in a row)", step, what, bad, limit)

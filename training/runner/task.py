@@ -1,0 +1,95 @@
+"""What a training task tells the runner. The runner owns the process group, the engine, the schedule,
+accumulation, precision, cadence, checkpoints, resume, the out_dir, metrics and the loss plot; a task
+owns its model, its batches, its step's loss, its extra metrics, its evaluation and its export."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .config import OptimSection, RunSection
+from .engine import param_groups
+from .zero import Zero
+
+
+class Loader(Protocol):
+    """A resumable stream of batches (``training.data.ShardLoader`` is one)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @property
+    def skip_counts(self) -> dict[str, int]: ...
+
+    @property
+    def skipped(self) -> int: ...
+
+
+@dataclass
+class ExportContext:
+    """Where and from what a task exports at the end of a run."""
+
+    out_dir: Path  # run.out_dir; exports go below it
+    checkpoint: Path | None  # the final committed checkpoint folder
+    zero: Zero
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The consolidated weights (fp32 master copies where ZeRO keeps them), on rank 0; None elsewhere.
+        Call on every rank."""
+        return self.zero.consolidated_state_dict(model, self.checkpoint)
+
+
+class Task(abc.ABC):
+    """One kind of training run. Subclasses set ``optim``, ``run`` and ``micro_batch_size`` from their config.
+
+    Every method runs on every rank; under ZeRO-3 those that read parameters gather them through
+    ``zero`` (collectives), so they must not branch on the rank before gathering.
+    """
+
+    name: str = "train"  # progress-bar label
+    sample_unit: str = "samples"  # throughput is logged as "<unit>_per_s"
+    loss_label: str = "loss"  # y axis of loss.png
+    optim: OptimSection
+    run: RunSection
+    micro_batch_size: int  # per rank and micro-step
+
+    def config_dict(self) -> dict[str, Any]:
+        """The whole config, written to ``out_dir/config.json``."""
+        return {"optim": vars(self.optim), "run": vars(self.run)}
+
+    @abc.abstractmethod
+    def build_model(self, zero: Zero) -> nn.Module:
+        """The model, with frozen parts already ``requires_grad_(False)``. At stage 3 build it so no rank
+        holds it whole: ``zero.partition(part)`` part by part, or inside ``zero.init_context()``."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups of trainable parameters (frozen ones get no optimizer state). By default
+        decayed and not decayed, as the modules' ``no_weight_decay()`` say."""
+        return param_groups(model, self.optim.weight_decay)
+
+    @abc.abstractmethod
+    def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None) -> Loader:
+        """This rank's training batches, continuing from ``resume_state`` (a saved ``state_dict()``)."""
+
+    @abc.abstractmethod
+    def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """This rank's loss of one micro-batch (already on the device, floats in the engine's dtype)."""
+
+    def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
+        """Extra values logged with the loss (e.g. the temperature)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
+        """Held-out metrics, every ``run.eval_every`` steps and at the end."""
+        return {}
+
+    @abc.abstractmethod
+    def export(self, model: nn.Module, ctx: ExportContext) -> str | None:
+        """Write the trained model for users (e.g. transformers folders); returns where, on rank 0."""
