@@ -11,23 +11,16 @@ from training.config import ROOT, load_config
 
 def siglip_engine(overrides: list[str], world: int):
     """The SigLIP task and its DeepSpeed engine, built as `vision-tower pretrain` builds them."""
-    from training.runner import Zero, build_engine, deepspeed_config
-    from training.runner.engine import zero_stage
+    import torch.distributed as dist
+
+    from training.runner import build_task_engine
     from training.tasks.siglip import SiglipTask
 
     cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", ["data.train_shards=unused", *overrides])
     task = SiglipTask(cfg)
-    ds_config = deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, world)
-    zero = Zero(zero_stage(ds_config), ds_config, *_rank_world())
     torch.manual_seed(cfg.run.seed)
-    model = task.build_model(zero)
-    return task, build_engine(model, task.param_groups(model), cfg.optim, cfg.run, ds_config), zero
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size()
+    engine, zero = build_task_engine(task, dist.get_rank(), world)
+    return task, engine, zero
 
 
 def loss_steps_worker(
@@ -53,3 +46,16 @@ def loss_steps_worker(
     rows = slice(rank * local, (rank + 1) * local)
     batches = itertools.repeat({"pixel_values": pixels[rows], "input_ids": ids[rows]})
     return [mean_over_ranks(train_step(engine, batches, task.loss).loss) for _ in range(steps)]
+
+
+def zero3_build_worker(rank: int, world: int, overrides: list[str]) -> dict:
+    """Build the SigLIP model as `vision-tower pretrain` does at ZeRO-3; report how many parameter
+    elements this rank holds, the total, and the full weights gathered one parameter at a time."""
+    from training.runner import init_distributed
+
+    init_distributed()
+    _, engine, zero = siglip_engine(["run.deepspeed=configs/deepspeed/zero3.json", *overrides], world)
+    module = engine.engine.module
+    held = sum(p.ds_tensor.numel() for p in module.parameters())
+    total = sum(p.ds_numel for p in module.parameters())
+    return {"held": held, "total": total, "state": zero.state_dict(module)}

@@ -7,7 +7,7 @@ Importing this package does not import DeepSpeed."""
 from .checkpoints import CheckpointDamaged
 from .config import OptimSection, RunSection, load_sections
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, param_groups
-from .loop import StepResult, TrainingDiverged, train, train_step
+from .loop import StepResult, TrainingDiverged, build_task_engine, train, train_step
 from .metrics import mean_over_ranks
 from .run_dir import RunDirError
 from .task import ExportContext, Loader, Task
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingDiverged",
     "Zero",
     "build_engine",
+    "build_task_engine",
     "deepspeed_config",
     "init_distributed",
     "load_sections",

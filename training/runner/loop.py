@@ -65,6 +65,15 @@ def train_step(engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossF
     return StepResult(total / accum, ds.skipped_steps > before)
 
 
+def build_task_engine(task: Task, rank: int, world: int) -> tuple[Engine, Zero]:
+    """The DeepSpeed config from the task's ``optim``/``run`` sections, the task's model built under it
+    (partitioned at ZeRO-3), and the engine over the task's parameter groups."""
+    ds_config = deepspeed_config(task.optim, task.run, task.micro_batch_size, world)
+    zero = Zero(zero_stage(ds_config), ds_config, rank, world)
+    model = task.build_model(zero)
+    return build_engine(model, task.param_groups(model), task.optim, task.run, ds_config), zero
+
+
 def _agree(fn: Callable[[], None], rank: int) -> None:
     """Run ``fn`` on rank 0; if it refuses (``ValueError``), every rank raises the same error."""
     message = None
@@ -107,17 +116,14 @@ def _resume_point(ckpt_dir: Path, resume: str | None) -> str | None:
 
 
 def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> dict[str, Any]:
-    run, optim = task.run, task.optim
+    run = task.run
     torch.manual_seed(run.seed)
     ckpt_dir = out / "checkpoints"
     tag = _resume_point(ckpt_dir, resume)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(task.config_dict(), indent=2, default=list))
-    ds_config = deepspeed_config(optim, run, task.micro_batch_size, world)
-    zero = Zero(zero_stage(ds_config), ds_config, rank, world)
-    model = task.build_model(zero)
-    engine = build_engine(model, task.param_groups(model), optim, run, ds_config)
+    engine, zero = build_task_engine(task, rank, world)
     step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
     metrics.truncate(step)

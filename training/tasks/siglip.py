@@ -131,6 +131,7 @@ class SiglipTask(Task):
         self.loss_label = f"{cfg.loss.kind} loss"
         self.processor: ImageProcessor | None = None
         self.tokenizer: Tokenizer | None = None
+        self.model_config: SiglipConfig | None = None
         self._loss_fn = None
 
     def config_dict(self) -> dict[str, Any]:
@@ -138,12 +139,15 @@ class SiglipTask(Task):
 
     def build_model(self, zero: Zero) -> SiglipModel:
         model = build_model(self.cfg, zero)
-        self.processor, self.tokenizer = build_preprocessing(self.cfg, model.config)
+        self.model_config = model.config
         return model
 
     def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None):
+        """The training shards through the tower's image processor and the tokenizer (also kept for
+        evaluation and export)."""
         from ..data import TokenizeOne, build_dataset, build_loader
 
+        self.processor, self.tokenizer = build_preprocessing(self.cfg, self.model_config)
         data = self.cfg.data
         dataset = build_dataset(
             resolve_path(data.train_shards),

@@ -1,0 +1,193 @@
+"""What a run guarantees, tested on real checkpoints of 2-rank runs: damaged checkpoints are found and
+the previous intact one is resumed (or the run stops, naming the file); one run per out_dir; a
+previous run is never replaced silently; non-finite steps stop the run without saving or exporting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tests.test_pretrain as pretrain_tests
+from training.config import ROOT
+from training.launch import launch_env
+
+pytestmark = pytest.mark.distributed
+shapes = pretrain_tests.shapes  # the fixture: shapes data and a tokenizer
+_args, _launch, _losses = pretrain_tests._args, pretrain_tests._launch, pretrain_tests._losses
+STEPS = {"run.steps": 6, "run.save_every": 2, "run.keep_checkpoints": 3}
+
+
+def _cli(ranks: int, args: list[str], timeout: float = 240) -> tuple[int, str]:
+    """Run `vision-tower ARGS` (torchrun for 2 ranks, a plain process for 1); (exit code, output)."""
+    if ranks > 1:
+        proc = _launch(ranks, args, wait=False)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    cmd = [sys.executable, "-m", "training.cli", *args]
+    done = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _damage(path: Path, offset: int = 1024, size: int = 4096) -> None:
+    """Overwrite ``size`` bytes of ``path`` in place (a bad sector, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = bytes(range(256)) * (size // 256)
+    path.write_bytes(bytes(data))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(shapes, tmp_path_factory) -> Path:
+    """A finished 2-rank ZeRO-2 run with checkpoints at steps 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("guarantees") / "base"
+    _launch(2, _args(out, shapes, **STEPS))
+    return out
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, shapes, tmp_path):
+    out = _copy(finished, tmp_path)
+    ckpt = out / "checkpoints"
+    _damage(ckpt / "step00000006" / "mp_rank_00_model_states.pt")
+    code, log = _cli(2, _args(out, shapes, **STEPS) + ["--resume"])
+    assert code == 0, log[-3000:]
+    assert "step00000006 is damaged" in log and "mp_rank_00_model_states.pt" in log, log[-3000:]
+    assert "older checkpoint step00000004" in log
+    # resumed exactly from step 4: steps 5 and 6 give the uninterrupted run's losses
+    before, after = _losses(finished), _losses(out)
+    assert sorted(after) == list(range(1, 7))
+    for step in (5, 6):
+        assert after[step] == pytest.approx(before[step], rel=1e-5, abs=1e-6), step
+    assert (ckpt / "COMMITTED").read_text() == "step00000006"
+
+
+def test_no_intact_checkpoint_stops_the_resume_and_touches_nothing(finished, shapes, tmp_path):
+    out = _copy(finished, tmp_path)
+    for step in (2, 4, 6):
+        _damage(out / "checkpoints" / f"step{step:08d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    before = _digests(out)
+    code, log = _cli(2, _args(out, shapes, **STEPS) + ["--resume"])
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if "pretrain: error:" in line]
+    assert errors and "no intact checkpoint" in errors[0], log[-3000:]
+    assert "step00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum" in errors[0]
+    assert "Traceback" not in log
+    assert _digests(out) == before  # no checkpoint pruned or written, metrics and export as they were
+
+
+def test_truncated_files_are_named_and_skipped(finished, tmp_path, caplog):
+    from training.runner.checkpoints import CheckpointDamaged, find_intact
+
+    ckpt = _copy(finished, tmp_path) / "checkpoints"
+    data = ckpt / "step00000006" / "data_rank0.json"
+    data.write_text(data.read_text()[:20])
+    with caplog.at_level("WARNING"):
+        assert find_intact(ckpt) == "step00000004"
+    assert f"{data} has 20 bytes" in caplog.text
+    states = ckpt / "step00000004" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    (ckpt / "step00000002" / "MANIFEST.json").unlink()  # as if killed before it was committed
+    with pytest.raises(CheckpointDamaged, match=f"{states} has 1000 bytes, the manifest") as err:
+        find_intact(ckpt)
+    assert "\n" not in str(err.value)
+
+
+def test_prune_keeps_the_last_intact_checkpoint_until_a_newer_one_is_committed(tmp_path):
+    from training.runner.checkpoints import MANIFEST, prune
+
+    for step, committed in ((2, True), (4, True), (6, False), (8, True)):
+        folder = tmp_path / f"step{step:08d}"
+        folder.mkdir()
+        if committed:
+            (folder / MANIFEST).write_text("{}")
+    prune(tmp_path, keep=1, current="step00000006")  # step 6 is being written, not committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000004", "step00000006", "step00000008"]
+    prune(tmp_path, keep=1, current="step00000008")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000008"]
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_lives(shapes, tmp_path):
+    out = tmp_path / "raced"
+    first = _launch(2, _args(out, shapes, **{"run.steps": 30, "run.save_every": 5}), wait=False)
+    deadline = time.time() + 120
+    while not (out / "LOCK").exists():
+        assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+    owner = json.loads((out / "LOCK").read_text())
+    code, log = _cli(1, _args(out, shapes, **{"run.steps": 30}) + ["--resume", "auto"])
+    assert code == 2 and f"is used by another run (pid {owner['pid']}" in log, log[-2000:]
+    rest, _ = first.communicate(timeout=240)
+    assert first.returncode == 0, rest[-3000:]
+    assert (out / "checkpoints" / "COMMITTED").read_text() == "step00000030"
+    assert sorted(_losses(out)) == list(range(1, 31))  # only the first run's records
+    assert json.loads((out / "config.json").read_text())["run"]["steps"] == 30
+    assert not (out / "LOCK").exists()
+
+
+def test_lock_of_a_dead_owner_is_recovered_and_a_live_or_remote_one_refused(tmp_path):
+    import os
+    import socket
+
+    from training.runner.run_dir import RunDirError, RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    with pytest.raises(RunDirError, match=f"used by another run \\(pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    (tmp_path / "LOCK").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(RunDirError, match="run on host elsewhere .*delete"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_previous_run_is_not_replaced_without_resume_or_overwrite(finished, shapes, tmp_path):
+    out = _copy(finished, tmp_path)
+    before = _digests(out)
+    code, log = _cli(1, _args(out, shapes, **STEPS))
+    assert code == 2 and "holds a previous run (step00000002, step00000004, step00000006" in log, log[-2000:]
+    assert "--overwrite" in log and _digests(out) == before
+    empty = tmp_path / "empty"
+    code, log = _cli(1, _args(empty, shapes, **STEPS) + ["--resume"])
+    assert code == 2 and "no committed checkpoint" in log and "--resume auto" in log, log[-2000:]
+    code, log = _cli(1, _args(empty, shapes, **{**STEPS, "run.steps": 2}) + ["--resume", "auto"])
+    assert code == 0 and (empty / "checkpoints" / "COMMITTED").read_text() == "step00000002", log[-2000:]
+    code, log = _cli(1, _args(empty, shapes, **{**STEPS, "run.steps": 2, "run.seed": 1}) + ["--overwrite"])
+    assert code == 0, log[-2000:]
+    assert json.loads((empty / "config.json").read_text())["run"]["seed"] == 1
+
+
+def test_non_finite_losses_stop_the_run_without_saving_or_exporting(shapes, tmp_path):
+    out = tmp_path / "diverged"
+    settings = {"run.steps": 12, "run.save_every": 1, "run.max_bad_steps": 2, "optim.lr": 1e30,
+                "optim.warmup_steps": 0, "run.deepspeed": "configs/deepspeed/zero0.json"}  # fmt: skip
+    code, log = _cli(1, _args(out, shapes, **settings))
+    assert code == 2, log[-3000:]
+    error = [line for line in log.splitlines() if "pretrain: error:" in line][0]
+    losses = _losses(out)
+    first_bad = min(s for s, v in losses.items() if v != v or abs(v) == float("inf"))
+    assert f"step {first_bad + 1}: 2 bad steps in a row" in error, (error, losses)
+    ckpt = out / "checkpoints"
+    committed = (ckpt / "COMMITTED").read_text()
+    assert committed == f"step{first_bad - 1:08d}"  # the last good step; nothing saved after it
+    assert sorted(p.name for p in ckpt.glob("step*"))[-1] == committed
+    assert not (out / "export").exists()
