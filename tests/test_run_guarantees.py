@@ -191,3 +191,20 @@ def test_non_finite_losses_stop_the_run_without_saving_or_exporting(shapes, tmp_
     assert committed == f"step{first_bad - 1:08d}"  # the last good step; nothing saved after it
     assert sorted(p.name for p in ckpt.glob("step*"))[-1] == committed
     assert not (out / "export").exists()
+
+
+def test_resume_flag_forms():
+    from training.cli import build_parser, main
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--config", "c", "--resume", "run.steps=5", "optim.lr=1"])
+    assert args.resume == "latest" and args.leading_overrides + args.overrides == [
+        "run.steps=5",
+        "optim.lr=1",
+    ]
+    assert parser.parse_args(["pretrain", "--config", "c", "--resume", "auto"]).resume == "auto"
+    assert parser.parse_args(["pretrain", "--config", "c"]).resume is None
+    for bad in (["--resume", "bogus"], ["--resume", "--overwrite"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["pretrain", "--config", "c", *bad])
+        assert exit_.value.code == 2

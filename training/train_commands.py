@@ -14,9 +14,9 @@ class _ResumeAction(argparse.Action):
         if value is not None and "=" in value:
             namespace.leading_overrides = [*getattr(namespace, "leading_overrides", []), value]
             value = None
-        if value not in (None, "auto"):
+        if value not in (None, self.const, "auto"):
             parser.error(f"--resume takes no value or 'auto', got {value!r}")
-        setattr(namespace, self.dest, value or "latest")
+        setattr(namespace, self.dest, value or self.const)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -104,6 +104,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     once.add_argument(
         "--resume",
         nargs="?",
+        const="latest",
         metavar="auto",
         action=_ResumeAction,
         default=None,
