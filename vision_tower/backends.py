@@ -88,7 +88,9 @@ def rgb_array(
     (C, H, W) / (H, W) arrays with C in {1, 3, 4}."""
     if isinstance(image, Image.Image):
         if not do_convert_rgb and image.mode != "RGB":
-            raise ImageLoadError(describe_source(image), f"mode {image.mode} with do_convert_rgb=False; expected RGB")
+            raise ImageLoadError(
+                describe_source(image), f"mode {image.mode} with do_convert_rgb=False; expected RGB"
+            )
         return np.array(load_image(image, max_pixels=max_pixels, exif_transpose=False))
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return np.array(load_image(image, max_pixels=max_pixels))
@@ -124,7 +126,9 @@ def _array_rgb(array: np.ndarray, backend: str, do_convert_rgb: bool, max_pixels
     if backend == "pil":  # transformers' convert_to_rgb on arrays: float64, rounded
         alpha = array[:, :, 3:4] / 255.0
         return np.round(alpha * array[:, :, :3] + (1 - alpha) * 255.0).astype(np.uint8)
-    x = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32).mul_(1.0 / 255)  # torchvision to_dtype
+    x = (
+        torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32).mul_(1.0 / 255)
+    )  # torchvision to_dtype
     rgb = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
     return rgb.mul(255 + 1.0 - 1e-3).to(torch.uint8).numpy()  # to_dtype(uint8, scale=True) truncates
 

@@ -191,6 +191,7 @@ class NaFlexVisionTower(nn.Module):
             ignored=weights.ignored,
         )
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write transformers' ``Siglip2VisionModel`` layout (config.json + model.safetensors)."""
-        write_vision_weights(self.config, self.state_dict(), out_dir)
+    def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:
+        """Write transformers' ``Siglip2VisionModel`` layout (config.json + model.safetensors); the only
+        ``format`` for NaFlex towers is ``"hf"``."""
+        write_vision_weights(self.config, self.state_dict(), out_dir, format=format)

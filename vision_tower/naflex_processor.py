@@ -76,7 +76,9 @@ class NaFlexImageProcessor:
     def __post_init__(self) -> None:
         self.backend = backends.check_backend(self.backend)
         if self.patch_size < 1 or self.max_num_patches < 1:
-            raise ValueError(f"patch_size {self.patch_size} and max_num_patches {self.max_num_patches} must be >= 1")
+            raise ValueError(
+                f"patch_size {self.patch_size} and max_num_patches {self.max_num_patches} must be >= 1"
+            )
         self.mean = triple(self.mean, "mean")
         self.std = triple(self.std, "std")
         self.resample = backends.resample_name(self.resample)
@@ -109,7 +111,9 @@ class NaFlexImageProcessor:
         )  # (3, H, W) float32
         h, w = x.shape[1] // p, x.shape[2] // p
         if h * w > self.max_num_patches:
-            raise ValueError(f"{h}x{w} patches exceed max_num_patches={self.max_num_patches} (do_resize=False)")
+            raise ValueError(
+                f"{h}x{w} patches exceed max_num_patches={self.max_num_patches} (do_resize=False)"
+            )
         x = x[:, : h * p, : w * p]
         patches = rearrange(x, "c (h p1) (w p2) -> (h w) (p1 p2 c)", p1=p, p2=p)  # (h*w, p*p*3)
         padded = patches.new_zeros(self.max_num_patches, patches.shape[1])
@@ -139,9 +143,13 @@ class NaFlexImageProcessor:
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> NaFlexImageProcessor:
         kind = config.get("image_processor_type", NAFLEX_TYPES[0])
         if kind not in NAFLEX_TYPES and "max_num_patches" not in config:
-            raise ValueError(f"{kind} is fixed-resolution preprocessing: load it with vision_tower.ImageProcessor")
+            raise ValueError(
+                f"{kind} is fixed-resolution preprocessing: load it with vision_tower.ImageProcessor"
+            )
         kwargs = common_kwargs(config)
-        kwargs.update({k: int(config[k]) for k in ("patch_size", "max_num_patches") if config.get(k) is not None})
+        kwargs.update(
+            {k: int(config[k]) for k in ("patch_size", "max_num_patches") if config.get(k) is not None}
+        )
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:

@@ -204,7 +204,12 @@ def _kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def common_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The statistics, filter and switches every transformers image processor config shares."""
-    names = {"image_mean": "mean", "image_std": "std", "resample": "resample", "rescale_factor": "rescale_factor"}
+    names = {
+        "image_mean": "mean",
+        "image_std": "std",
+        "resample": "resample",
+        "rescale_factor": "rescale_factor",
+    }
     kwargs = {name: config[key] for key, name in names.items() if config.get(key) is not None}
     for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if config.get(key) is not None:
