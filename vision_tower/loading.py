@@ -213,7 +213,7 @@ def _big_vision_vision(files: _Files, source: str) -> tuple[dict[str, Tensor], A
     root = big_vision.tower_root(list(params)) or ""
     native, leftover = big_vision.vision_to_native(params, root)
     make = big_vision.naflex_config if native["patch_embed.weight"].dim() == 2 else big_vision.vision_config
-    return native, _with_source(make, params, native, source, root=root), leftover
+    return native, _with_source(make, params, native, root), leftover
 
 
 def _with_source(make, *args, **kwargs):
