@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import struct
@@ -14,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
+from tests.photos import make_photo, shipped_photo
 from vision_tower import images as images_module
 from vision_tower.images import ImageLoadError, load_image, to_rgb
 from vision_tower.processor import ImageProcessor
@@ -25,35 +25,6 @@ SiglipImageProcessorPil = getattr(transformers, "SiglipImageProcessorPil", None)
 
 EXACT = 0.0  # both backends are matched bit for bit
 BACKENDS = ["pil", "torchvision"]
-
-
-def make_photo(height: int, width: int, seed: int = 0, quality: int | None = 90) -> Image.Image:
-    """A photograph-like RGB image: smooth gradients, soft shapes, sensor noise, JPEG round trip."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / np.array([height, width], dtype=np.float64)[:, None, None]
-    base = np.stack(
-        [
-            120 + 100 * np.sin(3 * x + rng.uniform(0, 6)) * np.cos(2 * y),
-            110 + 90 * np.cos(4 * y + rng.uniform(0, 6)),
-            100 + 80 * np.sin(5 * (x + y) + rng.uniform(0, 6)),
-        ],
-        axis=-1,
-    )
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
-        box = [x0, y0, x0 + rng.uniform(5, width / 2), y0 + rng.uniform(5, height / 2)]
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
-    image = image.filter(ImageFilter.GaussianBlur(1.5))
-    noisy = np.asarray(image).astype(np.float64) + rng.normal(0, 6, (height, width, 3))
-    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    if quality is None:
-        return image
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue()))
 
 
 SIZES = [(333, 517), (224, 224), (17, 1031), (1000, 751), (31, 40), (480, 640)]
@@ -98,18 +69,9 @@ def test_photos_equal_reference(backend, reference, size):
     assert _max_diff(ours, _ref(reference, photo)) <= EXACT
 
 
-def _shipped_photo() -> Path | None:
-    """A real photograph shipped by a dependency (matplotlib's sample data), without importing it."""
-    spec = importlib.util.find_spec("matplotlib")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-    return path if path.is_file() else None
-
-
 @pytest.mark.parametrize("image_size", [224, 384])
 def test_real_photograph_equals_reference(backend, image_size):
-    path = _shipped_photo()
+    path = shipped_photo()
     if path is None:
         pytest.skip("needs matplotlib's sample photograph")
     reference = reference_class(backend)(size={"height": image_size, "width": image_size})
