@@ -167,3 +167,21 @@ def test_open_clip_errors(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="timm checkpoints hold the image tower only"):
         odd.save_pretrained(tmp_path / "x", format="timm")
+
+
+def test_hub_repo_id_from_the_offline_cache(tmp_path, monkeypatch):
+    """SiglipModel.from_pretrained("timm/ViT-B-16-SigLIP") reads open_clip's hub layout (here from the cache)."""
+    import huggingface_hub.constants
+
+    cfg = model_cfg()
+    ref = tiny_open_clip(cfg, seed=7)
+    commit = "0" * 40
+    repo = tmp_path / "models--timm--ViT-B-16-SigLIP"
+    save_open_clip(ref, cfg, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ours = SiglipModel.from_pretrained("timm/ViT-B-16-SigLIP", cache_dir=tmp_path).eval()
+    x, ids = _inputs()
+    with torch.no_grad():
+        assert_close(ours(x, ids).logits_per_image, _open_clip_outputs(ref, x, ids)[2], **LOGITS)
