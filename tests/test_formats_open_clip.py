@@ -185,3 +185,22 @@ def test_hub_repo_id_from_the_offline_cache(tmp_path, monkeypatch):
     x, ids = _inputs()
     with torch.no_grad():
         assert_close(ours(x, ids).logits_per_image, _open_clip_outputs(ref, x, ids)[2], **LOGITS)
+
+
+def test_a_gelu_change_for_open_clip_needs_consent(tmp_path):
+    """A tower whose shape timm only builds with the other GELU: refused, unless asked for (the CLI flag)."""
+    hf_siglip(seed=8, vision=dict(hidden_act="gelu")).save_pretrained(tmp_path / "hf")  # exact GELU tower
+    ours = SiglipModel.from_pretrained(tmp_path / "hf").eval()
+    with pytest.raises(ValueError, match=f"{TINY} has this shape with the other GELU.*allow_gelu_change"):
+        ours.save_pretrained(tmp_path / "refused", format="open_clip")
+    args = ["convert", str(tmp_path / "hf"), str(tmp_path / "oc"), "--to", "open_clip", "--allow-gelu-change"]
+    assert main(args) == 0
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    back = SiglipModel.from_pretrained(tmp_path / "oc").eval()
+    assert back.config.vision.hidden_act == "gelu_pytorch_tanh"  # what open_clip now computes
+    x, ids = _inputs()
+    with torch.no_grad():
+        theirs = _open_clip_outputs(model, x, ids)[2]
+        assert_close(back(x, ids).logits_per_image, theirs, **LOGITS)
+        change = (ours(x, ids).logits_per_image - theirs).abs().max().item()
+    assert 0 < change < 0.1, change

@@ -64,6 +64,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         use_head=False if args.no_head else None,
         vision_only=args.vision_only,
         to=args.to,
+        allow_gelu_change=args.allow_gelu_change,
     )
     size = "" if done.image_size is None else f", image_size {done.image_size}"
     print(f"wrote {done.kind} in the {done.format} layout to {args.out}: {done.num_tensors} tensors{size}")
@@ -116,5 +117,11 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
         "--image-size", type=int, default=None, help="resize the position table (written to the file)"
     )
     p.add_argument("--no-head", action="store_true", help="drop the attention-pooling head")
+    p.add_argument(
+        "--allow-gelu-change",
+        action="store_true",
+        help="--to open_clip: let open_clip run the image tower with the GELU timm builds for its shape "
+        "(exact instead of tanh for so400m/14 and B/16, as open_clip's own releases do)",
+    )
     p.add_argument("--vision-only", action="store_true", help="write only the image tower of a SiglipModel")
     p.set_defaults(func=cmd_convert)

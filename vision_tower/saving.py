@@ -55,10 +55,16 @@ def write_vision_weights(
 
 
 def write_siglip_weights(
-    config: SiglipConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike, format: str = "hf"
+    config: SiglipConfig,
+    sd: dict[str, Tensor],
+    out_dir: str | os.PathLike,
+    format: str = "hf",
+    *,
+    allow_gelu_change: bool = False,
 ) -> Path:
     """Both towers, t' and b in ``format``: ``hf`` is transformers' ``SiglipModel`` layout, ``open_clip``
-    is ``open_clip_model.safetensors`` + ``open_clip_config.json``."""
+    is ``open_clip_model.safetensors`` + ``open_clip_config.json`` (``allow_gelu_change``: see
+    :func:`.formats.open_clip.open_clip_config`)."""
     check_format(format)
     if format == "timm":
         raise ValueError(
@@ -66,7 +72,9 @@ def write_siglip_weights(
             "or both towers with format='open_clip'"
         )
     if format == "open_clip":
-        cfg = open_clip.open_clip_config(config)  # first: raises if open_clip cannot build this model
+        cfg = open_clip.open_clip_config(
+            config, allow_gelu_change=allow_gelu_change
+        )  # first: raises if open_clip cannot build this model
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in open_clip.from_native(sd).items()}

@@ -109,7 +109,12 @@ class SiglipModel(nn.Module):
         model = build_and_load(lambda: cls(w.config), w.state_dict, source=w.source, ignored=w.ignored)
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:
+    def save_pretrained(
+        self, out_dir: str | os.PathLike, format: str = "hf", *, allow_gelu_change: bool = False
+    ) -> None:
         """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors), or open_clip's
-        (``format="open_clip"``: open_clip_model.safetensors + open_clip_config.json)."""
-        write_siglip_weights(self.config, self.state_dict(), out_dir, format=format)
+        (``format="open_clip"``: open_clip_model.safetensors + open_clip_config.json; ``allow_gelu_change``
+        lets open_clip run the image tower with timm's GELU variant for its shape)."""
+        write_siglip_weights(
+            self.config, self.state_dict(), out_dir, format=format, allow_gelu_change=allow_gelu_change
+        )

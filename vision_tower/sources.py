@@ -204,6 +204,7 @@ def convert(
     use_head: bool | None = None,
     vision_only: bool = False,
     to: str = "hf",
+    allow_gelu_change: bool = False,
 ) -> Converted:
     """Write ``src`` in layout ``to`` (``hf``, ``timm``, ``open_clip``) into ``out``, with its preprocessing
     (``preprocessor_config.json`` for ``hf``; timm and open_clip keep theirs in their config files).
@@ -216,7 +217,7 @@ def convert(
         if image_size or use_head is False:
             raise ValueError("--image-size/--no-head apply to the image tower alone: add --vision-only")
         model = _load_model(src)
-        model.save_pretrained(out, format=to)
+        model.save_pretrained(out, format=to, allow_gelu_change=allow_gelu_change)
         kind, tower = "SiglipModel", model.vision
     else:
         if to == "open_clip":

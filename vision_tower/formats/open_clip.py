@@ -10,6 +10,7 @@ the timm architecture (heads and GELU of the image tower), the text heads and GE
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from . import timm
 
 Tensor = torch.Tensor
 
+_OTHER_GELU = {"gelu": "gelu_pytorch_tanh", "gelu_pytorch_tanh": "gelu"}
 VISION_PREFIX = "visual.trunk."
 TEXT_PREFIX = "text."
 CONFIG_NAME = "open_clip_config.json"
@@ -176,20 +178,32 @@ def siglip_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str)
     return config
 
 
-def open_clip_config(config: SiglipConfig) -> dict[str, Any]:
+def open_clip_config(config: SiglipConfig, *, allow_gelu_change: bool = False) -> dict[str, Any]:
     """``open_clip_config.json`` that ``open_clip.create_model`` builds this model from.
 
     open_clip builds the image tower from a timm architecture name alone, so the tower must have
-    the exact shape of a registered one (:func:`.timm.register_timm_arch` adds your own)."""
+    the exact shape of a registered one (:func:`.timm.register_timm_arch` adds your own). timm
+    runs some SigLIP shapes with the exact GELU where the weights were trained with the tanh one
+    (``vit_so400m_patch14_siglip_*``, the B/16s): ``allow_gelu_change`` accepts that, as open_clip's
+    own releases of those weights do."""
     v, t = config.vision, config.text
     name = timm.arch_for(v)
+    other_gelu = timm.arch_for(replace(v, hidden_act=_OTHER_GELU[v.hidden_act]))
+    if name is None and other_gelu is not None and allow_gelu_change:
+        name = other_gelu
     if name is None:
+        hint = (
+            f"; timm's {other_gelu} has this shape with the other GELU ({_OTHER_GELU[v.hidden_act]}): "
+            f"allow_gelu_change=True (--allow-gelu-change) writes it as that, as open_clip's own releases do"
+            if other_gelu
+            else ""
+        )
         raise ValueError(
             f"open_clip builds image towers from timm architecture names only, and no registered one "
             f"has this shape (patch {v.patch_size}, width {v.hidden_size}, depth {v.num_hidden_layers}, "
             f"heads {v.num_attention_heads}, mlp {v.intermediate_size}, {v.image_size} px, {v.hidden_act}, "
-            f"head {v.use_head}); register it with vision_tower.formats.timm.register_timm_arch, or write "
-            f"format='timm' (image tower) or 'hf'"
+            f"head {v.use_head}){hint}; register one with vision_tower.formats.timm.register_timm_arch, "
+            f"or write format='timm' (image tower) or 'hf'"
         )
     text_cfg: dict[str, Any] = {
         "context_length": t.max_position_embeddings,
