@@ -74,7 +74,7 @@ def test_registered_architectures_match_timm():
         if name not in timm.list_models():
             continue  # registered by another test
         with torch.device("meta"):
-            m = timm.create_model(name, pretrained=False, num_classes=0)
+            m = timm.create_model(name, pretrained=False, num_classes=0, weight_init="skip")
         block = m.blocks[0]
         act = {"GELU": "gelu", "GELUTanh": "gelu_pytorch_tanh"}[type(block.mlp.act).__name__]
         if act == "gelu":

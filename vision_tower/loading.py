@@ -21,6 +21,7 @@ from .config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
 from .formats import big_vision, open_clip, timm
 from .formats import transformers as hf
 from .formats.detect import HF_VISION_ANCHOR, detect_layout
+from .formats.keys import part
 from .hub import resolve
 from .presets import get_preset, list_presets
 from .saving import vision_state_dict_hf, write_siglip_weights, write_vision_weights  # noqa: F401 (re-exported)
@@ -111,10 +112,6 @@ def _vision_key(key: str) -> bool:
     return not key.startswith(_NOT_VISION_PREFIXES)
 
 
-def _part(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 # ----------------------------------------------------------------------------- transformers layout
 def _prefix(keys: list[str], anchor: str, source: str) -> str:
     """The key prefix (``''``, ``'vision_model.'``, ``'model.vision_tower.'`` ...) in front of ``anchor``."""
@@ -172,7 +169,7 @@ def _infer_vision_config(sd: dict[str, Tensor], source: str) -> VisionConfig:
 def _hf_vision(files: _Files, source: str) -> tuple[dict[str, Tensor], Any, list[str]]:
     sd = files.state_dict
     prefix = _prefix(list(sd), HF_VISION_ANCHOR, source)
-    native, leftover = hf.vision_to_native(_part(sd, prefix))
+    native, leftover = hf.vision_to_native(part(sd, prefix))
     leftover = [prefix + k for k in leftover]
     cfg_dict = _vision_config_dict(files.config)
     naflex = (
@@ -202,7 +199,7 @@ def _open_clip_model_cfg(files: _Files, source: str) -> dict[str, Any]:
 def _open_clip_vision(files: _Files, source: str) -> tuple[dict[str, Tensor], Any, list[str]]:
     model_cfg = _open_clip_model_cfg(files, source)
     sd = files.state_dict
-    native, leftover = timm.vision_to_native(_part(sd, open_clip.VISION_PREFIX))
+    native, leftover = timm.vision_to_native(part(sd, open_clip.VISION_PREFIX))
     leftover = [open_clip.VISION_PREFIX + k for k in leftover]
     leftover += [k for k in sd if k.startswith("visual.") and not k.startswith(open_clip.VISION_PREFIX)]
     return native, _with_source(open_clip.vision_config, model_cfg, native, source), leftover
@@ -294,8 +291,8 @@ def _hf_siglip(files: _Files, source: str) -> tuple[dict[str, Tensor], SiglipCon
         ("vision", "vision_model.", hf.vision_to_native),
         ("text", "text_model.", hf.text_to_native),
     ):
-        part, rest = convert(_part(sd, prefix))
-        native.update({f"{tower}.{k}": v for k, v in part.items()})
+        converted, rest = convert(part(sd, prefix))
+        native.update({f"{tower}.{k}": v for k, v in converted.items()})
         leftover += [prefix + k for k in rest]
     for name in ("logit_scale", "logit_bias"):
         if name in sd:

@@ -19,9 +19,10 @@ from torch import nn
 
 from .checkpoint import CheckpointError, build_and_load
 from .config import NaFlexVisionConfig
-from .layers import AttentionPoolHead, Encoder, init_encoder_weights
+from .layers import AttentionPoolHead, Encoder
 from .loading import Weights, read_vision_weights
 from .saving import write_vision_weights
+from .vision import VisionTower
 
 
 class NaFlexOutput(NamedTuple):
@@ -93,27 +94,11 @@ class NaFlexVisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.reset_parameters()
 
-    @property
-    def feature_layer(self) -> int:
-        return self._feature_layer
-
-    @feature_layer.setter
-    def feature_layer(self, k: int) -> None:
-        depth = self.config.num_hidden_layers
-        if not -(depth + 1) <= k <= depth:
-            raise ValueError(
-                f"feature_layer={k} is out of range for a tower of {depth} blocks: "
-                f"use -1 (final, post-layernorm) or a block index in [{-(depth + 1)}, {depth}]"
-            )
-        self._feature_layer = k
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.encoder.gradient_checkpointing = enabled
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        init_encoder_weights(self)
-        nn.init.normal_(self.pos_embed, std=1.0 / math.sqrt(self.config.hidden_size))
+    # shared with VisionTower: the same attribute names and semantics
+    feature_layer = VisionTower.feature_layer
+    num_blocks_for_features = VisionTower.num_blocks_for_features
+    set_gradient_checkpointing = VisionTower.set_gradient_checkpointing
+    reset_parameters = VisionTower.reset_parameters
 
     def embed(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) patches -> (B, N, D) patch + resized position embeddings."""
@@ -142,8 +127,7 @@ class NaFlexVisionTower(nn.Module):
         x = self.embed(pixel_values, spatial_shapes)  # (B, N, D)
         mask = keys[:, None, None, :]  # (B, 1, 1, N): padding is never a key
         hidden = [x] if output_hidden_states else None
-        depth, k = self.config.num_hidden_layers, self.feature_layer
-        k = depth if k == -1 else (k if k >= 0 else depth + 1 + k)
+        depth, k = self.config.num_hidden_layers, self.num_blocks_for_features
         needs_final = self.feature_layer == -1 or self.head is not None
         stop = depth if needs_final or output_hidden_states else k
         x = self.encoder(x, attn_mask=mask, end=k, hidden_states=hidden)

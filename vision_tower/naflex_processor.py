@@ -10,11 +10,8 @@ patches flattened in (row, column, channel) order, and padded with zero patches 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -22,7 +19,7 @@ from einops import rearrange
 
 from . import backends
 from .images import DEFAULT, DefaultLimit
-from .processor import CONFIG_NAME, common_kwargs, read_config, triple
+from .processor import ConfigFile, common_kwargs, triple
 
 NAFLEX_TYPES = ("Siglip2ImageProcessor", "Siglip2ImageProcessorFast", "Siglip2ImageProcessorPil")
 
@@ -57,7 +54,7 @@ def size_for_patches(height: int, width: int, patch_size: int, max_num_patches: 
 
 
 @dataclasses.dataclass
-class NaFlexImageProcessor:
+class NaFlexImageProcessor(ConfigFile):
     """SigLIP 2 NaFlex preprocessing; calling it on one image or a list gives a :class:`NaFlexBatch`."""
 
     patch_size: int = 16
@@ -155,27 +152,3 @@ class NaFlexImageProcessor:
         if unknown:
             raise TypeError(f"unknown NaFlexImageProcessor option(s) {unknown}; known: {sorted(fields)}")
         return cls(**{**kwargs, **overrides})
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        **overrides: Any,
-    ) -> NaFlexImageProcessor:
-        """Read a Siglip2 ``preprocessor_config.json`` from a folder, the file itself, or a hub repo id."""
-        file, config = read_config(src, revision=revision, cache_dir=cache_dir)
-        try:
-            return cls.from_dict(config, **overrides)
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from err
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``preprocessor_config.json`` that transformers' Siglip2ImageProcessor loads."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        file = folder / CONFIG_NAME
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return file

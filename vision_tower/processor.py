@@ -61,8 +61,38 @@ def triple(values: float | Sequence[float], name: str) -> tuple[float, float, fl
     return vals  # type: ignore[return-value]
 
 
+class ConfigFile:
+    """``from_pretrained`` / ``save_pretrained`` for processors described by ``preprocessor_config.json``
+    (the class gives ``from_dict`` and ``to_dict``)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **overrides: Any,
+    ):
+        """Read ``preprocessor_config.json`` from a folder, the file itself, or a hub repo id;
+        ``overrides`` use this class's field names."""
+        file, config = read_config(src, revision=revision, cache_dir=cache_dir)
+        try:
+            return cls.from_dict(config, **overrides)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from err
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``preprocessor_config.json`` (that transformers' image processors load)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / CONFIG_NAME
+        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+
 @dataclasses.dataclass
-class ImageProcessor:
+class ImageProcessor(ConfigFile):
     """SigLIP image preprocessing: bicubic squash to ``image_size``, rescale, normalize.
 
     ``ImageProcessor(image_size=448)`` builds one for a 448 px tower; ``from_pretrained``
@@ -158,30 +188,6 @@ class ImageProcessor:
             raise TypeError(f"unknown ImageProcessor option(s) {unknown}; known: {sorted(fields)}")
         kwargs.update(overrides)
         return cls(**kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        **overrides: Any,
-    ) -> ImageProcessor:
-        """Read ``preprocessor_config.json`` from a folder, the file itself, or a hub repo id."""
-        file, config = read_config(src, revision=revision, cache_dir=cache_dir)
-        try:
-            return cls.from_dict(config, **overrides)
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from err
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``preprocessor_config.json`` that transformers' SiglipImageProcessor loads."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        file = folder / CONFIG_NAME
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return file
 
 
 def _kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from .checkpoint import write_safetensors
 from .config import NaFlexVisionConfig, SiglipConfig, VisionConfig
 from .formats import open_clip, timm
 from .formats import transformers as hf
+from .formats.keys import part
 
 Tensor = torch.Tensor
 
@@ -23,10 +24,6 @@ def check_format(format: str) -> str:
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     return format
-
-
-def _part(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def vision_state_dict_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -81,8 +78,8 @@ def write_siglip_weights(
         save_file(tensors, out / open_clip.WEIGHTS_NAME, metadata={"format": "pt"})
         (out / open_clip.CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         return out
-    tensors = vision_state_dict_hf(_part(sd, "vision."))
-    tensors.update({f"text_model.{k}": v for k, v in hf.text_from_native(_part(sd, "text.")).items()})
+    tensors = vision_state_dict_hf(part(sd, "vision."))
+    tensors.update({f"text_model.{k}": v for k, v in hf.text_from_native(part(sd, "text.")).items()})
     tensors["logit_scale"] = sd["logit_scale"]
     tensors["logit_bias"] = sd["logit_bias"]
     return write_safetensors(tensors, out_dir, config.to_hf())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
+from .keys import part
 
 Tensor = torch.Tensor
 ACT = "gelu_pytorch_tanh"
@@ -234,7 +235,4 @@ def text_config(params: dict[str, Tensor], sd: dict[str, Tensor], root: str = TE
 
 
 def siglip_config(params: dict[str, Tensor], sd: dict[str, Tensor]) -> SiglipConfig:
-    def part(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-    return SiglipConfig(vision_config(params, part("vision.")), text_config(params, part("text.")))
+    return SiglipConfig(vision_config(params, part(sd, "vision.")), text_config(params, part(sd, "text.")))

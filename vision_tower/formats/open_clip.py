@@ -17,6 +17,7 @@ import torch
 
 from ..config import SiglipConfig, TextConfig, VisionConfig
 from . import timm
+from .keys import part, rename
 
 Tensor = torch.Tensor
 
@@ -45,18 +46,6 @@ _THEIR_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 
 
-def _rename(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
-    for theirs, ours in table:
-        src, dst = (ours, theirs) if reverse else (theirs, ours)
-        if key == src or key.startswith(src + "."):
-            return dst + key[len(src) :]
-    return None
-
-
-def _part(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 def text_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """open_clip ``TextTransformer`` keys (no ``text.`` prefix) -> ours, plus keys that matched nothing."""
     out: dict[str, Tensor] = {}
@@ -64,14 +53,14 @@ def text_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
     for key, value in sd.items():
         m = _THEIR_BLOCK.match(key)
         if m:
-            new = _rename(m.group(2), _TEXT_BLOCK, reverse=False)
+            new = rename(m.group(2), _TEXT_BLOCK, reverse=False)
             new = None if new is None else f"encoder.blocks.{m.group(1)}.{new}"
         elif key == "text_projection":  # a bare (width, embed_dim) matrix when proj_bias is off
             out["head.weight"] = value.t()
             out["head.bias"] = value.new_zeros(value.shape[1])
             continue
         else:
-            new = _rename(key, _TEXT, reverse=False)
+            new = rename(key, _TEXT, reverse=False)
         if new is None:
             leftover.append(key)
         else:
@@ -84,10 +73,10 @@ def text_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in sd.items():
         m = _OUR_BLOCK.match(key)
         if m:
-            new = _rename(m.group(2), _TEXT_BLOCK, reverse=True)
+            new = rename(m.group(2), _TEXT_BLOCK, reverse=True)
             new = None if new is None else f"transformer.resblocks.{m.group(1)}.{new}"
         else:
-            new = _rename(key, _TEXT, reverse=True)
+            new = rename(key, _TEXT, reverse=True)
         if new is None:
             raise KeyError(f"no open_clip name for text parameter {key!r}")
         out[new] = value
@@ -96,8 +85,8 @@ def text_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """A whole open_clip SigLIP state dict -> our ``SiglipModel`` keys, plus keys that matched nothing."""
-    vision, left_v = timm.vision_to_native(_part(sd, VISION_PREFIX))
-    text, left_t = text_to_native(_part(sd, TEXT_PREFIX))
+    vision, left_v = timm.vision_to_native(part(sd, VISION_PREFIX))
+    text, left_t = text_to_native(part(sd, TEXT_PREFIX))
     out = {f"vision.{k}": v for k, v in vision.items()}
     out.update({f"text.{k}": v for k, v in text.items()})
     for name in ("logit_scale", "logit_bias"):
@@ -110,8 +99,8 @@ def to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
 
 def from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our ``SiglipModel`` state dict -> open_clip's keys."""
-    out = {VISION_PREFIX + k: v for k, v in timm.vision_from_native(_part(sd, "vision.")).items()}
-    out.update({TEXT_PREFIX + k: v for k, v in text_from_native(_part(sd, "text.")).items()})
+    out = {VISION_PREFIX + k: v for k, v in timm.vision_from_native(part(sd, "vision.")).items()}
+    out.update({TEXT_PREFIX + k: v for k, v in text_from_native(part(sd, "text.")).items()})
     out["logit_scale"] = sd["logit_scale"].reshape(())
     out["logit_bias"] = sd["logit_bias"].reshape(())
     return out
@@ -168,8 +157,8 @@ def text_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str) -
 def siglip_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str) -> SiglipConfig:
     """Both towers' configs from ``model_cfg`` and a state dict already in our ``SiglipModel`` layout."""
     config = SiglipConfig(
-        vision_config(model_cfg, _part(sd, "vision."), source),
-        text_config(model_cfg, _part(sd, "text."), source),
+        vision_config(model_cfg, part(sd, "vision."), source),
+        text_config(model_cfg, part(sd, "text."), source),
     )
     if "init_logit_bias" in model_cfg:
         config.logit_bias_init = float(model_cfg["init_logit_bias"])

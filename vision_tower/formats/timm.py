@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import VisionConfig
+from .keys import rename
 
 Tensor = torch.Tensor
 
@@ -40,14 +41,6 @@ _ACT_FROM_TIMM = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _ACT_TO_TIMM = {v: k for k, v in _ACT_FROM_TIMM.items()}
 
 
-def _rename(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
-    for theirs, ours in table:
-        src, dst = (ours, theirs) if reverse else (theirs, ours)
-        if key == src or key.startswith(src + "."):
-            return dst + key[len(src) :]
-    return None
-
-
 def _block_part(rest: str) -> bool:
     return any(rest == p or rest.startswith(p + ".") for p in _BLOCK_PARTS)
 
@@ -63,7 +56,7 @@ def vision_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
         elif key == "pos_embed":
             out["pos_embed"] = value.reshape(-1, value.shape[-1])  # (1, N, D) -> (N, D)
         else:
-            new = _rename(key, _TOWER, reverse=False)
+            new = rename(key, _TOWER, reverse=False)
             if new is None:
                 leftover.append(key)
             else:
@@ -81,7 +74,7 @@ def vision_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         elif key == "pos_embed":
             out["pos_embed"] = value[None]  # (N, D) -> (1, N, D)
         else:
-            new = _rename(key, _TOWER, reverse=True)
+            new = rename(key, _TOWER, reverse=True)
             if new is None:
                 raise KeyError(f"no timm name for parameter {key!r}")
             out[new] = value
@@ -241,6 +234,7 @@ def timm_config(config: VisionConfig) -> dict[str, Any]:
         "class_token": False,
         "global_pool": "map" if config.use_head else "avg",
         "fc_norm": False,
+        "num_classes": 0,  # a tower: no classifier, whatever the architecture's default
     }
     if config.num_channels != 3:
         args["in_chans"] = config.num_channels
