@@ -21,6 +21,7 @@ from vision_tower.formats import timm as timm_format
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" on every build
 
 TINY = "vit_test_patch8_siglip_32"  # patch 8, width 48, 2 blocks, 4 heads, mlp 80, 32 px, tanh GELU, MAP head
@@ -118,6 +119,10 @@ def test_open_clip_checkpoint_loads_with_equal_outputs(tanh_text, tmp_path):
     tower = VisionTower.from_pretrained(tmp_path).eval()  # the image tower alone, text never read
     with torch.no_grad():
         assert_close(tower(x).pooled, pooled, **TOL)
+    ours.save_pretrained(tmp_path / "hf")  # open_clip -> transformers: the GELU variants travel along
+    hf = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_close(hf(pixel_values=x, input_ids=ids).logits_per_image, logits, **LOGITS)
 
 
 def test_round_trip_through_the_open_clip_layout(tmp_path):

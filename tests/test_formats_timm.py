@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_vision, randomize_
+from tests.hf_reference import hf_siglip, randomize_
 from training.cli import main
 from vision_tower import VisionTower
 from vision_tower.formats import timm as timm_format
@@ -120,15 +120,16 @@ def test_round_trip_through_the_timm_layout(case, tmp_path):
 
 
 def test_transformers_checkpoint_converts_to_timm_by_the_command(tmp_path):
-    """A transformers SigLIP tower (tanh GELU, 4 heads, patch 8) written for timm by `convert --to timm`."""
-    ref = hf_vision(seed=5)
+    """The image tower of a transformers SiglipModel (tanh GELU, 4 heads, patch 8), written for timm by
+    `convert --to timm` (timm holds image towers only)."""
+    ref = hf_siglip(seed=5)
     ref.save_pretrained(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "timm"), "--to", "timm"]) == 0
     cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert cfg["model_args"]["act_layer"] == "gelu_tanh" and cfg["model_args"]["num_heads"] == 4
     x = _pixels(32)
     with torch.no_grad():
-        r = ref(x)
+        r = ref.vision_model(x)
     _timm_loads(tmp_path / "timm", x, r.last_hidden_state, r.pooler_output)
 
 
