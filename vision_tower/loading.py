@@ -28,7 +28,6 @@ from .saving import vision_state_dict_hf, write_siglip_weights, write_vision_wei
 
 Tensor = torch.Tensor
 
-_TEXT_ANCHOR = "embeddings.token_embedding.weight"
 # config.json model types whose ``vision_config`` describes a SigLIP tower
 _VISION_CONFIG_HOSTS = {
     "siglip",
@@ -67,7 +66,8 @@ class _Files:
     open_clip: dict[str, Any] | None  # open_clip_config.json
 
 
-def _npz_file(path: Path) -> Path | None:
+def npz_file(path: Path) -> Path | None:
+    """The big_vision ``.npz`` that ``path`` is, or the only one in a folder without other weights."""
     if path.suffix == ".npz":
         return path
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
@@ -82,7 +82,7 @@ def _read(path: Path, keep_vision_only: bool) -> _Files:
     folder = path if path.is_dir() else path.parent
     oc_file = folder / open_clip.CONFIG_NAME
     oc = read_json(oc_file) if oc_file.exists() else None
-    npz = _npz_file(path)
+    npz = npz_file(path)
     if npz is not None:
         import numpy as np
 

@@ -18,7 +18,7 @@ from .checkpoint import read_checkpoint
 from .config import NaFlexVisionConfig
 from .formats import big_vision, open_clip
 from .hub import resolve
-from .loading import read_vision_weights
+from .loading import npz_file, read_vision_weights
 from .naflex import NaFlexVisionTower
 from .naflex_processor import NAFLEX_TYPES, NaFlexImageProcessor
 from .processor import CONFIG_NAME as PROCESSOR_CONFIG
@@ -61,7 +61,7 @@ def is_siglip_model(src: str | os.PathLike) -> bool:
     path = resolve(src)
     if (_folder(src) / open_clip.CONFIG_NAME).exists():
         return True
-    npz = path if path.suffix == ".npz" else None
+    npz = npz_file(path)
     if npz is not None:
         import numpy as np
 
