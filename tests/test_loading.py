@@ -287,3 +287,19 @@ def test_the_decoder_of_a_paligemma_checkpoint_is_not_read(tmp_path, monkeypatch
     x = _pixels()
     with torch.no_grad():
         assert_close(tower(x).patch_features, _paligemma_reference(pg, x), **TOL)
+
+
+def test_unrecognised_layout_names_the_layouts_tried_and_the_first_keys(tmp_path):
+    """An open_clip CLIP (not SigLIP) image tower, for instance: none of the layouts matches."""
+    save_file(
+        {"visual.conv1.weight": torch.zeros(4, 3, 2, 2), "visual.ln_pre.weight": torch.ones(4)},
+        tmp_path / "clip.safetensors",
+    )
+    with pytest.raises(CheckpointError) as info:
+        VisionTower.from_pretrained(tmp_path / "clip.safetensors")
+    message = str(info.value)
+    for layout in ("transformers", "open_clip", "timm", "big_vision"):
+        assert f"{layout} (" in message, message
+    assert "visual.conv1.weight" in message and "visual.ln_pre.weight" in message
+    with pytest.raises(CheckpointError, match="no SigLIP checkpoint layout"):
+        SiglipModel.from_pretrained(tmp_path / "clip.safetensors")

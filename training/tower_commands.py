@@ -9,6 +9,7 @@ import torch
 
 from vision_tower import list_presets
 from vision_tower.features import extract_to_file
+from vision_tower.saving import FORMATS
 from vision_tower.sources import convert, describe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +36,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         args.images,
         args.out,
         image_size=args.image_size,
+        max_num_patches=args.max_num_patches,
         feature_layer=args.layer,
         use_head=False if args.no_head else None,
         batch_size=args.batch_size,
@@ -42,8 +44,11 @@ def cmd_extract(args: argparse.Namespace) -> None:
         dtype=DTYPES[args.dtype],
         progress=not args.quiet,
     )
+    grids = (
+        feats.grid if feats.grid is not None else "per image " + ", ".join(f"{h}x{w}" for h, w in feats.grids)
+    )
     print(
-        f"wrote {args.out}: patch_features {tuple(feats.patch_features.shape)}, grid {feats.grid}, "
+        f"wrote {args.out}: patch_features {tuple(feats.patch_features.shape)}, grid {grids}, "
         f"pooled {None if feats.pooled is None else tuple(feats.pooled.shape)}; "
         f"{len(feats.files)} images, {len(feats.skipped)} skipped"
     )
@@ -58,8 +63,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         use_head=False if args.no_head else None,
         vision_only=args.vision_only,
+        to=args.to,
+        allow_gelu_change=args.allow_gelu_change,
     )
-    print(f"wrote {done.kind} layout to {args.out}: {done.num_tensors} tensors, image_size {done.image_size}")
+    size = "" if done.image_size is None else f", image_size {done.image_size}"
+    print(f"wrote {done.kind} in the {done.format} layout to {args.out}: {done.num_tensors} tensors{size}")
 
 
 def add_tower_commands(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +87,12 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-size", type=int, default=None, help="resize the position table for this size")
     p.add_argument(
+        "--max-num-patches",
+        type=int,
+        default=None,
+        help="NaFlex towers: patch budget per image (aspect ratio kept; default: the checkpoint's)",
+    )
+    p.add_argument(
         "--layer", type=int, default=-1, help="-1: final post-layernorm output; k: block k (-2: LLaVA)"
     )
     p.add_argument("--no-head", action="store_true", help="skip the attention-pooling head")
@@ -88,12 +102,26 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("convert", help="write a checkpoint in the transformers layout (safetensors)")
-    p.add_argument("src", help="folder, file or hub repo id in any supported layout")
+    p = sub.add_parser("convert", help="write a checkpoint in the transformers, timm or open_clip layout")
+    p.add_argument("src", help="folder, file or hub repo id in any supported layout (or preset:NAME)")
     p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--to",
+        choices=FORMATS,
+        default="hf",
+        help="hf: transformers SiglipModel/SiglipVisionModel; timm: the image tower as timm's "
+        "model.safetensors + config.json; open_clip: both towers as open_clip_model.safetensors + "
+        "open_clip_config.json",
+    )
     p.add_argument(
         "--image-size", type=int, default=None, help="resize the position table (written to the file)"
     )
     p.add_argument("--no-head", action="store_true", help="drop the attention-pooling head")
+    p.add_argument(
+        "--allow-gelu-change",
+        action="store_true",
+        help="--to open_clip: let open_clip run the image tower with the GELU timm builds for its shape "
+        "(exact instead of tanh for so400m/14 and B/16, as open_clip's own releases do)",
+    )
     p.add_argument("--vision-only", action="store_true", help="write only the image tower of a SiglipModel")
     p.set_defaults(func=cmd_convert)

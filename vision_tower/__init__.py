@@ -1,8 +1,10 @@
 """SigLIP vision towers: load, run, extract patch features and save in the Hugging Face layout."""
 
 from .checkpoint import CheckpointError
-from .config import SiglipConfig, TextConfig, VisionConfig
+from .config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
 from .images import ImageLoadError, load_image
+from .naflex import NaFlexOutput, NaFlexVisionTower
+from .naflex_processor import NaFlexBatch, NaFlexImageProcessor
 from .presets import get_preset, list_presets, register_preset
 from .processor import ImageProcessor
 from .siglip import SiglipModel, SiglipOutput
@@ -14,6 +16,11 @@ __all__ = [
     "CheckpointError",
     "ImageLoadError",
     "ImageProcessor",
+    "NaFlexBatch",
+    "NaFlexImageProcessor",
+    "NaFlexOutput",
+    "NaFlexVisionConfig",
+    "NaFlexVisionTower",
     "SiglipConfig",
     "SiglipModel",
     "SiglipOutput",

@@ -80,9 +80,48 @@ def _as_int(value: Any, name: str) -> int:
     return int(value)
 
 
+class _TowerConfig:
+    """What both image-tower configs share: strict dicts and transformers' ``config.json`` fields."""
+
+    MODEL_TYPE = ""
+
+    def _check(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Strict: an unknown key is an error that names it."""
+        _check_known(cls, data, f"{cls.__name__}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]):
+        """From a transformers vision config dict (missing fields take its defaults)."""
+        data = {k: v for k, v in data.items() if k not in _HF_BOOKKEEPING}
+        if "vision_use_head" in data:
+            data["use_head"] = data.pop("vision_use_head")
+        return cls.from_dict(data)
+
+    def to_hf(self) -> dict[str, Any]:
+        out = self.to_dict()
+        out["vision_use_head"] = out.pop("use_head")
+        out["model_type"] = self.MODEL_TYPE
+        return out
+
+
 @dataclass
-class VisionConfig:
-    """The SigLIP ViT image encoder."""
+class VisionConfig(_TowerConfig):
+    """The SigLIP ViT image encoder (fixed resolution)."""
+
+    MODEL_TYPE = "siglip_vision_model"
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -99,14 +138,9 @@ class VisionConfig:
     def __post_init__(self) -> None:
         self.image_size = _as_int(self.image_size, "image_size")
         self.patch_size = _as_int(self.patch_size, "patch_size")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
+        self._check()
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
 
     @property
     def grid_size(self) -> int:
@@ -116,28 +150,42 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        """Strict: an unknown key is an error that names it."""
-        _check_known(cls, data, "vision config")
-        return cls(**data)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+@dataclass
+class NaFlexVisionConfig(_TowerConfig):
+    """The SigLIP 2 NaFlex image encoder: patchified inputs of any aspect ratio, a square table of
+    ``num_patches`` learned positions resized to each image's patch grid (transformers'
+    ``Siglip2VisionConfig``)."""
 
-    @classmethod
-    def from_hf(cls, data: dict[str, Any]) -> VisionConfig:
-        """From a transformers ``SiglipVisionConfig`` dict (missing fields take its defaults)."""
-        data = {k: v for k, v in data.items() if k not in _HF_BOOKKEEPING}
-        if "vision_use_head" in data:
-            data["use_head"] = data.pop("vision_use_head")
-        return cls.from_dict(data)
+    MODEL_TYPE = "siglip2_vision_model"
 
-    def to_hf(self) -> dict[str, Any]:
-        out = self.to_dict()
-        out["vision_use_head"] = out.pop("use_head")
-        out["model_type"] = "siglip_vision_model"
-        return out
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_patches: int = 256
+    patch_size: int = 16
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    attention_dropout: float = 0.0
+    use_head: bool = True
+
+    def __post_init__(self) -> None:
+        self.patch_size = _as_int(self.patch_size, "patch_size")
+        self._check()
+        if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+            raise ValueError(f"num_patches {self.num_patches} is not a square grid of positions")
+
+    @property
+    def position_grid(self) -> int:
+        """Side of the square position table (16 for 256 positions)."""
+        return math.isqrt(self.num_patches)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: patch_size * patch_size * num_channels."""
+        return self.patch_size * self.patch_size * self.num_channels
 
 
 @dataclass

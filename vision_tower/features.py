@@ -13,8 +13,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .images import ImageLoadError, load_image
+from .naflex import NaFlexVisionTower
+from .naflex_processor import NaFlexImageProcessor
 from .processor import ImageProcessor
 from .vision import VisionTower
+
+AnyTower = VisionTower | NaFlexVisionTower
+AnyProcessor = ImageProcessor | NaFlexImageProcessor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -32,46 +37,87 @@ def iter_image_files(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
 
 @dataclass
 class Features:
-    """Stacked outputs for the images that could be read; ``skipped`` maps file -> reason."""
+    """Stacked outputs for the images that could be read; ``skipped`` maps file -> reason.
+
+    ``grids`` holds each image's (h, w) token grid. A fixed-resolution tower gives every image the
+    same grid; a NaFlex tower gives each its own, its h*w tokens first in its row of
+    ``patch_features`` and zero padding after them (``attention_mask`` marks the real ones)."""
 
     files: list[str]
     patch_features: torch.Tensor  # (N_images, N_tokens, D)
-    grid: tuple[int, int]
+    grids: list[tuple[int, int]]
     pooled: torch.Tensor | None  # (N_images, D)
     skipped: dict[str, str] = field(default_factory=dict)
+    attention_mask: torch.Tensor | None = None  # (N_images, N_tokens), NaFlex only
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The grid all images share, or None when they differ (NaFlex)."""
+        return self.grids[0] if len(set(self.grids)) == 1 else None
+
+    def per_image(self) -> list[torch.Tensor]:
+        """Each image's real tokens, (h*w, D)."""
+        return [f[: h * w] for f, (h, w) in zip(self.patch_features, self.grids)]
 
     def save(self, out: str | os.PathLike, **extra_metadata: str) -> Path:
-        """Write a safetensors file; file names, grid and skips go into its metadata (JSON strings)."""
+        """Write a safetensors file; file names, grids and skips go into its metadata (JSON strings).
+
+        NaFlex features add ``attention_mask`` (N_images, N_tokens) and ``spatial_shapes`` (N_images, 2)."""
         tensors = {"patch_features": self.patch_features.contiguous()}
         if self.pooled is not None:
             tensors["pooled"] = self.pooled.contiguous()
+        if self.attention_mask is not None:
+            tensors["attention_mask"] = self.attention_mask.contiguous()
+            tensors["spatial_shapes"] = torch.tensor(self.grids, dtype=torch.long)
         meta = {
             "files": json.dumps(self.files),
-            "grid": json.dumps(list(self.grid)),
+            "grids": json.dumps([list(g) for g in self.grids]),
             "skipped": json.dumps(self.skipped),
             **extra_metadata,
         }
+        if self.grid is not None and self.attention_mask is None:
+            meta["grid"] = json.dumps(list(self.grid))
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, out, metadata=meta)
         return out
 
 
+def _run(tower: AnyTower, processor: AnyProcessor, images: list, device, dtype):
+    """One batch through the tower: (features, grids, pooled, attention mask or None)."""
+    if isinstance(tower, NaFlexVisionTower):
+        if not isinstance(processor, NaFlexImageProcessor):
+            raise TypeError("a NaFlex tower needs a NaFlexImageProcessor")
+        batch = processor(images)
+        out = tower(
+            batch.pixel_values.to(device=device, dtype=dtype), batch.spatial_shapes, batch.attention_mask
+        )
+        return out.patch_features, out.grids, out.pooled, batch.attention_mask
+    out = tower(processor(images).to(device=device, dtype=dtype))  # (b, 3, H, W) in
+    return out.patch_features, [out.grid] * len(images), out.pooled, None
+
+
 @torch.no_grad()
 def extract_features(
-    tower: VisionTower,
+    tower: AnyTower,
     files: list[Path],
     *,
-    processor: ImageProcessor | None = None,
+    processor: AnyProcessor | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> Features:
     """Run ``tower`` over image files in batches; unreadable images are skipped and listed."""
-    processor = processor or ImageProcessor(image_size=tower.config.image_size)
+    if processor is None:
+        naflex = isinstance(tower, NaFlexVisionTower)
+        processor = (
+            NaFlexImageProcessor(patch_size=tower.config.patch_size, max_num_patches=tower.config.num_patches)
+            if naflex
+            else ImageProcessor(image_size=tower.config.image_size)
+        )
     param = next(tower.parameters())
     kept: list[str] = []
     skipped: dict[str, str] = {}
-    feats, pooled, grid = [], [], (0, 0)
+    feats, pooled, grids, masks = [], [], [], []
     bar = tqdm(total=len(files), unit="img", desc="extract", disable=not progress)
     for start in range(0, len(files), batch_size):
         images = []
@@ -82,17 +128,25 @@ def extract_features(
             except ImageLoadError as err:
                 skipped[str(f)] = err.reason
         if images:
-            pixels = processor(images).to(device=param.device, dtype=param.dtype)  # (b, 3, H, W)
-            out = tower(pixels)
-            grid = out.grid
-            feats.append(out.patch_features.float().cpu())
-            if out.pooled is not None:
-                pooled.append(out.pooled.float().cpu())
+            f_, g_, p_, m_ = _run(tower, processor, images, param.device, param.dtype)
+            feats.append(f_.float().cpu())
+            grids += g_
+            if p_ is not None:
+                pooled.append(p_.float().cpu())
+            if m_ is not None:
+                masks.append(m_)
         bar.update(len(files[start : start + batch_size]))
     bar.close()
     if not kept:
         raise ValueError(f"none of the {len(files)} images could be read: {skipped}")
-    return Features(kept, torch.cat(feats), grid, torch.cat(pooled) if pooled else None, skipped)
+    return Features(
+        kept,
+        torch.cat(feats),
+        grids,
+        torch.cat(pooled) if pooled else None,
+        skipped,
+        torch.cat(masks) if masks else None,
+    )
 
 
 def extract_to_file(
@@ -101,6 +155,7 @@ def extract_to_file(
     out: str | os.PathLike,
     *,
     image_size: int | None = None,
+    max_num_patches: int | None = None,
     feature_layer: int = -1,
     use_head: bool | None = None,
     batch_size: int = 8,
@@ -109,8 +164,10 @@ def extract_to_file(
     progress: bool = True,
 ) -> Features:
     """Load ``model`` (folder, file, hub id or ``preset:NAME``), run it over the image files and folders in
-    ``images`` with the checkpoint's own preprocessing, and save the features to ``out`` (safetensors)."""
-    from .sources import load_tower, processor_for
+    ``images`` with the checkpoint's own preprocessing, and save the features to ``out`` (safetensors).
+
+    ``image_size`` resizes a fixed-resolution tower; ``max_num_patches`` sets a NaFlex tower's budget."""
+    from .sources import load_tower, processor_for_tower
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -125,7 +182,7 @@ def extract_to_file(
     files = list(iter_image_files(images))
     if not files:
         raise FileNotFoundError(f"no image files found in {[str(i) for i in images]}")
-    processor = processor_for(model, tower.config.image_size)
+    processor = processor_for_tower(model, tower, max_num_patches=max_num_patches)
     feats = extract_features(tower, files, processor=processor, batch_size=batch_size, progress=progress)
     feats.save(out, model=str(model), feature_layer=str(feature_layer))
     return feats

@@ -110,13 +110,15 @@ class AttentionPoolHead(nn.Module):
         """Parameters (besides biases and norms) that training should not decay: the learned probe."""
         return {"probe"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, D); ``key_mask`` (B, N), True for tokens the probe may attend to."""
         B, N, D = x.shape
         hd = D // self.num_heads
         q = self.q(self.probe).view(1, self.num_heads, 1, hd).expand(B, -1, -1, -1)  # (B, H, 1, hd)
         kv = self.kv(x).view(B, N, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, H, N, hd)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, hd)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
         out = out + self.mlp(self.norm(out))
         return out[:, 0]  # (B, D)

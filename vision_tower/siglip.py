@@ -107,11 +107,18 @@ class SiglipModel(nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> SiglipModel:
-        """Load both towers from a transformers ``SiglipModel`` folder, file or hub repo id (strict)."""
+        """Load both towers from a folder, file or hub repo id, strictly: transformers ``SiglipModel``,
+        open_clip (``open_clip_model.safetensors`` + ``open_clip_config.json``) or big_vision ``.npz``."""
         w = read_siglip_weights(src, revision=revision, cache_dir=cache_dir)
         model = build_and_load(lambda: cls(w.config), w.state_dict, source=w.source, ignored=w.ignored)
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors)."""
-        write_siglip_weights(self.config, self.state_dict(), out_dir)
+    def save_pretrained(
+        self, out_dir: str | os.PathLike, format: str = "hf", *, allow_gelu_change: bool = False
+    ) -> None:
+        """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors), or open_clip's
+        (``format="open_clip"``: open_clip_model.safetensors + open_clip_config.json; ``allow_gelu_change``
+        lets open_clip run the image tower with timm's GELU variant for its shape)."""
+        write_siglip_weights(
+            self.config, self.state_dict(), out_dir, format=format, allow_gelu_change=allow_gelu_change
+        )

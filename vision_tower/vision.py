@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import build_and_load
-from .config import VisionConfig
+from .checkpoint import CheckpointError, build_and_load
+from .config import NaFlexVisionConfig, VisionConfig
 from .layers import AttentionPoolHead, Encoder, init_encoder_weights
 from .loading import Weights, read_vision_weights, vision_weights_from_state_dict, write_vision_weights
 
@@ -185,8 +185,8 @@ class VisionTower(nn.Module):
     ) -> VisionTower:
         """Load the image tower from a folder, a ``.safetensors`` file or a hub repo id.
 
-        The format (transformers SigLIP / SigLIP 2 / PaliGemma, 4.x and 5.x key layouts) is
-        detected from the keys. ``image_size`` resizes the position table once (written by
+        The layout (transformers SigLIP / SigLIP 2 / PaliGemma in 4.x and 5.x keys, timm,
+        open_clip, big_vision ``.npz``) is detected from the keys. ``image_size`` resizes the position table once (written by
         ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
         """
         weights = read_vision_weights(src, use_head=use_head, revision=revision, cache_dir=cache_dir)
@@ -214,6 +214,11 @@ class VisionTower(nn.Module):
         cls, weights: Weights, *, image_size: int | None = None, feature_layer: int = -1
     ) -> VisionTower:
         """Build on the meta device and load ``weights`` strictly; resize the position table if asked."""
+        if isinstance(weights.config, NaFlexVisionConfig):
+            raise CheckpointError(
+                f"{weights.source} is a SigLIP 2 NaFlex (variable-resolution) image tower, which this "
+                f"fixed-resolution VisionTower cannot run: load it with vision_tower.NaFlexVisionTower"
+            )
         tower = build_and_load(
             lambda: cls(weights.config, feature_layer=feature_layer),
             weights.state_dict,
@@ -233,6 +238,7 @@ class VisionTower(nn.Module):
         self.pos_embed = nn.Parameter(table.contiguous(), requires_grad=self.pos_embed.requires_grad)
         self.config.image_size = image_size
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors)."""
-        write_vision_weights(self.config, self.state_dict(), out_dir)
+    def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:
+        """Write transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors), or timm's
+        (``format="timm"``: model.safetensors + config.json that ``timm.create_model`` reads)."""
+        write_vision_weights(self.config, self.state_dict(), out_dir, format=format)

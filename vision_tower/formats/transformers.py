@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from .keys import rename
+
 Tensor = torch.Tensor
 
 # (transformers module path, our module path); parameters keep their ``.weight`` / ``.bias`` suffix.
@@ -43,16 +45,6 @@ _OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def _rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str | None:
-    for hf, ours in table:
-        src, dst = (ours, hf) if reverse else (hf, ours)
-        if key == src:
-            return dst
-        if key.startswith(src + "."):
-            return dst + key[len(src) :]
-    return None
-
-
 def _to_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> tuple[dict[str, Tensor], list[str]]:
     """Rename/fuse; returns (native state dict, source keys that matched nothing)."""
     out: dict[str, Tensor] = {}
@@ -67,7 +59,7 @@ def _to_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> tuple[dic
             if rest.startswith("self_attn.") and proj in _QKV:
                 qkv.setdefault((layer, param), {})[proj] = value
                 continue
-            new = _rename(rest, _BLOCK)
+            new = rename(rest, _BLOCK)
             if new is None:
                 leftover.append(key)
             else:
@@ -75,7 +67,7 @@ def _to_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> tuple[dic
         elif key.startswith("head.attention.in_proj_"):
             in_proj[key.removeprefix("head.attention.in_proj_")] = value
         else:
-            new = _rename(key, table)
+            new = rename(key, table)
             if new is None:
                 leftover.append(key)
             else:
@@ -104,7 +96,7 @@ def _from_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[st
                 for proj, part in zip(_QKV, value.chunk(3, dim=0)):
                     out[f"encoder.layers.{layer}.self_attn.{proj}.{param}"] = part.contiguous()
                 continue
-            new = _rename(rest, _BLOCK, reverse=True)
+            new = rename(rest, _BLOCK, reverse=True)
             key_out = None if new is None else f"encoder.layers.{layer}.{new}"
         elif key.startswith("head.q."):
             head_q[key.removeprefix("head.q.")] = value
@@ -112,7 +104,7 @@ def _from_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[st
         elif key.startswith("head.kv."):
             continue  # written with head.q below
         else:
-            key_out = _rename(key, table, reverse=True)
+            key_out = rename(key, table, reverse=True)
         if key_out is None:
             raise KeyError(f"no transformers name for parameter {key!r}")
         out[key_out] = value.contiguous()

@@ -1,0 +1,20 @@
+"""Key-renaming helpers shared by the format modules."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str | None:
+    """``key`` with its module path renamed by ``table`` ((theirs, ours) pairs; ours -> theirs if
+    ``reverse``); ``None`` when no entry matches. Suffixes such as ``.weight`` are kept."""
+    for theirs, ours in table:
+        src, dst = (ours, theirs) if reverse else (theirs, ours)
+        if key == src or key.startswith(src + "."):
+            return dst + key[len(src) :]
+    return None
+
+
+def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, with it removed."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
