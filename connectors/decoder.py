@@ -21,6 +21,16 @@ from vision_tower import CheckpointError
 FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
 IMAGE_TOKEN = "<image>"
 
+# files that make a folder hold a tokenizer (transformers returns an empty default tokenizer without them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_PATTERNS = [
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template*",
+]
+
 # transformers 5.x renames ``past_key_values`` to ``cache``; use whichever this version takes
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -74,6 +84,18 @@ def load_decoder(
         detail = "; ".join(f"{k} ({len(v)}): {v[:20]}" for k, v in problems.items())
         raise CheckpointError(f"decoder weights in {src} do not fit {type(model).__name__}: {detail}")
     return model
+
+
+def load_tokenizer(src: str | os.PathLike) -> Any | None:
+    """The tokenizer saved in a folder or hub repo (``AutoTokenizer``), or None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    from vision_tower.hub import resolve
+
+    path = resolve(src, allow_patterns=_TOKENIZER_PATTERNS)
+    if not path.is_dir() or not any((path / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def family(decoder: PreTrainedModel) -> str:

@@ -16,7 +16,7 @@ from vision_tower import ImageProcessor, VisionTower
 from vision_tower.sources import load_tower, processor_for
 
 from .base import Connector, ConnectorConfig, Grid
-from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, output_cache
+from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
 from .inputs import ATTENTION, IGNORE_INDEX, decoder_masks, ignored_labels, positions
 from .registry import build_connector
 
@@ -32,16 +32,6 @@ class VLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: Any = None
     image_tokens: torch.Tensor | None = None
-
-
-def _tokenizer_of(src: PathLike) -> Any | None:
-    """The tokenizer saved beside a decoder, if there is one."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError):
-        return None
 
 
 def _drop_head(tower: VisionTower) -> VisionTower:
@@ -86,7 +76,7 @@ class VisionLanguageModel(nn.Module):
             tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
             processor = processor or processor_for(tower_src, tower.config.image_size)
         if isinstance(decoder, (str, os.PathLike)):
-            tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(decoder)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(decoder)
             decoder = load_decoder(decoder, dtype=dtype)
         width = decoder.get_input_embeddings().embedding_dim
         if isinstance(connector, str):

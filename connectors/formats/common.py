@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from vision_tower import ImageProcessor
 from vision_tower.loading import vision_state_dict_hf
 
-from ..decoder import prefixed
+from ..decoder import load_tokenizer, prefixed
 
 if TYPE_CHECKING:
     from ..vlm import VisionLanguageModel
@@ -115,11 +115,7 @@ def write_extras(vlm: VisionLanguageModel, out: Path, **processor_fields: Any) -
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
     """(tokenizer, image processor) saved in ``folder``, each None when its files are absent."""
-    tokenizer = None
-    if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     processor = None
     if (folder / "preprocessor_config.json").exists():
         processor = ImageProcessor.from_pretrained(folder)

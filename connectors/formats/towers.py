@@ -12,7 +12,7 @@ from vision_tower import CheckpointError, VisionConfig, VisionTower
 from ..decoder import prefixed
 
 
-def _vision_config(hf_config: Any, source: str) -> dict[str, Any]:
+def vision_config_fields(hf_config: Any, source: str) -> dict[str, Any]:
     """The SigLIP fields of a transformers vision config (defaults already filled in by transformers)."""
     if hf_config.model_type != "siglip_vision_model":
         raise CheckpointError(
@@ -30,7 +30,7 @@ def tower_from_tensors(
     sd: dict[str, torch.Tensor], hf_vision_config: Any, *, source: str, feature_layer: int
 ) -> VisionTower:
     """The tower (no pooling head) from a checkpoint's tensors under ``vision_tower.`` (any key layout)."""
-    config = _vision_config(hf_vision_config, source)
+    config = vision_config_fields(hf_vision_config, source)
     tower_sd = {k: v for k, v in sd.items() if k.startswith(("vision_tower.", "model.vision_tower."))}
     return VisionTower.from_state_dict(
         tower_sd, config, source=source, feature_layer=feature_layer, use_head=False
