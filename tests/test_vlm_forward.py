@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from connectors import VisionLanguageModel, build_connector
+from connectors import FormatError, VisionLanguageModel, build_connector
 from tests import vlm_reference as R
 
 
@@ -175,7 +175,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(decoders):
         assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5)
 
 
-def test_lora_on_the_decoder_trains_adapters_only(decoders):
+def test_lora_on_the_decoder_trains_adapters_only(decoders, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     vlm = VisionLanguageModel(R.tower(), "linear", decoders["qwen2"])
@@ -186,8 +186,28 @@ def test_lora_on_the_decoder_trains_adapters_only(decoders):
     with_grad = {n for n, p in vlm.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n or n.startswith("connector.") for n in with_grad)
     assert any("lora_B" in n for n in with_grad)
+    with pytest.raises(FormatError, match="merge_and_unload"):  # peft would save the adapters alone
+        vlm.save_pretrained(tmp_path / "n")
+    vlm.decoder = vlm.decoder.merge_and_unload()
+    vlm.save_pretrained(tmp_path / "n")
+    assert VisionLanguageModel.from_pretrained(tmp_path / "n").decoder.config.model_type == "qwen2"
 
 
 def test_connector_widths_must_fit_tower_and_decoder(decoders):
     with pytest.raises(ValueError, match=r"maps 32 -> 48 .* decoder embeds in 64"):
         VisionLanguageModel(R.tower(), build_connector("linear", 32, 48), decoders["gemma"])
+
+
+def test_both_ways_of_building_the_prefix_mask_agree(decoders, monkeypatch):
+    """transformers' block ids (fast) and the mask-function overlay (older transformers) give the same logits."""
+    from connectors import inputs
+
+    vlm = VisionLanguageModel(R.tower(), "linear", decoders["gemma2"])  # sliding-window layers too
+    ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    mask[1, :2] = 0  # some padding
+    logits = {}
+    for block_ids in (True, False):
+        monkeypatch.setattr(inputs, "BLOCK_IDS", block_ids)
+        with torch.no_grad():
+            logits[block_ids] = vlm(ids, R.pixels(), mask, types).logits
+    assert_close(logits[True], logits[False], atol=1e-6, rtol=1e-6)

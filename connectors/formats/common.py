@@ -40,11 +40,15 @@ class FormatError(ValueError):
 
 
 def check_plain_decoder(vlm: VisionLanguageModel, fmt: str) -> None:
-    if not isinstance(vlm.decoder, PreTrainedModel) or vlm.decoder.base_model_prefix != "model":
+    """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under ``model``."""
+    if not isinstance(vlm.decoder, PreTrainedModel) or (
+        fmt != "native" and vlm.decoder.base_model_prefix != "model"
+    ):
+        where = "" if fmt == "native" else " with its body under 'model'"
+        fix = "" if fmt == "native" else ", or save format='native'"
         raise FormatError(
-            f"format {fmt!r} needs a plain transformers causal LM with its body under 'model' (got "
-            f"{type(vlm.decoder).__name__}); merge adapters first (peft: decoder.merge_and_unload()), "
-            f"or save format='native'"
+            f"format {fmt!r} needs a plain transformers causal LM{where} (got {type(vlm.decoder).__name__}); "
+            f"merge adapters first (peft: vlm.decoder = vlm.decoder.merge_and_unload()){fix}"
         )
 
 

@@ -149,9 +149,8 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
     sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
     depth = hf.vision_config.num_hidden_layers
     # LLaVA's -1 is hidden_states[-1], the last block's raw output; the tower's -1 means post-layernorm
-    tower = tower_from_tensors(
-        sd, hf.vision_config, source=source, feature_layer=depth if layer == -1 else layer
-    )
+    layer = depth if layer == -1 else layer
+    tower = tower_from_tensors(sd, hf.vision_config, source=source, feature_layer=layer, dtype=dtype)
     bias = bool(getattr(hf, "multimodal_projector_bias", True))
     proj = projector_tensors(sd, source)
     expect_keys(proj, _PROJECTOR_KEYS | ({"linear_1.bias", "linear_2.bias"} if bias else set()), source)

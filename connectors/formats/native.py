@@ -22,7 +22,8 @@ from vision_tower.loading import write_vision_weights
 
 from ..base import ConnectorConfig
 from ..decoder import load_decoder
-from .common import MAX_SHARD_SIZE, parts, read_extras, write_extras
+from .common import MAX_SHARD_SIZE, check_plain_decoder, parts, read_extras, write_extras
+from .towers import built_in
 
 if TYPE_CHECKING:
     from ..vlm import VisionLanguageModel
@@ -41,6 +42,7 @@ _KEYS = {
 
 
 def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    check_plain_decoder(vlm, "native")
     split = parts(vlm, state_dict)
     out.mkdir(parents=True, exist_ok=True)
     write_vision_weights(vlm.tower.config, split["tower"], out / "tower")
@@ -76,7 +78,10 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
     from ..vlm import VisionLanguageModel
 
     config = read_config(config, str(path))
-    tower = VisionTower.from_pretrained(path / "tower", feature_layer=config["feature_layer"], use_head=False)
+    with built_in(dtype):
+        tower = VisionTower.from_pretrained(
+            path / "tower", feature_layer=config["feature_layer"], use_head=False
+        )
     connector = ConnectorConfig.from_dict(config["connector"]).build()
     strict_load(
         connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")

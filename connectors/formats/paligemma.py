@@ -89,7 +89,7 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
 
     hf = AutoConfig.from_pretrained(str(path))  # fills the defaults that hub configs leave out
     sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
-    tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1)
+    tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1, dtype=dtype)
     proj = projector_tensors(sd, str(path))
     expect_keys(proj, {"linear.weight", "linear.bias"}, str(path))
     connector = LinearConnector(tower.config.hidden_size, proj["linear.weight"].shape[0])
