@@ -312,36 +312,15 @@ class VisionLanguageModel(nn.Module):
         )
 
     # ----------------------------------------------------------------- generation, parts, checkpoints
-    @torch.no_grad()
     def generate(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        prompts: list[str] | str | None = None,
-        *,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        patch_features: torch.Tensor | None = None,
-        grid: Grid | None = None,
-        max_new_tokens: int = 32,
-        eos_token_id: int | list[int] | None = None,
+        self, pixel_values: torch.Tensor | None = None, prompts: list[str] | str | None = None, **options: Any
     ) -> torch.Tensor:
-        """Greedy continuation with the KV cache; (B, max_new_tokens) new ids, padded after eos. See
-        :func:`connectors.generation.generate`."""
+        """Greedy continuation with the KV cache: (B, T <= max_new_tokens) new ids, padded after eos.
+        Options (``input_ids``, ``attention_mask``, ``token_type_ids``, ``patch_features``, ``grid``,
+        ``max_new_tokens``, ``eos_token_id``): see :func:`connectors.generation.generate`."""
         from .generation import generate
 
-        return generate(
-            self,
-            pixel_values,
-            prompts,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            patch_features=patch_features,
-            grid=grid,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-        )
+        return generate(self, pixel_values, prompts, **options)
 
     def replace_tower(
         self, tower: VisionTower, connector: Connector | str | None = None, **options: Any

@@ -11,9 +11,10 @@ from huggingface_hub import save_torch_state_dict
 from transformers import PreTrainedModel
 
 from vision_tower import ImageProcessor
+from vision_tower.checkpoint import read_checkpoint
 from vision_tower.loading import vision_state_dict_hf
 
-from ..decoder import load_tokenizer, prefixed
+from ..decoder import load_decoder, load_tokenizer, prefixed
 
 if TYPE_CHECKING:
     from ..vlm import VisionLanguageModel
@@ -115,6 +116,55 @@ def write_extras(vlm: VisionLanguageModel, out: Path, **processor_fields: Any) -
             file.write_text(
                 json.dumps({**data, **processor_fields}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
+
+
+def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
+    """A PaliGemma / LLaVA checkpoint's transformers config (with the defaults that hub configs leave out)
+    and its tower and projector tensors (the decoder's are not read here)."""
+    from transformers import AutoConfig
+
+    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
+    return AutoConfig.from_pretrained(str(path)), sd
+
+
+def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTrainedModel:
+    """The decoder of a PaliGemma / LLaVA checkpoint: its tensors only, renamed to a causal LM's, strictly."""
+    return load_decoder(
+        path,
+        dtype=dtype,
+        device=device,
+        config=text_config,
+        key_mapping=DECODER_KEY_MAPPING,
+        other_prefixes=MULTIMODAL_PREFIXES,
+    )
+
+
+def assemble(
+    path: Path,
+    tower: Any,
+    connector: Any,
+    decoder: PreTrainedModel,
+    *,
+    image_token_id: int,
+    attention: str,
+    dtype,
+    device,
+) -> VisionLanguageModel:
+    """The VLM of loaded parts, with the tokenizer and processor saved in ``path``, on ``device``."""
+    from ..vlm import VisionLanguageModel
+
+    tokenizer, processor = read_extras(path)
+    vlm = VisionLanguageModel(
+        tower,
+        connector,
+        decoder,
+        image_token_id=image_token_id,
+        attention=attention,
+        tokenizer=tokenizer,
+        processor=processor,
+        dtype=dtype,
+    )
+    return vlm.to(device=device) if device is not None else vlm
 
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:

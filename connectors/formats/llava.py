@@ -7,22 +7,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig
 
 from vision_tower import CheckpointError
-from vision_tower.checkpoint import read_checkpoint
 
-from ..decoder import FAMILIES, family, load_decoder
+from ..decoder import FAMILIES, family
 from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
 from .common import (
-    DECODER_KEY_MAPPING,
-    MULTIMODAL_PREFIXES,
     FormatError,
+    assemble,
     check_plain_decoder,
     is_tied,
+    multimodal_decoder,
     multimodal_tensors,
     parts,
-    read_extras,
+    read_multimodal,
     text_config,
     write_extras,
     write_weights,
@@ -132,9 +130,7 @@ def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str)
 
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
-    from ..vlm import VisionLanguageModel
-
-    hf = AutoConfig.from_pretrained(str(path))
+    hf, sd = read_multimodal(path)
     source = str(path)
     layer, strategy = hf.vision_feature_layer, hf.vision_feature_select_strategy
     if not isinstance(layer, int):
@@ -146,7 +142,6 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
             f"{source}: vision_feature_select_strategy {strategy!r} drops the first token (CLIP's CLS); "
             f"SigLIP towers have none: only 'full' is supported"
         )
-    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
     depth = hf.vision_config.num_hidden_layers
     # LLaVA's -1 is hidden_states[-1], the last block's raw output; the tower's -1 means post-layernorm
     layer = depth if layer == -1 else layer
@@ -155,23 +150,14 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
     proj = projector_tensors(sd, source)
     expect_keys(proj, _PROJECTOR_KEYS | ({"linear_1.bias", "linear_2.bias"} if bias else set()), source)
     connector = _connector(proj, hf.projector_hidden_act, bias, source)
-    decoder = load_decoder(
+    decoder = multimodal_decoder(path, hf.text_config, dtype=dtype, device=device)
+    return assemble(
         path,
-        dtype=dtype,
-        device=device,
-        config=hf.text_config,
-        key_mapping=DECODER_KEY_MAPPING,
-        other_prefixes=MULTIMODAL_PREFIXES,
-    )
-    tokenizer, processor = read_extras(path)
-    vlm = VisionLanguageModel(
         tower,
         connector,
         decoder,
         image_token_id=int(hf.image_token_id),
         attention="causal",
-        tokenizer=tokenizer,
-        processor=processor,
         dtype=dtype,
+        device=device,
     )
-    return vlm.to(device=device) if device is not None else vlm

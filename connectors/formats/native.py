@@ -22,7 +22,7 @@ from vision_tower.loading import write_vision_weights
 
 from ..base import ConnectorConfig
 from ..decoder import load_decoder
-from .common import MAX_SHARD_SIZE, check_plain_decoder, parts, read_extras, write_extras
+from .common import MAX_SHARD_SIZE, assemble, check_plain_decoder, parts, write_extras
 from .towers import built_in
 
 if TYPE_CHECKING:
@@ -75,8 +75,6 @@ def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
-    from ..vlm import VisionLanguageModel
-
     config = read_config(config, str(path))
     with built_in(dtype):
         tower = VisionTower.from_pretrained(
@@ -87,15 +85,13 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
         connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")
     )
     decoder = load_decoder(path / "decoder", dtype=dtype, device=device)
-    tokenizer, processor = read_extras(path)
-    vlm = VisionLanguageModel(
+    return assemble(
+        path,
         tower,
         connector,
         decoder,
         image_token_id=config["image_token_id"],
         attention=config["attention"],
-        tokenizer=tokenizer,
-        processor=processor,
         dtype=dtype,
+        device=device,
     )
-    return vlm.to(device=device) if device is not None else vlm

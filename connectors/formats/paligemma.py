@@ -7,21 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig
 
-from vision_tower.checkpoint import read_checkpoint
-
-from ..decoder import family, load_decoder
+from ..decoder import family
 from ..mlp import LinearConnector
 from .common import (
-    DECODER_KEY_MAPPING,
-    MULTIMODAL_PREFIXES,
     FormatError,
+    assemble,
     check_plain_decoder,
     is_tied,
+    multimodal_decoder,
     multimodal_tensors,
     parts,
-    read_extras,
+    read_multimodal,
     text_config,
     write_extras,
     write_weights,
@@ -85,37 +82,23 @@ def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor
 
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
-    from ..vlm import VisionLanguageModel
-
-    hf = AutoConfig.from_pretrained(str(path))  # fills the defaults that hub configs leave out
-    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
+    hf, sd = read_multimodal(path)
     tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1, dtype=dtype)
     proj = projector_tensors(sd, str(path))
     expect_keys(proj, {"linear.weight", "linear.bias"}, str(path))
     connector = LinearConnector(tower.config.hidden_size, proj["linear.weight"].shape[0])
-    with torch.no_grad():
-        connector.proj.weight.copy_(proj["linear.weight"])
-        connector.proj.bias.copy_(proj["linear.bias"])
+    connector.load_state_dict({"proj.weight": proj["linear.weight"], "proj.bias": proj["linear.bias"]})
     text = hf.text_config
     if getattr(text, "use_bidirectional_attention", None):
         text.use_bidirectional_attention = False  # the VLM passes its prefix mask itself
-    decoder = load_decoder(
+    decoder = multimodal_decoder(path, text, dtype=dtype, device=device)
+    return assemble(
         path,
-        dtype=dtype,
-        device=device,
-        config=text,
-        key_mapping=DECODER_KEY_MAPPING,
-        other_prefixes=MULTIMODAL_PREFIXES,
-    )
-    tokenizer, processor = read_extras(path)
-    vlm = VisionLanguageModel(
         tower,
         connector,
         decoder,
         image_token_id=int(hf.image_token_id),
         attention="prefix",
-        tokenizer=tokenizer,
-        processor=processor,
         dtype=dtype,
+        device=device,
     )
-    return vlm.to(device=device) if device is not None else vlm
