@@ -8,9 +8,11 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
+from PIL import Image
 from torch.testing import assert_close
 
 from connectors import FormatError, VisionLanguageModel
+from connectors.inputs import build_prompts
 from tests import vlm_reference as R
 from vision_tower import ImageProcessor, VisionTower
 
@@ -67,7 +69,7 @@ def _reloaded_same(out, ours, size):
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_path):
-    from transformers import PaliGemmaForConditionalGeneration
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
     vlm = _vlm(decoders, family, "linear", "prefix", size=48, processor=ImageProcessor(image_size=32))
     out = tmp_path / "pg"
@@ -81,6 +83,12 @@ def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_p
     ours = _same_as_transformers(vlm, hf, 48, paligemma=True)
     back = _reloaded_same(out, ours, 48)
     assert back.attention == "prefix" and back.processor.size == (48, 48) and back.tokenizer is not None
+    # transformers' PaliGemmaProcessor reads the files and lays a prompt out as generate(prompts=...) does
+    processor = AutoProcessor.from_pretrained(out)
+    batch = processor(images=[Image.new("RGB", (40, 30))], text=["<image>caption en"], return_tensors="pt")
+    ours_ids = build_prompts(back.tokenizer, ["caption en"], image_token_id=back.image_token_id, num_image_tokens=36,
+                             pad_token_id=0).input_ids  # fmt: skip
+    assert torch.equal(batch["input_ids"], ours_ids) and batch["pixel_values"].shape == (1, 3, 48, 48)
 
 
 @pytest.mark.parametrize(
