@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 from vision_tower import ImageProcessor, VisionTower
 from vision_tower.sources import load_tower, processor_for
 
-from .base import Connector, ConnectorConfig, Grid
+from .base import Connector, Grid
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
 from .formats.towers import built_in
 from .inputs import ATTENTION, IGNORE_INDEX, decoder_masks, ignored_labels, positions
@@ -52,6 +52,11 @@ class VisionLanguageModel(nn.Module):
     outputs replace, in order; without it ``<image>`` is added (tokenizer and embedding table).
     ``attention="prefix"``: image tokens and prompt (``token_type_ids`` 0) attend to each other both
     ways, the suffix (1) causally, as PaliGemma; ``"causal"``: causal everywhere, as LLaVA.
+
+    ``connector_options`` go to a connector given by name. ``dtype`` loads a decoder given by name in it and
+    casts tower and connector. ``tokenizer`` (a transformers tokenizer; loaded with a decoder given by name)
+    and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
+    checkpoints. The pooling head of the tower is dropped: only patch features are read.
 
     A plain ``nn.Module``: the same graph runs on every rank, the parts are ``tower``, ``connector``
     and ``decoder``, and it can be built while an ``HfDeepSpeedConfig`` is alive.
@@ -120,10 +125,6 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self) -> int:
         """Placeholders one image takes in the prompt (at the tower's configured image size)."""
         return self.connector.num_tokens(self.grid)
-
-    @property
-    def connector_config(self) -> ConnectorConfig:
-        return self.connector.config
 
     def image_processor(self) -> ImageProcessor:
         """The processor the VLM was given or loaded with, else SigLIP's at the tower's size."""
