@@ -1,0 +1,23 @@
+"""Connectors (projectors) from a vision tower to a language decoder, and the assembled vision-language model.
+
+``build_connector(name, in_dim, out_dim, **options)`` builds one of the registered connectors
+(``list_connectors()``); ``VisionLanguageModel`` puts a tower, a connector and a transformers causal LM
+together and moves it in and out of the native, PaliGemma and LLaVA checkpoint layouts.
+"""
+
+from . import mlp, pixel_shuffle, pooling, resampler  # noqa: F401  (register the connectors)
+from .base import Connector, ConnectorConfig
+from .formats import FormatError
+from .registry import build_connector, list_connectors, register_connector
+from .vlm import VisionLanguageModel, VLMOutput
+
+__all__ = [
+    "Connector",
+    "ConnectorConfig",
+    "FormatError",
+    "VLMOutput",
+    "VisionLanguageModel",
+    "build_connector",
+    "list_connectors",
+    "register_connector",
+]

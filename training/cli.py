@@ -7,6 +7,7 @@ import sys
 
 from .tower_commands import add_tower_commands
 from .train_commands import add_train_commands
+from .vlm_commands import add_vlm_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_tower_commands(sub)
     add_train_commands(sub)
+    add_vlm_commands(sub)
     return parser
 
 

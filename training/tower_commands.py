@@ -15,7 +15,20 @@ from vision_tower.sources import convert, describe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _vlm_description(src: str):
+    """The description of a VLM checkpoint (connectors/), or None for towers and presets."""
+    try:
+        from connectors.describe import describe_vlm
+    except ImportError:  # the connectors extra (transformers) is not installed
+        return None
+    return describe_vlm(src)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
+    vlm = _vlm_description(args.src)
+    if vlm is not None:
+        print("\n".join(vlm.lines()))
+        return
     d = describe(args.src)
     what = "SiglipModel: image + text towers" if d["kind"] == "SiglipModel" else "image tower"
     print(f"source: {d['source']} ({what})")
@@ -71,7 +84,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def add_tower_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="config, parameter counts and token grid per resolution of a checkpoint")
+    p = sub.add_parser(
+        "info",
+        help="config, parameter counts and token grid per resolution of a checkpoint; for a VLM checkpoint: "
+        "tower, feature layer, connector, tokens per image, decoder",
+    )
     p.add_argument(
         "src", help=f"folder, .safetensors file, hub repo id, or preset:NAME ({', '.join(list_presets())})"
     )

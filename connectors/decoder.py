@@ -1,0 +1,151 @@
+"""The decoder: a transformers causal LM loaded without random init, and what the VLM needs of it."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import logging as hf_logging
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from vision_tower import CheckpointError
+
+# decoder families tested end to end (forward, generate, every export format that can hold them)
+FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
+IMAGE_TOKEN = "<image>"
+
+# files that make a folder hold a tokenizer (transformers returns an empty default tokenizer without them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_PATTERNS = [
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template*",
+]
+
+# transformers 5.x renames ``past_key_values`` to ``cache``; use whichever this version takes
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report while we check the loading info ourselves."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_decoder(
+    src: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    config: PretrainedConfig | None = None,
+    key_mapping: dict[str, str] | None = None,
+    other_prefixes: tuple[str, ...] = (),
+) -> PreTrainedModel:
+    """A causal LM from a folder or hub id, through ``AutoModelForCausalLM.from_pretrained``: transformers
+    builds it on the meta device and reads the safetensors shards straight into place in ``dtype``
+    (``None``: the dtype it was saved in), also under an ``HfDeepSpeedConfig`` for ZeRO-3.
+
+    For a decoder inside a multimodal checkpoint (PaliGemma, LLaVA), ``config`` is its text config and
+    ``key_mapping`` (regex -> replacement) renames its tensors; every other tensor must start with one of
+    ``other_prefixes``. Loading is strict: a missing, mis-shaped or unexplained key is a ``CheckpointError``.
+    """
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "output_loading_info": True}
+    if device is not None:
+        kwargs["device_map"] = str(device)
+    if config is not None:
+        kwargs["config"] = config
+    if key_mapping is not None:
+        kwargs["key_mapping"] = key_mapping
+    with _quiet_transformers() if key_mapping else contextlib.nullcontext():
+        model, info = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(other_prefixes)]
+    problems = {
+        "missing": sorted(info.get("missing_keys", ())),
+        "mis-shaped": sorted(map(str, info.get("mismatched_keys", ()))),
+        "unexpected": sorted(unexpected),
+        "errors": list(info.get("error_msgs", ())),
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k} ({len(v)}): {v[:20]}" for k, v in problems.items())
+        raise CheckpointError(f"decoder weights in {src} do not fit {type(model).__name__}: {detail}")
+    return model
+
+
+def load_tokenizer(src: str | os.PathLike) -> Any | None:
+    """The tokenizer saved in a folder or hub repo (``AutoTokenizer``), or None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    from vision_tower.hub import resolve
+
+    path = resolve(src, allow_patterns=_TOKENIZER_PATTERNS)
+    if not path.is_dir() or not any((path / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def family(decoder: PreTrainedModel) -> str:
+    """The decoder's ``model_type`` (``gemma2``, ``qwen3``, ...)."""
+    return str(decoder.config.model_type)
+
+
+def num_embeddings(decoder: PreTrainedModel) -> int:
+    """Rows of the input embedding table (read from the module, not the weight: ZeRO-3 empties it)."""
+    return int(decoder.get_input_embeddings().num_embeddings)
+
+
+def ensure_image_token(decoder: PreTrainedModel, tokenizer: Any | None, image_token_id: int | None) -> int:
+    """The image placeholder id. Without one, ``<image>`` is added to the tokenizer (if any) as a
+    special token and the embedding table grows to hold it (its row is never read: the connector's
+    outputs take its place)."""
+    rows = num_embeddings(decoder)
+    if image_token_id is not None:
+        if not isinstance(image_token_id, int) or image_token_id < 0:
+            raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")
+        return image_token_id
+    if tokenizer is not None:
+        from transformers import AddedToken
+
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens(
+                [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
+            )
+        token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    else:
+        token_id = rows
+    if token_id >= rows:
+        decoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    return token_id
+
+
+def new_cache(decoder: PreTrainedModel) -> DynamicCache:
+    """An empty KV cache laid out for the decoder's layers (sliding-window layers included)."""
+    return DynamicCache(config=decoder.config)
+
+
+def output_cache(outputs: Any) -> Any:
+    return getattr(outputs, CACHE_KWARG, None)
+
+
+def prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``sd`` under ``prefix``, with it removed."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def strip_prefix_mapping(*prefixes: str, to: str = "") -> dict[str, str]:
+    """A ``key_mapping`` that replaces any of ``prefixes`` at the start of a key by ``to``."""
+    return {"^" + re.escape(p): to for p in prefixes}

@@ -1,0 +1,131 @@
+"""What a VLM checkpoint holds (tower, feature layer, connector, tokens per image, decoder), read from its
+config files alone: the weights are neither read nor downloaded; shapes are built on the meta device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from vision_tower import VisionConfig, VisionTower
+from vision_tower.checkpoint import read_json
+from vision_tower.hub import resolve
+from vision_tower.sources import preset_name
+
+from .base import ConnectorConfig
+from .formats import checkpoint_format, native
+from .formats.towers import vision_config_fields
+
+
+@dataclass
+class VLMDescription:
+    source: str
+    format: str
+    tower: dict[str, Any]
+    feature_layer: int
+    connector: dict[str, Any]
+    tokens_per_image: int
+    attention: str
+    image_token_id: int
+    decoder: dict[str, Any]
+    params: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """A short human-readable report."""
+        t, d, c = self.tower, self.decoder, self.connector
+        side = t["image_size"] // t["patch_size"]
+        layer = (
+            "final, post-layernorm"
+            if self.feature_layer == -1
+            else f"block output hidden_states[{self.feature_layer}]"
+        )
+        opts = ", ".join(f"{k}={v}" for k, v in c["options"].items() if v is not None)
+        return [
+            f"source: {self.source} (vision-language model, {self.format} layout)",
+            f"tower: SigLIP width {t['hidden_size']}, {t['num_hidden_layers']} blocks, patch {t['patch_size']}, "
+            f"{t['image_size']} px -> {side}x{side} tokens; {self.params['tower'] / 1e6:.2f}M parameters",
+            f"feature layer: {self.feature_layer} ({layer})",
+            f"connector: {c['name']} {c['in_dim']} -> {c['out_dim']}"
+            + (f" ({opts})" if opts else "")
+            + f"; {self.params['connector'] / 1e6:.2f}M parameters",
+            f"tokens per image: {self.tokens_per_image} (image token id {self.image_token_id})",
+            f"attention: {self.attention}",
+            f"decoder: {d['family']}, {d['layers']} layers, width {d['hidden_size']}, vocabulary {d['vocab_size']}; "
+            f"{self.params['decoder'] / 1e9:.3f}B parameters",
+        ]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _parts(
+    path: Path, config: dict[str, Any], fmt: str
+) -> tuple[VisionConfig, int, ConnectorConfig, str, int, PretrainedConfig]:
+    """(tower config, feature layer, connector config, attention, image token id, decoder config)."""
+    if fmt == "native":
+        config = native.read_config(config, str(path))
+        tower = VisionConfig.from_hf(read_json(path / "tower" / "config.json"))
+        text = AutoConfig.from_pretrained(str(path / "decoder"))
+        connector = ConnectorConfig.from_dict(config["connector"])
+        return tower, config["feature_layer"], connector, config["attention"], config["image_token_id"], text
+    hf = AutoConfig.from_pretrained(str(path))
+    tower = VisionConfig.from_hf(vision_config_fields(hf.vision_config, str(path)))
+    text = hf.get_text_config()
+    if fmt == "paligemma":
+        connector = ConnectorConfig("linear", tower.hidden_size, hf.projection_dim, {"bias": True})
+        return tower, -1, connector, "prefix", int(hf.image_token_id), text
+    layer = hf.vision_feature_layer
+    layer = tower.num_hidden_layers if layer == -1 else layer
+    bias = bool(getattr(hf, "multimodal_projector_bias", True))
+    if hf.projector_hidden_act == "linear":  # what format='llava' writes for a linear connector
+        connector = ConnectorConfig("linear", tower.hidden_size, text.hidden_size, {"bias": bias})
+    else:
+        options = {"depth": 2, "act": hf.projector_hidden_act, "hidden_dim": None, "bias": bias}
+        connector = ConnectorConfig("mlp", tower.hidden_size, text.hidden_size, options)
+    return tower, layer, connector, "causal", int(hf.image_token_id), text
+
+
+def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
+    """The description of a VLM checkpoint (folder or hub id), or None if ``src`` is no VLM checkpoint
+    (a tower, a ``preset:``): only config files are read."""
+    if preset_name(str(src)) is not None:
+        return None
+    path = resolve(src, allow_patterns=["*.json"])
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").exists():
+        return None
+    config = read_json(folder / "config.json")
+    try:
+        fmt = checkpoint_format(config, str(src))
+    except ValueError:
+        return None
+    tower_cfg, layer, conn_cfg, attention, image_token_id, text = _parts(folder, config, fmt)
+    with torch.device("meta"):
+        tower = VisionTower(
+            VisionConfig.from_dict({**tower_cfg.to_dict(), "use_head": False}), feature_layer=layer
+        )
+        connector = conn_cfg.build()
+        decoder = AutoModelForCausalLM.from_config(text)
+    side = tower_cfg.image_size // tower_cfg.patch_size
+    return VLMDescription(
+        source=str(src),
+        format=fmt,
+        tower=tower_cfg.to_dict(),
+        feature_layer=layer,
+        connector=conn_cfg.to_dict(),
+        tokens_per_image=connector.num_tokens((side, side)),
+        attention=attention,
+        image_token_id=image_token_id,
+        decoder={
+            "family": text.model_type,
+            "layers": text.num_hidden_layers,
+            "hidden_size": text.hidden_size,
+            "vocab_size": text.vocab_size,
+        },
+        params={"tower": _count(tower), "connector": _count(connector), "decoder": _count(decoder)},
+    )

@@ -1,0 +1,176 @@
+"""What the three checkpoint formats share: the refusal error, sharded writing, tokenizer and processor files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import PreTrainedModel
+
+from vision_tower import ImageProcessor
+from vision_tower.checkpoint import read_checkpoint
+from vision_tower.loading import vision_state_dict_hf
+
+from ..decoder import load_decoder, load_tokenizer, prefixed
+
+if TYPE_CHECKING:
+    from ..vlm import VisionLanguageModel
+
+Tensor = torch.Tensor
+MAX_SHARD_SIZE = "5GB"
+# tower and projector keys of PaliGemma / LLaVA checkpoints: saved layout (4.x and 5.x) and 5.x in-memory layout
+MULTIMODAL_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+# the decoder's keys in the same checkpoints, renamed to a causal LM's (``model.*``, ``lm_head.*``)
+DECODER_KEY_MAPPING = {
+    r"^language_model\.model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^model\.language_model\.": "model.",
+}
+
+
+class FormatError(ValueError):
+    """A VLM that a checkpoint format cannot express; the message says what and which format can hold it."""
+
+
+def check_plain_decoder(vlm: VisionLanguageModel, fmt: str) -> None:
+    """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under ``model``."""
+    if not isinstance(vlm.decoder, PreTrainedModel) or (
+        fmt != "native" and vlm.decoder.base_model_prefix != "model"
+    ):
+        where = "" if fmt == "native" else " with its body under 'model'"
+        fix = "" if fmt == "native" else ", or save format='native'"
+        raise FormatError(
+            f"format {fmt!r} needs a plain transformers causal LM{where} (got {type(vlm.decoder).__name__}); "
+            f"merge adapters first (peft: vlm.decoder = vlm.decoder.merge_and_unload()){fix}"
+        )
+
+
+def is_tied(vlm: VisionLanguageModel) -> bool:
+    return bool(getattr(vlm.decoder.config.get_text_config(), "tie_word_embeddings", False))
+
+
+def parts(vlm: VisionLanguageModel, state_dict: dict[str, Tensor] | None) -> dict[str, dict[str, Tensor]]:
+    """The VLM's weights split by part (``tower``, ``connector``, ``decoder``), prefixes removed; a tied
+    ``lm_head`` is left out (safetensors stores no shared tensors; transformers ties it again)."""
+    sd = vlm.state_dict() if state_dict is None else state_dict
+    out = {name: prefixed(sd, name + ".") for name in ("tower", "connector", "decoder")}
+    stray = sorted(k for k in sd if not k.startswith(("tower.", "connector.", "decoder.")))
+    if stray:
+        raise ValueError(f"state dict keys outside tower/connector/decoder: {stray[:10]}")
+    if is_tied(vlm):
+        out["decoder"].pop("lm_head.weight", None)
+    return out
+
+
+def multimodal_tensors(
+    tower: dict[str, Tensor], projector: dict[str, Tensor], decoder: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """PaliGemma / LLaVA key layout as saved by transformers 4.x (which 5.x reads too)."""
+    out = {f"vision_tower.{k}": v for k, v in vision_state_dict_hf(tower).items()}
+    out.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+    out.update({f"language_model.{k}": v for k, v in decoder.items()})
+    return out
+
+
+def text_config(vlm: VisionLanguageModel) -> dict[str, Any]:
+    cfg = vlm.decoder.config.to_dict()
+    for key in ("architectures", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def write_weights(sd: dict[str, Tensor], out: Path, config: dict[str, Any]) -> None:
+    """``config.json`` and safetensors shards (``model.safetensors`` or an index plus shards)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(
+        {k: _own_storage(v.detach().cpu()) for k, v in sd.items()},
+        out,
+        max_shard_size=MAX_SHARD_SIZE,
+        metadata={"format": "pt"},
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _own_storage(t: Tensor) -> Tensor:
+    """``t`` itself, or a copy when it is a view into a bigger storage (a q/k/v slice of a fused tensor)."""
+    whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone(memory_format=torch.contiguous_format)
+
+
+def write_extras(vlm: VisionLanguageModel, out: Path, **processor_fields: Any) -> None:
+    """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has them."""
+    if vlm.tokenizer is not None:
+        vlm.tokenizer.save_pretrained(str(out))
+    if vlm.processor is not None:
+        file = vlm.processor.with_image_size(vlm.tower.config.image_size).save_pretrained(out)
+        if processor_fields:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            file.write_text(
+                json.dumps({**data, **processor_fields}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+
+
+def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
+    """A PaliGemma / LLaVA checkpoint's transformers config (with the defaults that hub configs leave out)
+    and its tower and projector tensors (the decoder's are not read here)."""
+    from transformers import AutoConfig
+
+    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
+    return AutoConfig.from_pretrained(str(path)), sd
+
+
+def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTrainedModel:
+    """The decoder of a PaliGemma / LLaVA checkpoint: its tensors only, renamed to a causal LM's, strictly."""
+    return load_decoder(
+        path,
+        dtype=dtype,
+        device=device,
+        config=text_config,
+        key_mapping=DECODER_KEY_MAPPING,
+        other_prefixes=MULTIMODAL_PREFIXES,
+    )
+
+
+def assemble(
+    path: Path,
+    tower: Any,
+    connector: Any,
+    decoder: PreTrainedModel,
+    *,
+    image_token_id: int,
+    attention: str,
+    dtype,
+    device,
+) -> VisionLanguageModel:
+    """The VLM of loaded parts, with the tokenizer and processor saved in ``path``, on ``device``."""
+    from ..vlm import VisionLanguageModel
+
+    tokenizer, processor = read_extras(path)
+    vlm = VisionLanguageModel(
+        tower,
+        connector,
+        decoder,
+        image_token_id=image_token_id,
+        attention=attention,
+        tokenizer=tokenizer,
+        processor=processor,
+        dtype=dtype,
+    )
+    return vlm.to(device=device) if device is not None else vlm
+
+
+def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
+    """(tokenizer, image processor) saved in ``folder``, each None when its files are absent."""
+    tokenizer = load_tokenizer(folder)
+    processor = None
+    if (folder / "preprocessor_config.json").exists():
+        processor = ImageProcessor.from_pretrained(folder)
+    return tokenizer, processor

@@ -1,0 +1,163 @@
+"""transformers' ``LlavaForConditionalGeneration`` layout: a Gemma, Qwen or Llama decoder behind a
+``linear`` or ``mlp2x_gelu`` connector on a raw block output of the tower, with causal attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vision_tower import CheckpointError
+
+from ..decoder import FAMILIES, family
+from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
+from .common import (
+    FormatError,
+    assemble,
+    check_plain_decoder,
+    is_tied,
+    multimodal_decoder,
+    multimodal_tensors,
+    parts,
+    read_multimodal,
+    text_config,
+    write_extras,
+    write_weights,
+)
+from .towers import expect_keys, projector_tensors, tower_from_tensors
+
+if TYPE_CHECKING:
+    from ..vlm import VisionLanguageModel
+
+_PROJECTOR_KEYS = {"linear_1.weight", "linear_2.weight"}
+
+
+def check(vlm: VisionLanguageModel) -> None:
+    """Refuse what LLaVA cannot express, saying which format can hold it."""
+    check_plain_decoder(vlm, "llava")
+    fam = family(vlm.decoder)
+    if fam not in FAMILIES:
+        raise FormatError(
+            f"LLaVA export is tested for {', '.join(FAMILIES)} decoders, not {fam!r}: save format='native'"
+        )
+    if getattr(vlm.decoder.config, "final_logit_softcapping", None):
+        raise FormatError(
+            f"LLaVA's head applies no final-logit soft-capping, which this {fam} decoder needs: "
+            f"save format='paligemma' (Gemma-family, prefix attention) or format='native'"
+        )
+    c = vlm.connector
+    mlp_ok = c.name == "mlp" and c.options["depth"] == 2 and c.options["hidden_dim"] in (None, c.out_dim)
+    if c.name != "linear" and not mlp_ok:
+        raise FormatError(
+            f"LLaVA's projector is Linear, activation, Linear of the decoder's width; this VLM's connector is "
+            f"{c.name!r} {c.options}: use 'linear' or 'mlp2x_gelu', or save format='native'"
+        )
+    if vlm.attention != "causal":
+        fix = "format='paligemma' (Gemma decoders) or " if fam in ("gemma", "gemma2") else ""
+        raise FormatError(
+            f"LLaVA attends causally everywhere; this VLM uses prefix attention: save {fix}format='native', "
+            f"or build the VLM with attention='causal'"
+        )
+    if vlm.tower.feature_layer == -1:
+        raise FormatError(
+            "LLaVA reads raw block outputs (hidden_states[k]); this VLM reads the tower's post-layernorm "
+            "final output (feature_layer=-1): use feature_layer=-2 (LLaVA's choice) or save format='paligemma' / 'native'"
+        )
+
+
+def _projector(
+    vlm: VisionLanguageModel, connector: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """(projector tensors, projector_hidden_act, bias); ``linear`` becomes linear_1, identity, linear_2 = I."""
+    bias = bool(vlm.connector.options["bias"])
+    if vlm.connector.name == "mlp":
+        out = {f"linear_1.{k[len('mlp.0.') :]}": v for k, v in connector.items() if k.startswith("mlp.0.")}
+        out.update(
+            {f"linear_2.{k[len('mlp.2.') :]}": v for k, v in connector.items() if k.startswith("mlp.2.")}
+        )
+        return out, vlm.connector.options["act"], bias
+    w = connector["proj.weight"]
+    out = {"linear_1.weight": w, "linear_2.weight": torch.eye(w.shape[0], dtype=w.dtype)}
+    if bias:
+        out["linear_1.bias"] = connector["proj.bias"]
+        out["linear_2.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+    return out, "linear", bias
+
+
+def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    check(vlm)
+    split = parts(vlm, state_dict)
+    projector, act, bias = _projector(vlm, split["connector"])
+    config: dict[str, Any] = {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vlm.tower.config.to_hf(),
+        "text_config": text_config(vlm),
+        "image_token_index": vlm.image_token_id,
+        "vision_feature_layer": vlm.tower.feature_layer,
+        "vision_feature_select_strategy": "full",
+        "projector_hidden_act": act,
+        "multimodal_projector_bias": bias,
+        "image_seq_length": vlm.num_image_tokens,
+        "tie_word_embeddings": is_tied(vlm),
+    }
+    write_weights(multimodal_tensors(split["tower"], projector, split["decoder"]), out, config)
+    write_extras(vlm, out)
+
+
+def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str):
+    """``linear`` when the checkpoint's projector is linear_1 then identity, else ``mlp2x`` with its activation."""
+    w1, w2 = proj["linear_1.weight"], proj["linear_2.weight"]
+    identity = (
+        act == "linear"
+        and w2.shape[0] == w2.shape[1]
+        and torch.equal(w2, torch.eye(w2.shape[0], dtype=w2.dtype))
+        and (not bias or not proj["linear_2.bias"].any())
+    )
+    if identity:
+        connector = LinearConnector(w1.shape[1], w1.shape[0], bias=bias)
+        target = {"proj.weight": w1, **({"proj.bias": proj["linear_1.bias"]} if bias else {})}
+    else:
+        if act not in ACTIVATIONS:
+            raise CheckpointError(
+                f"{source}: projector_hidden_act {act!r} is not supported; known: {sorted(ACTIVATIONS)}"
+            )
+        connector = MLPConnector(w1.shape[1], w2.shape[0], depth=2, act=act, bias=bias)
+        target = {k.replace("linear_1.", "mlp.0.").replace("linear_2.", "mlp.2."): v for k, v in proj.items()}
+    connector.load_state_dict(target, strict=True)
+    return connector
+
+
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+    hf, sd = read_multimodal(path)
+    source = str(path)
+    layer, strategy = hf.vision_feature_layer, hf.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise CheckpointError(
+            f"{source}: vision_feature_layer {layer!r} concatenates several layers; not supported"
+        )
+    if strategy != "full":
+        raise CheckpointError(
+            f"{source}: vision_feature_select_strategy {strategy!r} drops the first token (CLIP's CLS); "
+            f"SigLIP towers have none: only 'full' is supported"
+        )
+    depth = hf.vision_config.num_hidden_layers
+    # LLaVA's -1 is hidden_states[-1], the last block's raw output; the tower's -1 means post-layernorm
+    layer = depth if layer == -1 else layer
+    tower = tower_from_tensors(sd, hf.vision_config, source=source, feature_layer=layer, dtype=dtype)
+    bias = bool(getattr(hf, "multimodal_projector_bias", True))
+    proj = projector_tensors(sd, source)
+    expect_keys(proj, _PROJECTOR_KEYS | ({"linear_1.bias", "linear_2.bias"} if bias else set()), source)
+    connector = _connector(proj, hf.projector_hidden_act, bias, source)
+    decoder = multimodal_decoder(path, hf.text_config, dtype=dtype, device=device)
+    return assemble(
+        path,
+        tower,
+        connector,
+        decoder,
+        image_token_id=int(hf.image_token_id),
+        attention="causal",
+        dtype=dtype,
+        device=device,
+    )

@@ -1,0 +1,97 @@
+"""The native layout: holds every tower, connector, decoder and attention this package builds.
+
+config.json              model_type "vision_tower_vlm": attention, image token, tower feature layer, connector
+tower/                   the image tower, transformers SiglipVisionModel layout
+connector.safetensors    the connector's weights (its names)
+decoder/                 the causal LM as transformers saves it (AutoModelForCausalLM loads it alone)
+tokenizer files, preprocessor_config.json   when the VLM has them
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vision_tower import VisionTower
+from vision_tower.checkpoint import strict_load
+from vision_tower.loading import write_vision_weights
+
+from ..base import ConnectorConfig
+from ..decoder import load_decoder
+from .common import MAX_SHARD_SIZE, assemble, check_plain_decoder, parts, write_extras
+from .towers import built_in
+
+if TYPE_CHECKING:
+    from ..vlm import VisionLanguageModel
+
+MODEL_TYPE = "vision_tower_vlm"
+FORMAT_VERSION = 1
+_KEYS = {
+    "model_type",
+    "format_version",
+    "attention",
+    "image_token_id",
+    "feature_layer",
+    "connector",
+    "decoder",
+}
+
+
+def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    check_plain_decoder(vlm, "native")
+    split = parts(vlm, state_dict)
+    out.mkdir(parents=True, exist_ok=True)
+    write_vision_weights(vlm.tower.config, split["tower"], out / "tower")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in split["connector"].items()},
+        out / "connector.safetensors",
+    )
+    vlm.decoder.save_pretrained(out / "decoder", state_dict=split["decoder"], max_shard_size=MAX_SHARD_SIZE)
+    config = {
+        "model_type": MODEL_TYPE,
+        "format_version": FORMAT_VERSION,
+        "attention": vlm.attention,
+        "image_token_id": vlm.image_token_id,
+        "feature_layer": vlm.tower.feature_layer,
+        "connector": vlm.connector.config.to_dict(),
+        "decoder": str(vlm.decoder.config.model_type),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_extras(vlm, out)
+
+
+def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
+    unknown = sorted(set(config) - _KEYS)
+    missing = sorted(_KEYS - set(config))
+    if unknown or missing:
+        raise ValueError(f"{source}/config.json: unknown keys {unknown}, missing keys {missing}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{source}: format_version {config['format_version']} is not {FORMAT_VERSION}")
+    return config
+
+
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+    config = read_config(config, str(path))
+    with built_in(dtype):
+        tower = VisionTower.from_pretrained(
+            path / "tower", feature_layer=config["feature_layer"], use_head=False
+        )
+    connector = ConnectorConfig.from_dict(config["connector"]).build()
+    strict_load(
+        connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")
+    )
+    decoder = load_decoder(path / "decoder", dtype=dtype, device=device)
+    return assemble(
+        path,
+        tower,
+        connector,
+        decoder,
+        image_token_id=config["image_token_id"],
+        attention=config["attention"],
+        dtype=dtype,
+        device=device,
+    )

@@ -1,0 +1,104 @@
+"""transformers' ``PaliGemmaForConditionalGeneration`` layout: a Gemma-family decoder behind a ``linear``
+connector on the tower's final (post-layernorm) output, with prefix attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..decoder import family
+from ..mlp import LinearConnector
+from .common import (
+    FormatError,
+    assemble,
+    check_plain_decoder,
+    is_tied,
+    multimodal_decoder,
+    multimodal_tensors,
+    parts,
+    read_multimodal,
+    text_config,
+    write_extras,
+    write_weights,
+)
+from .towers import expect_keys, projector_tensors, tower_from_tensors
+
+if TYPE_CHECKING:
+    from ..vlm import VisionLanguageModel
+
+# text model types transformers 5.x accepts in PaliGemma (PaliGemma 1: Gemma, PaliGemma 2: Gemma 2)
+DECODERS = ("gemma", "gemma2")
+
+
+def check(vlm: VisionLanguageModel) -> None:
+    """Refuse what PaliGemma cannot express, saying which format can hold it."""
+    check_plain_decoder(vlm, "paligemma")
+    fam = family(vlm.decoder)
+    if fam not in DECODERS:
+        raise FormatError(
+            f"PaliGemma takes a Gemma-family decoder ({', '.join(DECODERS)}); this VLM's is {fam!r}: "
+            f"save format='llava' (with attention='causal') or format='native'"
+        )
+    if vlm.connector.name != "linear":
+        raise FormatError(
+            f"PaliGemma's projector is one linear layer; this VLM's connector is {vlm.connector.name!r}: "
+            f"save format='native' (or 'llava' for mlp2x_gelu)"
+        )
+    if vlm.attention != "prefix":
+        raise FormatError(
+            "PaliGemma attends bidirectionally over image and prompt; this VLM is causal everywhere: "
+            "save format='llava' or format='native'"
+        )
+    if vlm.tower.feature_layer != -1:
+        raise FormatError(
+            f"PaliGemma feeds the tower's final post-layernorm output (feature_layer=-1); this VLM reads "
+            f"feature_layer={vlm.tower.feature_layer}: save format='llava' or format='native'"
+        )
+
+
+def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    check(vlm)
+    split = parts(vlm, state_dict)
+    hidden = vlm.connector.out_dim
+    projector = {f"linear.{k.removeprefix('proj.')}": v for k, v in split["connector"].items()}
+    if "linear.bias" not in projector:  # a bias-free linear connector: PaliGemma's bias is zero
+        projector["linear.bias"] = torch.zeros(hidden, dtype=projector["linear.weight"].dtype)
+    text = {**text_config(vlm), "use_bidirectional_attention": True}
+    config: dict[str, Any] = {
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "model_type": "paligemma",
+        "vision_config": {**vlm.tower.config.to_hf(), "projection_dim": hidden},
+        "text_config": text,
+        "image_token_index": vlm.image_token_id,
+        "projection_dim": hidden,
+        "hidden_size": hidden,
+        "vocab_size": text["vocab_size"],
+        "tie_word_embeddings": is_tied(vlm),
+    }
+    write_weights(multimodal_tensors(split["tower"], projector, split["decoder"]), out, config)
+    write_extras(vlm, out, image_seq_length=vlm.num_image_tokens, processor_class="PaliGemmaProcessor")
+
+
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+    hf, sd = read_multimodal(path)
+    tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1, dtype=dtype)
+    proj = projector_tensors(sd, str(path))
+    expect_keys(proj, {"linear.weight", "linear.bias"}, str(path))
+    connector = LinearConnector(tower.config.hidden_size, proj["linear.weight"].shape[0])
+    connector.load_state_dict({"proj.weight": proj["linear.weight"], "proj.bias": proj["linear.bias"]})
+    text = hf.text_config
+    if getattr(text, "use_bidirectional_attention", None):
+        text.use_bidirectional_attention = False  # the VLM passes its prefix mask itself
+    decoder = multimodal_decoder(path, text, dtype=dtype, device=device)
+    return assemble(
+        path,
+        tower,
+        connector,
+        decoder,
+        image_token_id=int(hf.image_token_id),
+        attention="prefix",
+        dtype=dtype,
+        device=device,
+    )

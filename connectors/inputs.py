@@ -1,0 +1,127 @@
+"""Token-level inputs of the VLM: positions, attention masks, ignored labels and prompt layout."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_masks_for_generate
+
+IGNORE_INDEX = -100
+ATTENTION = ("prefix", "causal")
+# transformers builds a bidirectional block from ``block_sequence_ids`` without vmap (fast); older versions
+# only take an ``or_mask_function`` (vmapped: about 50x slower mask building)
+BLOCK_IDS = "block_sequence_ids" in inspect.signature(create_masks_for_generate).parameters
+
+
+def positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Position ids of the last ``q_len`` tokens: count of attended tokens before each (left padding
+    allowed). (B, L_total) -> (B, q_len)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -q_len:]
+
+
+def _prefix_overlay(prefix: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A mask function letting every prefix token see every other prefix token (both ways)."""
+
+    def overlay(batch_idx, head_idx, q_idx, kv_idx):
+        return prefix[batch_idx, q_idx] & prefix[batch_idx, kv_idx]
+
+    return overlay
+
+
+def decoder_masks(
+    decoder: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any,
+    position_ids: torch.Tensor,
+    prefix: torch.Tensor | None,
+) -> Any:
+    """The attention mask(s) the decoder's layers take, per layer type (full / sliding window), in the
+    format of its attention implementation; ``prefix`` (B, L) True where a token attends
+    bidirectionally within the prefix (PaliGemma), None for causal attention everywhere."""
+    if prefix is not None and decoder.config._attn_implementation.startswith("flash"):
+        raise ValueError(
+            "prefix attention needs an explicit mask, which flash attention cannot take: load the decoder "
+            "with attn_implementation='sdpa' or 'eager', or use attention='causal'"
+        )
+    extra: dict[str, Any] = {}
+    if prefix is not None and BLOCK_IDS:
+        extra["block_sequence_ids"] = torch.where(prefix, 0, -1)  # block 0 bidirectional, -1 causal
+    elif prefix is not None:
+        extra["or_mask_function"] = _prefix_overlay(prefix)
+    return create_masks_for_generate(
+        decoder.config, inputs_embeds, attention_mask, cache, position_ids, **extra
+    )
+
+
+def ignored_labels(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    token_type_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``labels`` with -100 on image tokens, on the prefix (``token_type_ids`` 0) and on padding."""
+    drop = input_ids == image_token_id
+    if token_type_ids is not None:
+        drop |= token_type_ids == 0
+    if attention_mask is not None:
+        drop |= attention_mask == 0
+    return labels.masked_fill(drop, IGNORE_INDEX)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts with their image placeholders; every token is prefix (token type 0)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    token_type_ids: torch.Tensor  # (B, L)
+
+
+def prompt_ids(
+    tokenizer: Any, prompt: str, image_token: str, image_token_id: int, num_image_tokens: int
+) -> list[int]:
+    """One prompt's ids. A prompt holding ``image_token`` (LLaVA style: ``"USER: <image>\\nWhat is
+    this? ASSISTANT:"``) gets it expanded in place to ``num_image_tokens`` placeholders; any other
+    prompt follows PaliGemma's layout: placeholders, then bos, the text and a newline."""
+    image = [image_token_id] * num_image_tokens
+    if image_token in prompt:
+        before, _, after = prompt.partition(image_token)
+        if image_token in after:
+            raise ValueError(f"prompt holds {image_token!r} more than once; one image per prompt: {prompt!r}")
+        head = tokenizer(before, add_special_tokens=True)["input_ids"] if before else _bos(tokenizer)
+        tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+        return head + image + tail
+    text = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    return image + _bos(tokenizer) + text
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+
+
+def build_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    pad_token_id: int,
+) -> PromptBatch:
+    """Tokenize ``prompts`` (one image each) and left-pad them into a batch."""
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+    rows = [prompt_ids(tokenizer, p, image_token, image_token_id, num_image_tokens) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return PromptBatch(ids, mask, torch.zeros_like(ids))

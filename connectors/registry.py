@@ -1,0 +1,64 @@
+"""The closed set of connectors, registered with a decorator like the tower presets."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .base import Connector
+
+# name -> (class, fixed options of an alias)
+_CONNECTORS: dict[str, tuple[type[Connector], dict[str, Any]]] = {}
+
+
+def register_connector(
+    name: str, *, aliases: dict[str, dict[str, Any]] | None = None
+) -> Callable[[type[Connector]], type[Connector]]:
+    """Register a :class:`Connector` subclass under ``name``; ``aliases`` map more names to fixed options
+    (``{"mlp2x_gelu": {"depth": 2, "act": "gelu"}}``)."""
+
+    def add(cls: type[Connector]) -> type[Connector]:
+        for key, fixed in [(name, {}), *(aliases or {}).items()]:
+            if key in _CONNECTORS:
+                raise ValueError(f"connector {key!r} is registered twice")
+            _check_options(cls, key, fixed)
+            _CONNECTORS[key] = (cls, dict(fixed))
+        cls.name = name
+        return cls
+
+    return add
+
+
+def list_connectors() -> list[str]:
+    """Every registered name, aliases included."""
+    return sorted(_CONNECTORS)
+
+
+def option_names(cls: type[Connector]) -> list[str]:
+    """The keyword-only options a connector class takes."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _check_options(cls: type[Connector], name: str, options: dict[str, Any]) -> None:
+    known = option_names(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for connector {name!r}; known options: {known}")
+
+
+def build_connector(name: str, in_dim: int, out_dim: int, **options: Any) -> Connector:
+    """A fresh connector from ``in_dim`` (the tower's width) to ``out_dim`` (the decoder's embedding width).
+
+    An unknown name lists the known ones; an unknown option lists the connector's options; an alias's
+    fixed options cannot be overridden with other values.
+    """
+    if name not in _CONNECTORS:
+        raise KeyError(f"unknown connector {name!r}; known connectors: {', '.join(list_connectors())}")
+    cls, fixed = _CONNECTORS[name]
+    _check_options(cls, name, options)
+    clash = {k: v for k, v in options.items() if k in fixed and fixed[k] != v}
+    if clash:
+        raise ValueError(f"connector {name!r} fixes {fixed}; got {clash}: use {cls.name!r} to choose these")
+    return cls(in_dim, out_dim, **{**options, **fixed})

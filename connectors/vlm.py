@@ -1,0 +1,373 @@
+"""The vision-language model: image tower -> connector -> a transformers causal LM, PaliGemma-style."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from vision_tower import ImageProcessor, VisionTower
+from vision_tower.sources import load_tower, processor_for
+
+from .base import Connector, Grid
+from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
+from .formats.towers import built_in
+from .inputs import ATTENTION, IGNORE_INDEX, decoder_masks, ignored_labels, positions
+from .registry import build_connector
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class VLMOutput(ModelOutput):
+    """``loss`` (mean next-token cross-entropy over the kept labels, fp32), ``logits`` (B, L, V),
+    ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (B_img, T, E) from the connector."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any = None
+    image_tokens: torch.Tensor | None = None
+
+
+def _drop_head(tower: VisionTower) -> VisionTower:
+    """The VLM reads patch features only: the pooling head would make the tower run every block."""
+    if tower.head is not None:
+        tower.head = None
+        tower.config.use_head = False
+    return tower
+
+
+class VisionLanguageModel(nn.Module):
+    """``tower`` (a :class:`VisionTower`, or a source for ``load_tower``) -> ``connector`` (a
+    :class:`Connector` or a registered name, built from the tower's width to the decoder's) ->
+    ``decoder`` (a transformers causal LM, or a folder / hub id loaded with ``AutoModelForCausalLM``).
+
+    Called like transformers' PaliGemma. ``image_token_id`` marks the placeholders that the connector's
+    outputs replace, in order; without it ``<image>`` is added (tokenizer and embedding table).
+    ``attention="prefix"``: image tokens and prompt (``token_type_ids`` 0) attend to each other both
+    ways, the suffix (1) causally, as PaliGemma; ``"causal"``: causal everywhere, as LLaVA.
+
+    ``connector_options`` go to a connector given by name. ``dtype`` loads a decoder given by name in it and
+    casts tower and connector. ``tokenizer`` (a transformers tokenizer; loaded with a decoder given by name)
+    and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
+    checkpoints. The pooling head of the tower is dropped: only patch features are read.
+
+    A plain ``nn.Module``: the same graph runs on every rank, the parts are ``tower``, ``connector``
+    and ``decoder``, and it can be built while an ``HfDeepSpeedConfig`` is alive.
+    """
+
+    def __init__(
+        self,
+        tower: VisionTower | PathLike,
+        connector: Connector | str,
+        decoder: PreTrainedModel | PathLike,
+        *,
+        image_token_id: int | None = None,
+        attention: str = "prefix",
+        connector_options: dict[str, Any] | None = None,
+        tokenizer: Any | None = None,
+        processor: ImageProcessor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if isinstance(tower, (str, os.PathLike)):
+            with built_in(dtype):
+                tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
+            processor = processor or processor_for(tower_src, tower.config.image_size)
+        if isinstance(decoder, (str, os.PathLike)):
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(decoder)
+            decoder = load_decoder(decoder, dtype=dtype)
+        width = decoder.get_input_embeddings().embedding_dim
+        if isinstance(connector, str):
+            connector = build_connector(
+                connector, tower.config.hidden_size, width, **(connector_options or {})
+            )
+        elif connector_options:
+            raise ValueError("connector_options apply to a connector given by name")
+        self.tower = _drop_head(tower)
+        self.connector = connector
+        self.decoder = decoder
+        self._check_widths()
+        self.attention = attention
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.image_token_id = ensure_image_token(decoder, tokenizer, image_token_id)
+        if dtype is not None:
+            self.tower.to(dtype)
+            self.connector.to(dtype)
+
+    def _check_widths(self) -> None:
+        tower_w = self.tower.config.hidden_size
+        dec_w = self.decoder.get_input_embeddings().embedding_dim
+        c = self.connector
+        if (c.in_dim, c.out_dim) != (tower_w, dec_w):
+            raise ValueError(
+                f"connector {c.name!r} maps {c.in_dim} -> {c.out_dim} but the tower gives {tower_w}-wide "
+                f"features and the decoder embeds in {dec_w}: build it as build_connector({c.name!r}, {tower_w}, {dec_w})"
+            )
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def grid(self) -> Grid:
+        """The tower's token grid at its configured image size."""
+        side = self.tower.config.image_size // self.tower.config.patch_size
+        return (side, side)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders one image takes in the prompt (at the tower's configured image size)."""
+        return self.connector.num_tokens(self.grid)
+
+    def image_processor(self) -> ImageProcessor:
+        """The processor the VLM was given or loaded with, else SigLIP's at the tower's size."""
+        return self.processor or ImageProcessor(image_size=self.tower.config.image_size)
+
+    # ----------------------------------------------------------------- training support
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that should get no weight decay: biases, norms and other 0/1-d tensors, the
+        tower's position table, and what the connector lists (learned queries)."""
+        names = set()
+        for name, p in self.named_parameters():
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the real shape there
+            last = name.rsplit(".", 1)[-1]
+            if (
+                len(shape) < 2
+                or (name.startswith("tower.") and last in ("pos_embed", "probe"))
+                or (name.startswith("connector.") and last in self.connector.no_decay)
+            ):
+                names.add(name)
+        return names
+
+    def set_trainable(self, *, tower: bool, connector: bool, decoder: bool) -> None:
+        """``requires_grad`` per part (stage "align": connector only)."""
+        for part, flag in ((self.tower, tower), (self.connector, connector), (self.decoder, decoder)):
+            part.requires_grad_(flag)
+
+    def gradient_checkpointing_enable(self, *, tower: bool = True, decoder: bool = True) -> None:
+        """Recompute tower blocks and decoder layers in the backward pass (non-reentrant checkpoints)."""
+        self.tower.set_gradient_checkpointing(tower)
+        if not decoder:
+            return
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.decoder, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.tower.set_gradient_checkpointing(False)
+        if hasattr(self.decoder, "activation_checkpointing_disable"):
+            self.decoder.activation_checkpointing_disable()
+        else:
+            self.decoder.gradient_checkpointing_disable()
+
+    # ----------------------------------------------------------------- forward
+    def image_embeddings(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        patch_features: torch.Tensor | None = None,
+        grid: Grid | None = None,
+    ) -> torch.Tensor | None:
+        """Connector outputs (B_img, T, E) from pixels (B_img, 3, H, W) or from precomputed tower
+        features (B_img, N, D) on ``grid`` (a feature cache); None without images."""
+        if pixel_values is not None and patch_features is not None:
+            raise ValueError("pass pixel_values or patch_features, not both")
+        if pixel_values is not None:
+            out = self.tower(pixel_values)
+            patch_features, grid = out.patch_features, out.grid  # (B_img, N, D)
+        elif patch_features is None:
+            return None
+        elif grid is None:
+            side = int(patch_features.shape[1] ** 0.5)
+            if side * side != patch_features.shape[1]:
+                raise ValueError(
+                    f"patch_features of {patch_features.shape[1]} tokens are not square: pass grid=(h, w)"
+                )
+            grid = (side, side)
+        dtype = next(self.connector.parameters()).dtype
+        return self.connector(patch_features.to(dtype), grid)  # (B_img, T, E)
+
+    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, L, E) with the image placeholders replaced by ``image_tokens`` in order."""
+        is_image = input_ids == self.image_token_id  # (B, L)
+        embeds = self.decoder.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L, E)
+        found = int(is_image.sum())
+        given = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+        if found != given:
+            per_row = is_image.sum(-1).tolist()
+            what = (
+                "no images"
+                if image_tokens is None
+                else f"{image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens"
+            )
+            raise ValueError(
+                f"input_ids hold {found} image tokens (id {self.image_token_id}; per row {per_row}) but the "
+                f"images give {given} ({what}): put {self.num_image_tokens} placeholders per image in the prompt"
+            )
+        if image_tokens is None:
+            return embeds
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        patch_features: torch.Tensor | None = None,
+        grid: Grid | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> VLMOutput:
+        """``input_ids`` (B, L) with image placeholders; ``pixel_values`` (B_img, 3, H, W) or precomputed
+        ``patch_features`` (B_img, N, D) on ``grid``; ``attention_mask`` (B, past + L), 0 on padding;
+        ``token_type_ids`` (B, L), 0 on the prefix (image and prompt), 1 on the suffix; ``labels`` (B, L),
+        ignored on image tokens, the prefix and padding. Without ``token_type_ids`` every token is prefix
+        under prefix attention (a prompt to continue)."""
+        B, L = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones((B, past + L), dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + L):
+            raise ValueError(
+                f"attention_mask is {tuple(attention_mask.shape)}; expected ({B}, {past + L}): cached {past} + new {L} tokens"
+            )
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"token_type_ids {tuple(token_type_ids.shape)} do not match input_ids {tuple(input_ids.shape)}"
+            )
+        image_tokens = self.image_embeddings(pixel_values, patch_features=patch_features, grid=grid)
+        embeds = self.embed(input_ids, image_tokens)  # (B, L, E)
+        if position_ids is None:
+            position_ids = positions(attention_mask, L)  # (B, L)
+        masks = decoder_masks(
+            self.decoder,
+            embeds,
+            attention_mask,
+            cache,
+            position_ids,
+            self._prefix(token_type_ids, labels, past, embeds),
+        )
+        out = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=masks,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{CACHE_KWARG: cache},
+        )
+        loss = None
+        if labels is not None:
+            loss = self._loss(out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:])
+        return VLMOutput(loss=loss, logits=out.logits, cache=output_cache(out), image_tokens=image_tokens)
+
+    def _prefix(
+        self,
+        token_type_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        past: int,
+        embeds: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """(B, L) True on tokens of the bidirectional prefix, or None (causal attention, or a decoding step)."""
+        if self.attention != "prefix" or past:
+            return None
+        if token_type_ids is None:
+            if labels is not None:
+                raise ValueError(
+                    "attention='prefix' with labels needs token_type_ids (0 on image and prompt, 1 on the "
+                    "suffix the loss is computed on)"
+                )
+            return torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        return token_type_ids == 0
+
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError(
+                f"labels need logits at every position: got {logits.shape[1]} of {labels.shape[1]} (logits_to_keep)"
+            )
+        kept = ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, attention_mask)
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            kept[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+
+    # ----------------------------------------------------------------- generation, parts, checkpoints
+    def generate(
+        self, pixel_values: torch.Tensor | None = None, prompts: list[str] | str | None = None, **options: Any
+    ) -> torch.Tensor:
+        """Greedy continuation with the KV cache: (B, T <= max_new_tokens) new ids, padded after eos.
+        Options (``input_ids``, ``attention_mask``, ``token_type_ids``, ``patch_features``, ``grid``,
+        ``max_new_tokens``, ``eos_token_id``): see :func:`connectors.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, pixel_values, prompts, **options)
+
+    def replace_tower(
+        self, tower: VisionTower, connector: Connector | str | None = None, **options: Any
+    ) -> VisionLanguageModel:
+        """Swap the image tower, keep the decoder, and put a freshly initialised connector of the new input
+        width in front of it: ``connector`` by name (with ``options``), or the current kind and options."""
+        width = self.decoder.get_input_embeddings().embedding_dim
+        if connector is None:
+            kept = {**self.connector.options, **options}
+            connector = build_connector(self.connector.name, tower.config.hidden_size, width, **kept)
+        elif isinstance(connector, str):
+            connector = build_connector(connector, tower.config.hidden_size, width, **options)
+        elif options:
+            raise ValueError("options apply to a connector given by name")
+        ref = next(self.connector.parameters())
+        self.tower = _drop_head(tower)
+        self.connector = connector.to(device=ref.device, dtype=ref.dtype)
+        self._check_widths()
+        if self.processor is not None:
+            self.processor = self.processor.with_image_size(tower.config.image_size)
+        return self
+
+    def save_pretrained(
+        self, out_dir: PathLike, *, format: str = "native", state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the VLM as ``native`` (holds everything), ``paligemma`` or ``llava`` (transformers'
+        ``PaliGemmaForConditionalGeneration`` / ``LlavaForConditionalGeneration`` load it), with the
+        tokenizer and processor files when the VLM has them. ``state_dict`` (this module's names) replaces
+        the live weights, e.g. weights consolidated from a ZeRO-3 run."""
+        from .formats import save
+
+        save(self, out_dir, format=format, state_dict=state_dict)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        cache_dir: PathLike | None = None,
+    ) -> VisionLanguageModel:
+        """A VLM from a folder or hub id in any of the three formats (detected from config.json): the
+        native layout, a PaliGemma checkpoint or a LLaVA checkpoint with a SigLIP tower. ``dtype`` applies
+        to every part; None keeps the decoder's saved dtype and float32 for tower and connector."""
+        from .formats import load
+
+        return load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)

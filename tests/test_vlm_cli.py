@@ -1,0 +1,72 @@
+"""`vision-tower generate` and `vision-tower info` on VLM checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from connectors import VisionLanguageModel
+from tests import vlm_reference as R
+from training.cli import main
+from vision_tower import ImageProcessor
+
+
+def _vlm(tmp_path, family="gemma", connector="linear", attention="prefix", layer=-1, tokenizer=True):
+    folder = R.save_decoder(family, tmp_path / "dec", seed=21)
+    if not tokenizer:
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer_config.json").unlink()
+    tower = R.tower(seed=22)
+    tower.feature_layer = layer
+    vlm = VisionLanguageModel(
+        tower, connector, folder, attention=attention, processor=ImageProcessor(image_size=32)
+    )
+    R.randomize_(vlm.connector, seed=23, scale=0.5)
+    return vlm
+
+
+def test_generate_prints_the_greedy_continuation_of_image_and_prompt(tmp_path, capsys):
+    vlm = _vlm(tmp_path)
+    vlm.save_pretrained(tmp_path / "pg", format="paligemma")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (50, 40), (200, 120, 30)).save(image)
+    assert main(["generate", "--model", str(tmp_path / "pg"), "--image", str(image), "--prompt", "caption en",
+                 "--max-new-tokens", "5"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip()
+
+    tok = vlm.tokenizer
+    words = tok.convert_tokens_to_ids(["caption", "en"])
+    ids = torch.tensor([[vlm.image_token_id] * 16 + [tok.bos_token_id, *words]])  # PaliGemma's layout
+    pixels = ImageProcessor(image_size=32)([Image.open(image)])
+    expected = vlm.generate(pixels, input_ids=ids, max_new_tokens=5)
+    assert printed == tok.decode(expected[0], skip_special_tokens=True) and printed
+
+
+def test_generate_without_tokenizer_files_says_so(tmp_path, capsys):
+    vlm = _vlm(tmp_path, tokenizer=False)
+    vlm.save_pretrained(tmp_path / "n")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["generate", "--model", str(tmp_path / "n"), "--image", str(image)]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_info_describes_vlm_checkpoints_of_every_format(tmp_path, capsys):
+    vlm = _vlm(tmp_path, family="qwen2", connector="mlp2x_gelu", attention="causal", layer=-2)
+    vlm.save_pretrained(tmp_path / "llava", format="llava")
+    vlm.replace_tower(R.tower(seed=24, image_size=64), "pixel_shuffle")
+    vlm.save_pretrained(tmp_path / "native")
+    assert main(["info", str(tmp_path / "llava")]) == 0
+    out = capsys.readouterr().out
+    for text in ["llava layout", "feature layer: -2", "connector: mlp 32 -> 64", "act=gelu", "tokens per image: 16",
+                 "decoder: qwen2, 2 layers, width 64, vocabulary 260", "attention: causal"]:  # fmt: skip
+        assert text in out, out
+    assert main(["info", str(tmp_path / "native")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "native layout" in out and "64 px -> 8x8 tokens" in out and "connector: pixel_shuffle 32 -> 64" in out
+    )
+    assert "tokens per image: 16" in out, out
+    vlm.tower.save_pretrained(tmp_path / "tower")  # a tower alone is still described as before
+    assert main(["info", str(tmp_path / "tower")]) == 0
+    assert "(image tower)" in capsys.readouterr().out

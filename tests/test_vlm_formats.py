@@ -1,0 +1,258 @@
+"""VLM checkpoints: native, PaliGemma and LLaVA layouts, out to transformers and back, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+from connectors import FormatError, VisionLanguageModel
+from connectors.inputs import build_prompts
+from tests import vlm_reference as R
+from vision_tower import ImageProcessor, VisionTower
+
+LOGITS = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {fam: R.save_decoder(fam, root / fam, seed=10 + i) for i, fam in enumerate(R.FAMILIES)}
+
+
+def _vlm(decoders, family, connector, attention, feature_layer=-1, size=32, **kw):
+    tower = R.tower(seed=7)
+    tower.feature_layer = feature_layer
+    if size != 32:
+        tower.resize_pos_embed(size)  # the resized table must travel in the checkpoint
+    vlm = VisionLanguageModel(tower, connector, decoders[family], attention=attention, **kw)
+    R.randomize_(vlm.connector, seed=8, scale=0.3)
+    return vlm
+
+
+def _logits(model, ids, px, mask, types, paligemma=True):
+    with torch.no_grad():
+        if isinstance(model, VisionLanguageModel):
+            return model(ids, px, mask, types).logits
+        extra = {"token_type_ids": types} if paligemma else {}
+        return model(input_ids=ids, pixel_values=px, attention_mask=mask, **extra).logits
+
+
+def _same_as_transformers(vlm, hf, size, paligemma):
+    """Equal logits on prompts with a prefix and a suffix, and equal greedy generations."""
+    px = R.pixels(size=size)
+    ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    ours = _logits(vlm, ids, px, mask, types)
+    assert_close(ours, _logits(hf, ids, px, mask, types, paligemma), **LOGITS)
+    prompt = ids[:, :-4]
+    hf.generation_config.eos_token_id = None
+    extra = {"token_type_ids": torch.zeros_like(prompt)} if paligemma else {}
+    theirs = hf.generate(input_ids=prompt, pixel_values=px, max_new_tokens=6, do_sample=False, **extra)
+    assert torch.equal(
+        vlm.generate(px, input_ids=prompt, max_new_tokens=6, eos_token_id=[]), theirs[:, prompt.shape[1] :]
+    )
+    return ours
+
+
+def _reloaded_same(out, ours, size):
+    back = VisionLanguageModel.from_pretrained(out)
+    px = R.pixels(size=size)
+    ids, mask, types, _ = R.prompt_batch(back.image_token_id, back.num_image_tokens)
+    assert_close(_logits(back, ids, px, mask, types), ours, atol=1e-6, rtol=1e-6)
+    return back
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_path):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    vlm = _vlm(decoders, family, "linear", "prefix", size=48, processor=ImageProcessor(image_size=32))
+    out = tmp_path / "pg"
+    vlm.save_pretrained(out, format="paligemma")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["image_size"] == 48 and cfg["text_config"]["model_type"] == family
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"height": 48, "width": 48} and pre["image_seq_length"] == 36
+    assert (out / "tokenizer.json").exists()
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(out).eval()
+    ours = _same_as_transformers(vlm, hf, 48, paligemma=True)
+    back = _reloaded_same(out, ours, 48)
+    assert back.attention == "prefix" and back.processor.size == (48, 48) and back.tokenizer is not None
+    # transformers' PaliGemmaProcessor reads the files and lays a prompt out as generate(prompts=...) does
+    processor = AutoProcessor.from_pretrained(out)
+    batch = processor(images=[Image.new("RGB", (40, 30))], text=["<image>caption en"], return_tensors="pt")
+    ours_ids = build_prompts(back.tokenizer, ["caption en"], image_token_id=back.image_token_id, num_image_tokens=36,
+                             pad_token_id=0).input_ids  # fmt: skip
+    assert torch.equal(batch["input_ids"], ours_ids) and batch["pixel_values"].shape == (1, 3, 48, 48)
+
+
+@pytest.mark.parametrize(
+    "family, connector, layer",
+    [
+        ("gemma", "linear", -2),
+        ("qwen2", "mlp2x_gelu", -2),
+        ("qwen3", "mlp2x_gelu", 1),
+        ("llama", "linear", 2),
+    ],
+)
+def test_llava_export_loads_in_transformers_and_back(family, connector, layer, decoders, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    vlm = _vlm(decoders, family, connector, "causal", feature_layer=layer, size=40)
+    out = tmp_path / "llava"
+    vlm.save_pretrained(out, format="llava")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_feature_layer"] == layer and cfg["vision_feature_select_strategy"] == "full"
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ours = _same_as_transformers(vlm, hf, 40, paligemma=False)
+    back = _reloaded_same(out, ours, 40)
+    assert back.connector.name == ("linear" if connector == "linear" else "mlp")
+    assert back.attention == "causal" and back.tower.feature_layer == layer
+
+
+def _hub_cache(root, repo_id, files_from, commit="0123456789abcdef0123456789abcdef01234567"):
+    snap = root / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+    shutil.copytree(files_from, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(commit)
+
+
+def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, vision_use_head=False)  # fmt: skip
+    text = R.decoder_config("gemma2").to_dict()
+    cfg = PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_index=R.VOCAB + 1, projection_dim=64
+    )
+    torch.manual_seed(0)
+    hf = R.randomize_(PaliGemmaForConditionalGeneration(cfg).eval(), seed=3)
+    hf.save_pretrained(tmp_path / "src")
+    _hub_cache(tmp_path / "hub", "google/paligemma-tiny-test", tmp_path / "src")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    vlm = VisionLanguageModel.from_pretrained("google/paligemma-tiny-test", cache_dir=tmp_path / "hub")
+    assert vlm.image_token_id == R.VOCAB + 1 and vlm.connector.name == "linear" and vlm.attention == "prefix"
+    px = R.pixels()
+    ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    assert_close(_logits(vlm, ids, px, mask, types), _logits(hf, ids, px, mask, types), **LOGITS)
+
+
+def test_llava_checkpoint_made_by_transformers_loads(tmp_path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False)  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=R.decoder_config("llama").to_dict(),
+        image_token_index=R.VOCAB,
+        vision_feature_layer=-1,  # the last block's raw output (before the post-layernorm)
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    hf = R.randomize_(LlavaForConditionalGeneration(cfg).eval(), seed=4)
+    hf.save_pretrained(tmp_path / "llava")
+    vlm = VisionLanguageModel.from_pretrained(tmp_path / "llava")
+    assert vlm.tower.feature_layer == 3 and vlm.connector.name == "mlp"
+    px = R.pixels()
+    ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    assert_close(_logits(vlm, ids, px, mask, types), _logits(hf, ids, px, mask, types, False), **LOGITS)
+
+
+@pytest.mark.parametrize(
+    "family, connector, options, attention",
+    [
+        ("gemma", "pixel_shuffle", {}, "causal"),
+        ("gemma2", "resampler", {"num_queries": 3, "num_heads": 4}, "prefix"),
+        ("qwen2", "patch_merger", {}, "prefix"),
+        ("qwen3", "avg_pool", {"tokens_per_side": 2}, "prefix"),
+        ("llama", "mlp", {"depth": 3, "act": "silu"}, "prefix"),
+    ],
+)
+def test_native_holds_every_combination(family, connector, options, attention, decoders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    vlm = _vlm(decoders, family, connector, attention, feature_layer=-2, size=48, connector_options=options)
+    vlm.save_pretrained(tmp_path / "n")
+    px = R.pixels(size=48)
+    ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    back = _reloaded_same(tmp_path / "n", _logits(vlm, ids, px, mask, types), 48)
+    assert back.connector.config == vlm.connector.config and back.attention == attention
+    prompt = ids[:, :-4]
+    assert torch.equal(
+        back.generate(px, input_ids=prompt, max_new_tokens=4),
+        vlm.generate(px, input_ids=prompt, max_new_tokens=4),
+    )
+    # the parts load alone with the usual tools
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "n" / "decoder").config.model_type == family
+    assert VisionTower.from_pretrained(tmp_path / "n" / "tower").config.image_size == 48
+
+
+@pytest.mark.parametrize(
+    "family, connector, attention, layer, fmt, words",
+    [
+        ("qwen2", "linear", "prefix", -1, "paligemma", ["Gemma-family", "'qwen2'", "llava", "native"]),
+        ("gemma", "mlp2x_gelu", "prefix", -1, "paligemma", ["one linear layer", "'mlp'", "native"]),
+        ("gemma", "linear", "causal", -1, "paligemma", ["bidirectionally", "llava"]),
+        ("gemma", "linear", "prefix", -2, "paligemma", ["feature_layer=-2", "llava"]),
+        ("llama", "linear", "prefix", -2, "llava", ["prefix attention", "native", "attention='causal'"]),
+        ("llama", "pixel_shuffle", "causal", -2, "llava", ["'pixel_shuffle'", "native"]),
+        ("llama", "linear", "causal", -1, "llava", ["post-layernorm", "feature_layer=-2"]),
+        ("gemma2", "linear", "causal", -2, "llava", ["soft-capping", "paligemma", "native"]),
+    ],
+)
+def test_formats_refuse_what_they_cannot_express(
+    family, connector, attention, layer, fmt, words, decoders, tmp_path
+):
+    vlm = _vlm(decoders, family, connector, attention, feature_layer=layer)
+    with pytest.raises(FormatError) as err:
+        vlm.save_pretrained(tmp_path / "x", format=fmt)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_format_and_non_vlm_checkpoints_are_named(decoders, tmp_path):
+    vlm = _vlm(decoders, "gemma", "linear", "prefix")
+    with pytest.raises(ValueError, match="unknown format 'gguf'; known formats: native, paligemma, llava"):
+        vlm.save_pretrained(tmp_path / "x", format="gguf")
+    with pytest.raises(ValueError, match="model_type 'gemma'"):
+        VisionLanguageModel.from_pretrained(decoders["gemma"])
+
+
+def test_state_dict_argument_replaces_the_live_weights(decoders, tmp_path):
+    """A trainer saves weights consolidated from ZeRO-3 this way."""
+    vlm = _vlm(decoders, "gemma", "linear", "prefix")
+    sd = {k: v.clone() for k, v in vlm.state_dict().items()}
+    sd["connector.proj.bias"] = torch.full_like(sd["connector.proj.bias"], 0.5)
+    vlm.save_pretrained(tmp_path / "pg", format="paligemma", state_dict=sd)
+    back = VisionLanguageModel.from_pretrained(tmp_path / "pg")
+    assert torch.equal(back.connector.proj.bias, sd["connector.proj.bias"])
+    assert torch.equal(back.connector.proj.weight, vlm.connector.proj.weight)
+
+
+def test_replace_tower_keeps_the_decoder_and_builds_a_connector_of_the_new_width(decoders, tmp_path):
+    vlm = _vlm(decoders, "gemma2", "linear", "prefix", processor=ImageProcessor(image_size=32))
+    vlm.save_pretrained(tmp_path / "pg", format="paligemma")
+    vlm = VisionLanguageModel.from_pretrained(tmp_path / "pg")
+    before = {k: v.clone() for k, v in vlm.decoder.state_dict().items()}
+    wide = R.tower(seed=9, hidden_size=48, image_size=64)
+    wide.feature_layer = -2
+    vlm.replace_tower(wide, "pixel_shuffle")
+    assert (vlm.connector.in_dim, vlm.connector.out_dim, vlm.num_image_tokens) == (48, 64, 16)
+    assert vlm.processor.size == (64, 64)
+    assert all(torch.equal(before[k], v) for k, v in vlm.decoder.state_dict().items())
+    ids, mask, types, labels = R.prompt_batch(vlm.image_token_id, 16)
+    assert torch.isfinite(vlm(ids, R.pixels(size=64), mask, types, labels).loss)
+    vlm.replace_tower(R.tower(seed=10, hidden_size=40), depth=1)  # same kind, new width and options
+    assert (vlm.connector.name, vlm.connector.in_dim, vlm.connector.options["depth"]) == (
+        "pixel_shuffle",
+        40,
+        1,
+    )

@@ -1,0 +1,105 @@
+"""Tiny random towers, decoders (gemma, gemma2, qwen2, qwen3, llama) and tokenizers for the VLM tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from tests.hf_reference import randomize_
+from vision_tower import VisionConfig, VisionTower
+
+FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "caption",
+    "en",
+    "what",
+    "is",
+    "this",
+    "USER:",
+    "ASSISTANT:",
+]
+VOCAB = 256  # tokenizer size; decoders get a few spare rows
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of 256 entries that prepends <bos>."""
+    words = SPECIALS + WORDS + [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def decoder_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    base = dict(
+        vocab_size=VOCAB + 4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    extra = {
+        "gemma2": dict(sliding_window=8, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                       query_pre_attn_scalar=16),
+        "qwen2": dict(tie_word_embeddings=False),
+        "llama": dict(tie_word_embeddings=False),
+    }.get(family, {})  # fmt: skip
+    return AutoConfig.for_model(family, **{**base, **extra, **overrides})
+
+
+def decoder(family: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(decoder_config(family, **overrides))
+    return randomize_(model.eval(), seed, scale=0.2)
+
+
+def save_decoder(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random decoder and the tokenizer, saved as transformers does."""
+    decoder(family, seed, **overrides).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tower(seed: int = 0, **overrides) -> VisionTower:
+    """A random tower: 32 px images in 8 px patches (4x4 tokens), width 32, 2 blocks, no head."""
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8, use_head=False)  # fmt: skip
+    torch.manual_seed(seed)
+    t = VisionTower(VisionConfig(**{**cfg, **overrides}))
+    return randomize_(t.eval(), seed)
+
+
+def pixels(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_batch(image_token_id: int, num_image_tokens: int, prefix=(5, 6, 7), suffix=(8, 9, 10, 11)):
+    """input_ids, attention_mask, token_type_ids, labels for two rows: image, bos, prefix text, suffix."""
+    rows, types = [], []
+    for shift in (0, 3):
+        p = [t + shift for t in prefix]
+        s = [t + shift for t in suffix]
+        rows.append([image_token_id] * num_image_tokens + [1] + p + s)
+        types.append([0] * (num_image_tokens + 1 + len(p)) + [1] * len(s))
+    ids = torch.tensor(rows)
+    return ids, torch.ones_like(ids), torch.tensor(types), ids.clone()

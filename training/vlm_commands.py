@@ -1,0 +1,36 @@
+"""The vision-language subcommand of ``vision-tower``: generate (it needs no DeepSpeed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .tower_commands import DTYPES
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from connectors import VisionLanguageModel
+    from connectors.generation import generate_text
+
+    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    (text,) = generate_text(vlm, [args.image], [args.prompt], max_new_tokens=args.max_new_tokens)
+    print(text)
+
+
+def add_vlm_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt about an image with a vision-language model (greedy)"
+    )
+    p.add_argument(
+        "--model", required=True, help="VLM folder or hub repo id: native, PaliGemma or LLaVA layout"
+    )
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument(
+        "--prompt",
+        default="",
+        help="text after the image (PaliGemma layout: image, bos, prompt, newline); a prompt holding <image> "
+        "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 on GPUs")
+    p.set_defaults(func=cmd_generate)
