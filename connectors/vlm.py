@@ -17,7 +17,6 @@ from vision_tower.sources import load_tower, processor_for
 
 from .base import Connector, Grid
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
-from .formats.towers import built_in
 from .inputs import ATTENTION, IGNORE_INDEX, decoder_masks, ignored_labels, positions
 from .registry import build_connector
 
@@ -79,8 +78,7 @@ class VisionLanguageModel(nn.Module):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         if isinstance(tower, (str, os.PathLike)):
-            with built_in(dtype):
-                tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
+            tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
             processor = processor or processor_for(tower_src, tower.config.image_size)
         if isinstance(decoder, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(decoder)

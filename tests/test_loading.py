@@ -303,3 +303,24 @@ def test_unrecognised_layout_names_the_layouts_tried_and_the_first_keys(tmp_path
     assert "visual.conv1.weight" in message and "visual.ln_pre.weight" in message
     with pytest.raises(CheckpointError, match="no SigLIP checkpoint layout"):
         SiglipModel.from_pretrained(tmp_path / "clip.safetensors")
+
+
+def test_loading_in_bf16_builds_no_fp32_copy_and_equals_the_cast(tmp_path):
+    """``dtype=`` puts the checkpoint's tensors in place cast once; a resized table is interpolated in fp32."""
+    ref = hf_vision(seed=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    ref.save_pretrained(tmp_path / "ref")
+    fp32 = VisionTower.from_pretrained(tmp_path / "ref", image_size=48)
+    bf16 = VisionTower.from_pretrained(tmp_path / "ref", image_size=48, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(fp32.state_dict().items(), bf16.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name  # pos_embed too: resized before the cast
+
+
+def test_a_tower_from_a_state_dict_does_not_share_its_tensors():
+    ref = hf_vision(seed=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    sd = ref.state_dict()
+    tower = VisionTower.from_state_dict(sd, ref.config.to_dict())
+    before = tower.pos_embed.detach().clone()
+    with torch.no_grad():
+        next(v for k, v in sd.items() if k.endswith("position_embedding.weight")).add_(1.0)
+    assert torch.equal(tower.pos_embed, before)

@@ -87,10 +87,10 @@ def read_checkpoint(
     return _read_file(weights, keep), config
 
 
-def strict_load(
+def check_keys(
     module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()
 ) -> None:
-    """Copy ``sd`` into ``module``; any missing, unexpected or mis-shaped key is an error naming it."""
+    """Any key of ``sd`` missing from, unexpected in or mis-shaped for ``module`` is an error naming it."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected)) + sorted(ignored)
@@ -110,6 +110,13 @@ def strict_load(
         raise CheckpointError(
             f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts)
         )
+
+
+def strict_load(
+    module: torch.nn.Module, sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()
+) -> None:
+    """Copy ``sd`` into ``module``'s existing storage, after :func:`check_keys`."""
+    check_keys(module, sd, source=source, ignored=ignored)
     module.load_state_dict(sd, strict=True)
 
 
@@ -117,13 +124,27 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 
 def build_and_load(
-    build: Callable[[], M], sd: dict[str, Tensor], *, source: str, ignored: list[str] = ()
+    build: Callable[[], M],
+    sd: dict[str, Tensor],
+    *,
+    source: str,
+    ignored: list[str] = (),
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
 ) -> M:
-    """``build()`` on the meta device (no random init), then ``sd`` loaded strictly into CPU storage."""
+    """``build()`` on the meta device (no random init, no memory), then the tensors of ``sd`` put in place
+    (after :func:`check_keys`), floating ones cast to ``dtype``: the model costs its weights once.
+    ``copy=True`` when the caller keeps using ``sd``'s tensors (they would otherwise be shared)."""
     with torch.device("meta"):
         module = build()
-    module = module.to_empty(device="cpu")
-    strict_load(module, sd, source=source, ignored=ignored)
+    check_keys(module, sd, source=source, ignored=ignored)
+    tensors = {}
+    for key, value in sd.items():
+        new = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        if copy and new is value:
+            new = value.clone()
+        tensors[key] = new.contiguous()
+    module.load_state_dict(tensors, strict=True, assign=True)
     return module
 
 

@@ -159,10 +159,12 @@ class NaFlexVisionTower(nn.Module):
         """Load a NaFlex image tower (transformers ``Siglip2VisionModel`` / ``Siglip2Model`` layout or a
         big_vision NaFlex ``.npz``) from a folder, file or hub repo id, strictly."""
         weights = read_vision_weights(src, use_head=use_head, revision=revision, cache_dir=cache_dir)
-        return cls.from_weights(weights, feature_layer=feature_layer).to(device=device, dtype=dtype)
+        return cls.from_weights(weights, feature_layer=feature_layer, dtype=dtype).to(device=device)
 
     @classmethod
-    def from_weights(cls, weights: Weights, *, feature_layer: int = -1) -> NaFlexVisionTower:
+    def from_weights(
+        cls, weights: Weights, *, feature_layer: int = -1, dtype: torch.dtype | None = None
+    ) -> NaFlexVisionTower:
         if not isinstance(weights.config, NaFlexVisionConfig):
             raise CheckpointError(
                 f"{weights.source} is a fixed-resolution SigLIP image tower, not a NaFlex one: "
@@ -173,6 +175,7 @@ class NaFlexVisionTower(nn.Module):
             weights.state_dict,
             source=weights.source,
             ignored=weights.ignored,
+            dtype=dtype,
         )
 
     def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:

@@ -110,8 +110,10 @@ class SiglipModel(nn.Module):
         """Load both towers from a folder, file or hub repo id, strictly: transformers ``SiglipModel``,
         open_clip (``open_clip_model.safetensors`` + ``open_clip_config.json``) or big_vision ``.npz``."""
         w = read_siglip_weights(src, revision=revision, cache_dir=cache_dir)
-        model = build_and_load(lambda: cls(w.config), w.state_dict, source=w.source, ignored=w.ignored)
-        return model.to(device=device, dtype=dtype)
+        model = build_and_load(
+            lambda: cls(w.config), w.state_dict, source=w.source, ignored=w.ignored, dtype=dtype
+        )
+        return model.to(device=device)
 
     def save_pretrained(
         self, out_dir: str | os.PathLike, format: str = "hf", *, allow_gelu_change: bool = False

@@ -90,10 +90,14 @@ def load_tower(
                     f"{src} is a NaFlex tower: images keep their aspect ratio and the processor's "
                     f"max_num_patches sets their size; image_size={image_size} does not apply"
                 )
-            tower: AnyTower = NaFlexVisionTower.from_weights(weights, feature_layer=feature_layer)
+            tower: AnyTower = NaFlexVisionTower.from_weights(
+                weights, feature_layer=feature_layer, dtype=dtype
+            )
         else:
-            tower = VisionTower.from_weights(weights, image_size=image_size, feature_layer=feature_layer)
-        return tower.to(device=device, dtype=dtype)
+            tower = VisionTower.from_weights(
+                weights, image_size=image_size, feature_layer=feature_layer, dtype=dtype
+            )
+        return tower.to(device=device)
     overrides = {} if use_head is None else {"use_head": use_head}
     tower = VisionTower.from_preset(name, feature_layer=feature_layer, **overrides)
     if image_size:

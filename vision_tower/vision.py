@@ -190,8 +190,8 @@ class VisionTower(nn.Module):
         ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
         """
         weights = read_vision_weights(src, use_head=use_head, revision=revision, cache_dir=cache_dir)
-        tower = cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer)
-        return tower.to(device=device, dtype=dtype)
+        tower = cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer, dtype=dtype)
+        return tower.to(device=device)
 
     @classmethod
     def from_state_dict(
@@ -203,30 +203,46 @@ class VisionTower(nn.Module):
         image_size: int | None = None,
         feature_layer: int = -1,
         use_head: bool | None = None,
+        dtype: torch.dtype | None = None,
+        copy: bool = True,
     ) -> VisionTower:
         """A tower from an in-memory checkpoint state dict in any supported layout (e.g. a transformers
-        ``SiglipVisionModel``'s ``state_dict()``) and its config dict (``config.to_dict()``), strictly."""
+        ``SiglipVisionModel``'s ``state_dict()``) and its config dict (``config.to_dict()``), strictly.
+        ``copy=False`` lets the tower share the given tensors (when the caller drops them)."""
         weights = vision_weights_from_state_dict(state_dict, config, source=source, use_head=use_head)
-        return cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer)
+        return cls.from_weights(
+            weights, image_size=image_size, feature_layer=feature_layer, dtype=dtype, copy=copy
+        )
 
     @classmethod
     def from_weights(
-        cls, weights: Weights, *, image_size: int | None = None, feature_layer: int = -1
+        cls,
+        weights: Weights,
+        *,
+        image_size: int | None = None,
+        feature_layer: int = -1,
+        dtype: torch.dtype | None = None,
+        copy: bool = False,
     ) -> VisionTower:
-        """Build on the meta device and load ``weights`` strictly; resize the position table if asked."""
+        """Build on the meta device and put ``weights`` in place strictly, in ``dtype``; resize the position
+        table if asked (in the checkpoint's precision, before the cast)."""
         if isinstance(weights.config, NaFlexVisionConfig):
             raise CheckpointError(
                 f"{weights.source} is a SigLIP 2 NaFlex (variable-resolution) image tower, which this "
                 f"fixed-resolution VisionTower cannot run: load it with vision_tower.NaFlexVisionTower"
             )
+        resize = image_size is not None and image_size != weights.config.image_size
         tower = build_and_load(
             lambda: cls(weights.config, feature_layer=feature_layer),
             weights.state_dict,
             source=weights.source,
             ignored=weights.ignored,
+            dtype=None if resize else dtype,
+            copy=copy,
         )
-        if image_size is not None and image_size != weights.config.image_size:
+        if resize:
             tower.resize_pos_embed(image_size)
+            tower.to(dtype=dtype)
         return tower
 
     @torch.no_grad()

@@ -23,7 +23,6 @@ from vision_tower.loading import write_vision_weights
 from ..base import ConnectorConfig
 from ..decoder import load_decoder
 from .common import MAX_SHARD_SIZE, assemble, check_plain_decoder, parts, write_extras
-from .towers import built_in
 
 if TYPE_CHECKING:
     from ..vlm import VisionLanguageModel
@@ -76,10 +75,9 @@ def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
     config = read_config(config, str(path))
-    with built_in(dtype):
-        tower = VisionTower.from_pretrained(
-            path / "tower", feature_layer=config["feature_layer"], use_head=False
-        )
+    tower = VisionTower.from_pretrained(
+        path / "tower", feature_layer=config["feature_layer"], use_head=False, dtype=dtype
+    )
     connector = ConnectorConfig.from_dict(config["connector"]).build()
     strict_load(
         connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,21 +10,6 @@ import torch
 from vision_tower import CheckpointError, VisionConfig, VisionTower
 
 from ..decoder import prefixed
-
-
-@contextlib.contextmanager
-def built_in(dtype: torch.dtype | None) -> Iterator[None]:
-    """Modules built inside take ``dtype`` as the default: the tower loader builds its module in the default
-    dtype before copying the weights in, so a bf16 tower never exists in fp32 on the way."""
-    if dtype is None:
-        yield
-        return
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def vision_config_fields(hf_config: Any, source: str) -> dict[str, Any]:
@@ -54,10 +37,9 @@ def tower_from_tensors(
     """The tower (no pooling head, in ``dtype``) from a checkpoint's tensors under ``vision_tower.``."""
     config = vision_config_fields(hf_vision_config, source)
     tower_sd = {k: v for k, v in sd.items() if k.startswith(("vision_tower.", "model.vision_tower."))}
-    with built_in(dtype):
-        return VisionTower.from_state_dict(
-            tower_sd, config, source=source, feature_layer=feature_layer, use_head=False
-        )
+    return VisionTower.from_state_dict(
+        tower_sd, config, source=source, feature_layer=feature_layer, use_head=False, dtype=dtype, copy=False
+    )
 
 
 def projector_tensors(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
