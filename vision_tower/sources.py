@@ -6,7 +6,6 @@ The command modules only parse arguments and print; the decisions live here.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, read_json
 from .hub import resolve
 from .processor import ImageProcessor
 from .siglip import SiglipModel
@@ -35,7 +34,8 @@ def model_type(src: str | os.PathLike) -> str | None:
         return "siglip"
     path = resolve(src)
     config = (path if path.is_dir() else path.parent) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.exists() else None
+    data = read_json(config) if config.exists() else {}
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def is_siglip_model(src: str | os.PathLike) -> bool:
