@@ -19,6 +19,8 @@ import yaml
 
 from vision_tower import SiglipConfig, get_preset
 
+from .resources import shipped_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -223,8 +225,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pr
 
 
 def resolve_path(path: str) -> str:
-    """Config paths are relative to the working directory, else to the repository root."""
+    """Config paths are relative to the working directory, else to the repository root; ``configs/...``
+    also names the configs shipped in the package (an installed wheel has no repository root)."""
     p = Path(path)
-    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+    if p.is_absolute() or p.exists():
         return str(p)
-    return str(ROOT / p)
+    if (ROOT / p).exists():
+        return str(ROOT / p)
+    return str(shipped_config(p) or p)

@@ -110,7 +110,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, ranks=args.ranks)
+    run_demo(
+        args.out,
+        steps=args.steps,
+        ranks=args.ranks,
+        train_samples=args.train_samples,
+        overwrite=args.overwrite,
+    )
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -151,10 +157,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("make-shapes", help="write the built-in demo dataset of coloured shapes")
     p.add_argument("--out", required=True)
-    p.add_argument("--n-train", type=int, default=8192)
-    p.add_argument("--n-val", type=int, default=512)
-    p.add_argument("--shard-size", type=int, default=1024)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--n-train", type=positive_int, default=8192)
+    p.add_argument("--n-val", type=positive_int, default=512)
+    p.add_argument("--shard-size", type=positive_int, default=1024)
+    p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_shapes)
 
@@ -169,7 +175,13 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export")
-    p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", default=None, help="output folder (default: ./vision-tower-demo)")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (default: the demo config's)"
+    )
+    p.add_argument("--ranks", type=positive_int, default=2, help="CPU ranks (processes) to train on")
+    p.add_argument(
+        "--train-samples", type=positive_int, default=8192, help="image-text pairs in the training shards"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in the output folder")
     p.set_defaults(func=cmd_demo)
