@@ -79,15 +79,17 @@ def _model_and_preprocessing(src: str, tokenizer_src: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import load_templates, retrieval, zero_shot
+    from .evaluate import list_image_folder, load_templates, retrieval, zero_shot
 
     needed = {"zero-shot": ("images", "--images CLASS_DIR"), "retrieval": ("shards", "--shards SHARDS")}
     attr, flag = needed[args.task]
     if getattr(args, attr) is None:
         raise ValueError(f"eval {args.task} needs {flag}")
+    if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
+        templates = load_templates(args.templates) if args.templates else None
+        list_image_folder(args.images)
     model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
     if args.task == "zero-shot":
-        templates = load_templates(args.templates) if args.templates else None
         result = zero_shot(
             model,
             args.images,

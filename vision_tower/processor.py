@@ -3,7 +3,9 @@
 The recipe is a squash to a fixed square (no crop, aspect ratio not kept) with Pillow's
 bicubic filter, then ``x * rescale_factor`` and ``(x - mean) / std``. The arithmetic follows
 transformers' PIL backend (``SiglipImageProcessorPil``) step by step (rescale in float64,
-cast to float32, normalize in float32), so the output is bit-identical to it. The default
+cast to float32, normalize in float32), so the output is bit-identical to it in transformers 5.x
+(the version the reference tests run against; transformers 4.x has no ``SiglipImageProcessorPil``
+and its Pillow-based ``SiglipImageProcessor`` is not tested here). The default
 torchvision backend of transformers 5 (``SiglipImageProcessor``) resizes with torchvision
 instead of Pillow and differs from both by up to one 8-bit level (2/255 after
 normalization) on a small fraction of pixels.
