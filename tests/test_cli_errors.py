@@ -93,6 +93,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
     badtok = _copy(cut, root / "badtok")
     (badtok / "tokenizer_config.json").write_text('{\n  "model_max_length": 4,\n  oops\n}\n')
 
+    (root / "previous" / "shapes").mkdir(parents=True)  # a demo ran here before
     extract = ["extract", "--model", str(good), "--images", str(images)]
     zs = ["eval", "zero-shot", "--model", str(cut), "--images"]
     out = str(root / "never.safetensors")
@@ -157,6 +158,10 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
         "cuda without cuda": (
             [*extract, "--out", out, "--device", "cuda"],
             ["--device cuda: CUDA is not available"],
+        ),
+        "demo over a previous demo": (
+            ["demo", "--out", str(root / "previous")],
+            [f"{root / 'previous'} already holds a demo (shapes)", "--overwrite"],
         ),
         "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f'"{bad_yaml}", line 3']),
         "template {x}": (
