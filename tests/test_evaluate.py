@@ -118,16 +118,16 @@ def grey_tokenize(texts: list[str]) -> torch.Tensor:
 
 
 def test_zero_shot_top1_and_top5_on_a_known_ranking(tmp_path):
-    """7 classes x 2 images at their own level, plus c3 holding one image at c5's level (c3 ranks
-    4th: a top-5 hit, a top-1 miss) and c0 one at c6's level (c0 ranks 7th: missed by both)."""
-    extra = {"c3": LEVELS[5], "c0": LEVELS[6]}
+    """7 classes x 2 images at their own level, plus one odd image in four classes, placed so that its
+    class ranks 2nd (c2 at 75), 4th (c3 at 200), 6th (c1 at 250) and 7th (c0 at 250)."""
+    odd = {"c2": 75, "c3": 200, "c1": 250, "c0": 250}
     for j, level in enumerate(LEVELS):
         folder = tmp_path / f"c{j}"
         folder.mkdir()
         for i in range(2):
             Image.new("RGB", (4, 4), (level,) * 3).save(folder / f"{i}.png")
-        if folder.name in extra:
-            Image.new("RGB", (4, 4), (extra[folder.name],) * 3).save(folder / "odd.png")
+        if folder.name in odd:
+            Image.new("RGB", (4, 4), (odd[folder.name],) * 3).save(folder / "odd.png")
     result = zero_shot(
         GreyModel(),
         tmp_path,
@@ -136,7 +136,8 @@ def test_zero_shot_top1_and_top5_on_a_known_ranking(tmp_path):
         tokenize=grey_tokenize,
         decode_image=pil_decode,
     )
-    assert result == {"top1": 14 / 16, "top5": 15 / 16, "n": 16, "n_classes": 7, "skipped": 0}
+    # top-1: the 14 own-level images; top-5: those and the odd ones ranked 2nd and 4th
+    assert result == {"top1": 14 / 18, "top5": 16 / 18, "n": 18, "n_classes": 7, "skipped": 0}
 
 
 def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):

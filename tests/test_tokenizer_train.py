@@ -124,6 +124,24 @@ def test_the_demo_tokenizer_fits_every_caption_and_prompt(tmp_path):
     assert unigram.vocab_size < 128 and length_report(unigram, caption_corpus()).fit_share < 1
 
 
+class WordTokenizer:
+    """One token per word plus </s>."""
+
+    max_length = 60
+
+    @staticmethod
+    def num_tokens(text: str) -> int:
+        return len(text.split()) + 1
+
+
+def test_length_report_by_hand():
+    texts = [" ".join(["w"] * n) for n in range(100, 0, -1)]  # 2 .. 101 tokens, once each
+    report = length_report(WordTokenizer(), texts)
+    # nearest rank: the 50th, 90th and 99th smallest of 2..101 are 51, 91 and 100; 59 of 100 fit in 60
+    assert report.percentiles == {50: 51, 90: 91, 99: 100} and report.longest == 101
+    assert report.fit_share == 0.59 and report.suggested_max_length == 100 and report.n == 100
+
+
 def test_errors(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "busy").mkdir()
