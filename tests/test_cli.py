@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import torch
 from PIL import Image
@@ -74,30 +73,40 @@ def test_extract_writes_features_equal_to_the_tower_and_skips_bad_images(tmp_pat
     assert_close(pooled, r.pooler_output, atol=1e-5, rtol=1e-5)
 
 
+def _no_loading_problems(info: dict) -> None:
+    """transformers' loading report: every weight came from the file, none was left over or resized."""
+    problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    assert not problems and not info.get("error_msgs"), problems or info["error_msgs"]
+
+
 def test_convert_writes_transformers_layout(tmp_path):
     from transformers import SiglipImageProcessor, SiglipModel, SiglipVisionModel
 
-    hf_siglip(seed=33).save_pretrained(tmp_path / "full")
+    ref = hf_siglip(seed=33)
+    ref.save_pretrained(tmp_path / "full")
     assert main(["convert", str(tmp_path / "full"), str(tmp_path / "out")]) == 0
-    SiglipModel.from_pretrained(tmp_path / "out")
-    assert (
-        main(
-            [
-                "convert",
-                str(tmp_path / "full"),
-                str(tmp_path / "vis"),
-                "--vision-only",
-                "--image-size",
-                "64",
-                "--no-head",
-            ]
-        )
-        == 0
-    )
-    vis = SiglipVisionModel.from_pretrained(tmp_path / "vis")
+    loaded, info = SiglipModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    _no_loading_problems(info)
+    gen = torch.Generator().manual_seed(0)
+    pixels, ids = torch.randn(3, 3, 32, 32, generator=gen), torch.randint(0, 97, (2, 12), generator=gen)
+    with torch.no_grad():
+        want, got = ref(input_ids=ids, pixel_values=pixels), loaded.eval()(input_ids=ids, pixel_values=pixels)
+    assert_close(got.logits_per_image, want.logits_per_image, rtol=0, atol=0)
+    assert_close(got.image_embeds, want.image_embeds, rtol=0, atol=0)
+    assert_close(got.text_embeds, want.text_embeds, rtol=0, atol=0)
+
+    args = ["convert", str(tmp_path / "full"), str(tmp_path / "vis"), "--vision-only", "--image-size", "64"]
+    assert main([*args, "--no-head"]) == 0
+    vis, info = SiglipVisionModel.from_pretrained(tmp_path / "vis", output_loading_info=True)
+    _no_loading_problems(info)
     assert vis.config.image_size == 64 and not vis.config.vision_use_head
     assert SiglipImageProcessor.from_pretrained(tmp_path / "vis").size == {"height": 64, "width": 64}
     assert VisionTower.from_pretrained(tmp_path / "vis").config.image_size == 64
+    big = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():  # the resized table equals transformers' own interpolation at 64 px
+        want = ref.vision_model(big, interpolate_pos_encoding=True).last_hidden_state
+        got = vis.eval()(big).last_hidden_state
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_source_is_a_clear_error(tmp_path, capsys):
@@ -107,9 +116,14 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
     assert "known presets" in capsys.readouterr().err
 
 
-def test_console_script_help():
+def _console_script() -> str:
     exe = shutil.which("vision-tower")
-    cmd = [exe] if exe else [sys.executable, "-m", "training.cli"]
-    for sub in ("info", "extract", "convert", "demo", "pretrain", "make-shapes", "eval"):
-        proc = subprocess.run([*cmd, sub, "--help"], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and "usage: vision-tower" in proc.stdout, proc.stderr
+    assert exe, "the vision-tower console script is not on PATH: install the package (pip install -e .)"
+    return exe
+
+
+def test_console_script_help():
+    exe = _console_script()
+    for sub in ("info", "extract", "convert", "demo", "pretrain", "train-tokenizer", "make-shapes", "eval"):
+        proc = subprocess.run([exe, sub, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and f"usage: vision-tower {sub}" in proc.stdout, proc.stderr

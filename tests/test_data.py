@@ -360,3 +360,78 @@ def test_continuing_iteration_and_mismatched_state(many_shards):
         build_loader(
             resume_dataset(many_shards), num_workers=0, start_step=3, resume_state=loader.state_dict()
         )
+
+
+# ----------------------------------------------------------------------------- truncated captions
+
+
+@pytest.fixture(scope="module")
+def short_tokenizer(tmp_path_factory):
+    """The demo's tokenizer trained on the shapes captions, but cut at 6 tokens (</s> included)."""
+    from training.demo import caption_corpus
+    from training.tokenizer_train import train_tokenizer
+
+    return train_tokenizer(caption_corpus(), tmp_path_factory.mktemp("tok"), vocab_size=128, max_length=6)
+
+
+def expected_cut(tokenizer, captions: list[str]) -> int:
+    """By hand: ids at a length no caption reaches, pieces counted up to the padding (</s> pads)."""
+    full = tokenizer(captions, max_length=64)  # (N, 64)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    return int(((full != tokenizer.pad_token_id).sum(dim=1) + 1 > tokenizer.max_length).sum())
+
+
+def truncation_dataset(shard, text_transform, **kwargs):
+    options = {"rank": 0, "world_size": 1, "resampled": False, "shuffle": False, "drop_last": False}
+    return build_dataset(
+        shard,
+        image_transform=image_tf,
+        text_transform=text_transform,
+        batch_size=8,
+        decode_image=pil_decode,
+        **{**options, **kwargs},
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_captions_are_counted_and_warned_once(tmp_path, short_tokenizer, num_workers, caplog):
+    n = 40
+    shard = write_tar(tmp_path / "s.tar", [m for i in range(n) for m in good(f"k{i:03d}", i)])
+    want = expected_cut(short_tokenizer, [make_sample("train", i, image_size=16).caption for i in range(n)])
+    assert 0 < want < n
+    loader = build_loader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=num_workers)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        batches = list(loader)
+    assert sum(len(b["caption"]) for b in batches) == n  # cut captions are kept
+    assert loader.samples_seen == n and loader.truncated_captions == want
+    assert loader.truncation == {"truncated_captions": want, "truncated_share": round(want / n, 6)}
+    assert loader.skipped == 0  # not a skip reason
+    warnings = [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()]
+    assert len(warnings) == 1 and "train a tokenizer that fits them" in warnings[0], warnings
+
+    # the tokenizer itself as the text transform (as retrieval uses it) counts the same
+    direct = build_loader(truncation_dataset(shard, short_tokenizer), num_workers=0)
+    list(direct)
+    assert direct.truncated_captions == want
+    # a transform that cannot tell counts nothing, and there is nothing to warn about
+    plain = build_loader(truncation_dataset(shard, text_tf), num_workers=0)
+    list(plain)
+    assert plain.truncation == {"truncated_captions": 0, "truncated_share": 0.0}
+
+
+def test_truncation_counts_survive_resume(tmp_path, short_tokenizer):
+    n = 48
+    shard = write_tar(tmp_path / "s.tar", [m for i in range(n) for m in good(f"k{i:03d}", i)])
+    want = expected_cut(short_tokenizer, [make_sample("train", i, image_size=16).caption for i in range(n)])
+    first = build_loader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=1)
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    saved = json.loads(json.dumps(first.state_dict()))
+    assert first.samples_seen == 16 and saved["workers"]["0"]["samples"] == 16
+    resumed = build_loader(
+        truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=1, resume_state=saved
+    )
+    assert resumed.truncated_captions == first.truncated_captions  # carried over before any batch
+    list(resumed)
+    assert resumed.samples_seen == n and resumed.truncated_captions == want

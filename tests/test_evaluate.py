@@ -22,7 +22,7 @@ from training.evaluate import (
     topk_hits,
     zero_shot,
 )
-from training.shapes import make_shapes
+from training.shapes import CLASSES, make_sample, make_shapes
 
 COLOR_WORDS = ("red", "green", "blue")
 
@@ -83,8 +83,61 @@ def test_zero_shot_known_accuracy(color_folder):
         batch_size=5,
         decode_image=pil_decode,
     )
-    assert result == {"top1": 10 / 12, "top5": 1.0, "n": 12, "n_classes": 3, "skipped": 0}
+    # 3 classes: no top-5 (it would be 1 by construction); no truncation report from this tokenizer
+    assert result == {"top1": 10 / 12, "n": 12, "n_classes": 3, "skipped": 0}
     assert model.training  # restored
+
+
+LEVELS = (0, 20, 50, 90, 140, 200, 250)  # grey level of each of 7 classes' images
+
+
+class GreyModel(torch.nn.Module):
+    """Grey level v and class j sit on a quarter circle at angles v and LEVELS[j] (scaled): the
+    classes rank by |v - LEVELS[j]|, with no ties for the levels used below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor([1.0]))
+        self.logit_bias = torch.nn.Parameter(torch.tensor([0.0]))
+
+    @staticmethod
+    def _arc(level: torch.Tensor) -> torch.Tensor:
+        angle = level / 255 * (torch.pi / 2)
+        return torch.stack([angle.cos(), angle.sin()], dim=-1)  # (B, 2)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._arc(pixel_values.mean(dim=(1, 2, 3)) * 255)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._arc(torch.tensor(LEVELS, dtype=torch.float32)[input_ids[:, 0]])
+
+
+def grey_tokenize(texts: list[str]) -> torch.Tensor:
+    """Token 0 is the class index written in the text ("... c3 ..."): (B, 1)."""
+    return torch.tensor([[int(t.split("c")[-1][0])] for t in texts])
+
+
+def test_zero_shot_top1_and_top5_on_a_known_ranking(tmp_path):
+    """7 classes x 2 images at their own level, plus one odd image in four classes, placed so that its
+    class ranks 2nd (c2 at 75), 4th (c3 at 200), 6th (c1 at 250) and 7th (c0 at 250)."""
+    odd = {"c2": 75, "c3": 200, "c1": 250, "c0": 250}
+    for j, level in enumerate(LEVELS):
+        folder = tmp_path / f"c{j}"
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (4, 4), (level,) * 3).save(folder / f"{i}.png")
+        if folder.name in odd:
+            Image.new("RGB", (4, 4), (odd[folder.name],) * 3).save(folder / "odd.png")
+    result = zero_shot(
+        GreyModel(),
+        tmp_path,
+        templates=["a photo of {}", "{} again"],
+        image_transform=to_tensor,
+        tokenize=grey_tokenize,
+        decode_image=pil_decode,
+    )
+    # top-1: the 14 own-level images; top-5: those and the odd ones ranked 2nd and 4th
+    assert result == {"top1": 14 / 18, "top5": 16 / 18, "n": 18, "n_classes": 7, "skipped": 0}
 
 
 def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):
@@ -106,7 +159,7 @@ def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):
             tokenize=color_tokenize,
             decode_image=pil_decode,
         )
-    with pytest.raises(ValueError, match="contain"):
+    with pytest.raises(ValueError, match=r"must hold exactly one \{\} for the class name \(it has none\)"):
         zero_shot(
             ColorModel(),
             color_folder,
@@ -117,18 +170,72 @@ def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):
         )
 
 
+def test_zero_shot_refuses_one_class_and_classes_without_images(color_folder, tmp_path):
+    options = {"image_transform": to_tensor, "tokenize": color_tokenize, "decode_image": pil_decode}
+    (color_folder / "purple").mkdir()
+    (color_folder / "purple" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder\(s\) without images .*\['purple'\]"):
+        zero_shot(ColorModel(), color_folder, **options)
+    (tmp_path / "one" / "red").mkdir(parents=True)
+    Image.new("RGB", (6, 6), RGB["red"]).save(tmp_path / "one" / "red" / "0.png")
+    with pytest.raises(
+        ValueError, match=r"1 class folder\(s\) \['red'\]; zero-shot classification needs at least two"
+    ):
+        zero_shot(ColorModel(), tmp_path / "one", **options)
+
+
+def test_classes_whose_prompts_tokenize_alike_are_an_error(color_folder):
+    def cut_tokenize(texts: list[str]) -> torch.Tensor:  # every prompt cut before the class name
+        return torch.zeros(len(texts), 2, dtype=torch.long)
+
+    cut_tokenize.is_truncated = lambda text: True
+    options = {"image_transform": to_tensor, "decode_image": pil_decode, "templates": ["a {}"]}
+    with pytest.raises(
+        ValueError, match=r"classes \['blue', 'green', 'red'\] get identical token ids .* cut at"
+    ):
+        zero_shot(ColorModel(), color_folder, tokenize=cut_tokenize, **options)
+    with pytest.raises(ValueError, match=r"\['blue', 'green'\] .* maps their names to the same ids"):
+        zero_shot(
+            ColorModel(),
+            color_folder,
+            tokenize=lambda t: color_tokenize([x.replace("blue", "green") for x in t]),
+            **options,
+        )
+
+
+def test_zero_shot_counts_and_names_cut_prompts(color_folder, caplog):
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return color_tokenize(texts)
+
+    tokenize.is_truncated = lambda text: text.startswith("a long")  # one of the two templates
+    with caplog.at_level("WARNING", logger="training.prompts"):
+        result = zero_shot(
+            ColorModel(),
+            color_folder,
+            templates=["a {}", "a long {} template"],
+            image_transform=to_tensor,
+            tokenize=tokenize,
+            decode_image=pil_decode,
+        )
+    assert result["truncated_prompts"] == 3 and result["top1"] == 10 / 12
+    assert (
+        "3 of 6 prompts" in caplog.text and "template 'a long {} template' with class 'blue'" in caplog.text
+    )
+
+
 def test_zero_shot_uses_classes_json_of_make_shapes(tmp_path):
     summary = make_shapes(tmp_path, n_train=4, n_val=4, shard_size=4, image_size=16, zeroshot_per_class=1)
     seen: list[str] = []
 
-    def tokenize(texts: list[str]) -> torch.Tensor:
+    def tokenize(texts: list[str]) -> torch.Tensor:  # token 0 drives ColorModel; the rest keep classes apart
         seen.extend(texts)
-        return torch.tensor([[hash(t) % 3, 0] for t in texts])
+        classes = [next(i for i, c in enumerate(CLASSES) if t.endswith(c)) for t in texts]
+        return torch.tensor([[c % 3, c] for c in classes])
 
     result = zero_shot(
         ColorModel(), summary.zeroshot, image_transform=to_tensor, tokenize=tokenize, decode_image=pil_decode
     )
-    assert result["n"] == 24 and result["n_classes"] == 24 and 0 <= result["top1"] <= result["top5"] <= 1
+    assert result["n"] == 24 and result["n_classes"] == 24 and "top5" in result  # more than 5 classes
     assert "a photo of a red circle" in seen and len(seen) == 24 * len(summary.templates)
 
 
@@ -255,7 +362,8 @@ def test_retrieval_over_batches_matches_identical_captions():
 
 
 def test_retrieval_over_shards(tmp_path):
-    summary = make_shapes(tmp_path, n_train=4, n_val=10, shard_size=4, image_size=16, zeroshot_per_class=1)
+    n = 30
+    summary = make_shapes(tmp_path, n_train=4, n_val=n, shard_size=7, image_size=16, zeroshot_per_class=1)
 
     def text_tf(text: str) -> torch.Tensor:
         return torch.tensor([len(text) % 8, 0])  # (2,)
@@ -267,17 +375,48 @@ def test_retrieval_over_shards(tmp_path):
     result = retrieval(
         OneHotModel(), summary.val, image_transform=image_tf, text_transform=text_tf, batch_size=4
     )
-    assert result["n"] == 10 and result["skipped"] == 0 and result["skip_counts"] == {}
-    assert all(0 <= result[f"{d}_r{k}"] <= 1 for d in ("i2t", "t2i") for k in (1, 5, 10))
-    assert result["i2t_r10"] == 1.0  # 10 items: everything is in the top 10
+    assert result["n"] == n and result["skipped"] == 0 and result["skip_counts"] == {}
+    # by hand: the same samples, embedded here, ranked by a plain loop (ties count against the query)
+    samples = [make_sample("val", i, image_size=16) for i in range(n)]
+    img = F.normalize(torch.stack([image_tf(s.image).flatten() for s in samples]), dim=-1)  # (n, 8)
+    ids = torch.stack([text_tf(s.caption) for s in samples])  # (n, 2)
+    txt = F.one_hot(ids[:, 0], 8).float()  # (n, 8)
+    same = (ids[:, None, :] == ids[None, :, :]).all(-1)  # (n, n): identical captions also match
+    want = {}
+    for name, sims in (("i2t", img @ txt.T), ("t2i", txt @ img.T)):
+        for k in (1, 5, 10):
+            hits = sum(int(((sims[q] >= sims[q][same[q]].max()) & ~same[q]).sum() < k) for q in range(n))
+            want[f"{name}_r{k}"] = hits / n
+    assert {k: result[k] for k in want} == want
+    assert 0 < want["i2t_r1"] < want["i2t_r10"] < 1, want  # neither 0 nor 1 by construction
 
 
 def test_templates(tmp_path):
     assert all("{}" in t for t in DEFAULT_TEMPLATES)
     (tmp_path / "t.txt").write_text("a {}\n\nthe {}\n")
     (tmp_path / "t.json").write_text(json.dumps({"templates": ["x {}"]}))
+    (tmp_path / "l.json").write_text(json.dumps(["x {0}", "{{literal}} {}"]))
     assert load_templates(tmp_path / "t.txt") == ["a {}", "the {}"]
     assert load_templates(tmp_path / "t.json") == ["x {}"]
+    assert load_templates(tmp_path / "l.json") == ["x {0}", "{{literal}} {}"]
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("named.txt", "a {}\na {x}\n", r"template 'a \{x\}' must hold exactly one \{\} .*it has \{x\}"),
+        ("two.txt", "a {}{}\n", r"template 'a \{\}\{\}' must hold exactly one \{\} .*it has \{\}, \{\}"),
+        ("empty.txt", "\n  \n", r"no templates"),
+        ("string.json", json.dumps("a photo of a {}"), r"expected a JSON list of templates .* got a str"),
+        ("broken.json", '["a {}",\n "b {}"', r"invalid JSON at line 2"),
+        ("brace.txt", "a {\n", r"template 'a \{' has unbalanced braces"),
+    ],
+)
+def test_bad_templates_files_are_refused_with_the_file_named(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_templates(tmp_path / name)
+    assert str(info.value).startswith(str(tmp_path / name))
 
 
 def test_with_the_tiny_siglip_and_its_image_processor(tmp_path):
@@ -289,16 +428,33 @@ def test_with_the_tiny_siglip_and_its_image_processor(tmp_path):
     model = SiglipModel.from_preset("tiny")
     processor = ImageProcessor(image_size=32)
 
-    def tokenize(texts: list[str]) -> torch.Tensor:  # bytes as ids, padded with 1 (the tiny preset's pad)
+    def tokenize(texts: list[str]) -> torch.Tensor:  # the last 15 bytes as ids, padded with 1 (the pad)
         ids = torch.ones(len(texts), 16, dtype=torch.long)
         for row, text in enumerate(texts):
-            data = list(text.encode())[:15]
+            data = list(text.encode())[-15:]
             ids[row, : len(data)] = torch.tensor(data)
         return ids  # (B, 16)
 
     summary = make_shapes(tmp_path, n_train=4, n_val=12, shard_size=5, image_size=40, zeroshot_per_class=1)
     zs = zero_shot(model, summary.zeroshot, image_transform=processor, tokenize=tokenize, batch_size=10)
-    assert zs["n"] == 24 and zs["n_classes"] == 24 and zs["top1"] <= zs["top5"]
+    assert zs["n"] == 24 and zs["n_classes"] == 24
+    # by hand: the first template alone ranks the same as none; here all of the shapes' templates, averaged
+    with torch.no_grad():
+        text = torch.stack(
+            [
+                F.normalize(
+                    model.encode_text(tokenize([t.format(c) for t in summary.templates])).mean(0), dim=0
+                )
+                for c in CLASSES
+            ]
+        )  # (24, D)
+        files = sorted(Path(summary.zeroshot).glob("*/*.png"))
+        folders = sorted(p.name for p in Path(summary.zeroshot).iterdir())
+        pixels = torch.cat([processor([Image.open(f).convert("RGB")]) for f in files])
+        best = (model.encode_image(pixels) @ text.T).argmax(dim=1)  # (24,)
+    labels = [CLASSES.index(f.parent.name.replace("_", " ")) for f in files]
+    assert folders == [c.replace(" ", "_") for c in sorted(CLASSES, key=lambda c: c.replace(" ", "_"))]
+    assert zs["top1"] == sum(int(b == lab) for b, lab in zip(best.tolist(), labels)) / 24
     rt = retrieval(
         model, summary.val, image_transform=processor, text_transform=TokenizeOne(tokenize), batch_size=5
     )

@@ -67,7 +67,7 @@ T_B_VALUES = [
 @pytest.mark.parametrize("dim", WIDTHS)
 def test_tiled_equals_plain_fp64(rows, tile, dim):
     img, txt = make_batch(rows, dim)
-    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0)
+    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=None)
     tiled = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=tile)
     assert_all_close(tiled, plain, **FP64_TOL)
     assert_all_close(plain, run(formula, img, txt, math.log(10.0), -10.0), **FP64_TOL)
@@ -77,7 +77,7 @@ def test_tiled_equals_plain_fp64(rows, tile, dim):
 @pytest.mark.parametrize("scale,bias", T_B_VALUES)
 def test_extreme_temperature_and_bias(rows, tile, scale, bias):
     img, txt = make_batch(rows, 32)
-    plain = run(sigmoid_loss, img, txt, scale, bias)
+    plain = run(sigmoid_loss, img, txt, scale, bias, chunk_size=None)
     tiled = run(sigmoid_loss, img, txt, scale, bias, chunk_size=tile)
     for value in (*plain, *tiled):
         assert torch.isfinite(value).all()
@@ -101,7 +101,7 @@ def test_separated_pairs_give_zero_loss_without_cancellation():
 @pytest.mark.parametrize("dim", [1, 64, 1024])
 def test_tiled_equals_plain_fp32(rows, tile, dim):
     img, txt = make_batch(rows, dim, torch.float32)
-    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0)
+    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=None)
     tiled = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=tile)
     assert_all_close(tiled, plain)  # torch's fp32 tolerances
     assert tiled[0].dtype == torch.float32
@@ -109,7 +109,7 @@ def test_tiled_equals_plain_fp32(rows, tile, dim):
 
 def test_bf16_inputs_accumulate_in_fp32():
     img, txt = make_batch(40, 16, torch.bfloat16)
-    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0)
+    plain = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=None)
     tiled = run(sigmoid_loss, img, txt, math.log(10.0), -10.0, chunk_size=16)
     assert tiled[0].dtype == torch.float32 and tiled[1].dtype == torch.bfloat16
     assert_all_close(tiled, plain, rtol=2e-2, atol=1e-3)
@@ -117,7 +117,7 @@ def test_bf16_inputs_accumulate_in_fp32():
 
 def test_grad_output_scales_gradients():
     img, txt = make_batch(9, 8)
-    plain = run(lambda *a: 3.0 * sigmoid_loss(*a), img, txt, 0.5, -2.0)
+    plain = run(lambda *a: 3.0 * sigmoid_loss(*a, chunk_size=None), img, txt, 0.5, -2.0)
     tiled = run(lambda *a: 3.0 * sigmoid_loss(*a, chunk_size=4), img, txt, 0.5, -2.0)
     assert_all_close(tiled, plain, **FP64_TOL)
 
@@ -134,12 +134,36 @@ def test_tiled_keeps_no_pair_matrix_and_backward_runs_once():
         loss.backward()
 
 
+def _path(loss: torch.Tensor) -> str:
+    """Which path computed `loss`: the tiled autograd Function, or plain autograd ops."""
+    return "tiled" if type(loss.grad_fn).__name__ == "TiledSigmoidLossBackward" else "plain"
+
+
+def test_default_is_the_tiled_path_and_plain_only_on_request():
+    img, txt = make_batch(2 * DEFAULT_CHUNK_SIZE + 3, 4, torch.float32)
+    img.requires_grad_()
+    scale, bias = torch.tensor([1.0]), torch.tensor([-3.0])
+    default = sigmoid_loss(img, txt, scale, bias)
+    assert _path(default) == "tiled"
+    assert _path(sigmoid_loss(img, txt, scale, bias, chunk_size="auto")) == "tiled"
+    plain = sigmoid_loss(img, txt, scale, bias, chunk_size=None)
+    assert _path(plain) == "plain"
+    # the default tiles at DEFAULT_CHUNK_SIZE and keeps no (B, B) matrix for backward
+    stored = [v for v in default.grad_fn.state.values() if isinstance(v, torch.Tensor)]
+    assert max(t.numel() for t in stored) < img.shape[0] ** 2
+    assert_close(default, plain)
+    assert_close(default, sigmoid_loss(img, txt, scale, bias, chunk_size=DEFAULT_CHUNK_SIZE), rtol=0, atol=0)
+    module = SigmoidLoss()
+    assert _path(module(img, txt)) == "tiled"
+    assert _path(SigmoidLoss(chunk_size=None)(img, txt)) == "plain"
+
+
 def test_no_grad_forward_matches():
     img, txt = make_batch(33, 8)
     scale, bias = torch.tensor([1.0]), torch.tensor([-3.0])
     with torch.no_grad():
         tiled = sigmoid_loss(img, txt, scale, bias, chunk_size=8)
-    assert_close(tiled, sigmoid_loss(img, txt, scale, bias), **FP64_TOL)
+    assert_close(tiled, sigmoid_loss(img, txt, scale, bias, chunk_size=None), **FP64_TOL)
 
 
 def test_missing_bias_means_zero():
@@ -167,7 +191,7 @@ def test_module_parameters():
     assert loss.logit_scale.shape == (1,) and loss.logit_bias.shape == (1,)
     assert loss.logit_scale.exp().item() == pytest.approx(10.0)
     assert loss.logit_bias.item() == -10.0
-    assert loss.chunk_size == DEFAULT_CHUNK_SIZE
+    assert loss.chunk_size == "auto"
     assert loss.no_weight_decay() == {"logit_scale", "logit_bias"}
     loss.to(torch.bfloat16)
     assert loss.logit_scale.dtype == torch.float32 and loss.logit_bias.dtype == torch.float32
@@ -199,7 +223,8 @@ def test_registry():
         ((4, 3), (5, 3), (1,), None, r"same \(batch, dim\) shape, got \(4, 3\) and \(5, 3\)"),
         ((4,), (4,), (1,), None, r"img_emb must be a \(batch, dim\) tensor, got \(4,\)"),
         ((4, 3), (4, 3), (2,), None, r"logit_scale must be a one-element tensor shaped \(1,\), got \(2,\)"),
-        ((4, 3), (4, 3), (1,), 0, "chunk_size must be a positive int or None, got 0"),
+        ((4, 3), (4, 3), (1,), 0, "chunk_size must be a positive int, 'auto' or None, got 0"),
+        ((4, 3), (4, 3), (1,), "big", "chunk_size must be a positive int, 'auto' or None, got 'big'"),
     ],
 )
 def test_errors_name_the_problem(img_shape, txt_shape, scale_shape, chunk, match):

@@ -134,7 +134,7 @@ def _export_matches_consolidated_weights(out: Path):
 
 
 def test_locked_image_tower_does_not_change(shapes, tmp_path):
-    """SigLiT: lock the image tower (here of a from-scratch model) and train the text tower."""
+    """SigLiT: lock the image tower (here of a from-scratch model) and train the text tower, t and b."""
     from safetensors.torch import load_file
 
     out = tmp_path / "lit"
@@ -159,10 +159,19 @@ def test_locked_image_tower_does_not_change(shapes, tmp_path):
     torch.manual_seed(0)
     cfg = load_config(DEMO, [f"{k}={v}" for k, v in shapes.items()] + ["model.lock_image=true"])
     init = build_model(cfg)
+    from vision_tower import SiglipModel
     from vision_tower.loading import vision_state_dict_hf
 
     for k, v in vision_state_dict_hf(init.vision.state_dict()).items():
         assert torch.equal(first_ckpt[k], v), k
+    # ... while the unlocked text tower, t' and b trained: every one of their tensors moved
+    before, after = init.state_dict(), SiglipModel.from_pretrained(out / "export" / "siglip").state_dict()
+    assert after.keys() == before.keys()
+    vision = [k for k in before if k.startswith("vision.")]
+    trainable = [k for k in before if not k.startswith("vision.")]
+    assert vision and "logit_scale" in trainable and "logit_bias" in trainable
+    assert [k for k in vision if not torch.equal(after[k], before[k])] == []
+    assert [k for k in trainable if torch.equal(after[k], before[k])] == []
 
 
 def test_kill_and_resume_reaches_the_same_losses(shapes, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from .tower_commands import add_tower_commands
 from .train_commands import add_train_commands
 from .vlm_commands import add_vlm_commands
@@ -23,12 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures a user's input can cause; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, yaml.YAMLError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (YAML's span several; a KeyError's str() adds quotes)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"vision-tower {args.command}: error: {err}", file=sys.stderr)
+    except EXPECTED_ERRORS as err:
+        print(f"vision-tower {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

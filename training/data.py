@@ -10,6 +10,8 @@ Bad samples (undecodable image, empty or missing caption, missing image, a tar m
 cut off) are skipped, counted by reason and logged once per reason; every batch carries
 its worker's cumulative counts and position, so `ShardLoader` knows the totals and can
 write a `state_dict()` from which a new loader continues with exactly the same batches.
+Captions that the tokenizer cuts at its `max_length` are kept but counted
+(`ShardLoader.truncated_captions`, `truncation`), with one warning once they pass 1%.
 
 Exact resume: worker streams depend only on (seed, rank, world_size, worker, epoch), and
 the DataLoader takes batches from its workers in turn, so batch `i` comes from worker
@@ -57,6 +59,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "transform",
 )
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
+TRUNCATION_WARN_SHARE = 0.01  # warn once when more than this share of the captions was cut
 
 
 # ----------------------------------------------------------------------------- shards
@@ -241,13 +244,27 @@ def _squeeze(x: torch.Tensor, ndim: int, what: str) -> torch.Tensor:
 
 
 class TokenizeOne:
-    """Turns a batch tokenizer (list[str] -> (B, L)) into a text_transform (str -> (L,))."""
+    """Turns a batch tokenizer (list[str] -> (B, L)) into a text_transform (str -> (L,)).
+
+    Truncation is reported (`is_truncated`) when the tokenizer has an ``is_truncated(text)`` method,
+    as `vision_tower.Tokenizer` does.
+    """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> torch.Tensor:
         return self.tokenizer([text])[0]  # (L,)
+
+    def is_truncated(self, text: str) -> bool | None:
+        """Was ``text`` cut to the tokenizer's length? None when the tokenizer cannot tell."""
+        check = getattr(self.tokenizer, "is_truncated", None)
+        return None if check is None else bool(check(text))
+
+
+def _truncation_check(text_transform: Callable[[str], Any]) -> Callable[[str], bool | None] | None:
+    """The text transform's own ``is_truncated(text)``, if it has one."""
+    return getattr(text_transform, "is_truncated", None)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -273,6 +290,7 @@ class _Item:
     pixels: torch.Tensor  # (3, H, W)
     ids: torch.Tensor  # (L,)
     caption: str
+    truncated: bool = False
 
 
 class ShardDataset(IterableDataset):
@@ -358,13 +376,15 @@ class ShardDataset(IterableDataset):
                     1,
                     "text_transform (str -> (L,); wrap a batch tokenizer in TokenizeOne)",
                 )  # (L,)
+                check = _truncation_check(self.text_transform)
+                truncated = bool(check(caption)) if check is not None else False
             except Exception as exn:
                 raise SkipSample("transform", repr(exn)) from exn
         except SkipSample as skip:
             counter.skip(skip.reason, key, url, skip.detail)
             return None
         counter.ok()
-        return _Item(key, pixels, ids, caption)
+        return _Item(key, pixels, ids, caption, truncated)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -382,18 +402,25 @@ class ShardDataset(IterableDataset):
         counter = SkipCounter(self.max_consecutive_skips, saved["skips"] if saved else None)
         samples = self.raw_samples(worker, num_workers, counter)
         done = batches_before(self.plan.start_step, worker, num_workers)
-        state = {"worker": worker, "batches": 0, "raw": 0}
+        state = {"worker": worker, "batches": 0, "raw": 0, "samples": 0, "truncated": 0}
         if saved is not None:  # skip what was consumed, undecoded and uncounted
             counter.silent = True
             state["raw"] = sum(1 for _ in zip(range(saved["raw"]), samples, strict=False))
             state["batches"], counter.silent, counter.consecutive = saved["batches"], False, 0
+            state["samples"], state["truncated"] = saved.get("samples", 0), saved.get("truncated", 0)
+        example: str | None = None  # the first caption this worker saw cut, for the warning
         while True:
             items = self._fill(samples, counter, state)
             if not items or (len(items) < self.batch_size and self.drop_last):
                 break
             state["batches"] += 1
+            state["samples"] += len(items)
+            state["truncated"] += sum(it.truncated for it in items)
+            example = example or next((it.caption for it in items if it.truncated), None)
             if state["batches"] > done:  # earlier ones are a replay of batches already seen
-                yield self._collate(items, {**state, "skips": dict(counter.counts)})
+                yield self._collate(
+                    items, {**state, "skips": dict(counter.counts), "truncated_example": example}
+                )
         yield {"__state__": {**state, "skips": dict(counter.counts), "final": True}}
 
     def _fill(self, samples: Iterator[dict[str, Any]], counter: SkipCounter, state: dict) -> list[_Item]:
@@ -487,7 +514,8 @@ class ShardLoader:
     """DataLoader over a ShardDataset that collects skip counts and the stream position.
 
     Iterating yields batches without the `"__state__"` entry. `skip_counts`/`skipped` are
-    the totals over workers up to the last batch consumed; `state_dict()` is a small
+    the totals over workers up to the last batch consumed, `truncated_captions` (of
+    `samples_seen`) the captions kept but cut by the tokenizer; `state_dict()` is a small
     JSON-able dict to save with a checkpoint and pass back as `resume_state`. An endless
     (resampled) loader iterated again continues where it stopped; a one-pass loader starts
     a new pass.
@@ -505,6 +533,8 @@ class ShardLoader:
     ) -> None:
         self.dataset, self.num_workers = dataset, num_workers
         self.step, self._workers = start_step, {}
+        self._truncated_example: str | None = None
+        self._warned_truncation = False
         if resume_state is not None:
             self.step, self._workers = self._check_resume(resume_state, start_step)
         self._start = (self.step, dict(self._workers))
@@ -534,9 +564,13 @@ class ShardLoader:
         self.dataset.plan = ResumePlan(self.step, max(1, self.num_workers), dict(self._workers))
         for batch in DataLoader(self.dataset, **self._loader_kwargs):
             state = batch.pop("__state__")
-            self._workers[state["worker"]] = {k: state[k] for k in ("raw", "batches", "skips")}
+            self._workers[state["worker"]] = {
+                k: state[k] for k in ("raw", "batches", "skips", "samples", "truncated")
+            }
+            self._truncated_example = self._truncated_example or state.get("truncated_example")
             if not state.get("final"):
                 self.step += 1
+                self._warn_truncation()
                 yield batch
         if self.skipped:
             log.info(
@@ -554,6 +588,38 @@ class ShardLoader:
     @property
     def skipped(self) -> int:
         return sum(self.skip_counts.values())
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples in the batches consumed so far (before a resume included)."""
+        return sum(state.get("samples", 0) for state in self._workers.values())
+
+    @property
+    def truncated_captions(self) -> int:
+        """Captions among `samples_seen` that the tokenizer cut at its max_length."""
+        return sum(state.get("truncated", 0) for state in self._workers.values())
+
+    @property
+    def truncation(self) -> dict[str, float | int]:
+        """``{"truncated_captions": n, "truncated_share": n / samples_seen}`` for a metrics line."""
+        seen = self.samples_seen
+        share = self.truncated_captions / seen if seen else 0.0
+        return {"truncated_captions": self.truncated_captions, "truncated_share": round(share, 6)}
+
+    def _warn_truncation(self) -> None:
+        seen, cut = self.samples_seen, self.truncated_captions
+        if self._warned_truncation or not seen or cut / seen <= TRUNCATION_WARN_SHARE:
+            return
+        self._warned_truncation = True
+        log.warning(
+            "%d of the %d captions so far (%.1f%%) are longer than the tokenizer's max_length and were "
+            "cut, e.g. %r; train a tokenizer that fits them (vision-tower train-tokenizer) or raise "
+            "max_length. Counted as truncated_captions; this warning is not repeated.",
+            cut,
+            seen,
+            100 * cut / seen,
+            self._truncated_example,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch consumed: pass as `resume_state` to continue exactly."""

@@ -9,7 +9,6 @@ sigmoid(t * <img, txt> + b).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,20 +19,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training.data import ShardSpec, build_dataset, build_loader, default_decode_image
-
-# A few of the CLIP ImageNet prompts; "{}" is replaced by the class name.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a drawing of a {}.",
-    "itap of a {}.",
+from training.prompts import (
+    DEFAULT_TEMPLATES,
+    check_distinct_prompts,
+    check_templates,
+    load_templates,
+    prompt_ids,
+    warn_cut_prompts,
 )
+from vision_tower.checkpoint import read_json
+
+__all__ = ["DEFAULT_TEMPLATES", "load_templates", "recall_at_k", "retrieval", "zero_shot"]
+
 IMAGE_FILE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CLASS_FILE = "classes.json"
+TOP5_MIN_CLASSES = 6  # top-5 accuracy is reported only when it is not trivially 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,15 +70,6 @@ def sigmoid_scores(model: Any, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> 
     return torch.sigmoid(img_emb @ txt_emb.T * t + model.logit_bias.to(img_emb))  # (N, C)
 
 
-def load_templates(path: str | os.PathLike) -> list[str]:
-    """Prompt templates from a .txt (one per line) or .json (a list, or {"templates": [...]}) file."""
-    text = Path(path).read_text()
-    if str(path).endswith(".json"):
-        data = json.loads(text)
-        return list(data["templates"] if isinstance(data, dict) else data)
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 # ----------------------------------------------------------------------------- zero-shot
 
 
@@ -88,16 +79,22 @@ def list_image_folder(image_dir: str | os.PathLike) -> tuple[list[str], list[tup
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; expected one sub-folder per class")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise ValueError(
+            f"{root} has {len(folders)} class folder(s) {folders}; zero-shot classification needs at "
+            "least two (<class>/<image> files)"
+        )
     samples = [
         (p, label)
         for label, name in enumerate(folders)
         for p in sorted((root / name).rglob("*"))
         if p.suffix.lower() in IMAGE_FILE_EXTENSIONS and p.is_file()
     ]
-    if not folders or not samples:
-        raise FileNotFoundError(
-            f"{root} has {len(folders)} class folders and {len(samples)} images "
-            f"({'/'.join(IMAGE_FILE_EXTENSIONS)}); expected <class>/<image> files"
+    empty = [name for label, name in enumerate(folders) if not any(lab == label for _, lab in samples)]
+    if empty:
+        raise ValueError(
+            f"{root}: class folder(s) without images ({'/'.join(IMAGE_FILE_EXTENSIONS)}): {empty}; "
+            "remove them or add images"
         )
     return folders, samples
 
@@ -106,7 +103,12 @@ def read_class_info(image_dir: str | os.PathLike) -> dict[str, Any]:
     """The `classes.json` in `image_dir` or its parent (as written by make-shapes), else {}."""
     for folder in (Path(image_dir), Path(image_dir).parent):
         if (folder / CLASS_FILE).is_file():
-            return json.loads((folder / CLASS_FILE).read_text())
+            info = read_json(folder / CLASS_FILE)
+            if not isinstance(info, dict):
+                raise ValueError(
+                    f"{folder / CLASS_FILE}: expected a JSON object, got a {type(info).__name__}"
+                )
+            return info
     return {}
 
 
@@ -126,17 +128,17 @@ def class_embeddings(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Mean of the template embeddings of each class, renormalised: (C, D)."""
-    bad = [t for t in templates if "{}" not in t]
-    if bad or not templates:
-        raise ValueError(
-            f"templates must be non-empty and each contain '{{}}' for the class name; bad: {bad}"
-        )
-    texts = [t.format(name) for name in class_names for t in templates]
-    chunks = [
-        model.encode_text(tokenize(texts[i : i + batch_size]).to(device))
-        for i in range(0, len(texts), batch_size)
-    ]
-    emb = torch.cat(chunks).float().view(len(class_names), len(templates), -1)  # (C, T, D)
+    ids, _ = prompt_ids(class_names, templates, tokenize, batch_size)  # (C, T, L)
+    return embed_prompts(model, ids, device=device, batch_size=batch_size)
+
+
+def embed_prompts(
+    model: Any, ids: torch.Tensor, *, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """(C, T, L) prompt ids -> the class embeddings (C, D): template mean, renormalised."""
+    flat = ids.reshape(-1, ids.shape[-1])  # (C * T, L)
+    chunks = [model.encode_text(flat[i : i + batch_size].to(device)) for i in range(0, len(flat), batch_size)]
+    emb = torch.cat(chunks).float().view(ids.shape[0], ids.shape[1], -1)  # (C, T, D)
     return F.normalize(emb.mean(dim=1), dim=-1)  # (C, D)
 
 
@@ -181,31 +183,42 @@ def zero_shot(
     device: torch.device | str | None = None,
     decode_image: Callable[[bytes], Image.Image] = default_decode_image,
 ) -> dict[str, Any]:
-    """Top-1/top-5 zero-shot accuracy on an ImageFolder (one sub-folder per class).
+    """Top-1 (and, with more than five classes, top-5) zero-shot accuracy on an ImageFolder.
 
-    Class names default to `classes.json` beside the folder (see make-shapes), else the
-    folder names with '_' as spaces; templates default to that file's, else
-    DEFAULT_TEMPLATES. Returns {"top1", "top5", "n", "n_classes", "skipped"}.
+    One sub-folder per class, at least two, each with images. Class names default to
+    `classes.json` beside the folder (see make-shapes), else the folder names with '_' as
+    spaces; templates default to that file's, else DEFAULT_TEMPLATES. Two classes whose
+    prompts all tokenize alike are an error. Returns {"top1", "top5" (C > 5 only), "n",
+    "n_classes", "skipped", "truncated_prompts" (when the tokenizer can tell)}.
     """
     folders, samples = list_image_folder(image_dir)
     info = read_class_info(image_dir)
     names = list(class_names) if class_names is not None else _class_names(folders, info)
     if len(names) != len(folders):
         raise ValueError(f"{len(names)} class names for {len(folders)} class folders in {image_dir}")
-    templates = list(templates or info.get("templates") or DEFAULT_TEMPLATES)
-    dev, hits, n, skipped = _device(model, device), {1: 0, 5: 0}, 0, 0
+    templates = check_templates(templates or info.get("templates") or DEFAULT_TEMPLATES)
+    ids, cut = prompt_ids(names, templates, tokenize)  # (C, T, L), (C, T)
+    check_distinct_prompts(ids, cut, names, templates)
+    if cut is not None:
+        warn_cut_prompts(cut, names, templates)
+    ks = (1, 5) if len(names) >= TOP5_MIN_CLASSES else (1,)
+    dev, hits, n, skipped = _device(model, device), dict.fromkeys(ks, 0), 0, 0
     with _eval_mode(model):
-        text = class_embeddings(model, names, templates, tokenize, device=dev)  # (C, D)
+        text = embed_prompts(model, ids, device=dev)  # (C, D)
         for pixels, labels, bad in _image_batches(samples, decode_image, image_transform, batch_size):
             skipped += bad
             if len(labels):
                 scores = sigmoid_scores(model, model.encode_image(pixels.to(dev)).float(), text)  # (B, C)
-                for k, h in topk_hits(scores, labels.to(dev), (1, 5)).items():
+                for k, h in topk_hits(scores, labels.to(dev), ks).items():
                     hits[k] += h
                 n += len(labels)
     if n == 0:
         raise ValueError(f"none of the {len(samples)} images in {image_dir} could be read")
-    return {"top1": hits[1] / n, "top5": hits[5] / n, "n": n, "n_classes": len(names), "skipped": skipped}
+    result = {f"top{k}": hits[k] / n for k in ks}
+    result.update(n=n, n_classes=len(names), skipped=skipped)
+    if cut is not None:
+        result["truncated_prompts"] = int(cut.sum())
+    return result
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -329,7 +342,15 @@ def retrieval(
     dev = _device(model, device)
     with _eval_mode(model):
         img, txt, ids = embed_pairs(model, data, dev, max_samples)
-    extra = {"skipped": data.skipped, "skip_counts": data.skip_counts} if _is_loader(data) else {}
+    extra = (
+        {
+            "skipped": data.skipped,
+            "skip_counts": data.skip_counts,
+            "truncated_captions": data.truncated_captions,
+        }
+        if _is_loader(data)
+        else {}
+    )
     if len(img) == 0:
         raise ValueError(f"retrieval got no samples {extra}")
     groups = torch.unique(ids, dim=0, return_inverse=True)[1].to(dev) if match_identical_captions else None

@@ -12,6 +12,8 @@ from vision_tower.features import extract_to_file
 from vision_tower.saving import FORMATS
 from vision_tower.sources import convert, describe
 
+from .cli_args import check_device, check_new_output, positive_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,6 +46,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    check_new_output(args.out, args.overwrite, kind="file")
+    check_device(args.device)
     feats = extract_to_file(
         args.model,
         args.images,
@@ -70,6 +74,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    check_new_output(args.out, args.overwrite)
     done = convert(
         args.src,
         args.out,
@@ -102,10 +107,12 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="output .safetensors (patch_features, pooled; names in metadata)"
     )
-    p.add_argument("--image-size", type=int, default=None, help="resize the position table for this size")
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="resize the position table for this size"
+    )
     p.add_argument(
         "--max-num-patches",
-        type=int,
+        type=positive_int,
         default=None,
         help="NaFlex towers: patch budget per image (aspect ratio kept; default: the checkpoint's)",
     )
@@ -113,15 +120,16 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
         "--layer", type=int, default=-1, help="-1: final post-layernorm output; k: block k (-2: LLaVA)"
     )
     p.add_argument("--no-head", action="store_true", help="skip the attention-pooling head")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 on GPUs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("convert", help="write a checkpoint in the transformers, timm or open_clip layout")
     p.add_argument("src", help="folder, file or hub repo id in any supported layout (or preset:NAME)")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument(
         "--to",
         choices=FORMATS,
@@ -131,8 +139,12 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
         "open_clip_config.json",
     )
     p.add_argument(
-        "--image-size", type=int, default=None, help="resize the position table (written to the file)"
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="resize the position table (written to the file)",
     )
+    p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty output folder")
     p.add_argument("--no-head", action="store_true", help="drop the attention-pooling head")
     p.add_argument(
         "--allow-gelu-change",

@@ -1,9 +1,11 @@
-"""The training subcommands of ``vision-tower``: pretrain, make-shapes, eval, demo."""
+"""The training subcommands of ``vision-tower``: pretrain, train-tokenizer, make-shapes, eval, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from .cli_args import check_new_output, positive_int
 
 
 class _ResumeAction(argparse.Action):
@@ -28,6 +30,36 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: v for k, v in result.items()}, default=str))
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from .tokenizer_train import captions_from_file, captions_from_shards, length_report, train_tokenizer
+
+    check_new_output(args.out, args.overwrite)
+    if args.captions is not None:
+        captions, source = captions_from_file(args.captions), args.captions
+    else:
+        captions, source = list(captions_from_shards(args.shards, limit=args.max_captions)), args.shards
+        if not captions:
+            raise ValueError(f"no captions (txt, or caption/text in json) in the shards {args.shards}")
+    tok = train_tokenizer(
+        captions, args.out, vocab_size=args.vocab_size, max_length=args.max_length, model_type=args.model_type
+    )
+    pieces = f"{tok.vocab_size} pieces" + (
+        f" (asked {args.vocab_size}: the captions support no more)"
+        if tok.vocab_size < args.vocab_size
+        else ""
+    )
+    print(
+        f"trained a {args.model_type} tokenizer on {len(captions)} captions from {source}: {pieces} -> {args.out}"
+    )
+    report = length_report(tok, captions)
+    for line in report.lines():
+        print(line)
+    print(
+        f"train with data.tokenizer={args.out}; from a preset also model.text.vocab_size={tok.vocab_size} "
+        f"(or more) and model.text.max_position_embeddings={max(report.suggested_max_length, 2)}"
+    )
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> None:
@@ -61,15 +93,17 @@ def _model_and_preprocessing(src: str, tokenizer_src: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import load_templates, retrieval, zero_shot
+    from .evaluate import list_image_folder, load_templates, retrieval, zero_shot
 
     needed = {"zero-shot": ("images", "--images CLASS_DIR"), "retrieval": ("shards", "--shards SHARDS")}
     attr, flag = needed[args.task]
     if getattr(args, attr) is None:
         raise ValueError(f"eval {args.task} needs {flag}")
+    if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
+        templates = load_templates(args.templates) if args.templates else None
+        list_image_folder(args.images)
     model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
     if args.task == "zero-shot":
-        templates = load_templates(args.templates) if args.templates else None
         result = zero_shot(
             model,
             args.images,
@@ -92,7 +126,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, ranks=args.ranks)
+    run_demo(
+        args.out,
+        steps=args.steps,
+        ranks=args.ranks,
+        train_samples=args.train_samples,
+        overwrite=args.overwrite,
+    )
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -119,12 +159,37 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a SigLIP-layout sentencepiece tokenizer on your captions; report how many fit",
+        description="Train a sentencepiece tokenizer in SigLIP's layout (<pad>=0, </s>=1, <unk>=2) on the "
+        "captions of a shard set or a text file, save it as a transformers SiglipTokenizer folder, and "
+        "print the share of captions that fit in --max-length, the token-length percentiles and a "
+        "max_length that fits 99%%.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="WebDataset shards (brace pattern or folder) whose captions to use")
+    src.add_argument("--captions", help="text file with one caption per line")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--vocab-size", type=positive_int, default=32000, help="at most this many pieces (SigLIP: 32000)"
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=64, help="tokens per caption, </s> included (SigLIP: 64)"
+    )
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model")
+    p.add_argument(
+        "--max-captions", type=positive_int, default=None, help="read at most this many captions from shards"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the files in an existing --out folder")
+    p.set_defaults(func=cmd_train_tokenizer)
+
     p = sub.add_parser("make-shapes", help="write the built-in demo dataset of coloured shapes")
     p.add_argument("--out", required=True)
-    p.add_argument("--n-train", type=int, default=8192)
-    p.add_argument("--n-val", type=int, default=512)
-    p.add_argument("--shard-size", type=int, default=1024)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--n-train", type=positive_int, default=8192)
+    p.add_argument("--n-val", type=positive_int, default=512)
+    p.add_argument("--shard-size", type=positive_int, default=1024)
+    p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_shapes)
 
@@ -135,11 +200,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="zero-shot: ImageFolder root (one sub-folder per class)")
     p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
     p.add_argument("--shards", help="retrieval: WebDataset shards (brace pattern or folder)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export")
-    p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", default=None, help="output folder (default: ./vision-tower-demo)")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (default: the demo config's)"
+    )
+    p.add_argument("--ranks", type=positive_int, default=2, help="CPU ranks (processes) to train on")
+    p.add_argument(
+        "--train-samples", type=positive_int, default=8192, help="image-text pairs in the training shards"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in the output folder")
     p.set_defaults(func=cmd_demo)

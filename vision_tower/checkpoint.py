@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 Tensor = torch.Tensor
@@ -19,9 +21,27 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the keys that are missing, unexpected or mis-shaped."""
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> Any:
+    """The parsed JSON file; invalid JSON is a ValueError naming the file, line and column."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _refused_pickle(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """The weights-only unpickler's refusal, without torch's advice to load the file unsafely."""
+    found = re.search(r"GLOBAL (\S+)", str(err))  # "unsupported GLOBAL posix.system" (torch 2.x)
+    what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
+    return CheckpointError(
+        f"{path}: refused to unpickle it: it holds {what}, and only tensors and plain containers are "
+        "read from .bin/.pt files (weights_only); convert it to safetensors where it was made"
+    )
 
 
 KeyFilter = Callable[[str], bool]
@@ -44,12 +64,21 @@ def _read_sharded(index: Path, keep: KeyFilter) -> dict[str, Tensor]:
 def _read_file(path: Path, keep: KeyFilter) -> dict[str, Tensor]:
     name = path.name
     if name.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (safe_open is no dict)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (safe_open is no dict)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if name.endswith(".index.json"):
         return _read_sharded(path, keep)
     if path.suffix in (".bin", ".pt", ".pth"):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise _refused_pickle(path, err) from None
+        except (RuntimeError, EOFError) as err:
+            reason = str(err).split(". ")[0]
+            raise CheckpointError(f"{path}: not a readable torch file ({reason})") from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} does not hold a state dict")
         return {k: v for k, v in sd.items() if keep(k)}

@@ -6,7 +6,6 @@ The command modules only parse arguments and print; the decisions live here.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, read_json
 from .config import NaFlexVisionConfig
 from .formats import big_vision, open_clip
 from .hub import resolve
@@ -43,15 +42,17 @@ def _folder(src: str | os.PathLike) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _json(file: Path) -> dict[str, Any] | None:
-    return json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+def _json(file: Path) -> Any:
+    """The parsed JSON file (an error naming file and line if it is invalid), or None if it is missing."""
+    return read_json(file) if file.exists() else None
 
 
 def model_type(src: str | os.PathLike) -> str | None:
     """The ``model_type`` of a checkpoint's config.json (``"siglip"`` for presets), or None without one."""
     if preset_name(str(src)) is not None:
         return "siglip"
-    return (_json(_folder(src) / "config.json") or {}).get("model_type")
+    data = _json(_folder(src) / "config.json") or {}
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def is_siglip_model(src: str | os.PathLike) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import sentencepiece as spm
 import torch
 
+from .checkpoint import read_json
 from .hub import resolve
 from .spm_proto import non_normal_pieces, user_defined_as_normal, without_dummy_prefix
 
@@ -173,9 +174,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
     def canonicalize(self, text: str) -> str:
         """big_vision text canonicalisation of the SigLIP flavor (lower, no punctuation, one space)."""
-        if self.do_lower_case:
-            text = text.lower()
-        return _WHITESPACE.sub(" ", text.translate(_PUNCTUATION)).strip()
+        return canonicalize(text, lower_case=self.do_lower_case)
 
     def _split(self, text: str) -> list[tuple[str, bool]]:
         """Cut ``text`` around added tokens: ``(piece, is_added_token)``; empty pieces dropped."""
@@ -217,6 +216,14 @@ class Tokenizer:
         if self.add_eos_token and not (self.flavor == "siglip" and ids and ids[-1] == self.eos_token_id):
             ids.append(self.eos_token_id)
         return ids
+
+    def num_tokens(self, text: str) -> int:
+        """Length of ``text``'s ids with bos/eos before any truncation (compare with ``max_length``)."""
+        return len(self.encode(text, max_length=1 << 30))
+
+    def is_truncated(self, text: str, max_length: int | None = None) -> bool:
+        """Would ``text`` be cut to fit ``max_length`` (default: this tokenizer's)?"""
+        return self.num_tokens(text) > (self.max_length if max_length is None else int(max_length))
 
     def batch_encode(
         self, texts: str | Iterable[str], max_length: int | None = None
@@ -348,6 +355,14 @@ class Tokenizer:
         return folder
 
 
+def canonicalize(text: str, *, lower_case: bool = True) -> str:
+    """big_vision's text canonicalisation for SigLIP: lower case, ASCII punctuation removed,
+    whitespace collapsed to one space."""
+    if lower_case:
+        text = text.lower()
+    return _WHITESPACE.sub(" ", text.translate(_PUNCTUATION)).strip()
+
+
 def _load_sentencepiece(proto: bytes, *, legacy: bool, flavor: str) -> spm.SentencePieceProcessor:
     """Sentencepiece processor for ``proto`` with the adjustments transformers makes."""
     if not legacy:
@@ -367,8 +382,10 @@ def _token_text(value: Any) -> str | None:
 def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
-    with open(file, encoding="utf-8") as handle:
-        return json.load(handle)
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _read_folder(folder: Path) -> dict[str, Any]:

@@ -249,6 +249,21 @@ class VisionTower(nn.Module):
     def resize_pos_embed(self, image_size: int) -> None:
         """Resize the position table for ``image_size`` px images (image_size // patch_size tokens a side)."""
         p = self.config.patch_size
+        if (
+            isinstance(image_size, bool)
+            or not isinstance(image_size, int)
+            or image_size < p
+            or image_size % p
+        ):
+            near = (
+                sorted({max(p, image_size // p * p), (image_size // p + 1) * p})
+                if isinstance(image_size, int)
+                else [p]
+            )
+            raise ValueError(
+                f"image_size {image_size!r} is not a positive multiple of the patch size {p} (a tower resized "
+                f"to it would ignore the pixels past the last whole patch): use e.g. {' or '.join(map(str, near))}"
+            )
         grid = (image_size // p, image_size // p)
         table = interpolate_pos_embed(self.pos_embed.data, grid)
         self.pos_embed = nn.Parameter(table.contiguous(), requires_grad=self.pos_embed.requires_grad)

@@ -11,7 +11,7 @@ def check_pair_inputs(
     txt_emb: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None,
-    chunk_size: int | None,
+    chunk_size: int | str | None,
 ) -> None:
     """Raise a ValueError naming the first argument of `name` that is not as the loss needs it."""
     for arg, t in (("img_emb", img_emb), ("txt_emb", txt_emb)):
@@ -38,7 +38,9 @@ def check_pair_inputs(
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: {arg} must be a one-element tensor shaped (1,), got {got}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    if (
+        chunk_size is not None
+        and chunk_size != "auto"
+        and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1)
     ):
-        raise ValueError(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(f"{name}: chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")

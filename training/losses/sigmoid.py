@@ -21,7 +21,7 @@ def sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None,
     *,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
     group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss over a batch of B matching image/text pairs.
@@ -35,11 +35,13 @@ def sigmoid_loss(
         logit_scale: t' = log t, shaped (1,) like transformers' `SiglipModel.logit_scale`; the loss
             applies `exp`.
         logit_bias: b, shaped (1,); None means b = 0.
-        chunk_size: None computes the plain B x B logits; an int walks the pairs in tiles of that
-            side, with memory O(B * D + chunk_size^2) and the same matmul work.
+        chunk_size: ``"auto"`` (the default) walks the pairs in tiles of side `DEFAULT_CHUNK_SIZE`; an
+            int in tiles of that side, with memory O(B * D + chunk_size^2) and the same matmul work
+            as the plain path. None computes the plain B x B logits (the reference; on request only:
+            at B = 16k it is slower and holds a 1 GiB logit matrix plus its gradient).
         group: process group the batch is split over; None uses the default group when one is
             initialised. With W > 1 ranks each rank passes its local b rows, the text blocks travel
-            around a ring (tiled, `chunk_size` or 2048), and each rank gets the loss of its rows
+            around a ring (tiled, `chunk_size` or `DEFAULT_CHUNK_SIZE`), and each rank gets the loss of its rows
             divided by b, so the mean over ranks is the loss of the global batch. All ranks must
             pass the same b and backpropagate with the same `grad_output` (as `loss.backward()` and
             DeepSpeed loss scaling do). To get a rank-local loss in a multi-rank job, pass a
@@ -50,12 +52,12 @@ def sigmoid_loss(
     check_pair_inputs("sigmoid_loss", img_emb, txt_emb, logit_scale, logit_bias, chunk_size)
     group, world_size = resolve_group(group)
     needs = GradNeeds.of(img_emb, txt_emb, logit_scale, logit_bias)
-    if world_size > 1:
-        tile = chunk_size or DEFAULT_CHUNK_SIZE
+    tile = DEFAULT_CHUNK_SIZE if chunk_size in (None, "auto") else chunk_size
+    if world_size > 1:  # the ring is always tiled
         return RingSigmoidLoss.apply(img_emb, txt_emb, logit_scale, logit_bias, tile, group, needs)
     if chunk_size is None:
         return plain_sigmoid_loss(img_emb, txt_emb, logit_scale, logit_bias)
-    return TiledSigmoidLoss.apply(img_emb, txt_emb, logit_scale, logit_bias, chunk_size, needs)
+    return TiledSigmoidLoss.apply(img_emb, txt_emb, logit_scale, logit_bias, tile, needs)
 
 
 def plain_sigmoid_loss(
@@ -98,7 +100,8 @@ class SigmoidLoss(ScalarParamsInFp32):
 
     `forward(img_emb, txt_emb)` returns `sigmoid_loss(...)` with the module's t' and b. Both are
     fp32 parameters shaped (1,), excluded from weight decay (`no_weight_decay()`); t' is clamped
-    to `logit_scale_max` in the forward when given. The default is the tiled path.
+    to `logit_scale_max` in the forward when given. `chunk_size` as in `sigmoid_loss`: tiled by
+    default, plain with None.
     """
 
     def __init__(
@@ -107,7 +110,7 @@ class SigmoidLoss(ScalarParamsInFp32):
         logit_scale_init: float = math.log(10.0),
         logit_bias_init: float = -10.0,
         logit_scale_max: float | None = None,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | str | None = "auto",
         group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()

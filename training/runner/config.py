@@ -18,16 +18,21 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ..resources import shipped_config
+
 ROOT = Path(__file__).resolve().parents[2]
 C = TypeVar("C")
 
 
 def resolve_path(path: str) -> str:
-    """Config paths are relative to the working directory, else to the repository root."""
+    """Config paths are relative to the working directory, else to the repository root; ``configs/...``
+    also names the configs shipped in the package (an installed wheel has no repository root)."""
     p = Path(path)
-    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+    if p.is_absolute() or p.exists():
         return str(p)
-    return str(ROOT / p)
+    if (ROOT / p).exists():
+        return str(ROOT / p)
+    return str(shipped_config(p) or p)
 
 
 def check_range(

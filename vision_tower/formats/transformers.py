@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from ..checkpoint import CheckpointError
 from .keys import rename
 
 Tensor = torch.Tensor
@@ -76,6 +77,12 @@ def _to_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> tuple[dic
         if len(parts) != 3:
             leftover.extend(f"encoder.layers.{layer}.self_attn.{p}.{param}" for p in parts)
             continue
+        shapes = {p: tuple(parts[p].shape) for p in _QKV}
+        if len(set(shapes.values())) > 1:
+            raise CheckpointError(
+                f"encoder.layers.{layer}.self_attn.{{q,k,v}}_proj.{param} differ in shape ({shapes}): they "
+                "cannot be fused into one qkv projection"
+            )
         out[f"encoder.blocks.{layer}.attn.qkv.{param}"] = torch.cat([parts[p] for p in _QKV], dim=0)
     for param, value in in_proj.items():  # rows ordered q, k, v
         dim = value.shape[0] // 3

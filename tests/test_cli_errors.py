@@ -1,0 +1,240 @@
+"""Every expected failure of the installed `vision-tower` command is one line on stderr,
+`vision-tower <cmd>: error: ...` naming the file or argument, with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from tests.hf_reference import hf_vision
+
+
+class Evil:
+    """Unpickling this runs a shell command: the weights-only loader must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _class_folders(root: Path, names: dict[str, int]) -> Path:
+    """``{class folder: number of images}`` under ``root``."""
+    for name, count in names.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / name / f"{i}.png")
+    return root
+
+
+def _cut_prompt_model(folder: Path) -> Path:
+    """A tiny SiglipModel whose text tower reads 4 tokens, with the demo's tokenizer beside it:
+    every shapes prompt is cut before the class name."""
+    from training.demo import caption_corpus
+    from training.tokenizer_train import train_tokenizer
+    from vision_tower import SiglipConfig, SiglipModel, get_preset
+
+    base = get_preset("tiny").to_dict()
+    cfg = SiglipConfig.from_dict(
+        {**base, "text": {**base["text"], "vocab_size": 128, "max_position_embeddings": 4}}
+    )
+    SiglipModel(cfg).save_pretrained(folder)
+    train_tokenizer(caption_corpus(), folder, vocab_size=128, max_length=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (command-line arguments, strings the error line must hold)."""
+    root = tmp_path_factory.mktemp("errors")
+    good = root / "good"
+    hf_vision(seed=3, patch_size=8, image_size=32).save_pretrained(good)
+    weights = (good / "model.safetensors").read_bytes()
+    trunc = _copy(good, root / "trunc")
+    (trunc / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    garbage = _copy(good, root / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x00\x01not safetensors" * 8)
+    badjson = _copy(good, root / "badjson")
+    (badjson / "config.json").write_text('{"model_type": "siglip_vision_model",\n "hidden_size": }\n')
+    fused = _copy(good, root / "fused")
+    sd = load_file(good / "model.safetensors")
+    (k_proj,) = [k for k in sd if k.endswith("encoder.layers.1.self_attn.k_proj.weight")]  # with or without
+    sd[k_proj] = torch.zeros(48, 47)  # a prefix, as transformers 4.x / 5.x save it
+    save_file(sd, fused / "model.safetensors")
+    pickled = _copy(good, root / "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save({"weight": Evil()}, pickled / "pytorch_model.bin")
+    images = _class_folders(root / "images", {"red": 1})
+    (root / "exists.safetensors").write_bytes(b"x")
+    bad_yaml = root / "bad.yaml"
+    bad_yaml.write_text("model:\n  preset: tiny\n data: [\n")
+    templates = {
+        "named.txt": "a photo of a {}\na photo of a {x}\n",
+        "two.txt": "a {}{}\n",
+        "empty.txt": "\n",
+        "string.json": '"a photo of a {}"',
+    }
+    for name, text in templates.items():
+        (root / name).write_text(text)
+    one_class = _class_folders(root / "one", {"red_circle": 2})
+    empty_class = _class_folders(root / "holes", {"red_circle": 2, "red_square": 0, "blue_star": 1})
+    two = _class_folders(root / "two", {"red_circle": 1, "red_square": 1})
+    cut = _cut_prompt_model(root / "cut")
+    badtok = _copy(cut, root / "badtok")
+    (badtok / "tokenizer_config.json").write_text('{\n  "model_max_length": 4,\n  oops\n}\n')
+
+    (root / "previous" / "shapes").mkdir(parents=True)  # a demo ran here before
+    extract = ["extract", "--model", str(good), "--images", str(images)]
+    zs = ["eval", "zero-shot", "--model", str(cut), "--images"]
+    out = str(root / "never.safetensors")
+    return {
+        "truncated safetensors": (
+            ["info", str(trunc)],
+            [f"{trunc / 'model.safetensors'}: not a readable safetensors"],
+        ),
+        "invalid safetensors": (
+            ["extract", "--model", str(garbage), "--images", str(images), "--out", out],
+            [f"{garbage / 'model.safetensors'}: not a readable safetensors"],
+        ),
+        "corrupt config.json": (
+            ["info", str(badjson)],
+            [f"{badjson / 'config.json'}: invalid JSON at line 2, column"],
+        ),
+        "corrupt tokenizer_config.json": (
+            [*zs, str(two), "--tokenizer", str(badtok)],
+            [f"{badtok / 'tokenizer_config.json'}: invalid JSON at line 3"],
+        ),
+        "wrong-shape fused attention": (
+            ["convert", str(fused), str(root / "out1")],
+            ["encoder.layers.1.self_attn.{q,k,v}_proj.weight differ in shape", "k_proj': (48, 47)"],
+        ),
+        "refused pickle": (
+            ["info", str(pickled)],
+            [f"{pickled / 'pytorch_model.bin'}: refused to unpickle", "system"],
+        ),
+        "batch size 0": (
+            [*extract, "--out", out, "--batch-size", "0"],
+            ["argument --batch-size: must be a positive integer, got 0"],
+        ),
+        "batch size -1": (
+            [*extract, "--out", out, "--batch-size", "-1"],
+            ["argument --batch-size: must be a positive integer, got -1"],
+        ),
+        "image size 0": (
+            ["convert", str(good), str(root / "out2"), "--image-size", "0"],
+            ["argument --image-size: must be a positive"],
+        ),
+        "image size -16": (
+            [*extract, "--out", out, "--image-size", "-16"],
+            ["argument --image-size: must be a positive integer, got -16"],
+        ),
+        "image size off the patch grid": (
+            ["convert", str(good), str(root / "out3"), "--image-size", "33"],
+            ["image_size 33 is not a positive multiple of the patch size 8", "32 or 40"],
+        ),
+        "non-integer layer": (
+            [*extract, "--out", out, "--layer", "1.5"],
+            ["argument --layer: invalid int value: '1.5'"],
+        ),
+        "output is a folder": ([*extract, "--out", str(root)], [f"--out {root} is a folder"]),
+        "output exists": (
+            [*extract, "--out", str(root / "exists.safetensors")],
+            ["exists.safetensors already exists", "--overwrite"],
+        ),
+        "output folder not empty": (
+            ["convert", str(good), str(good)],
+            [f"{good} is a folder that is not empty"],
+        ),
+        "cuda without cuda": (
+            [*extract, "--out", out, "--device", "cuda"],
+            ["--device cuda: CUDA is not available"],
+        ),
+        "demo over a previous demo": (
+            ["demo", "--out", str(root / "previous")],
+            [f"{root / 'previous'} already holds a demo (shapes)", "--overwrite"],
+        ),
+        "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f'"{bad_yaml}", line 3']),
+        "template {x}": (
+            [*zs, str(two), "--templates", str(root / "named.txt")],
+            [f"{root / 'named.txt'}: template 'a photo of a {{x}}'"],
+        ),
+        "template {}{}": (
+            [*zs, str(two), "--templates", str(root / "two.txt")],
+            [f"{root / 'two.txt'}: template 'a {{}}{{}}'"],
+        ),
+        "empty templates": (
+            [*zs, str(two), "--templates", str(root / "empty.txt")],
+            [f"{root / 'empty.txt'}: no templates"],
+        ),
+        "templates as a JSON string": (
+            [*zs, str(two), "--templates", str(root / "string.json")],
+            [f"{root / 'string.json'}: expected a JSON list of templates", "got a str"],
+        ),
+        "one class": ([*zs, str(one_class)], ["1 class folder(s) ['red_circle']", "needs at least two"]),
+        "class without images": (
+            [*zs, str(empty_class)],
+            ["class folder(s) without images", "['red_square']"],
+        ),
+        "prompts cut alike": (
+            [*zs, str(two)],
+            [
+                "classes ['red circle', 'red square'] get identical token ids",
+                "cut at the tokenizer's max_length (4",
+            ],
+        ),
+    }
+
+
+def _run_all(
+    cases: dict[str, tuple[list[str], list[str]]], parallel: int = 4
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run the installed command for every case, a few at a time (each start imports torch)."""
+    exe = shutil.which("vision-tower")
+    assert exe, "the vision-tower console script is not on PATH: install the package (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done, pending = {}, list(cases.items())
+    running: list[tuple[str, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, (args, _) = pending.pop(0)
+            proc = subprocess.Popen(
+                [exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            running.append((name, proc))
+        name, proc = running.pop(0)
+        out, err = proc.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def test_every_expected_failure_is_one_line_with_exit_code_2(cases):
+    if torch.cuda.is_available():
+        cases = {k: v for k, v in cases.items() if k != "cuda without cuda"}
+    results = _run_all(cases)
+    failures = []
+    for name, (args, wanted) in cases.items():
+        proc = results[name]
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        usage = any(line.startswith("usage: vision-tower") for line in lines)  # argparse's own errors
+        ok = (
+            proc.returncode == 2
+            and "Traceback" not in proc.stderr
+            and last.startswith(f"vision-tower {args[0]}: error: ")
+            and all(w in last for w in wanted)
+            and (usage or len(lines) == 1)
+            and "weights_only=False" not in proc.stderr
+        )
+        if not ok:
+            failures.append(f"{name}: exit {proc.returncode}, stderr:\n{proc.stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)

@@ -1,0 +1,24 @@
+"""Where the shipped run configs live: ``training/configs`` inside an installed wheel (the repository's
+top-level ``configs/`` folder, mapped there by pyproject.toml), else ``configs/`` of the source tree
+(a checkout or an editable install)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+SOURCE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def configs_dir() -> Path:
+    """The folder holding ``pretrain/*.yaml`` and ``deepspeed/*.json``."""
+    return PACKAGED_CONFIGS if PACKAGED_CONFIGS.is_dir() else SOURCE_CONFIGS
+
+
+def shipped_config(path: str | Path) -> Path | None:
+    """``configs/<rest>`` resolved inside `configs_dir()`, if ``path`` names a shipped config, else None."""
+    parts = Path(path).parts
+    if len(parts) < 2 or parts[0] != "configs" or Path(path).is_absolute():
+        return None
+    found = configs_dir().joinpath(*parts[1:])
+    return found if found.exists() else None
