@@ -163,7 +163,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
             ["demo", "--out", str(root / "previous")],
             [f"{root / 'previous'} already holds a demo (shapes)", "--overwrite"],
         ),
-        "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f'"{bad_yaml}", line 3']),
+        "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f"{bad_yaml} line 3: not valid YAML"]),
         "template {x}": (
             [*zs, str(two), "--templates", str(root / "named.txt")],
             [f"{root / 'named.txt'}: template 'a photo of a {{x}}'"],
