@@ -10,6 +10,7 @@ times slower than fp32, so ``"auto"`` picks fp32 there. The CPU flags come from 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -26,24 +27,28 @@ DTYPE_NAMES = {
 }
 
 
+def read_cpuinfo_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The ``flags`` of the first processor in a Linux ``/proc/cpuinfo``; None when unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags: the ``flags`` line of ``/proc/cpuinfo``, else what torch's CPUID queries
-    report (``avx512_bf16``, ``amx_tile``/``amx_bf16``); empty when neither is available."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    flags = set()
+    """The CPU's feature flags: ``/proc/cpuinfo`` where there is one, else what torch's CPUID queries
+    report (as ``avx512_bf16`` and ``amx_bf16``); empty when neither is available."""
+    flags = read_cpuinfo_flags()
+    if flags is not None:
+        return flags
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-    for flag, probe in probes.items():
-        fn = getattr(torch.cpu, probe, None)
-        if fn is not None and fn():
-            flags.add(flag)
-    return frozenset(flags)
+    return frozenset(flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)())
 
 
 def cpu_fast_bf16() -> tuple[bool, str]:
@@ -133,3 +138,19 @@ def choose_precision(
             warnings.warn(message, UserWarning, stacklevel=2)
             choice = Precision(dtype, "requested", message)
     return choice
+
+
+def compile_support(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(can ``torch.compile``'s default backend build code for ``device`` here, why not): a C++ compiler
+    for CPU code, Triton for CUDA."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        if dev.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            return (True, "triton found") if has_triton() else (False, "triton is not installed")
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return True, f"C++ compiler {get_cpp_compiler()}"
+    except Exception as err:  # inductor raises several kinds when no compiler is found
+        return False, f"no C++ compiler for torch.compile ({type(err).__name__}: {err})".splitlines()[0]
