@@ -46,5 +46,8 @@ def precision_steps_worker(rank: int, world: int, runs: list[list[str]], steps: 
         batches = itertools.repeat({"pixel_values": pixels, "input_ids": ids})
         losses = [mean_over_ranks(train_step(engine, batches, task.loss).loss) for _ in range(steps)]
         params = sorted({str(p.dtype) for p in module.parameters()})
-        results.append({"losses": losses, "seen": seen, "params": params, **engine.record()})
+        device = str(next(module.parameters()).device)
+        results.append(
+            {"losses": losses, "seen": seen, "params": params, "device": device, **engine.record()}
+        )
     return results
