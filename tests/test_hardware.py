@@ -136,7 +136,8 @@ def test_extract_auto_says_what_it_picked_and_runs_in_it(cpu, tmp_path, capsys, 
     assert lines[1] == f"compile: off (auto: 2 batch(es), compiling pays from {COMPILE_MIN_BATCHES})"
     assert meta["dtype"] == name and meta["dtype_reason"].startswith("auto: CPU has")
     assert meta["compiled"] == "false"
-    tower = VisionTower.from_pretrained(tmp_path / "m", dtype=dtype).eval()
+    tower = VisionTower.from_pretrained(tmp_path / "m", dtype="auto").eval()  # the same rule in Python
+    assert tower.pos_embed.dtype == dtype
     with torch.no_grad():
         expected = tower(ImageProcessor(image_size=32)([load_image(f) for f in files])).patch_features
     torch.testing.assert_close(feats, expected.float(), atol=0, rtol=0)
