@@ -47,7 +47,15 @@ def precision_steps_worker(rank: int, world: int, runs: list[list[str]], steps: 
         losses = [mean_over_ranks(train_step(engine, batches, task.loss).loss) for _ in range(steps)]
         params = sorted({str(p.dtype) for p in module.parameters()})
         device = str(next(module.parameters()).device)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled so far in this process
         results.append(
-            {"losses": losses, "seen": seen, "params": params, "device": device, **engine.record()}
+            {
+                "losses": losses,
+                "seen": seen,
+                "params": params,
+                "device": device,
+                "graphs": graphs,
+                **engine.record(),
+            }
         )
     return results

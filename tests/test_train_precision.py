@@ -89,3 +89,17 @@ def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss():
     assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=1e-2)
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-2)
     assert bf16["losses"][-1] < bf16["losses"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_compiled_blocks_train_like_eager():
+    """run.compile: every transformer block runs compiled (2 ranks, ZeRO-2) and the losses equal eager's."""
+    from tests._precision_workers import precision_steps_worker
+    from tests.distributed_utils import run_ranks
+
+    runs = [["run.precision=fp32"], ["run.precision=fp32", "run.compile=true"]]
+    eager, compiled = run_ranks(precision_steps_worker, 2, runs, 3, backend=None, timeout=600)[0]
+    assert eager["compiled_blocks"] == eager["graphs"] == 0
+    assert compiled["compiled_blocks"] == 4 and compiled["graphs"] >= 1  # 2 image + 2 text blocks
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
