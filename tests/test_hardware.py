@@ -55,6 +55,7 @@ def test_cpuinfo_flags_are_parsed(tmp_path):
         (ZEN3, torch.float32, "no amx_bf16 or avx512_bf16"),
         (SKYLAKE_X, torch.float32, "no amx_bf16 or avx512_bf16"),
     ],
+    ids=["zen4", "sapphire-rapids", "zen3", "skylake-x"],
 )
 def test_auto_follows_the_cpu_flags(cpu, flags, dtype, named):
     cpu(flags)
@@ -126,7 +127,9 @@ def _extract(tmp_path, capsys, *extra: str):
         return lines, f.metadata(), f.get_tensor("patch_features"), json.loads(f.metadata()["files"])
 
 
-@pytest.mark.parametrize("flags, dtype", [(ZEN4, torch.bfloat16), (ZEN3, torch.float32)])
+@pytest.mark.parametrize(
+    "flags, dtype", [(ZEN4, torch.bfloat16), (ZEN3, torch.float32)], ids=["zen4", "zen3"]
+)
 def test_extract_auto_says_what_it_picked_and_runs_in_it(cpu, tmp_path, capsys, flags, dtype):
     hf_vision(seed=41, num_hidden_layers=2).save_pretrained(tmp_path / "m")
     cpu(flags)
@@ -152,3 +155,34 @@ def test_extract_explicit_dtype_wins(cpu, tmp_path, capsys):
     with pytest.warns(UserWarning, match="bfloat16 was requested"):
         lines, meta, _, _ = _extract(tmp_path, capsys, "--dtype", "bfloat16")
     assert meta["dtype"] == "bfloat16"
+
+
+def test_eval_reports_the_precision_and_loads_the_model_in_it(cpu, tmp_path, capsys, monkeypatch):
+    from training.demo import caption_corpus
+    from training.tokenizer_train import train_tokenizer
+    from vision_tower import SiglipModel
+
+    torch.manual_seed(0)
+    SiglipModel.from_preset("tiny").save_pretrained(tmp_path / "m")
+    train_tokenizer(caption_corpus(), tmp_path / "m", vocab_size=128, max_length=16)
+    for i, name in enumerate(["red circle", "blue square"]):
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200 * (1 - i), 20, 200 * i)).save(tmp_path / "zs" / name / "a.png")
+    loaded = []
+    original = SiglipModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        loaded.append(model.logit_scale.dtype)
+        return model
+
+    monkeypatch.setattr(SiglipModel, "from_pretrained", classmethod(recording))
+    args = ["eval", "zero-shot", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "zs")]
+    for flags, extra, dtype in ((ZEN4, [], "bfloat16"), (ZEN4, ["--dtype", "float32"], "float32")):
+        cpu(flags)
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr()
+        result = json.loads(out.out)  # stdout stays one JSON document
+        assert result["dtype"] == dtype and result["n"] == 2
+        assert out.err.splitlines()[0].startswith(f"precision: {dtype} (")
+        assert loaded[-1] == getattr(torch, dtype)
