@@ -187,7 +187,7 @@ def deepspeed_config(
     if mode == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError("fp16 is not supported: use bf16 (GPU) or fp32")
+        raise ValueError("fp16 is not supported: use run.precision bf16 or fp32")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     if ds.get("zero_optimization", {}).get("offload_optimizer"):
