@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .hardware import Precision, choose_precision, compile_support
 from .images import ImageLoadError, load_image
 from .processor import ImageProcessor
-from .vision import VisionTower
+from .vision import TowerOutput, VisionTower
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # compile="auto" compiles from this many batches on: compiling a B/16 tower takes ~30-60 s on 2 CPU cores
@@ -61,6 +61,22 @@ class Features:
         return out
 
 
+def compiled_tower(tower: VisionTower, batch_size: int) -> Callable[[torch.Tensor], TowerOutput]:
+    """``tower`` under ``torch.compile(fullgraph=True)`` for batches of ``batch_size``: a shorter batch is
+    padded with zero images and its outputs cut back, so that one compiled graph serves every batch."""
+    run = torch.compile(tower, fullgraph=True, dynamic=False)
+
+    def call(pixels: torch.Tensor) -> TowerOutput:
+        b = pixels.shape[0]
+        if b < batch_size:
+            pixels = torch.cat([pixels, pixels.new_zeros(batch_size - b, *pixels.shape[1:])])
+        out = run(pixels)
+        pooled = None if out.pooled is None else out.pooled[:b]
+        return out._replace(patch_features=out.patch_features[:b], pooled=pooled)
+
+    return call
+
+
 @torch.no_grad()
 def extract_features(
     tower: VisionTower,
@@ -73,11 +89,10 @@ def extract_features(
 ) -> Features:
     """Run ``tower`` over image files in batches; unreadable images are skipped and listed.
 
-    ``compile=True`` runs it under ``torch.compile(fullgraph=True)``; a short last batch is padded to
-    ``batch_size`` so that one compiled graph serves every batch."""
+    ``compile=True`` runs it under ``torch.compile`` (see :func:`compiled_tower`)."""
     processor = processor or ImageProcessor(image_size=tower.config.image_size)
     param = next(tower.parameters())
-    run = torch.compile(tower, fullgraph=True, dynamic=False) if compile else tower
+    run = compiled_tower(tower, batch_size) if compile else tower
     kept: list[str] = []
     skipped: dict[str, str] = {}
     feats, pooled, grid = [], [], (0, 0)
@@ -92,14 +107,11 @@ def extract_features(
                 skipped[str(f)] = err.reason
         if images:
             pixels = processor(images).to(device=param.device, dtype=param.dtype)  # (b, 3, H, W)
-            b = len(images)
-            if compile and b < batch_size:
-                pixels = torch.cat([pixels, pixels.new_zeros(batch_size - b, *pixels.shape[1:])])
             out = run(pixels)
             grid = out.grid
-            feats.append(out.patch_features[:b].float().cpu())
+            feats.append(out.patch_features.float().cpu())
             if out.pooled is not None:
-                pooled.append(out.pooled[:b].float().cpu())
+                pooled.append(out.pooled.float().cpu())
         bar.update(len(files[start : start + batch_size]))
     bar.close()
     if not kept:
