@@ -14,8 +14,9 @@ Memory per rank, two figures:
                 gathered ZeRO-3 parameters, communication buffers). RSS also holds the Python and
                 library code, so compare it across stages rather than read it as model memory.
 
-    python benchmarks/pretrain_step.py                          # tiny and b16_224, stages 0-3
-    python benchmarks/pretrain_step.py --presets tiny --steps 20
+    python benchmarks/pretrain_step.py                          # tiny and b16_224, stages 0-3, fp32 and bf16
+    python benchmarks/pretrain_step.py --presets b16_224 --stages 2 --precision fp32 bf16 --steps 5
+    python benchmarks/pretrain_step.py --presets tiny --steps 20 --compile
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
             f"run.deepspeed=configs/deepspeed/zero{args.stage}.json",
             "loss.chunk_size=256",
             f"run.precision={args.precision}",
+            f"run.compile={'true' if args.compile else 'false'}",
         ],
     )
     task = SiglipTask(cfg)
@@ -134,7 +136,7 @@ def worker(args: argparse.Namespace) -> None:
         record = {
             "preset": args.preset,
             "stage": args.stage,
-            "precision": args.precision,
+            "precision": engine.precision.mode,
             "world": world,
             "global_batch": args.batch * world,
             "step_s": median,
@@ -146,11 +148,14 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(record), flush=True)
 
 
-def launch(preset: str, stage: int, ranks: int, steps: int, warmup: int, precision: str) -> dict:
+def launch(
+    preset: str, stage: int, ranks: int, steps: int, warmup: int, precision: str, compile: bool
+) -> dict:
     from training.launch import launch_env, torchrun_command
 
     target = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--batch", str(BATCH[preset]),
               "--steps", str(steps), "--warmup", str(warmup), "--precision", precision]  # fmt: skip
+    target += ["--compile"] if compile else []
     out = subprocess.run(
         torchrun_command(ranks, target),
         env=launch_env(),
@@ -174,31 +179,42 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 tiny, 3 b16_224)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="run.precision of each run; bf16 is autocast with fp32 weights (default: both)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="run.compile=true: torch.compile each block")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        args.precision = args.precision[0]
         worker(args)
         return
-    print(f"{args.ranks} CPU ranks (1 thread each), {args.precision}, synthetic batches; median step of the "
-          "timed steps.\nparams+optim: parameters, master copies and AdamW moments held per rank (from the "
-          "tensors);\nstep peak RSS: sampled every 1 ms during the timed steps, (rise over the RSS before them)")  # fmt: skip
-    print(f"{'preset':8} {'stage':>5} {'batch':>6} {'step s':>8} {'images/s':>9} {'params+optim MiB/rank':>22} "
-          f"{'vs zero0':>8} {'step peak RSS MiB/rank (rise)':>30}")  # fmt: skip
+    from vision_tower.hardware import choose_precision
+
+    print(f"{args.ranks} CPU ranks (1 thread each), synthetic batches, compile {'on' if args.compile else 'off'}; "
+          f"median step of the timed steps. This machine: {choose_precision('auto').describe()}\n"
+          "params+optim: parameters, master copies and AdamW moments held per rank (from the tensors);\n"
+          "step peak RSS: sampled every 1 ms during the timed steps, (rise over the RSS before them)")  # fmt: skip
+    print(f"{'preset':8} {'stage':>5} {'precision':>14} {'batch':>6} {'step s':>8} {'images/s':>9} {'vs fp32':>7} "
+          f"{'params+optim MiB/rank':>22} {'vs zero0':>8} {'step peak RSS MiB/rank (rise)':>30}")  # fmt: skip
     for preset in args.presets:
         steps = args.steps or (20 if preset == "tiny" else 3)
-        base = None
+        base = {}
         for stage in args.stages:
-            r = launch(preset, stage, args.ranks, steps, args.warmup, args.precision)
-            mem = r["params_optim_mib"]
-            base = mem[0] if stage == 0 else base
-            ratio = f"{max(mem) / base:.2f}" if base else "-"
-            rss = " / ".join(f"{p} ({d:+d})" for p, d in zip(r["step_peak_rss_mib"], r["step_rise_mib"]))
-            print(f"{preset:8} {stage:5d} {r['global_batch']:6d} {r['step_s']:8.3f} {r['images_per_s']:9.1f} "
-                  f"{' / '.join(f'{m:.1f}' for m in mem):>22} {ratio:>8} {rss:>30}", flush=True)  # fmt: skip
+            fp32_rate = None
+            for precision in args.precision:
+                r = launch(preset, stage, args.ranks, steps, args.warmup, precision, args.compile)
+                mem = r["params_optim_mib"]
+                base.setdefault(precision, mem[0] if stage == 0 else None)
+                ratio = f"{max(mem) / base[precision]:.2f}" if base[precision] else "-"
+                fp32_rate = r["images_per_s"] if precision == "fp32" else fp32_rate
+                speed = f"{r['images_per_s'] / fp32_rate:.2f}" if fp32_rate else "-"
+                rss = " / ".join(f"{p} ({d:+d})" for p, d in zip(r["step_peak_rss_mib"], r["step_rise_mib"]))
+                print(f"{preset:8} {stage:5d} {r['precision']:>14} {r['global_batch']:6d} {r['step_s']:8.3f} "
+                      f"{r['images_per_s']:9.1f} {speed:>7} {' / '.join(f'{m:.1f}' for m in mem):>22} {ratio:>8} "
+                      f"{rss:>30}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

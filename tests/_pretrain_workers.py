@@ -40,6 +40,7 @@ def loss_steps_worker(
             "optim.warmup_steps=0",
             "optim.lr=1e-3",
             "run.deepspeed=configs/deepspeed/zero2.json",
+            "run.precision=fp32",  # exact equality across rank counts; auto may pick bf16 autocast
         ],
         world,
     )

@@ -54,6 +54,8 @@ def test_extract_writes_features_equal_to_the_tower_and_skips_bad_images(tmp_pat
             "-2",
             "--batch-size",
             "2",
+            "--dtype",
+            "float32",  # equality with the fp32 reference below; auto may pick bf16
             "--quiet",
         ]
     )

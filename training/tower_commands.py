@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from vision_tower import list_presets
-from vision_tower.features import extract_to_file
+from vision_tower.features import COMPILE_MIN_BATCHES, extract_to_file
 from vision_tower.saving import FORMATS
 from vision_tower.sources import convert, describe
 
 from .cli_args import check_device, check_new_output, positive_int
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = (
+    "auto (default): bfloat16 on CUDA and on CPUs with native bf16 matmul (AMX or AVX512-BF16), "
+    "float32 otherwise; the choice and its reason are printed first"
+)
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """``--dtype auto|float32|bfloat16|float16`` (shared with ``eval``)."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
 
 
 def _vlm_description(src: str):
@@ -58,8 +65,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
         use_head=False if args.no_head else None,
         batch_size=args.batch_size,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=args.dtype,
+        compile=args.compile,
         progress=not args.quiet,
+        log=print,
     )
     grids = (
         feats.grid if feats.grid is not None else "per image " + ", ".join(f"{h}x{w}" for h, w in feats.grids)
@@ -123,7 +132,14 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 on GPUs")
+    add_dtype_option(p)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"run the tower under torch.compile (default: on from {COMPILE_MIN_BATCHES} batches when a "
+        "compiler is available)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
 

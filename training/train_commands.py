@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .cli_args import check_new_output, positive_int
 
@@ -79,12 +80,12 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
     )
 
 
-def _model_and_preprocessing(src: str, tokenizer_src: str | None):
-    """The model, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
+def _model_and_preprocessing(src: str, tokenizer_src: str | None, dtype=None):
+    """The model in ``dtype``, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
     from vision_tower import SiglipModel, Tokenizer
     from vision_tower.sources import processor_for
 
-    model = SiglipModel.from_pretrained(src).eval()
+    model = SiglipModel.from_pretrained(src, dtype=dtype).eval()
     size = model.vision.config.image_size
     tokenizer = Tokenizer.from_pretrained(
         tokenizer_src or src, max_length=model.text.config.max_position_embeddings
@@ -93,6 +94,8 @@ def _model_and_preprocessing(src: str, tokenizer_src: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from vision_tower.hardware import choose_precision
+
     from .evaluate import list_image_folder, load_templates, retrieval, zero_shot
 
     needed = {"zero-shot": ("images", "--images CLASS_DIR"), "retrieval": ("shards", "--shards SHARDS")}
@@ -102,7 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
         templates = load_templates(args.templates) if args.templates else None
         list_image_folder(args.images)
-    model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer)
+    precision = choose_precision(args.dtype)
+    print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
+    model, processor, tokenizer = _model_and_preprocessing(args.model, args.tokenizer, precision.dtype)
     if args.task == "zero-shot":
         result = zero_shot(
             model,
@@ -120,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             text_transform=tokenizer,
             batch_size=args.batch_size,
         )
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps({**result, **precision.metadata()}, indent=2, default=str))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -136,6 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    from .tower_commands import add_dtype_option
+
     p = sub.add_parser(
         "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
     )
@@ -201,6 +208,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
     p.add_argument("--shards", help="retrieval: WebDataset shards (brace pattern or folder)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export")

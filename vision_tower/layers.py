@@ -9,11 +9,61 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Longest sequence for which compiled low-precision CPU inference uses the batched-matmul attention.
+MATMUL_ATTENTION_MAX_TOKENS = 768
+
+
+def _compiling_on_cpu(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (``gelu_pytorch_tanh``).
+
+    Under ``torch.compile`` on CPU it is written as x * sigmoid(2u), the same function as
+    0.5 x (1 + tanh(u)): inductor vectorises exp far better than tanh, and this form runs about 2.5x
+    faster there; eager mode keeps PyTorch's own kernel, which is the fastest eager form.
+    """
+    if _compiling_on_cpu(x):
+        xf = x.float()
+        u = math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf * xf * xf)
+        return (xf * torch.sigmoid(2.0 * u)).to(x.dtype)
+    return F.gelu(x, approximate="tanh")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention of (B, H, N, hd) queries, keys and values -> (B, H, N, hd).
+
+    ``F.scaled_dot_product_attention``, except for compiled bf16/fp16 inference on CPU over at most
+    ``MATMUL_ATTENTION_MAX_TOKENS`` tokens: there two batched matmuls around an fp32 softmax, which
+    inductor fuses with the scaling and the casts, beat PyTorch's CPU flash kernel (about 1.6x at
+    196 tokens, 1.5x at 729; slower from about 1000 tokens, and the (B, H, N, N) scores it
+    materialises would cost memory in training, so neither case uses it).
+    """
+    n = q.shape[-2]
+    if (
+        _compiling_on_cpu(q)
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_grad_enabled()
+        and n <= MATMUL_ATTENTION_MAX_TOKENS
+    ):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, N)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.float().softmax(dim=-1).to(q.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
 
 def activation(name: str):
     """The MLP non-linearity named as in transformers' configs."""
     if name == "gelu_pytorch_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
+        return gelu_tanh
     if name == "gelu":
         return F.gelu
     raise ValueError(f"unsupported activation {name!r}")
@@ -34,8 +84,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, H, N, hd)
+        out = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, build_and_load
 from .config import NaFlexVisionConfig, VisionConfig
+from .hardware import choose_precision
 from .layers import AttentionPoolHead, Encoder, init_encoder_weights
 from .loading import Weights, read_vision_weights, vision_weights_from_state_dict, write_vision_weights
 
@@ -178,7 +179,7 @@ class VisionTower(nn.Module):
         image_size: int | None = None,
         feature_layer: int = -1,
         use_head: bool | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -188,7 +189,11 @@ class VisionTower(nn.Module):
         The layout (transformers SigLIP / SigLIP 2 / PaliGemma in 4.x and 5.x keys, timm,
         open_clip, big_vision ``.npz``) is detected from the keys. ``image_size`` resizes the position table once (written by
         ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
+        ``dtype="auto"`` picks bf16 where ``device`` runs it natively (CUDA, CPUs with AMX or
+        AVX512-BF16), fp32 elsewhere: see :func:`vision_tower.hardware.choose_precision`.
         """
+        if isinstance(dtype, str):
+            dtype = choose_precision(dtype, device).dtype
         weights = read_vision_weights(src, use_head=use_head, revision=revision, cache_dir=cache_dir)
         tower = cls.from_weights(weights, image_size=image_size, feature_layer=feature_layer, dtype=dtype)
         return tower.to(device=device)

@@ -83,7 +83,8 @@ class RunSection:
     steps: int = 1000
     seed: int = 0
     deepspeed: str = "configs/deepspeed/zero2.json"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32
+    compile: bool = False  # torch.compile each transformer block
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 500  # 0: only at the end

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vision_tower.hardware import choose_precision
+
 from .config import OptimSection, RunSection, resolve_path
 
 # torch's c10d warns at every call of the collectives DeepSpeed's ZeRO uses (each step, each checkpoint)
@@ -99,10 +101,63 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def use_bf16(run: RunSection) -> bool:
-    if run.precision == "auto":
-        return torch.cuda.is_available()
-    return run.precision == "bf16"
+@dataclass(frozen=True)
+class TrainPrecision:
+    """How a run computes, and why.
+
+    ``fp32``; ``bf16-autocast``: DeepSpeed's ``torch_autocast`` (matmuls and convolutions in bf16, the
+    fp32 weights are the master copy, t', b and the loss stay fp32), what ``run.precision`` picks; or
+    ``bf16-deepspeed``: DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in the optimizer), only
+    when the DeepSpeed JSON sets ``bf16.enabled: true``.
+    """
+
+    mode: str
+    reason: str
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype floating inputs are cast to before the forward."""
+        return torch.bfloat16 if self.mode == "bf16-deepspeed" else torch.float32
+
+    def describe(self) -> str:
+        return f"precision: {self.mode} ({self.reason})"
+
+    def record(self) -> dict[str, str]:
+        """Entries for ``metrics.jsonl``."""
+        return {"precision": self.mode, "precision_reason": self.reason}
+
+
+def training_precision(run: RunSection, ds: dict[str, Any] | None = None) -> TrainPrecision:
+    """``run.precision`` (auto: bf16 on CUDA and on CPUs with native bf16 matmul, see
+    :func:`vision_tower.hardware.choose_precision`) checked against the DeepSpeed JSON ``ds`` (read from
+    ``run.deepspeed`` when not given), whose ``bf16.enabled`` may be ``"auto"``, or agree with it."""
+    ds = _read_json(run.deepspeed) if ds is None else ds
+    if "torch_autocast" in ds:
+        raise ValueError(f"{run.deepspeed}: remove torch_autocast, run.precision sets it")
+    have = ds.get("bf16", {}).get("enabled", "auto")
+    if have not in ("auto", True, False):
+        raise ValueError(f'{run.deepspeed}: bf16.enabled must be true, false or "auto", got {have!r}')
+    if have != "auto":
+        if run.precision != "auto" and have != (run.precision == "bf16"):
+            raise ValueError(
+                f"{run.deepspeed}: bf16.enabled={have} but run.precision={run.precision}; "
+                f'set it to "auto" in the JSON'
+            )
+        return TrainPrecision(
+            "bf16-deepspeed" if have else "fp32", f"{run.deepspeed} sets bf16.enabled={have}"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = choose_precision({"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[run.precision], device)
+    reason = choice.reason if run.precision == "auto" else f"run.precision={run.precision}"
+    return TrainPrecision("bf16-autocast" if choice.is_bf16 else "fp32", reason)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(resolve_path(path), encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
 
 
 def deepspeed_config(
@@ -111,14 +166,9 @@ def deepspeed_config(
     """The run's DeepSpeed JSON with the batch, accumulation, clipping and precision filled in.
 
     Entries the JSON sets to ``"auto"`` (or leaves out) come from the run config; a number
-    that disagrees with the run config is an error.
+    that disagrees with the run config is an error. Precision: see :func:`training_precision`.
     """
-    path = resolve_path(run.deepspeed)
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run.deepspeed}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    ds = _read_json(run.deepspeed)
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum,
@@ -132,15 +182,12 @@ def deepspeed_config(
                 f'{run.deepspeed}: {key}={have} but the run config gives {value}; set it to "auto" in the JSON'
             )
         ds[key] = value
-    bf16, have = use_bf16(run), ds.get("bf16", {}).get("enabled", "auto")
-    if have != "auto" and run.precision != "auto" and have != bf16:
-        raise ValueError(
-            f"{run.deepspeed}: bf16.enabled={have} but run.precision={run.precision}; "
-            f'set it to "auto" in the JSON'
-        )
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16 if have == "auto" else have}
+    mode = training_precision(run, ds).mode
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": mode == "bf16-deepspeed"}
+    if mode == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError("fp16 is not supported: use bf16 (GPU) or fp32")
+        raise ValueError("fp16 is not supported: use run.precision bf16 or fp32")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     if ds.get("zero_optimization", {}).get("offload_optimizer"):
@@ -160,6 +207,8 @@ class Engine:
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ds_config: dict[str, Any]
+    precision: TrainPrecision
+    compiled: int = 0  # how many blocks run under torch.compile (run.compile)
 
     @property
     def stage(self) -> int:
@@ -167,8 +216,34 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the forward runs in: inputs are cast to it."""
-        return torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        """The dtype floating inputs are cast to (fp32 under autocast, which casts inside the forward)."""
+        return self.precision.input_dtype
+
+    def describe(self) -> str:
+        """The first lines a run prints: precision and compilation, and why."""
+        compiled = f"on, {self.compiled} repeated blocks" if self.compiled else "off"
+        return f"{self.precision.describe()}\ncompile: {compiled}"
+
+    def record(self) -> dict[str, Any]:
+        """Entries for ``metrics.jsonl``."""
+        return {**self.precision.record(), "compiled_blocks": self.compiled}
+
+
+def compile_repeated_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each block of every ``nn.ModuleList`` of same-class blocks, in place (parameter
+    names and DeepSpeed's hooks stay as they are); the rest of the model, the loss included, stays eager.
+    Every block of a stack shares one compiled graph. Returns how many blocks were compiled."""
+    n = 0
+    for module in model.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(type(m) is type(module[0]) for m in module)
+        ):
+            for block in module:
+                block.compile()
+                n += 1
+    return n
 
 
 def build_engine(
@@ -189,4 +264,5 @@ def build_engine(
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    return Engine(engine, optimizer, scheduler, ds_config)
+    compiled = compile_repeated_blocks(engine.module) if run.compile else 0
+    return Engine(engine, optimizer, scheduler, ds_config, training_precision(run), compiled)

@@ -127,6 +127,9 @@ def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> 
     step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
     metrics.truncate(step)
+    metrics.write({"step": step, **engine.record()})
+    if rank == 0:
+        print(engine.describe(), flush=True)
     loader = task.build_loader(rank, world, data_state)
     step, last = _loop(task, engine, zero, loader, metrics, step, ckpt_dir)
     final = ckpt_dir / checkpoints.tag_for(step)

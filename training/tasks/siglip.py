@@ -107,13 +107,14 @@ def make_loss_fn(cfg: PretrainConfig, world: int):
     max_scale = cfg.loss.logit_scale_max
 
     def loss_fn(img, txt, logit_scale, logit_bias):
-        if max_scale is not None:
-            logit_scale = logit_scale.clamp(max=max_scale)
-        if cfg.loss.kind == "softmax":
-            return softmax_loss(img.float(), txt.float(), logit_scale, group=group)
-        return sigmoid_loss(
-            img.float(), txt.float(), logit_scale, logit_bias, chunk_size=cfg.loss.chunk_size, group=group
-        )
+        with torch.autocast(img.device.type, enabled=False):  # fp32 loss under run.precision bf16 autocast
+            if max_scale is not None:
+                logit_scale = logit_scale.clamp(max=max_scale)
+            if cfg.loss.kind == "softmax":
+                return softmax_loss(img.float(), txt.float(), logit_scale, group=group)
+            return sigmoid_loss(
+                img.float(), txt.float(), logit_scale, logit_bias, chunk_size=cfg.loss.chunk_size, group=group
+            )
 
     return loss_fn
 

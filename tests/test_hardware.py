@@ -1,0 +1,188 @@
+"""Precision that follows the machine: the detection mocked both ways, explicit choices, and what
+`vision-tower extract` / `eval` report."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from tests.hf_reference import hf_vision
+from training.cli import main
+from vision_tower import ImageProcessor, VisionTower, hardware, load_image
+from vision_tower.features import COMPILE_MIN_BATCHES, decide_compile
+from vision_tower.hardware import choose_precision, read_cpuinfo_flags
+
+ZEN4 = "fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_bf16 avx512_vnni"
+SAPPHIRE_RAPIDS = "fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8"
+ZEN3 = "fpu sse2 avx avx2 fma"
+SKYLAKE_X = "fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni"  # AVX-512 but no bf16
+
+
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    block = f"processor\t: 0\nvendor_id\t: X\nmodel name\t: test\nflags\t\t: {flags}\nbogomips\t: 1\n\n"
+    path.write_text(block + block.replace("processor\t: 0", "processor\t: 1"))
+    return path
+
+
+@pytest.fixture
+def cpu(monkeypatch, tmp_path):
+    """Pretend the CPU reports these flags (a /proc/cpuinfo written to a temporary file)."""
+
+    def use(flags: str) -> None:
+        parsed = read_cpuinfo_flags(_cpuinfo(tmp_path, flags))
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: parsed)
+
+    return use
+
+
+def test_cpuinfo_flags_are_parsed(tmp_path):
+    flags = read_cpuinfo_flags(_cpuinfo(tmp_path, SAPPHIRE_RAPIDS))
+    assert {"amx_bf16", "avx512_bf16", "amx_tile"} <= flags and "flags" not in flags
+    assert read_cpuinfo_flags(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    "flags, dtype, named",
+    [
+        (ZEN4, torch.bfloat16, "avx512_bf16"),
+        (SAPPHIRE_RAPIDS, torch.bfloat16, "amx_bf16"),
+        (ZEN3, torch.float32, "no amx_bf16 or avx512_bf16"),
+        (SKYLAKE_X, torch.float32, "no amx_bf16 or avx512_bf16"),
+    ],
+    ids=["zen4", "sapphire-rapids", "zen3", "skylake-x"],
+)
+def test_auto_follows_the_cpu_flags(cpu, flags, dtype, named):
+    cpu(flags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choice = choose_precision("auto")
+    assert choice.dtype == dtype and named in choice.reason and choice.reason.startswith("auto")
+    assert choice.describe().startswith(f"precision: {choice.name} (auto: ")
+
+
+def test_auto_needs_onednn_for_cpu_bf16(cpu, monkeypatch):
+    cpu(ZEN4)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    choice = choose_precision("auto")
+    assert choice.dtype == torch.float32 and "without oneDNN" in choice.reason
+
+
+def test_explicit_dtype_wins_and_slow_bf16_warns(cpu):
+    cpu(ZEN3)
+    with pytest.warns(UserWarning, match="bfloat16 was requested but CPU has no amx_bf16 or avx512_bf16"):
+        choice = choose_precision("bfloat16")
+    assert choice.dtype == torch.bfloat16 and choice.warning is not None
+    cpu(ZEN4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_precision(torch.bfloat16).dtype == torch.bfloat16
+        assert choose_precision("float32").dtype == torch.float32  # fast bf16 does not override fp32
+        assert choose_precision("fp16").dtype == torch.float16
+        assert choose_precision(None).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'.*bfloat16"):
+        choose_precision("bf17")
+
+
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((7, 5), torch.float32)])
+def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, cpu, capability, dtype):
+    cpu(ZEN3)  # the CPU does not matter for a CUDA device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    choice = choose_precision("auto", "cuda")
+    assert choice.dtype == dtype and "Test GPU" in choice.reason
+
+
+def test_compile_auto_from_enough_batches(monkeypatch):
+    monkeypatch.setattr(
+        "vision_tower.features.compile_support", lambda device=None: (True, "C++ compiler g++")
+    )
+    assert decide_compile(None, COMPILE_MIN_BATCHES - 1)[0] is False
+    assert decide_compile(None, COMPILE_MIN_BATCHES) == (
+        True,
+        f"auto: {COMPILE_MIN_BATCHES} batches, C++ compiler g++",
+    )
+    assert decide_compile(True, 1) == (True, "requested") and decide_compile(False, 10**6)[0] is False
+    monkeypatch.setattr(
+        "vision_tower.features.compile_support", lambda device=None: (False, "no C++ compiler")
+    )
+    assert decide_compile(None, 10**6) == (False, f"auto: {10**6} batches, no C++ compiler")
+
+
+def _extract(tmp_path, capsys, *extra: str):
+    images = tmp_path / "imgs"
+    images.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.new("RGB", (40 + 7 * i, 31), (30 * i, 100, 200)).save(images / f"img{i}.png")
+    out = tmp_path / "f.safetensors"
+    args = ["extract", "--model", str(tmp_path / "m"), "--images", str(images), "--out", str(out)]
+    assert main([*args, "--batch-size", "2", "--quiet", *extra]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with safe_open(out, "pt") as f:
+        return lines, f.metadata(), f.get_tensor("patch_features"), json.loads(f.metadata()["files"])
+
+
+@pytest.mark.parametrize(
+    "flags, dtype", [(ZEN4, torch.bfloat16), (ZEN3, torch.float32)], ids=["zen4", "zen3"]
+)
+def test_extract_auto_says_what_it_picked_and_runs_in_it(cpu, tmp_path, capsys, flags, dtype):
+    hf_vision(seed=41, num_hidden_layers=2).save_pretrained(tmp_path / "m")
+    cpu(flags)
+    lines, meta, feats, files = _extract(tmp_path, capsys)
+    name = str(dtype).removeprefix("torch.")
+    assert lines[0].startswith(f"precision: {name} (auto: CPU has")
+    assert lines[1] == f"compile: off (auto: 2 batch(es), compiling pays from {COMPILE_MIN_BATCHES})"
+    assert meta["dtype"] == name and meta["dtype_reason"].startswith("auto: CPU has")
+    assert meta["compiled"] == "false"
+    tower = VisionTower.from_pretrained(tmp_path / "m", dtype="auto").eval()  # the same rule in Python
+    assert tower.pos_embed.dtype == dtype
+    with torch.no_grad():
+        expected = tower(ImageProcessor(image_size=32)([load_image(f) for f in files])).patch_features
+    torch.testing.assert_close(feats, expected.float(), atol=0, rtol=0)
+
+
+def test_extract_explicit_dtype_wins(cpu, tmp_path, capsys):
+    hf_vision(seed=42, num_hidden_layers=1).save_pretrained(tmp_path / "m")
+    cpu(ZEN4)
+    lines, meta, _, _ = _extract(tmp_path, capsys, "--dtype", "float32")
+    assert lines[0] == "precision: float32 (requested)" and meta["dtype"] == "float32"
+    cpu(ZEN3)
+    with pytest.warns(UserWarning, match="bfloat16 was requested"):
+        lines, meta, _, _ = _extract(tmp_path, capsys, "--dtype", "bfloat16")
+    assert meta["dtype"] == "bfloat16"
+
+
+def test_eval_reports_the_precision_and_loads_the_model_in_it(cpu, tmp_path, capsys, monkeypatch):
+    from training.demo import caption_corpus
+    from training.tokenizer_train import train_tokenizer
+    from vision_tower import SiglipModel
+
+    torch.manual_seed(0)
+    SiglipModel.from_preset("tiny").save_pretrained(tmp_path / "m")
+    train_tokenizer(caption_corpus(), tmp_path / "m", vocab_size=128, max_length=16)
+    for i, name in enumerate(["red circle", "blue square"]):
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200 * (1 - i), 20, 200 * i)).save(tmp_path / "zs" / name / "a.png")
+    loaded = []
+    original = SiglipModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        loaded.append(model.logit_scale.dtype)
+        return model
+
+    monkeypatch.setattr(SiglipModel, "from_pretrained", classmethod(recording))
+    args = ["eval", "zero-shot", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "zs")]
+    for flags, extra, dtype in ((ZEN4, [], "bfloat16"), (ZEN4, ["--dtype", "float32"], "float32")):
+        cpu(flags)
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr()
+        result = json.loads(out.out)  # stdout stays one JSON document
+        assert result["dtype"] == dtype and result["n"] == 2
+        assert out.err.splitlines()[0].startswith(f"precision: {dtype} (")
+        assert loaded[-1] == getattr(torch, dtype)

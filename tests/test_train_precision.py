@@ -1,0 +1,105 @@
+"""Training precision: run.precision auto follows the machine (detection mocked both ways), bf16 runs
+under autocast with fp32 weights, t', b and loss, and a real 2-rank ZeRO-2 bf16 run tracks fp32."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from training.config import ROOT, load_config
+from training.runner.engine import deepspeed_config, training_precision
+from vision_tower import hardware
+
+DEMO = ROOT / "configs/pretrain/demo_tiny.yaml"
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend the CPU has (or lacks) AVX512-BF16; no CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def use(fast: bool) -> None:
+        flags = frozenset({"avx2", "avx512f", *(["avx512_bf16"] if fast else [])})
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+
+    return use
+
+
+def _ds(*overrides: str) -> dict:
+    cfg = load_config(DEMO, list(overrides))
+    return deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 2)
+
+
+def test_auto_is_bf16_autocast_where_the_cpu_has_it(cpu):
+    cpu(True)
+    ds = _ds()
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"]["enabled"] is False
+    p = training_precision(load_config(DEMO).run)
+    assert p.mode == "bf16-autocast" and "avx512_bf16" in p.reason and p.input_dtype == torch.float32
+    cpu(False)
+    ds = _ds()
+    assert "torch_autocast" not in ds and ds["bf16"]["enabled"] is False
+    p = training_precision(load_config(DEMO).run)
+    assert p.mode == "fp32" and "no amx_bf16 or avx512_bf16" in p.reason
+    assert p.record() == {"precision": "fp32", "precision_reason": p.reason}
+
+
+def test_explicit_precision_wins_and_slow_bf16_warns(cpu):
+    cpu(True)
+    assert "torch_autocast" not in _ds("run.precision=fp32")
+    cpu(False)
+    with pytest.warns(UserWarning, match="bfloat16 was requested but CPU has no amx_bf16"):
+        ds = _ds("run.precision=bf16")
+    assert ds["torch_autocast"]["enabled"] is True
+
+
+def test_deepspeed_bf16_mode_only_from_the_json(cpu, tmp_path):
+    cpu(False)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = training_precision(load_config(DEMO, [f"run.deepspeed={path}"]).run)
+    assert p.mode == "bf16-deepspeed" and p.input_dtype == torch.bfloat16
+    path.write_text(json.dumps({"torch_autocast": {"enabled": True}}))
+    with pytest.raises(ValueError, match="remove torch_autocast, run.precision sets it"):
+        _ds(f"run.deepspeed={path}")
+
+
+@pytest.mark.distributed
+def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss():
+    """2 ranks, ZeRO-2, same init and batch: bf16 autocast runs its matmuls in bf16, keeps fp32 weights,
+    t', b and loss, and its losses follow the fp32 run's."""
+    from tests._precision_workers import precision_steps_worker
+    from tests.distributed_utils import run_ranks
+
+    runs = [["run.precision=fp32"], ["run.precision=bf16"], ["run.precision=bf16", "loss.kind=softmax"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without it warns, and is only slow
+        fp32, bf16, softmax = run_ranks(precision_steps_worker, 2, runs, 4, backend=None, timeout=300)[0]
+    assert fp32["precision"] == "fp32" and fp32["seen"]["mlp"] == "torch.float32"
+    assert bf16["precision"] == "bf16-autocast" and bf16["seen"]["mlp"] == "torch.bfloat16"
+    for run in (fp32, bf16, softmax):
+        assert run["params"] == ["torch.float32"]  # the weights are the fp32 master copy
+        assert {run["seen"][k] for k in ("t", "b", "loss")} == {"torch.float32"}
+        assert run["seen"]["loss_minus_fp32_loss"] == 0.0  # the loss itself never runs under autocast
+    assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=1e-2)
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-2)
+    assert bf16["losses"][-1] < bf16["losses"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_compiled_blocks_train_like_eager():
+    """run.compile: every transformer block runs compiled (2 ranks, ZeRO-2) and the losses equal eager's."""
+    from tests._precision_workers import precision_steps_worker
+    from tests.distributed_utils import run_ranks
+
+    runs = [["run.precision=fp32"], ["run.precision=fp32", "run.compile=true"]]
+    eager, compiled = run_ranks(precision_steps_worker, 2, runs, 3, backend=None, timeout=600)[0]
+    assert eager["compiled_blocks"] == eager["graphs"] == 0
+    assert compiled["compiled_blocks"] == 4 and compiled["graphs"] >= 1  # 2 image + 2 text blocks
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
