@@ -31,7 +31,7 @@ def test_generate_prints_the_greedy_continuation_of_image_and_prompt(tmp_path, c
     image = tmp_path / "cat.png"
     Image.new("RGB", (50, 40), (200, 120, 30)).save(image)
     assert main(["generate", "--model", str(tmp_path / "pg"), "--image", str(image), "--prompt", "caption en",
-                 "--max-new-tokens", "5"]) == 0  # fmt: skip
+                 "--max-new-tokens", "5", "--dtype", "float32"]) == 0  # fmt: skip
     printed = capsys.readouterr().out.strip()
 
     tok = vlm.tokenizer

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .tower_commands import DTYPES
+from .cli_args import check_device, positive_int
+from .tower_commands import add_dtype_option
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from connectors import VisionLanguageModel
     from connectors.generation import generate_text
+    from vision_tower.hardware import choose_precision
 
-    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    check_device(args.device)
+    precision = choose_precision(args.dtype, args.device)
+    print(precision.describe(), file=sys.stderr, flush=True)  # stdout holds only the generated text
+    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype, device=args.device).eval()
     (text,) = generate_text(vlm, [args.image], [args.prompt], max_new_tokens=args.max_new_tokens)
     print(text)
 
@@ -30,7 +36,7 @@ def add_vlm_commands(sub: argparse._SubParsersAction) -> None:
         help="text after the image (PaliGemma layout: image, bos, prompt, newline); a prompt holding <image> "
         "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 on GPUs")
+    add_dtype_option(p)
     p.set_defaults(func=cmd_generate)
