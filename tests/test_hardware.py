@@ -121,7 +121,7 @@ def _extract(tmp_path, capsys, *extra: str):
         Image.new("RGB", (40 + 7 * i, 31), (30 * i, 100, 200)).save(images / f"img{i}.png")
     out = tmp_path / "f.safetensors"
     args = ["extract", "--model", str(tmp_path / "m"), "--images", str(images), "--out", str(out)]
-    assert main([*args, "--batch-size", "2", "--quiet", *extra]) == 0
+    assert main([*args, "--batch-size", "2", "--quiet", "--overwrite", *extra]) == 0
     lines = capsys.readouterr().out.splitlines()
     with safe_open(out, "pt") as f:
         return lines, f.metadata(), f.get_tensor("patch_features"), json.loads(f.metadata()["files"])

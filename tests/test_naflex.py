@@ -198,7 +198,7 @@ def test_extract_gives_per_image_grids(tmp_path, capsys):
         make_photo(h, w, seed=i, quality=None).save(folder / f"{i}.png")
     out = tmp_path / "f.safetensors"
     args = ["extract", "--model", str(tmp_path / "m"), "--images", str(folder), "--out", str(out)]
-    assert main([*args, "--max-num-patches", "24", "--batch-size", "2", "--quiet"]) == 0
+    assert main([*args, "--max-num-patches", "24", "--batch-size", "2", "--quiet", "--dtype", "float32"]) == 0
     assert "grid per image" in capsys.readouterr().out
     with safe_open(out, "pt") as f:
         meta, feats = f.metadata(), f.get_tensor("patch_features")
@@ -217,5 +217,5 @@ def test_extract_gives_per_image_grids(tmp_path, capsys):
             )
         h, w = grids[i]
         assert_close(feats[i, : h * w], r.last_hidden_state[0, : h * w], **TOL)
-    assert main([*args, "--image-size", "64"]) == 2
+    assert main([*args, "--image-size", "64", "--overwrite"]) == 2
     assert "NaFlex tower" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def _batch():
 
 
 def zero3_worker(rank: int, world: int, decoder_dir: str, tower_sd: dict, connector_sd: dict) -> list[float]:
-    from training.engine import init_distributed
+    from training.runner.engine import init_distributed
 
     init_distributed()  # gloo, without the shared-memory op build
     import deepspeed
