@@ -100,6 +100,12 @@ def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> 
         _agree(lock.acquire, rank)
         _agree(lambda: prepare(out, resume=resume, overwrite=overwrite), rank)
         return _train(task, rank, world, out, resume)
+    except BaseException:
+        # a refused or failed run leaves the process group now: gloo's threads torn down at interpreter
+        # exit were seen to abort the process (SIGABRT) instead of letting it exit with its error code
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     finally:
         lock.release()
 
