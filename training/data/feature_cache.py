@@ -254,7 +254,7 @@ class FeatureCache:
                 theirs = {f: (theirs or {}).get(f) for f in mine}
             shown.append(f"{IDENTITY[k]}: cache {mine}, model {theirs}")
         raise ValueError(
-            f"feature cache {self.folder} was made with another {', '.join(IDENTITY[k] for k in diff)} "
+            f"feature cache {self.folder} was made with another {' and '.join(k.replace('_', ' ') for k in diff)} "
             f"({'; '.join(shown)}): extract the features again with this model's tower, or drop data.feature_cache"
         )
 
