@@ -120,7 +120,8 @@ class _ShardWriter:
             out = self.tower(pixels)  # patch_features (b, N, D)
             self.grid = out.grid
             for i, (key, _) in enumerate(self.pending):
-                self.done[key] = out.patch_features[i : i + 1].cpu().clone()  # (1, N, D)
+                feats = out.patch_features[i : i + 1].cpu()  # (1, N, D)
+                self.done[key] = feats.clone(memory_format=torch.contiguous_format)
             self.pending = []
         if len(self.done) >= self.file_samples:
             self.write()
@@ -141,13 +142,15 @@ def extract_shards(
     *,
     identity: dict[str, Any] | None = None,
     batch_size: int = 32,
-    file_samples: int = FILE_SAMPLES,
+    file_samples: int | None = None,
     progress: bool = True,
 ) -> CacheSummary:
     """Run ``tower`` (on its device, in its dtype) over the images of every sample of ``shards`` and write
     the cache to ``out_dir``. ``identity`` (:func:`cache_identity`) defaults to the tower as given; pass
-    the one taken before casting it to a lower precision."""
+    the one taken before casting it to a lower precision. ``file_samples``: samples per file (default
+    ``FILE_SAMPLES``)."""
     start = time.perf_counter()
+    file_samples = file_samples or FILE_SAMPLES
     if not isinstance(tower, VisionTower):
         raise ValueError(f"a feature cache needs a fixed-resolution VisionTower, got {type(tower).__name__}")
     urls = expand_shards(shards)
