@@ -233,6 +233,11 @@ def load_plain(vlm: VisionLanguageModel, state: dict[str, torch.Tensor]) -> Visi
     if untied or unexpected:
         raise ValueError(f"consolidated weights do not fit the model: missing {untied[:10]}, unexpected {unexpected[:10]}")
     model.load_state_dict(given, strict=False, assign=True)
+    live = {n.replace(".base_layer.", "."): b for n, b in vlm.named_buffers()}
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (rotary tables, scales): the live model's
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name).register_buffer(leaf, live[name].detach().cpu().clone(), persistent=False)
     model.decoder.tie_weights()
     return model
 
