@@ -61,7 +61,7 @@ def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str,
     torch.manual_seed(7)
     save_decoder(root / "decoder", "tiny_gemma", tok)
     torch.manual_seed(8)
-    VisionTower.from_preset("tiny").save_pretrained(root / "tower")
+    VisionTower.from_preset("tiny", use_head=False).save_pretrained(root / "tower")
     return {
         "train": str(root / "data" / "train"),
         "val": str(root / "data" / "val"),
