@@ -37,7 +37,10 @@ def stages_worker(rank: int, world: int, align: list[str], finetune: list[str]) 
 
     init_distributed()
     out = {}
-    for name, path, overrides in (("align", "tiny_align.yaml", align), ("finetune", "tiny_finetune.yaml", finetune)):
+    for name, path, overrides in (
+        ("align", "tiny_align.yaml", align),
+        ("finetune", "tiny_finetune.yaml", finetune),
+    ):
         cfg = load_vlm_config(CONFIGS / path, overrides)
         held = held_by_optimizer(VLMTask(cfg), rank, world)
         final = train(VLMTask(cfg))

@@ -9,16 +9,16 @@ import pickle
 import pytest
 import torch
 
+import training.data.feature_cache as fc
+from connectors import ConnectorConfig
 from tests.vlm_train_data import png, write_tar
 from training.cli import main
 from training.data import build_loader, iter_tar_samples, shard_dataset
-import training.data.feature_cache as fc
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
 from training.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
-from connectors import ConnectorConfig
 from vision_tower import ImageProcessor, VisionTower, load_image
 
 
@@ -31,7 +31,11 @@ def cached(tmp_path_factory):
     for i in range(11):
         s = make_sample("train", i, image_size=20)
         members[i // 6] += [(f"s{i:02d}.png", png(s.image)), (f"s{i:02d}.txt", s.caption.encode())]
-    members[1] += [("bad.png", b"\x89PNG not an image"), ("bad.txt", b"a red circle"), ("noimg.txt", b"a red")]
+    members[1] += [
+        ("bad.png", b"\x89PNG not an image"),
+        ("bad.txt", b"a red circle"),
+        ("noimg.txt", b"a red"),
+    ]
     shards = [str(write_tar(root / "shards" / f"part-{k}.tar", m)) for k, m in enumerate(members)]
     torch.manual_seed(3)
     VisionTower.from_preset("tiny").save_pretrained(root / "tower")

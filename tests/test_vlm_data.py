@@ -29,7 +29,10 @@ def image_bytes(i: int) -> bytes:
     return png(make_sample("train", i, image_size=16).image)
 
 
-def builder(tok, max_length=40, connector=ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})):
+SHUFFLE = ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})
+
+
+def builder(tok, max_length=40, connector=SHUFFLE):
     """16 px images in 4 px patches: a 4x4 grid, 4 tokens after pixel shuffle by 2."""
     return VLMBuilder(
         tok,
@@ -99,7 +102,10 @@ def long_shard(tmp_path):
     members = []
     for i, answer in enumerate(["red", "a red circle " * 4, "a small blue square on a noisy background"]):
         members += [(f"k{i}.png", image_bytes(i)), (f"k{i}.txt", answer.strip().encode())]
-    members += [("k3.png", image_bytes(3)), ("k3.json", json.dumps({"prompt": "what " * 30, "answer": "red"}).encode())]
+    members += [
+        ("k3.png", image_bytes(3)),
+        ("k3.json", json.dumps({"prompt": "what " * 30, "answer": "red"}).encode()),
+    ]
     return write_tar(tmp_path / "long.tar", members)
 
 

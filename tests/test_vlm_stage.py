@@ -14,7 +14,7 @@ from training.config import ROOT
 from training.runner import Zero, deepspeed_config
 from training.tasks.vlm import VLMTask
 from training.tasks.vlm_config import load_vlm_config
-from training.tasks.vlm_model import add_lora, build_stage_model, load_plain, merge_lora
+from training.tasks.vlm_model import add_lora, load_plain, merge_lora
 from training.vlm_eval import evaluate_vlm, read_eval_items
 
 CONFIGS = sorted((ROOT / "configs" / "vlm").glob("*.yaml"))
@@ -109,12 +109,18 @@ def test_finetune_trains_connector_decoder_and_tower_at_its_own_rate(assets):
 
 
 def test_lora_trains_adapters_and_merges_into_the_plain_decoder(assets):
-    task = build(assets, stage="finetune", **{"finetune.decoder": "lora", "finetune.lora.target_modules": "[q_proj, up_proj]"})
+    task = build(
+        assets,
+        stage="finetune",
+        **{"finetune.decoder": "lora", "finetune.lora.target_modules": "[q_proj, up_proj]"},
+    )
     vlm = task.vlm
     trained = names(vlm, [p for g in task.param_groups(vlm) for p in g["params"]])
     adapters = {n for n, _ in vlm.decoder.named_parameters() if ".lora_" in n}
     assert len(adapters) == 2 * 2 * 2  # 2 layers x (q_proj, up_proj) x (A, B)
-    assert trained == {f"decoder.{n}" for n in adapters} | {f"connector.{n}" for n, _ in vlm.connector.named_parameters()}
+    assert trained == {f"decoder.{n}" for n in adapters} | {
+        f"connector.{n}" for n, _ in vlm.connector.named_parameters()
+    }
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in vlm.decoder.named_parameters():
@@ -128,7 +134,9 @@ def test_lora_trains_adapters_and_merges_into_the_plain_decoder(assets):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not any(".lora_" in k or "base_layer" in k for k in plain.state_dict())
     with pytest.raises(ValueError, match="not linear layers of this decoder"):
-        add_lora(plain.decoder, type("L", (), {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["c_attn"]}))
+        add_lora(
+            plain.decoder, type("L", (), {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["c_attn"]})
+        )
 
 
 def test_consolidated_weights_load_into_a_plain_model_with_ties(assets):
@@ -164,7 +172,9 @@ def test_evaluation_equals_a_hand_loop(assets):
         for p in vlm.decoder.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     # a reference that the model answers by construction: its own greedy output for item 0
-    first = vlm.eval().generate(b.collate(items[:1])["pixel_values"], prompts=[items[0].prompt], max_new_tokens=6)
+    first = vlm.eval().generate(
+        b.collate(items[:1])["pixel_values"], prompts=[items[0].prompt], max_new_tokens=6
+    )
     eos = b.tokenizer.eos_token_id
     row = first[0].tolist()
     items[0].text = b.tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True)
@@ -175,7 +185,9 @@ def test_evaluation_equals_a_hand_loop(assets):
     with torch.no_grad():
         for item in items:
             batch = b.collate([item])
-            logits = vlm(batch["input_ids"], batch["pixel_values"], token_type_ids=batch["token_type_ids"]).logits[0]
+            logits = vlm(
+                batch["input_ids"], batch["pixel_values"], token_type_ids=batch["token_type_ids"]
+            ).logits[0]
             for pos in range(item.num_prefix, len(item.input_ids)):
                 losses.append(F.cross_entropy(logits[pos - 1], torch.tensor(item.input_ids[pos])))
             new = vlm.generate(batch["pixel_values"], prompts=[item.prompt], max_new_tokens=6)[0].tolist()

@@ -27,7 +27,12 @@ from training.launch import launch_env
 pytestmark = pytest.mark.distributed
 ALIGN = ROOT / "configs" / "vlm" / "tiny_align.yaml"
 FINETUNE = ROOT / "configs" / "vlm" / "tiny_finetune.yaml"
-EVAL = {"data.max_length": 40, "data.eval_samples": 12, "data.eval_batch_size": 5, "data.eval_max_new_tokens": 5}
+EVAL = {
+    "data.max_length": 40,
+    "data.eval_samples": 12,
+    "data.eval_batch_size": 5,
+    "data.eval_max_new_tokens": 5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +118,17 @@ def test_align_trains_the_connector_and_leaves_tower_and_decoder_bit_for_bit(ass
 
     torch.manual_seed(0)
     cfg = load_vlm_config(ALIGN, settings(assets, align_run, "align"))
-    init = build_stage_model(cfg, Zero(0, {"bf16": {"enabled": False}}), torch.float32).vlm.connector.state_dict()
+    init = build_stage_model(
+        cfg, Zero(0, {"bf16": {"enabled": False}}), torch.float32
+    ).vlm.connector.state_dict()
     trained = load_file(native / "connector.safetensors")
     assert trained.keys() == init.keys() and all(not torch.equal(trained[k], init[k]) for k in init)
     final = json.loads((align_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["final"] and {"val_loss", "exact_match", "eval_samples"} <= final.keys()
-    assert json.loads((align_run / "export" / "paligemma" / "config.json").read_text())["model_type"] == "paligemma"
+    assert (
+        json.loads((align_run / "export" / "paligemma" / "config.json").read_text())["model_type"]
+        == "paligemma"
+    )
     assert not (align_run / "export" / "llava").exists()  # prefix attention, final layer: not LLaVA's
 
 
@@ -189,7 +199,21 @@ def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate
 
 def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets, tmp_path, capsys):
     cache = tmp_path / "cache"
-    assert main(["extract", "--model", assets["tower"], "--shards", assets["train"], "--out", str(cache), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                assets["tower"],
+                "--shards",
+                assets["train"],
+                "--out",
+                str(cache),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "wrote the feature cache" in capsys.readouterr().out
     a, f = tmp_path / "align", tmp_path / "finetune"
     zero3 = {"run.deepspeed": "configs/deepspeed/zero3.json", "model.gradient_checkpointing": "true"}

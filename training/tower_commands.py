@@ -81,7 +81,9 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
 
     for flag, given in (("--max-num-patches", args.max_num_patches), ("--no-head", args.no_head)):
         if given:
-            raise ValueError(f"{flag} does not apply to --shards (a cache holds patch features of a fixed-size tower)")
+            raise ValueError(
+                f"{flag} does not apply to --shards (a cache holds patch features of a fixed-size tower)"
+            )
     check_new_output(args.out, args.overwrite)
     check_device(args.device)
     s = extract_to_cache(

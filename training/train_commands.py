@@ -246,7 +246,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=positive_int, default=32, help="vlm: longest generated answer, in tokens"
     )
     p.add_argument(
-        "--max-length", type=positive_int, default=512, help="vlm: tokens per row (data.max_length of training)"
+        "--max-length",
+        type=positive_int,
+        default=512,
+        help="vlm: tokens per row (data.max_length of training)",
     )
     p.add_argument(
         "--caption-prompt", default="", help="vlm: the prompt of caption samples (data.caption_prompt)"

@@ -59,7 +59,9 @@ class EvalResult:
     loss: float  # mean next-token cross-entropy over answer tokens
     exact_match: float  # share of samples whose greedy answer equals the reference
     samples: int
-    predictions: list[dict[str, str]] = field(default_factory=list)  # this rank's: key, prompt, answer, generated
+    predictions: list[dict[str, str]] = field(
+        default_factory=list
+    )  # this rank's: key, prompt, answer, generated
 
     def metrics(self) -> dict[str, float]:
         return {"val_loss": self.loss, "exact_match": self.exact_match, "eval_samples": self.samples}
@@ -115,7 +117,9 @@ def evaluate_vlm(
                 if counted:
                     totals[2] += float(match(text, item.text))
                     totals[3] += 1
-                    predictions.append({"key": item.key, "prompt": item.prompt, "answer": item.text, "generated": text})
+                    predictions.append(
+                        {"key": item.key, "prompt": item.prompt, "answer": item.text, "generated": text}
+                    )
     if world > 1:
         dist.all_reduce(totals)
     loss_sum, tokens, matches, samples = totals.tolist()
@@ -125,7 +129,10 @@ def evaluate_vlm(
 def _images(batch: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
     """The batch's pixels, or its cached features and their grid, as the VLM takes them."""
     if "patch_features" in batch:
-        return {"patch_features": batch["patch_features"].to(param.device, param.dtype), "grid": batch["grid"]}
+        return {
+            "patch_features": batch["patch_features"].to(param.device, param.dtype),
+            "grid": batch["grid"],
+        }
     return {"pixel_values": batch["pixel_values"].to(param.device, param.dtype)}
 
 

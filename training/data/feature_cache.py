@@ -184,7 +184,9 @@ def extract_shards(
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     os.replace(tmp, out / INDEX)
-    return CacheSummary(str(out), len(urls), samples, skipped, tuple(grid), index["dim"], time.perf_counter() - start)
+    return CacheSummary(
+        str(out), len(urls), samples, skipped, tuple(grid), index["dim"], time.perf_counter() - start
+    )
 
 
 def _extract_shard(tower, processor, url, name, out, batch_size, file_samples):

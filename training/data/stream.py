@@ -99,7 +99,10 @@ class ShardDataset(IterableDataset):
         self.plan = ResumePlan()
         if not resampled and len(urls[rank::world_size]) == 0:
             log.warning(
-                "rank %d of %d gets no shards: only %d shards for a one-pass split", rank, world_size, len(urls)
+                "rank %d of %d gets no shards: only %d shards for a one-pass split",
+                rank,
+                world_size,
+                len(urls),
             )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -149,7 +149,14 @@ class VLMBuilder:
                 f"image tokens and prompt take {len(prefix)} tokens, data.max_length is {self.max_length}",
             )
         return VLMItem(
-            sample["__key__"], images, grid, prefix + suffix[:room], len(prefix), prompt, answer, len(suffix) > room
+            sample["__key__"],
+            images,
+            grid,
+            prefix + suffix[:room],
+            len(prefix),
+            prompt,
+            answer,
+            len(suffix) > room,
         )
 
     def collate(self, items: list[VLMItem]) -> dict[str, Any]:

@@ -95,4 +95,3 @@ def save_decoder(out_dir: str | os.PathLike, name: str, tokenizer: Any, **overri
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model
-

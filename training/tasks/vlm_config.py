@@ -49,7 +49,11 @@ class VLMModelSection:
 
         defaults = VLMModelSection.__dataclass_fields__
         if self.init_from is not None:
-            given = [k for k in (*_PARTS, "feature_layer", "attention") if getattr(self, k) != _default(defaults[k])]
+            given = [
+                k
+                for k in (*_PARTS, "feature_layer", "attention")
+                if getattr(self, k) != _default(defaults[k])
+            ]
             if given:
                 raise ValueError(
                     f"model.init_from holds tower, connector and decoder; drop model.{', model.'.join(given)}"
@@ -58,7 +62,9 @@ class VLMModelSection:
         if not self.tower or not self.decoder:
             raise ValueError("model: set init_from (a saved VLM), or tower and decoder (to build one)")
         if self.connector not in list_connectors():
-            raise ValueError(f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}")
+            raise ValueError(
+                f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}"
+            )
         if self.attention not in ATTENTION:
             raise ValueError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
         check_range("model.image_size", self.image_size, lo=1)
@@ -71,7 +77,9 @@ class VLMModelSection:
             if self.tokenizer is None:
                 raise ValueError("model.tokenizer is required with a preset decoder (a tokenizer folder)")
         elif self.decoder_options:
-            raise ValueError("model.decoder_options override a preset decoder's config; this decoder is loaded")
+            raise ValueError(
+                "model.decoder_options override a preset decoder's config; this decoder is loaded"
+            )
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -179,7 +187,9 @@ class VLMConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.stage == "align" and self.finetune != FinetuneSection():
-            raise ValueError("the finetune section applies to stage finetune; stage align trains the connector alone")
+            raise ValueError(
+                "the finetune section applies to stage finetune; stage align trains the connector alone"
+            )
         if self.data.feature_cache and self.tower_trains:
             raise ValueError(
                 "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop one"

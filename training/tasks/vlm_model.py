@@ -131,7 +131,9 @@ def add_lora(decoder: nn.Module, lora: Any) -> None:
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
     )
-    linear = sorted({n.rsplit(".", 1)[-1] for n, mod in decoder.named_modules() if isinstance(mod, nn.Linear)})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, mod in decoder.named_modules() if isinstance(mod, nn.Linear)}
+    )
     missing = [t for t in lora.target_modules if t not in linear]
     if missing:
         raise ValueError(
@@ -231,13 +233,17 @@ def load_plain(vlm: VisionLanguageModel, state: dict[str, torch.Tensor]) -> Visi
     unexpected = sorted(set(given) - set(expected) - buffers)
     given = {k: v for k, v in given.items() if k in expected}
     if untied or unexpected:
-        raise ValueError(f"consolidated weights do not fit the model: missing {untied[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(
+            f"consolidated weights do not fit the model: missing {untied[:10]}, unexpected {unexpected[:10]}"
+        )
     model.load_state_dict(given, strict=False, assign=True)
     live = {n.replace(".base_layer.", "."): b for n, b in vlm.named_buffers()}
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:  # non-persistent buffers (rotary tables, scales): the live model's
             module_name, _, leaf = name.rpartition(".")
-            model.get_submodule(module_name).register_buffer(leaf, live[name].detach().cpu().clone(), persistent=False)
+            model.get_submodule(module_name).register_buffer(
+                leaf, live[name].detach().cpu().clone(), persistent=False
+            )
     model.decoder.tie_weights()
     return model
 
