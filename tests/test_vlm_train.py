@@ -29,7 +29,7 @@ ALIGN = ROOT / "configs" / "vlm" / "tiny_align.yaml"
 FINETUNE = ROOT / "configs" / "vlm" / "tiny_finetune.yaml"
 EVAL = {
     "data.max_length": 40,
-    "data.eval_samples": 12,
+    "data.eval_samples": 11,
     "data.eval_batch_size": 5,
     "data.eval_max_new_tokens": 5,
 }
@@ -168,11 +168,11 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
     assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
     # the saved model evaluates from the command line as it did at the end of training
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    code = main(["eval", "vlm", "--model", str(native), "--shards", assets["val"], "--max-samples", "12",
+    code = main(["eval", "vlm", "--model", str(native), "--shards", assets["val"], "--max-samples", "11",
                  "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40"])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["eval_samples"] == final["eval_samples"] == 12
+    assert result["eval_samples"] == final["eval_samples"] == 11
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
     assert result["exact_match"] == final["exact_match"]
 
@@ -233,8 +233,8 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     # in-training evaluation on 2 ranks (padded shares, fixed-length generation) equals the command's on 1
     final = r["finetune"]["final"]
     code = main(["eval", "vlm", "--model", str(f / "export" / "native"), "--shards", assets["val"], "--max-samples",
-                 "12", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40"])  # fmt: skip
+                 "11", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40"])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
-    assert result["exact_match"] == final["exact_match"] and result["eval_samples"] == 12
+    assert result["exact_match"] == final["exact_match"] and result["eval_samples"] == 11

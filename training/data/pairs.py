@@ -110,35 +110,14 @@ def build_dataset(
     *,
     image_transform: Callable[[Image.Image], torch.Tensor],
     text_transform: Callable[[str], torch.Tensor],
-    batch_size: int,
-    seed: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    resampled: bool = True,
-    shuffle: bool = True,
-    shuffle_buffer: int = 1000,
-    epoch: int = 0,
-    drop_last: bool | None = None,
     decode_image: Callable[[bytes], Image.Image] = default_decode_image,
-    max_consecutive_skips: int = 1000,
+    **options: Any,
 ) -> ShardDataset:
     """The image-caption stream over `shards` (brace pattern, list or folder of .tar).
 
     `image_transform`: PIL RGB image -> (3, H, W) float tensor (an `ImageProcessor` works, its
     (1, 3, H, W) is squeezed); `text_transform`: str -> (L,) token ids (`TokenizeOne(tokenizer)`).
-    The other options are those of :func:`training.data.stream.shard_dataset`.
+    `options` (`batch_size`, `seed`, `rank`, `world_size`, `resampled`, `shuffle`, `shuffle_buffer`,
+    `epoch`, `drop_last`, `max_consecutive_skips`) are those of :func:`training.data.stream.shard_dataset`.
     """
-    return shard_dataset(
-        shards,
-        PairBuilder(image_transform, text_transform, decode_image),
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        resampled=resampled,
-        shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer,
-        epoch=epoch,
-        drop_last=drop_last,
-        max_consecutive_skips=max_consecutive_skips,
-    )
+    return shard_dataset(shards, PairBuilder(image_transform, text_transform, decode_image), **options)
