@@ -139,3 +139,18 @@ def test_shards_the_cache_does_not_hold_are_refused(cached, tmp_path):
         cache.check_shards([str(changed)])
     with pytest.raises(FileNotFoundError, match="not a feature cache"):
         FeatureCache(tmp_path)
+
+
+def test_a_cache_written_in_bfloat16_belongs_to_the_same_tower(cached, tmp_path):
+    """The tower's identity is taken from its stored weights, before the cast: a bf16 cache is accepted by
+    the fp32 model and holds bf16 features close to the fp32 ones."""
+    root, shards = cached
+    summary = fc.extract_to_cache(str(root / "tower"), shards[:1], tmp_path / "bf16", feature_layer=-2,
+                                  dtype="bfloat16", progress=False)  # fmt: skip
+    assert summary.samples == 6
+    half, full = FeatureCache(tmp_path / "bf16"), FeatureCache(root / "cache")
+    half.check(full.identity)
+    sample = next(iter_tar_samples(shards[0], SkipCounter(1)))
+    features = half.load(sample)[0]
+    assert features.dtype == torch.bfloat16
+    torch.testing.assert_close(features.float(), full.load(sample)[0], rtol=0.05, atol=0.05)

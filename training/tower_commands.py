@@ -94,7 +94,7 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
         feature_layer=args.layer,
         batch_size=args.batch_size,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"

@@ -310,13 +310,16 @@ def extract_to_cache(
     feature_layer: int = -1,
     batch_size: int = 32,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = True,
 ) -> CacheSummary:
     """Load the tower of ``model`` (folder, file, hub id or ``preset:NAME``) with its own preprocessing,
-    and cache its patch features of ``shards`` in ``out_dir`` (``vision-tower extract --shards``)."""
+    and cache its patch features of ``shards`` in ``out_dir`` (``vision-tower extract --shards``).
+    ``dtype`` (or its name) runs the tower in that precision; None or ``"auto"``: as stored."""
     from vision_tower.sources import load_tower, processor_for_tower
 
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tower = load_tower(model, image_size=image_size, feature_layer=feature_layer, use_head=False)
