@@ -216,3 +216,26 @@ def test_generation_never_emits_the_image_placeholder():
     assert out.argmax().item() == vlm.image_token_id
     new = vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=4)
     assert vlm.image_token_id not in new.tolist()[0] and new.shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train-vlm", "--config", str(TINY), "stage=tune"], "stage must be one of"),
+        (["train-vlm", "--config", str(TINY), "data.feature_cache=/nowhere"], "is not a feature cache"),
+        (["eval", "vlm", "--model", "x"], "eval vlm needs --shards SHARDS"),
+        (
+            ["extract", "--model", "preset:tiny", "--shards", "x", "--out", "o", "--no-head"],
+            "--no-head does not apply",
+        ),
+    ],
+)
+def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, monkeypatch):
+    from training.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "train-vlm":
+        argv = [*argv, *overrides(assets, **{"run.out_dir": tmp_path / "run"})]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
+    assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err

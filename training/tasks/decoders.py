@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 PRESET_PREFIX = "preset:"
@@ -52,10 +53,12 @@ def decoder_config(name: str, tokenizer: Any, **overrides: Any) -> PretrainedCon
         raise ValueError(f"decoder preset {name!r} with overrides {overrides}: {err}") from err
 
 
-def build_decoder(name: str, tokenizer: Any, **overrides: Any) -> PreTrainedModel:
-    """A randomly initialised causal LM of preset ``name`` for ``tokenizer`` (``from_config``: partitioned
-    as it is built while a ZeRO-3 ``HfDeepSpeedConfig`` is alive)."""
-    return AutoModelForCausalLM.from_config(decoder_config(name, tokenizer, **overrides))
+def build_decoder(
+    name: str, tokenizer: Any, *, dtype: torch.dtype | None = None, **overrides: Any
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of preset ``name`` for ``tokenizer``, in ``dtype`` (``from_config``:
+    partitioned as it is built while a ZeRO-3 ``HfDeepSpeedConfig`` is alive)."""
+    return AutoModelForCausalLM.from_config(decoder_config(name, tokenizer, **overrides), dtype=dtype)
 
 
 def word_tokenizer(texts: Iterable[str], *, extra_tokens: Iterable[str] = ("<image>",)) -> Any:

@@ -47,6 +47,10 @@ class VLMTask(Task):
         self.cfg, self.optim, self.run = cfg, cfg.optim, cfg.run
         self.micro_batch_size = cfg.data.batch_size
         self.name = f"vlm {cfg.stage}"
+        if cfg.data.feature_cache:  # a missing or unreadable cache fails before any set-up
+            from ..data.feature_cache import FeatureCache
+
+            FeatureCache(resolve_path(cfg.data.feature_cache))
         self.stage: StageModel | None = None
         self.loader = None
         self._eval: tuple[VLMBuilder, list] | None = None

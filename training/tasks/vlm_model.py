@@ -4,7 +4,6 @@ exported from (adapters merged)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ class StageModel:
 
     vlm: VisionLanguageModel
     formats: list[str]  # export formats that can hold it
-    identity: dict[str, Any] | None  # the tower's feature-cache identity, when a cache is read
     keep_alive: Any = None  # transformers' HfDeepSpeedConfig at ZeRO-3 (read while it lives)
 
 
@@ -63,7 +61,7 @@ def assemble(m: VLMModelSection, dtype: torch.dtype) -> VisionLanguageModel:
         raise ValueError(f"no tokenizer files in {tokenizer_src}: set model.tokenizer to a tokenizer folder")
     if preset is not None:
         _add_image_token(tokenizer)
-        decoder = build_decoder(preset, tokenizer, **m.decoder_options).to(dtype)
+        decoder = build_decoder(preset, tokenizer, dtype=dtype, **m.decoder_options)
     else:
         decoder = load_decoder(resolve_path(m.decoder), dtype=dtype)
     return VisionLanguageModel(
@@ -96,19 +94,19 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
         vlm = VisionLanguageModel.from_pretrained(resolve_path(cfg.model.init_from), dtype=dtype)
     else:
         vlm = assemble(cfg.model, dtype)
-    identity = None
-    if cfg.data.feature_cache:
+    if cfg.data.feature_cache:  # refused now, before anything trains, if made with another tower
         from ..data.feature_cache import FeatureCache, cache_identity
 
-        identity = cache_identity(vlm.tower, vlm.image_processor())
-        FeatureCache(resolve_path(cfg.data.feature_cache)).check(identity)
+        FeatureCache(resolve_path(cfg.data.feature_cache)).check(
+            cache_identity(vlm.tower, vlm.image_processor())
+        )
     formats = export_formats(vlm, cfg.export.formats)
     set_stage(vlm, cfg)
     if cfg.model.gradient_checkpointing:
         vlm.gradient_checkpointing_enable(tower=cfg.tower_trains, decoder=True)
     for part in (vlm.tower, vlm.connector, vlm.decoder):
         zero.partition(part)  # stage 3: the decoder's remaining (LoRA) parameters, tower and connector
-    return StageModel(vlm, formats, identity, keep_alive)
+    return StageModel(vlm, formats, keep_alive)
 
 
 def set_stage(vlm: VisionLanguageModel, cfg: VLMConfig) -> None:
@@ -193,7 +191,7 @@ def plain_model(vlm: VisionLanguageModel) -> VisionLanguageModel:
     """A VLM of the same tower, connector and decoder configs on the meta device, without adapters
     (what consolidated weights are loaded into for export)."""
     decoder = vlm.decoder
-    with torch.device("meta"), _no_zero3():
+    with torch.device("meta"):  # a plain constructor: no zero.Init even while an HfDeepSpeedConfig lives
         tower = VisionTower(copy.deepcopy(vlm.tower.config), feature_layer=vlm.tower.feature_layer)
         connector = vlm.connector.config.build()
         plain_decoder = type(decoder)(copy.deepcopy(decoder.config))
@@ -206,19 +204,6 @@ def plain_model(vlm: VisionLanguageModel) -> VisionLanguageModel:
         tokenizer=vlm.tokenizer,
         processor=vlm.processor,
     )
-
-
-@contextlib.contextmanager
-def _no_zero3():
-    """transformers builds plainly inside (no ``zero.Init`` from a live ``HfDeepSpeedConfig``)."""
-    from transformers.integrations import deepspeed as ds
-
-    saved = getattr(ds, "_hf_deepspeed_config_weak_ref", None)
-    ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        ds._hf_deepspeed_config_weak_ref = saved
 
 
 def load_plain(vlm: VisionLanguageModel, state: dict[str, torch.Tensor]) -> VisionLanguageModel:
