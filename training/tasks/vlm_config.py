@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runner.config import OptimSection, RunSection, check_range, load_sections
+from ..runner.config import OptimSection, RunSection, check_range, load_sections, resolve_path
 
 STAGES = ("align", "finetune")
 DECODER_TRAINING = ("full", "lora")
@@ -204,5 +204,6 @@ class VLMConfig:
 
 
 def load_vlm_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> VLMConfig:
-    """Read a YAML run config, apply overrides, validate every key and value."""
-    return load_sections(VLMConfig, path, overrides)
+    """Read a YAML run config (``configs/vlm/...`` also from the repository root or the installed package),
+    apply overrides, validate every key and value."""
+    return load_sections(VLMConfig, None if path is None else resolve_path(str(path)), overrides)
