@@ -155,6 +155,11 @@ def test_consolidated_weights_load_into_a_plain_model_with_ties(assets):
         load_plain(vlm, {**state, "decoder.extra.weight": torch.zeros(1)})
 
 
+def test_a_causal_model_reading_a_block_output_exports_as_llava(assets):
+    task = build(assets, **{"model.attention": "causal", "model.feature_layer": -2})
+    assert task.stage.formats == ["native", "llava"]
+
+
 def test_an_export_format_that_cannot_hold_the_model_is_refused_before_training(assets):
     with pytest.raises(FormatError, match="export.formats lists 'paligemma'"):
         build(assets, **{"model.attention": "causal", "export.formats": "[native, paligemma]"})

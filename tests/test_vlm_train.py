@@ -181,13 +181,15 @@ def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate
     a, f = tmp_path / "align", tmp_path / "finetune"
     align = settings(assets, a, "align", **{"run.steps": 6, "run.deepspeed": "configs/deepspeed/zero2.json"})
     finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
-                                                   "finetune.tower": "true", "finetune.tower_lr": 1e-4})  # fmt: skip
+                                                   "finetune.tower": "true", "finetune.tower_lr": 1e-4,
+                                                   "model.gradient_checkpointing": "true"})  # fmt: skip
     align, finetune = [*align, *LEAN], [*finetune, *LEAN]
     results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
     r = results[0]
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     connector = {k for k in r["align"]["held"]}
     assert connector and all(k.startswith("connector.") for k in connector)
+    assert not r["align"]["partitioned"]  # ZeRO-2 keeps whole parameters
     held = r["finetune"]["held"]
     assert {k for k, lr in held.items() if lr == 1e-4} == {k for k in held if k.startswith("tower.")} != set()
     assert any(k.startswith("decoder.") for k in held) and connector <= held.keys()
@@ -225,6 +227,7 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     r = results[0]
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     assert all(k.startswith("connector.") for k in r["align"]["held"])
+    assert r["align"]["partitioned"] and r["finetune"]["partitioned"]  # the decoder never whole on a rank
     lora = r["finetune"]["held"]
     assert all(k.startswith("connector.") or ".lora_" in k for k in lora) and any(".lora_" in k for k in lora)
     native = a / "export" / "native"

@@ -94,6 +94,8 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
         vlm = VisionLanguageModel.from_pretrained(resolve_path(cfg.model.init_from), dtype=dtype)
     else:
         vlm = assemble(cfg.model, dtype)
+    if zero.stage == 3 and not all(hasattr(p, "ds_id") for p in vlm.decoder.parameters()):
+        raise RuntimeError("ZeRO-3: the decoder was built whole, not partitioned as transformers loaded it")
     if cfg.data.feature_cache:  # refused now, before anything trains, if made with another tower
         from ..data.feature_cache import FeatureCache, cache_identity
 
