@@ -108,7 +108,9 @@ def generate(
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)  # (B,)
+        logits = out.logits[:, -1].clone()  # (B, V)
+        logits[:, vlm.image_token_id] = float("-inf")  # a placeholder is never an answer (it needs an image)
+        token = logits.argmax(-1).masked_fill(done, pad)  # (B,)
         new.append(token)
         done |= torch.isin(token, eos_t)
         if done.all() or step == max_new_tokens - 1:

@@ -53,6 +53,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    if args.shards is not None:
+        return cmd_extract_shards(args)
     check_new_output(args.out, args.overwrite, kind="file")
     check_device(args.device)
     feats = extract_to_file(
@@ -82,6 +84,35 @@ def cmd_extract(args: argparse.Namespace) -> None:
         print(f"  skipped {name}: {reason}")
 
 
+def cmd_extract_shards(args: argparse.Namespace) -> None:
+    """``extract --shards``: a feature cache of a shard set for stage align (``data.feature_cache``)."""
+    from .data.feature_cache import extract_to_cache
+
+    for flag, given in (("--max-num-patches", args.max_num_patches), ("--no-head", args.no_head)):
+        if given:
+            raise ValueError(
+                f"{flag} does not apply to --shards (a cache holds patch features of a fixed-size tower)"
+            )
+    check_new_output(args.out, args.overwrite)
+    check_device(args.device)
+    s = extract_to_cache(
+        args.model,
+        args.shards,
+        args.out,
+        image_size=args.image_size,
+        feature_layer=args.layer,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
+    print(
+        f"wrote the feature cache {s.out_dir}: {s.samples} samples of {s.shards} shards, grid {s.grid[0]}x"
+        f"{s.grid[1]}, width {s.dim}, in {s.seconds:.1f}s; skipped: {skipped}. Train with data.feature_cache={s.out_dir}"
+    )
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     check_new_output(args.out, args.overwrite)
     done = convert(
@@ -108,13 +139,22 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("extract", help="patch features of image files into a .safetensors file")
+    p = sub.add_parser(
+        "extract",
+        help="patch features of image files into a .safetensors file, or of a shard set into a feature cache",
+    )
     p.add_argument("--model", required=True, help="folder, file, hub repo id or preset:NAME")
-    p.add_argument(
-        "--images", nargs="+", required=True, help="image files and/or folders (searched recursively)"
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="image files and/or folders (searched recursively)")
+    src.add_argument(
+        "--shards",
+        help="WebDataset shards (brace pattern or folder): write a feature cache folder for VLM training "
+        "(data.feature_cache), features keyed by sample",
     )
     p.add_argument(
-        "--out", required=True, help="output .safetensors (patch_features, pooled; names in metadata)"
+        "--out",
+        required=True,
+        help="output .safetensors (patch_features, pooled; names in metadata); with --shards a folder",
     )
     p.add_argument(
         "--image-size", type=positive_int, default=None, help="resize the position table for this size"

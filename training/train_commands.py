@@ -1,4 +1,4 @@
-"""The training subcommands of ``vision-tower``: pretrain, train-tokenizer, make-shapes, eval, demo."""
+"""The training subcommands of ``vision-tower``: pretrain, train-vlm, train-tokenizer, make-shapes, eval, demo."""
 
 from __future__ import annotations
 
@@ -22,15 +22,25 @@ class _ResumeAction(argparse.Action):
         setattr(namespace, self.dest, value or self.const)
 
 
+def _print_on_rank0(result: dict) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(dict(result), default=str))
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import run_from_cli
 
     overrides = [*getattr(args, "leading_overrides", []), *args.overrides]
-    result = run_from_cli(args.config, overrides, args.resume, args.overwrite)
-    import torch.distributed as dist
+    _print_on_rank0(run_from_cli(args.config, overrides, args.resume, args.overwrite))
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps({k: v for k, v in result.items()}, default=str))
+
+def cmd_train_vlm(args: argparse.Namespace) -> None:
+    from .tasks.vlm import run_from_cli
+
+    overrides = [*getattr(args, "leading_overrides", []), *args.overrides]
+    _print_on_rank0(run_from_cli(args.config, overrides, args.resume, args.overwrite))
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -98,10 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .evaluate import list_image_folder, load_templates, retrieval, zero_shot
 
-    needed = {"zero-shot": ("images", "--images CLASS_DIR"), "retrieval": ("shards", "--shards SHARDS")}
+    needed = {
+        "zero-shot": ("images", "--images CLASS_DIR"),
+        "retrieval": ("shards", "--shards SHARDS"),
+        "vlm": ("shards", "--shards SHARDS"),
+    }
     attr, flag = needed[args.task]
     if getattr(args, attr) is None:
         raise ValueError(f"eval {args.task} needs {flag}")
+    if args.task == "vlm":
+        from .vlm_commands import cmd_eval_vlm
+
+        return cmd_eval_vlm(args)
     if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
         templates = load_templates(args.templates) if args.templates else None
         list_image_folder(args.images)
@@ -140,13 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
-def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    from .tower_commands import add_dtype_option
-
-    p = sub.add_parser(
-        "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
-    )
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--resume [auto]`` | ``--overwrite`` and the ``key=value`` overrides of a training command."""
     once = p.add_mutually_exclusive_group()
     once.add_argument(
         "--resume",
@@ -164,7 +177,26 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         help="replace the previous run in run.out_dir (its checkpoints, metrics and export)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    from .tower_commands import add_dtype_option
+
+    p = sub.add_parser(
+        "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
+    )
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
+    _add_run_options(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "train-vlm",
+        help="one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
+        "(connector and decoder, in full or LoRA); launch with torchrun/deepspeed",
+    )
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/vlm/tiny_align.yaml")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train_vlm)
 
     p = sub.add_parser(
         "train-tokenizer",
@@ -200,14 +232,36 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_shapes)
 
-    p = sub.add_parser("eval", help="zero-shot classification or image-text retrieval of a SiglipModel")
-    p.add_argument("task", choices=["zero-shot", "retrieval"])
-    p.add_argument("--model", required=True, help="SiglipModel folder or hub id (with its tokenizer)")
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot classification or image-text retrieval of a SiglipModel; held-out loss and exact "
+        "match of a vision-language model (vlm)",
+    )
+    p.add_argument("task", choices=["zero-shot", "retrieval", "vlm"])
+    p.add_argument(
+        "--model", required=True, help="SiglipModel folder or hub id (with its tokenizer); vlm: a VLM folder"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder if not beside the model")
     p.add_argument("--images", help="zero-shot: ImageFolder root (one sub-folder per class)")
     p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
-    p.add_argument("--shards", help="retrieval: WebDataset shards (brace pattern or folder)")
+    p.add_argument("--shards", help="retrieval, vlm: WebDataset shards (brace pattern or folder)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "--max-samples", type=positive_int, default=256, help="vlm: evaluate the first N usable samples"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="vlm: longest generated answer, in tokens"
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=512,
+        help="vlm: tokens per row (data.max_length of training)",
+    )
+    p.add_argument(
+        "--caption-prompt", default="", help="vlm: the prompt of caption samples (data.caption_prompt)"
+    )
+    p.add_argument("--predictions", type=positive_int, default=0, help="vlm: also print the first N answers")
     add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
 

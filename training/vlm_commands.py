@@ -1,4 +1,4 @@
-"""The vision-language subcommand of ``vision-tower``: generate (it needs no DeepSpeed)."""
+"""The vision-language subcommands of ``vision-tower``: generate, and ``eval vlm`` (neither needs DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,23 @@ def add_vlm_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
     add_dtype_option(p)
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_eval_vlm(args: argparse.Namespace) -> None:
+    """``vision-tower eval vlm``: held-out loss and exact match of a saved VLM (any format)."""
+    import json
+
+    from connectors import VisionLanguageModel
+    from vision_tower.hardware import choose_precision
+
+    from .data.vlm import builder_for
+    from .vlm_eval import evaluate_vlm, read_eval_items
+
+    precision = choose_precision(args.dtype)
+    print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
+    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
+    builder = builder_for(vlm, max_length=args.max_length, caption_prompt=args.caption_prompt)
+    items = read_eval_items(builder, args.shards, args.max_samples)
+    result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    out = {**result.metrics(), **precision.metadata(), "predictions": result.predictions[: args.predictions]}
+    print(json.dumps(out, indent=2))

@@ -1,0 +1,159 @@
+"""VLM samples: image + caption or prompt/answer rows laid out as the VLM generates, padded per batch,
+the loss on the answer only, long rows cut on the answer side and counted, through the shared stream."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from connectors import ConnectorConfig, VisionLanguageModel
+from tests import vlm_reference as R
+from tests.vlm_train_data import png, write_tar
+from training.data import build_loader, shard_dataset
+from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
+from training.shapes import make_sample
+from training.tasks.decoders import word_tokenizer
+from training.tasks.vlm import model_inputs
+from vision_tower import ImageProcessor
+
+WORDS = ["a red circle", "a small blue square on a noisy background", "caption", "what colour", "red",
+         "USER: ASSISTANT:"]  # fmt: skip
+PROCESSOR = ImageProcessor(image_size=16)
+
+
+def image_bytes(i: int) -> bytes:
+    return png(make_sample("train", i, image_size=16).image)
+
+
+SHUFFLE = ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})
+
+
+def builder(tok, max_length=40, connector=SHUFFLE):
+    """16 px images in 4 px patches: a 4x4 grid, 4 tokens after pixel shuffle by 2."""
+    return VLMBuilder(
+        tok,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_tokens=ImageTokens(connector),
+        images=PixelImages(PROCESSOR, patch_size=4),
+        max_length=max_length,
+        caption_prompt="caption",
+    )
+
+
+def raw(key: str, i: int, **members) -> dict:
+    sample = {"__key__": key, "__url__": "mem.tar", "png": image_bytes(i)}
+    for ext, value in members.items():
+        sample[ext] = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return sample
+
+
+def test_rows_put_image_and_prompt_in_the_prefix_and_the_answer_with_eos_in_the_suffix():
+    tok = word_tokenizer(WORDS)
+    v = tok.get_vocab()
+    img, bos, eos, pad = v["<image>"], v["<bos>"], v["<eos>"], v["<pad>"]
+    b = builder(tok)
+    items = [
+        b.build(raw("cap", 0, txt=b"a red circle")),
+        b.build(raw("qa", 1, json={"prompt": "what colour", "answer": "red"})),
+        b.build(raw("llava", 2, json={"prompt": "USER: <image> what colour ASSISTANT:", "answer": "red"})),
+    ]
+    # by hand: PaliGemma layout (placeholders, bos, prompt, newline) or <image> expanded in place
+    prefixes = [
+        [img] * 4 + [bos, v["caption"]],
+        [img] * 4 + [bos, v["what"], v["colour"]],
+        [bos, v["USER:"]] + [img] * 4 + [v["what"], v["colour"], v["ASSISTANT:"]],
+    ]
+    suffixes = [[v["a"], v["red"], v["circle"], eos], [v["red"], eos], [v["red"], eos]]
+    batch = b.collate(items)
+    width = max(len(p) + len(s) for p, s in zip(prefixes, suffixes))
+    assert batch["input_ids"].shape == (3, width)
+    for row, (p, s) in enumerate(zip(prefixes, suffixes)):
+        n = len(p) + len(s)
+        assert batch["input_ids"][row].tolist() == p + s + [pad] * (width - n)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert batch["token_type_ids"][row, :n].tolist() == [0] * len(p) + [1] * len(s)
+        assert batch["labels"][row].tolist() == [-100] * len(p) + s + [-100] * (width - n)
+    expected = torch.cat([PROCESSOR(make_sample("train", i, image_size=16).image) for i in range(3)])
+    torch.testing.assert_close(batch["pixel_values"], expected, rtol=0, atol=0)  # (3, 3, 16, 16)
+    assert batch["answer"] == ["a red circle", "red", "red"]
+    assert batch["prompt"] == ["caption", "what colour", "USER: <image> what colour ASSISTANT:"]
+    # the builder travels to DataLoader workers
+    again = pickle.loads(pickle.dumps(b)).build(raw("cap", 0, txt=b"a red circle"))
+    assert again.input_ids == items[0].input_ids
+
+
+def test_image_tokens_follow_each_samples_grid_and_image_count():
+    tok = word_tokenizer(WORDS)
+    b = builder(tok, connector=ConnectorConfig("linear", 8, 16))  # one token per patch
+    small = b.build(raw("a", 0, txt=b"red"))
+    assert small.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 16  # 4x4 grid
+    b.images = PixelImages(ImageProcessor(image_size=24), patch_size=4)
+    big = b.build(raw("b", 0, txt=b"red"))
+    assert big.grid == (6, 6) and big.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 36
+    with pytest.raises(ValueError, match="different token grids"):
+        b.collate([small, big])
+
+
+def long_shard(tmp_path):
+    members = []
+    for i, answer in enumerate(["red", "a red circle " * 4, "a small blue square on a noisy background"]):
+        members += [(f"k{i}.png", image_bytes(i)), (f"k{i}.txt", answer.strip().encode())]
+    members += [
+        ("k3.png", image_bytes(3)),
+        ("k3.json", json.dumps({"prompt": "what " * 30, "answer": "red"}).encode()),
+    ]
+    return write_tar(tmp_path / "long.tar", members)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers):
+    tok = word_tokenizer(WORDS)
+    v = tok.get_vocab()
+    b = builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
+    dataset = shard_dataset(long_shard(tmp_path), b, batch_size=8, rank=0, world_size=1, resampled=False,
+                            shuffle=False, drop_last=False)  # fmt: skip
+    loader = build_loader(dataset, num_workers=num_workers)
+    (batch,) = list(loader)
+    assert batch["__key__"] == ["k0", "k1", "k2"]
+    assert loader.skip_counts == {"too_long": 1}  # k3: its prompt alone is 30 words
+    assert loader.samples_seen == 3 and loader.truncated_captions == 2
+    prefix = 6
+    cut = [v[w] for w in ("a red circle " * 2).split()]  # the first 6 answer tokens, no eos
+    assert batch["input_ids"][1].tolist() == [v["<image>"]] * 4 + [v["<bos>"], v["caption"]] + cut
+    assert batch["labels"][1, prefix:].tolist() == cut
+    assert batch["input_ids"][0, prefix:].tolist()[:2] == [v["red"], v["<eos>"]]  # short: whole, with eos
+    assert batch["answer"][1] == ("a red circle " * 4).strip()  # the reference stays whole
+
+
+def test_the_loss_is_the_answer_tokens_cross_entropy():
+    """The VLM's loss on a collated batch equals cross-entropy over the answer tokens alone, by hand."""
+    tok = R.tokenizer()
+    tower = R.tower()
+    vlm = VisionLanguageModel(tower, "pixel_shuffle", R.decoder("gemma"), tokenizer=tok).eval()
+    b = VLMBuilder(tok, image_token_id=vlm.image_token_id, image_tokens=ImageTokens(vlm.connector.config),
+                   images=PixelImages(ImageProcessor(image_size=32), patch_size=8), max_length=64,
+                   caption_prompt="caption en")  # fmt: skip
+    batch = b.collate(
+        [
+            b.build(raw("a", 0, txt=b"a photo of the cat")),
+            b.build(raw("b", 1, json={"prompt": "what is this", "answer": "dog"})),
+        ]
+    )
+    with torch.no_grad():
+        out = vlm(**model_inputs(batch))
+        logits = out.logits.float()
+    # by hand: the answer words and eos follow the prompt's newline; each is predicted one position earlier
+    eos = tok.eos_token_id
+    answers = [tok("a photo of the cat", add_special_tokens=False)["input_ids"] + [eos],
+               tok("dog", add_special_tokens=False)["input_ids"] + [eos]]  # fmt: skip
+    losses = []
+    for row, answer in enumerate(answers):
+        ids = batch["input_ids"][row].tolist()
+        start = next(i for i in range(len(ids)) if ids[i : i + len(answer)] == answer)
+        for j, token in enumerate(answer):
+            losses.append(F.cross_entropy(logits[row, start + j - 1], torch.tensor(token)))
+    torch.testing.assert_close(out.loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)

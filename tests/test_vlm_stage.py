@@ -1,0 +1,246 @@
+"""The pieces of a VLM training stage, without DeepSpeed: configs, what each stage trains and with which
+learning rate, LoRA merged at export, consolidated weights into a plain model, evaluation against a
+hand loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from connectors import FormatError
+from tests.vlm_train_data import make_assets
+from training.config import ROOT
+from training.runner import Zero, deepspeed_config
+from training.tasks.vlm import VLMTask
+from training.tasks.vlm_config import load_vlm_config
+from training.tasks.vlm_model import add_lora, load_plain, merge_lora
+from training.vlm_eval import evaluate_vlm, read_eval_items
+
+CONFIGS = sorted((ROOT / "configs" / "vlm").glob("*.yaml"))
+TINY = ROOT / "configs" / "vlm" / "tiny_align.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("vlm"), n_train=64, n_val=12)
+
+
+def overrides(assets, **extra) -> list[str]:
+    base = {
+        "model.tower": assets["tower"],
+        "model.decoder": assets["decoder"],
+        "model.tokenizer": "null",
+        "data.train_shards": assets["train"],
+        "data.val_shards": assets["val"],
+        "data.max_length": 40,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def build(assets, **extra):
+    cfg = load_vlm_config(TINY, overrides(assets, **extra))
+    task = VLMTask(cfg)
+    task.build_model(Zero(0, {"bf16": {"enabled": False}}))
+    return task
+
+
+def test_configs_exist_and_load():
+    assert {p.name for p in CONFIGS} >= {"tiny_align.yaml", "tiny_finetune.yaml", "so400m_gemma2b_align.yaml",
+                                        "so400m_gemma2b_finetune.yaml", "qwen2_llava_align.yaml",
+                                        "qwen2_llava_finetune.yaml"}  # fmt: skip
+    for path in CONFIGS:
+        cfg = load_vlm_config(path)
+        ds = deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 8)
+        assert ds["train_batch_size"] == cfg.data.batch_size * 8 * cfg.optim.grad_accum
+        assert (cfg.stage == "finetune") == (cfg.model.init_from is not None), path.name
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["stage=tune"], "stage must be one of"),
+        (["finetune.decoder=lora"], "the finetune section applies to stage finetune"),
+        (["stage=finetune", "finetune.decoder=half"], "finetune.decoder must be one of"),
+        (["stage=finetune", "finetune.tower_lr=1e-5"], "set finetune.tower: true"),
+        (["stage=finetune", "finetune.tower=true", "data.feature_cache=x"], "drop one"),
+        (["model.init_from=x"], "drop model.tower, model.decoder, model.tokenizer"),
+        (["model.decoder=preset:huge"], "unknown decoder preset 'huge'"),
+        (["model.tokenizer=null"], "model.tokenizer is required with a preset decoder"),
+        (["model.connector=mlp3"], "model.connector 'mlp3' is unknown"),
+        (["model.colour=red"], "unknown key(s) ['colour'] in model"),
+        (["export.formats=[gguf]"], "export.formats: unknown ['gguf']"),
+        (["data.max_length=0"], "data.max_length must be >= 1"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(extra, message):
+    with pytest.raises(ValueError) as err:
+        load_vlm_config(TINY, extra)
+    assert message in str(err.value)
+
+
+def names(model, params) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_align_trains_the_connector_alone(assets):
+    task = build(assets)
+    vlm = task.vlm
+    groups = task.param_groups(vlm)
+    trained = names(vlm, [p for g in groups for p in g["params"]])
+    assert trained == {f"connector.{n}" for n, _ in vlm.connector.named_parameters()}
+    assert not any(p.requires_grad for p in [*vlm.tower.parameters(), *vlm.decoder.parameters()])
+    assert not vlm.tower.training and vlm.decoder.training  # frozen tower in eval mode
+    assert task.stage.formats == ["native", "paligemma"]  # gemma, linear, prefix, final layer: not llava
+
+
+def test_finetune_trains_connector_decoder_and_tower_at_its_own_rate(assets):
+    task = build(assets, stage="finetune", **{"finetune.tower": "true", "finetune.tower_lr": 1e-5})
+    vlm = task.vlm
+    groups = task.param_groups(vlm)
+    tower = {f"tower.{n}" for n, _ in vlm.tower.named_parameters()}
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(g.get("lr"), set()).update(names(vlm, g["params"]))
+    assert by_lr[1e-5] == tower
+    assert by_lr[None] == {n for n, _ in vlm.named_parameters()} - tower  # connector and decoder
+
+
+def test_lora_trains_adapters_and_merges_into_the_plain_decoder(assets):
+    task = build(
+        assets,
+        stage="finetune",
+        **{"finetune.decoder": "lora", "finetune.lora.target_modules": "[q_proj, up_proj]"},
+    )
+    vlm = task.vlm
+    trained = names(vlm, [p for g in task.param_groups(vlm) for p in g["params"]])
+    adapters = {n for n, _ in vlm.decoder.named_parameters() if ".lora_" in n}
+    assert len(adapters) == 2 * 2 * 2  # 2 layers x (q_proj, up_proj) x (A, B)
+    assert trained == {f"decoder.{n}" for n in adapters} | {
+        f"connector.{n}" for n, _ in vlm.connector.named_parameters()
+    }
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in vlm.decoder.named_parameters():
+            if ".lora_" in n:
+                p.normal_(0, 0.2)  # B starts at zero: give the adapters something to merge
+    ids = torch.randint(4, vlm.decoder.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = vlm.decoder(input_ids=ids).logits
+        plain = load_plain(vlm, merge_lora(vlm.state_dict(), 32.0 / 16))  # alpha / r of the defaults
+        got = plain.decoder(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not any(".lora_" in k or "base_layer" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="not linear layers of this decoder"):
+        add_lora(
+            plain.decoder, type("L", (), {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["c_attn"]})
+        )
+
+
+def test_consolidated_weights_load_into_a_plain_model_with_ties(assets):
+    task = build(assets)
+    vlm = task.vlm.eval()
+    state = {n: p.detach().clone() for n, p in vlm.named_parameters()}  # as ZeRO gathers them: tied once
+    state.update({n: b.clone() for n, b in vlm.named_buffers()})
+    assert "decoder.lm_head.weight" not in state
+    plain = load_plain(vlm, state).eval()
+    assert plain.decoder.lm_head.weight is plain.decoder.model.embed_tokens.weight
+    ids = torch.tensor([[vlm.image_token_id] * vlm.num_image_tokens + [1, 5, 6]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, pixels).logits, vlm(ids, pixels).logits)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_plain(vlm, {**state, "decoder.extra.weight": torch.zeros(1)})
+
+
+def test_a_causal_model_reading_a_block_output_exports_as_llava(assets):
+    task = build(assets, **{"model.attention": "causal", "model.feature_layer": -2})
+    assert task.stage.formats == ["native", "llava"]
+
+
+def test_an_export_format_that_cannot_hold_the_model_is_refused_before_training(assets):
+    with pytest.raises(FormatError, match="export.formats lists 'paligemma'"):
+        build(assets, **{"model.attention": "causal", "export.formats": "[native, paligemma]"})
+
+
+def test_evaluation_equals_a_hand_loop(assets):
+    task = build(assets, stage="finetune")
+    vlm = task.vlm
+    from training.data.vlm import builder_for
+
+    b = builder_for(vlm, max_length=40, caption_prompt="")
+    items = read_eval_items(b, assets["val"], 7)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in vlm.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    # a reference that the model answers by construction: its own greedy output for item 0
+    first = vlm.eval().generate(
+        b.collate(items[:1])["pixel_values"], prompts=[items[0].prompt], max_new_tokens=6
+    )
+    eos = b.tokenizer.eos_token_id
+    row = first[0].tolist()
+    items[0].text = b.tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True)
+    result = evaluate_vlm(vlm, items, b, batch_size=3, max_new_tokens=6)
+    # by hand, one sample at a time
+    losses, matches = [], 0
+    vlm.eval()
+    with torch.no_grad():
+        for item in items:
+            batch = b.collate([item])
+            logits = vlm(
+                batch["input_ids"], batch["pixel_values"], token_type_ids=batch["token_type_ids"]
+            ).logits[0]
+            for pos in range(item.num_prefix, len(item.input_ids)):
+                losses.append(F.cross_entropy(logits[pos - 1], torch.tensor(item.input_ids[pos])))
+            new = vlm.generate(batch["pixel_values"], prompts=[item.prompt], max_new_tokens=6)[0].tolist()
+            text = b.tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
+            matches += " ".join(text.split()).lower() == " ".join(item.text.split()).lower()
+    assert matches >= 1 and result.samples == 7
+    assert result.exact_match == pytest.approx(matches / 7)
+    assert result.loss == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+def test_generation_never_emits_the_image_placeholder():
+    """A decoder whose favourite next token is the image placeholder still answers with text (fed back, a
+    placeholder would need an image)."""
+    from connectors import VisionLanguageModel
+    from tests import vlm_reference as R
+
+    vlm = VisionLanguageModel(R.tower(), "pixel_shuffle", R.decoder("gemma"), tokenizer=R.tokenizer()).eval()
+
+    def favour_placeholder(module, inputs, logits):
+        logits[..., vlm.image_token_id] += 1e4
+        return logits
+
+    vlm.decoder.lm_head.register_forward_hook(favour_placeholder)
+    with torch.no_grad():
+        out = vlm.decoder(input_ids=torch.tensor([[1, 5, 6]])).logits[0, -1]
+    assert out.argmax().item() == vlm.image_token_id
+    new = vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=4)
+    assert vlm.image_token_id not in new.tolist()[0] and new.shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train-vlm", "--config", str(TINY), "stage=tune"], "stage must be one of"),
+        (["train-vlm", "--config", str(TINY), "data.feature_cache=/nowhere"], "is not a feature cache"),
+        (["eval", "vlm", "--model", "x"], "eval vlm needs --shards SHARDS"),
+        (
+            ["extract", "--model", "preset:tiny", "--shards", "x", "--out", "o", "--no-head"],
+            "--no-head does not apply",
+        ),
+    ],
+)
+def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, monkeypatch):
+    from training.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "train-vlm":
+        argv = [*argv, *overrides(assets, **{"run.out_dir": tmp_path / "run"})]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
+    assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err

@@ -1,0 +1,243 @@
+"""VLM training end to end under DeepSpeed: stage align then stage finetune, single-process from the
+command line and on 2 gloo ranks under ZeRO-2 and ZeRO-3; losses go down, frozen parts stay bit for bit,
+the optimizer holds only what trains, a killed align run resumes to the same losses, and the exported
+model evaluates from the command line as it did at the end of training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._vlm_workers import losses, stages_worker
+from tests.distributed_utils import run_ranks
+from tests.vlm_train_data import make_assets
+from training.cli import main
+from training.config import ROOT
+from training.launch import launch_env
+
+pytestmark = pytest.mark.distributed
+ALIGN = ROOT / "configs" / "vlm" / "tiny_align.yaml"
+FINETUNE = ROOT / "configs" / "vlm" / "tiny_finetune.yaml"
+EVAL = {
+    "data.max_length": 40,
+    "data.eval_samples": 11,
+    "data.eval_batch_size": 5,
+    "data.eval_max_new_tokens": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("vlm"))
+
+
+def settings(assets: dict, out: Path, stage: str, **extra) -> list[str]:
+    base = {
+        "data.train_shards": assets["train"],
+        "data.val_shards": assets["val"],
+        "run.out_dir": str(out),
+        "data.batch_size": 8,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 32,
+        "run.log_every": 1,
+        "run.eval_every": 0,
+        "run.save_every": 0,
+        "optim.warmup_steps": 0,
+        "optim.min_lr_ratio": 1.0,
+        **EVAL,
+    }
+    if stage == "align":
+        base.update({"model.tower": assets["tower"], "model.decoder": assets["decoder"], "model.tokenizer": "null",
+                     "optim.lr": 3e-2})  # fmt: skip
+    else:
+        base.update({"optim.lr": 3e-3})
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+def command(stage: str, overrides: list[str]) -> list[str]:
+    """`vision-tower train-vlm` as one plain process (no launcher)."""
+    config = ALIGN if stage == "align" else FINETUNE
+    return [sys.executable, "-m", "training.cli", "train-vlm", "--config", str(config), *overrides]
+
+
+def run(cmd: list[str], timeout: float = 240) -> str:
+    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def decreasing(values: list[float]) -> bool:
+    k = max(1, len(values) // 4)
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def assert_same(a: dict, b: dict, keys=None) -> None:
+    keys = sorted(a) if keys is None else keys
+    different = [k for k in keys if not torch.equal(a[k], b[k])]
+    assert different == [], different[:5]
+
+
+LEAN = ["data.num_workers=0", "export.formats=[native]"]  # 2 ranks on 2 cores: no loader processes
+ALIGN_STEPS = {"run.steps": 16, "run.save_every": 4, "run.keep_checkpoints": 8}
+
+
+@pytest.fixture(scope="module")
+def align_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "run"
+    run(command("align", settings(assets, out, "align", **ALIGN_STEPS)))
+    return out
+
+
+def test_align_trains_the_connector_and_leaves_tower_and_decoder_bit_for_bit(assets, align_run):
+    assert decreasing(losses(str(align_run))), losses(str(align_run))
+    native = align_run / "export" / "native"
+    assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
+    decoder, source = weights(native / "decoder"), weights(Path(assets["decoder"]))
+    assert decoder.keys() == source.keys()
+    assert_same(decoder, source)
+    # the connector moved: every tensor differs from its initial value (seed 0 builds the same one)
+    from training.runner import Zero
+    from training.tasks.vlm_config import load_vlm_config
+    from training.tasks.vlm_model import build_stage_model
+
+    torch.manual_seed(0)
+    cfg = load_vlm_config(ALIGN, settings(assets, align_run, "align"))
+    init = build_stage_model(
+        cfg, Zero(0, {"bf16": {"enabled": False}}), torch.float32
+    ).vlm.connector.state_dict()
+    trained = load_file(native / "connector.safetensors")
+    assert trained.keys() == init.keys() and all(not torch.equal(trained[k], init[k]) for k in init)
+    final = json.loads((align_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and {"val_loss", "exact_match", "eval_samples"} <= final.keys()
+    assert (
+        json.loads((align_run / "export" / "paligemma" / "config.json").read_text())["model_type"]
+        == "paligemma"
+    )
+    assert not (align_run / "export" / "llava").exists()  # prefix attention, final layer: not LLaVA's
+
+
+def test_killed_align_run_resumes_to_the_same_losses(assets, align_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = command("align", settings(assets, out, "align", **ALIGN_STEPS))
+    proc = subprocess.Popen(cmd, env=launch_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    marker = out / "checkpoints" / "COMMITTED"
+    deadline = time.time() + 180
+    while not (marker.exists() and marker.read_text().strip() == "step00000004"):
+        assert proc.poll() is None, "run ended before its first checkpoint: " + proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(losses(str(out))) < 16, "the run finished before it was killed"
+    run([*cmd, "--resume"])
+    full, resumed = losses(str(align_run)), losses(str(out))
+    assert len(resumed) == 16
+    assert resumed == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_path, capsys):
+    out = tmp_path / "lora"
+    overrides = settings(assets, out, "finetune", **{"run.steps": 8, "model.init_from": align_run / "export" / "native",
+                                                      "finetune.decoder": "lora", "finetune.lora.target_modules": "[q_proj, v_proj]"})  # fmt: skip
+    run(command("finetune", overrides))
+    assert decreasing(losses(str(out))), losses(str(out))
+    native = out / "export" / "native"
+    before = weights(align_run / "export" / "native" / "decoder")
+    after = weights(native / "decoder")
+    assert after.keys() == before.keys()  # adapters merged: plain names
+    targeted = [k for k in before if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert len(targeted) == 4 and all(not torch.equal(after[k], before[k]) for k in targeted)
+    assert_same(after, before, [k for k in before if k not in targeted])  # embeddings, norms, k/o/mlp
+    assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
+    # the saved model evaluates from the command line as it did at the end of training
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    code = main(["eval", "vlm", "--model", str(native), "--shards", assets["val"], "--max-samples", "11",
+                 "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40", "--dtype", "float32"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_samples"] == final["eval_samples"] == 11
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+    assert result["exact_match"] == final["exact_match"]
+
+
+def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate(assets, tmp_path):
+    a, f = tmp_path / "align", tmp_path / "finetune"
+    align = settings(assets, a, "align", **{"run.steps": 6, "run.deepspeed": "configs/deepspeed/zero2.json"})
+    finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
+                                                   "finetune.tower": "true", "finetune.tower_lr": 1e-4,
+                                                   "model.gradient_checkpointing": "true"})  # fmt: skip
+    align, finetune = [*align, *LEAN], [*finetune, *LEAN]
+    results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
+    r = results[0]
+    assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
+    connector = {k for k in r["align"]["held"]}
+    assert connector and all(k.startswith("connector.") for k in connector)
+    assert not r["align"]["partitioned"]  # ZeRO-2 keeps whole parameters
+    held = r["finetune"]["held"]
+    assert {k for k, lr in held.items() if lr == 1e-4} == {k for k in held if k.startswith("tower.")} != set()
+    assert any(k.startswith("decoder.") for k in held) and connector <= held.keys()
+    assert_same(weights(a / "export" / "native" / "decoder"), weights(Path(assets["decoder"])))
+    tower_before, tower_after = weights(Path(assets["tower"])), weights(f / "export" / "native" / "tower")
+    assert tower_after.keys() == tower_before.keys()
+    assert all(not torch.equal(tower_after[k], tower_before[k]) for k in tower_before if "weight" in k)
+
+
+def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                assets["tower"],
+                "--shards",
+                assets["train"],
+                "--out",
+                str(cache),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "wrote the feature cache" in capsys.readouterr().out
+    a, f = tmp_path / "align", tmp_path / "finetune"
+    zero3 = {"run.deepspeed": "configs/deepspeed/zero3.json", "model.gradient_checkpointing": "true"}
+    align = settings(assets, a, "align", **{"run.steps": 6, "data.feature_cache": cache, **zero3})
+    finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
+                                                   "finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"]})  # fmt: skip
+    align, finetune = [*align, *LEAN], [*finetune, *LEAN]
+    results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
+    r = results[0]
+    assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
+    assert all(k.startswith("connector.") for k in r["align"]["held"])
+    assert r["align"]["partitioned"] and r["finetune"]["partitioned"]  # the decoder never whole on a rank
+    lora = r["finetune"]["held"]
+    assert all(k.startswith("connector.") or ".lora_" in k for k in lora) and any(".lora_" in k for k in lora)
+    native = a / "export" / "native"
+    assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
+    assert_same(weights(native / "decoder"), weights(Path(assets["decoder"])))
+    # in-training evaluation on 2 ranks (padded shares, fixed-length generation) equals the command's on 1
+    final = r["finetune"]["final"]
+    code = main(["eval", "vlm", "--model", str(f / "export" / "native"), "--shards", assets["val"], "--max-samples",
+                 "11", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40", "--dtype", "float32"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+    assert result["exact_match"] == final["exact_match"] and result["eval_samples"] == 11

@@ -1,0 +1,71 @@
+"""Small shard sets, a word tokenizer, a tiny tower and a tiny decoder (saved folders) for the VLM
+training tests: shapes captions (``txt``) plus a shard of prompt/answer samples (``json``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+
+from training.demo import caption_corpus
+from training.shapes import make_sample, make_shapes
+from training.tasks.decoders import save_decoder, word_tokenizer
+from vision_tower import VisionTower
+
+QA_PROMPT = "what colour is the shape"
+IMAGE_SIZE = 32
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def qa_members(n: int, start: int = 0, split: str = "train") -> list[tuple[str, bytes]]:
+    """Shapes images with ``json`` {prompt: QA_PROMPT, answer: the colour}."""
+    out = []
+    for i in range(start, start + n):
+        s = make_sample(split, i, image_size=IMAGE_SIZE)
+        out.append((f"qa{i:05d}.png", png(s.image)))
+        out.append((f"qa{i:05d}.json", json.dumps({"prompt": QA_PROMPT, "answer": s.color}).encode()))
+    return out
+
+
+def texts() -> list[str]:
+    """Every word the data holds: the tokenizer's vocabulary."""
+    return [*caption_corpus(), QA_PROMPT, "USER: ASSISTANT:"]
+
+
+def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str, str]:
+    """Shards (``train/`` of captions and one prompt/answer shard, ``val/``), the tokenizer, a tiny tower
+    and a 2-layer Gemma-shaped decoder (width 64) saved as folders."""
+    make_shapes(root / "data", n_train=n_train, n_val=n_val, shard_size=64, image_size=IMAGE_SIZE,
+                zeroshot_per_class=1)  # fmt: skip
+    write_tar(root / "data" / "train" / "qa-000.tar", qa_members(48))
+    tok = word_tokenizer(texts())
+    tok.save_pretrained(root / "tokenizer")
+    torch.manual_seed(7)
+    save_decoder(root / "decoder", "tiny_gemma", tok)
+    torch.manual_seed(8)
+    VisionTower.from_preset("tiny", use_head=False).save_pretrained(root / "tower")
+    return {
+        "train": str(root / "data" / "train"),
+        "val": str(root / "data" / "val"),
+        "tokenizer": str(root / "tokenizer"),
+        "decoder": str(root / "decoder"),
+        "tower": str(root / "tower"),
+    }

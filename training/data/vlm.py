@@ -1,0 +1,212 @@
+"""Samples for a vision-language model: an image with a caption (``txt``, or ``caption``/``text`` in
+``json``) or with a prompt and its answer (``json`` with ``prompt`` and ``answer``), laid out as the
+VLM generates (:func:`connectors.inputs.prompt_ids`): the image placeholders and the prompt form the
+prefix, the answer and eos the suffix, the loss is on the suffix only.
+
+Rows have their own lengths; a batch is padded to its longest row (right padding). A row longer than
+``max_length`` is cut on the answer side and counted as truncated; one whose image tokens and prompt
+alone exceed it is skipped (``too_long``). The number of image tokens comes from each sample's own
+token grid and image count, so tiled images (several crops per sample) fit the same collate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from connectors.base import ConnectorConfig, Grid
+from connectors.inputs import IGNORE_INDEX, prompt_ids
+
+from .shards import SkipSample, default_decode_image, read_caption, read_image, read_json_member
+
+PROMPT_FIELDS = ("prompt", "answer")
+
+
+def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str, str]:
+    """(prompt, answer) of a raw sample: ``prompt``/``answer`` of its ``json``, else
+    (``caption_prompt``, its caption)."""
+    meta = None
+    if "json" in sample:
+        try:
+            meta = read_json_member(sample)
+        except SkipSample:
+            if "txt" not in sample:
+                raise
+    if isinstance(meta, dict) and "answer" in meta:
+        prompt, answer = meta.get("prompt", ""), meta["answer"]
+        for name, value in (("prompt", prompt), ("answer", answer)):
+            if not isinstance(value, str):
+                raise SkipSample("bad_caption", f"json {name} is a {type(value).__name__}, not a string")
+        if not answer.strip():
+            raise SkipSample("empty_caption", "json answer is empty or whitespace")
+        return prompt.strip(), answer.strip()
+    return caption_prompt, read_caption(sample)
+
+
+class ImageTokens:
+    """How many decoder tokens an image of a given grid becomes: the connector's ``num_tokens``, from its
+    config (built on the meta device, so nothing heavy travels to DataLoader workers)."""
+
+    def __init__(self, connector: ConnectorConfig) -> None:
+        self.config = connector
+        self._connector = None
+
+    def __call__(self, grid: Grid) -> int:
+        if self._connector is None:
+            with torch.device("meta"):
+                self._connector = self.config.build()
+        return self._connector.num_tokens(grid)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "_connector": None}
+
+
+class PixelImages:
+    """Images decoded and preprocessed for the tower: ``(n, 3, H, W)`` and the token grid."""
+
+    batch_key = "pixel_values"
+
+    def __init__(
+        self,
+        processor: Callable[[Image.Image], torch.Tensor],
+        patch_size: int,
+        decode_image: Callable[[bytes], Image.Image] = default_decode_image,
+    ) -> None:
+        self.processor, self.patch_size, self.decode_image = processor, patch_size, decode_image
+
+    def load(self, sample: dict[str, Any]) -> tuple[torch.Tensor, Grid]:
+        image = read_image(sample, self.decode_image)
+        try:
+            pixels = self.processor(image)  # (1, 3, H, W)
+        except Exception as exn:
+            raise SkipSample("transform", repr(exn)) from exn
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        p = self.patch_size
+        return pixels, (pixels.shape[-2] // p, pixels.shape[-1] // p)
+
+
+@dataclass
+class VLMItem:
+    key: str
+    images: torch.Tensor  # (n, 3, H, W) pixels or (n, N, D) tower features
+    grid: Grid
+    input_ids: list[int]
+    num_prefix: int  # image tokens and prompt; the rest is the answer
+    prompt: str
+    text: str  # the answer (or caption) in full, as the reference for evaluation
+    truncated: bool = False
+
+
+class VLMBuilder:
+    """Raw sample -> :class:`VLMItem` with ``tokenizer`` (a transformers tokenizer holding the image
+    token), and items -> a batch of ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``
+    (each (B, L), L the longest row), ``pixel_values`` (B_img, 3, H, W) or ``patch_features``
+    (B_img, N, D) with ``grid``, and the texts (``prompt``, ``answer``, ``__key__``).
+
+    ``images`` gives each sample's images (:class:`PixelImages`, or a feature cache's reader);
+    ``image_tokens(grid)`` the decoder tokens per image; ``caption_prompt`` the prompt of captions."""
+
+    truncation_advice = (
+        "image tokens, prompt and answer exceed data.max_length, so the answer was cut: raise data.max_length"
+    )
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        image_token_id: int,
+        image_tokens: Callable[[Grid], int],
+        images: Any,
+        max_length: int,
+        caption_prompt: str = "",
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the decoder's tokenizer has no eos token: answers need one to end")
+        self.tokenizer, self.image_token_id, self.image_tokens = tokenizer, image_token_id, image_tokens
+        self.images, self.max_length, self.caption_prompt = images, max_length, caption_prompt
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+
+    def prefix_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
+        """Image placeholders and prompt, as the VLM's ``generate`` lays them out."""
+        return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens)
+
+    def build(self, sample: dict[str, Any]) -> VLMItem:
+        prompt, answer = read_prompt_answer(sample, self.caption_prompt)
+        images, grid = self.images.load(sample)  # (n, ...)
+        prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
+        suffix = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        room = self.max_length - len(prefix)
+        if room < 1:
+            raise SkipSample(
+                "too_long",
+                f"image tokens and prompt take {len(prefix)} tokens, data.max_length is {self.max_length}",
+            )
+        return VLMItem(
+            sample["__key__"],
+            images,
+            grid,
+            prefix + suffix[:room],
+            len(prefix),
+            prompt,
+            answer,
+            len(suffix) > room,
+        )
+
+    def collate(self, items: list[VLMItem]) -> dict[str, Any]:
+        grids = {it.grid for it in items}
+        shapes = {tuple(it.images.shape[1:]) for it in items}
+        if len(grids) > 1 or len(shapes) > 1:
+            raise ValueError(
+                f"a batch holds images of different token grids {sorted(grids)} or shapes {sorted(shapes)}; "
+                "resize every image to the tower's size"
+            )
+        width = max(len(it.input_ids) for it in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        types = torch.ones((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it.input_ids)
+            ids[i, :n] = torch.tensor(it.input_ids)
+            mask[i, :n] = 1
+            types[i, : it.num_prefix] = 0
+        labels = ids.masked_fill((types == 0) | (mask == 0), IGNORE_INDEX)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": types,
+            "labels": labels,
+            self.images.batch_key: torch.cat([it.images for it in items]),  # (B_img, ...)
+            "grid": items[0].grid,
+            "prompt": [it.prompt for it in items],
+            "answer": [it.text for it in items],
+            "__key__": [it.key for it in items],
+        }
+
+
+def builder_for(vlm: Any, *, max_length: int, caption_prompt: str = "", images: Any = None) -> VLMBuilder:
+    """The :class:`VLMBuilder` of a :class:`~connectors.VisionLanguageModel`: its tokenizer, image token and
+    connector, and its image processor (or ``images``, e.g. a feature cache)."""
+    if vlm.tokenizer is None:
+        raise ValueError("the VLM has no tokenizer: build it with one (or save its tokenizer files with it)")
+    per_image = vlm.num_image_tokens
+    if max_length < per_image + 2:
+        raise ValueError(
+            f"data.max_length {max_length} leaves no room for text: one image takes {per_image} tokens"
+        )
+    if images is None:
+        images = PixelImages(vlm.image_processor(), vlm.tower.config.patch_size)
+    return VLMBuilder(
+        vlm.tokenizer,
+        image_token_id=vlm.image_token_id,
+        image_tokens=ImageTokens(vlm.connector.config),
+        images=images,
+        max_length=max_length,
+        caption_prompt=caption_prompt,
+    )

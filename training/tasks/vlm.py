@@ -1,0 +1,149 @@
+"""Staged training of a vision-language model as a runner task (``vision-tower train-vlm``): stage
+``align`` trains the connector between a frozen tower and a frozen decoder, stage ``finetune`` the
+connector and the decoder (in full or through LoRA), the tower if asked. Batches of image + prompt +
+answer from shards (or cached tower features), loss on the answer tokens, held-out loss and exact
+match, exports in the native and, where they can hold the model, PaliGemma / LLaVA layouts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from connectors import VisionLanguageModel
+
+from ..data import build_loader, expand_shards, shard_dataset
+from ..data.vlm import VLMBuilder, builder_for
+from ..runner import ExportContext, Task, train
+from ..runner.config import resolve_path
+from ..runner.zero import Zero
+from .vlm_config import VLMConfig, load_vlm_config
+from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
+
+__all__ = ["VLMTask", "model_inputs", "run_from_cli", "train_vlm"]
+log = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values", "patch_features")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The VLM's keyword arguments in a batch of :class:`~training.data.vlm.VLMBuilder` (texts left out)."""
+    out = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "patch_features" in out:
+        out["grid"] = batch["grid"]
+    return out
+
+
+class VLMTask(Task):
+    """One stage of VLM training; ``cfg.stage`` says which parts train."""
+
+    sample_unit = "samples"
+    loss_label = "next-token loss (answer tokens)"
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        self.cfg, self.optim, self.run = cfg, cfg.optim, cfg.run
+        self.micro_batch_size = cfg.data.batch_size
+        self.name = f"vlm {cfg.stage}"
+        if cfg.data.feature_cache:  # a missing or unreadable cache fails before any set-up
+            from ..data.feature_cache import FeatureCache
+
+            FeatureCache(resolve_path(cfg.data.feature_cache))
+        self.stage: StageModel | None = None
+        self.loader = None
+        self._eval: tuple[VLMBuilder, list] | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    @property
+    def vlm(self) -> VisionLanguageModel:
+        if self.stage is None:
+            raise RuntimeError("build_model has not run")
+        return self.stage.vlm
+
+    def build_model(self, zero: Zero) -> VisionLanguageModel:
+        dtype = torch.bfloat16 if zero.ds_config["bf16"]["enabled"] else torch.float32
+        self.stage = build_stage_model(self.cfg, zero, dtype)
+        return self.stage.vlm
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Decayed and not decayed trainable parameters; the tower's in groups of their own at
+        ``finetune.tower_lr``. Frozen parameters are in none (no optimizer state)."""
+        groups = super().param_groups(model)
+        lr = self.cfg.finetune.tower_lr
+        if self.cfg.tower_trains and lr is not None:
+            tower = {id(p) for p in self.vlm.tower.parameters()}
+            split = []
+            for g in groups:
+                split.append({**g, "params": [p for p in g["params"] if id(p) not in tower]})
+                split.append({**g, "params": [p for p in g["params"] if id(p) in tower], "lr": lr})
+            groups = split
+        return [g for g in groups if g["params"]]
+
+    def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None):
+        data = self.cfg.data
+        shards = resolve_path(data.train_shards)
+        images = None
+        if data.feature_cache:
+            from ..data.feature_cache import FeatureCache
+
+            images = FeatureCache(resolve_path(data.feature_cache))
+            images.check_shards(expand_shards(shards))
+        builder = builder_for(
+            self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt, images=images
+        )
+        dataset = shard_dataset(shards, builder, batch_size=data.batch_size, seed=self.run.seed, rank=rank,
+                                world_size=world, resampled=True, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+        self.loader = build_loader(dataset, num_workers=data.num_workers, resume_state=resume_state)
+        return self.loader
+
+    def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return engine(**model_inputs(batch)).loss
+
+    def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
+        return {"truncated": self.loader.truncated_captions} if self.loader is not None else {}
+
+    def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
+        """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
+        from ..vlm_eval import evaluate_vlm, read_eval_items
+
+        data = self.cfg.data
+        if not data.val_shards:
+            return {}
+        if self._eval is None:
+            builder = builder_for(self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt)
+            self._eval = (builder, read_eval_items(builder, resolve_path(data.val_shards), data.eval_samples))
+        builder, items = self._eval
+        result = evaluate_vlm(model, items, builder, batch_size=data.eval_batch_size,
+                              max_new_tokens=data.eval_max_new_tokens, fixed_length=zero.stage == 3)  # fmt: skip
+        return result.metrics()
+
+    def export(self, model: nn.Module, ctx: ExportContext) -> str | None:
+        """``export/<format>`` for each format that holds the model, from the consolidated weights with
+        LoRA adapters merged."""
+        state = ctx.state_dict(model)
+        if state is None:
+            return None
+        if self.cfg.stage == "finetune" and self.cfg.finetune.decoder == "lora":
+            state = merge_lora(state, lora_scaling(self.cfg.finetune.lora))
+        plain = load_plain(self.vlm, state)
+        out = Path(ctx.out_dir) / "export"
+        for fmt in self.stage.formats:
+            plain.save_pretrained(out / fmt, format=fmt)
+        log.info("exported %s to %s", ", ".join(self.stage.formats), out)
+        return str(out)
+
+
+def train_vlm(cfg: VLMConfig, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) one stage; returns the final metrics on every rank."""
+    return train(VLMTask(cfg), resume=resume, overwrite=overwrite)
+
+
+def run_from_cli(
+    config_path: str | None, overrides: list[str], resume: str | None, overwrite: bool = False
+) -> dict[str, Any]:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
+    return train_vlm(load_vlm_config(config_path, overrides), resume=resume, overwrite=overwrite)

@@ -1,0 +1,209 @@
+"""The typed config of ``vision-tower train-vlm``: a ``stage`` and one section per component (``model``,
+``data``, ``finetune``, ``export``) plus the runner's ``optim`` and ``run``, loaded strictly from YAML
+with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runner.config import OptimSection, RunSection, check_range, load_sections, resolve_path
+
+STAGES = ("align", "finetune")
+DECODER_TRAINING = ("full", "lora")
+EXPORT_FORMATS = ("native", "paligemma", "llava")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_PARTS = ("tower", "image_size", "connector", "connector_options", "decoder", "decoder_options", "tokenizer")
+
+
+@dataclass
+class VLMModelSection:
+    """What to train: a saved VLM (``init_from``: any of the native, PaliGemma or LLaVA layouts, e.g. the
+    previous stage's ``export/native``), or a tower, a connector and a decoder put together.
+
+    ``tower``: a folder, file, hub id or ``preset:NAME``, resized to ``image_size``, read at
+    ``feature_layer``. ``connector`` (registered name) with ``connector_options``. ``decoder``: a causal LM
+    folder or hub id, or ``preset:NAME`` (random weights of a registered shape, ``decoder_options``
+    overriding its config, sized to the tokenizer); ``tokenizer``: a folder (default: the decoder's).
+    """
+
+    init_from: str | None = None
+    tower: str | None = None
+    image_size: int | None = None
+    feature_layer: int = -1
+    connector: str = "linear"
+    connector_options: dict[str, Any] = field(default_factory=dict)
+    decoder: str | None = None
+    decoder_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    attention: str = "prefix"
+    gradient_checkpointing: bool = False  # tower blocks and decoder layers
+
+    def __post_init__(self) -> None:
+        from connectors import list_connectors
+        from connectors.inputs import ATTENTION
+
+        from .decoders import DECODER_PRESETS, preset_decoder_name
+
+        defaults = VLMModelSection.__dataclass_fields__
+        if self.init_from is not None:
+            given = [
+                k
+                for k in (*_PARTS, "feature_layer", "attention")
+                if getattr(self, k) != _default(defaults[k])
+            ]
+            if given:
+                raise ValueError(
+                    f"model.init_from holds tower, connector and decoder; drop model.{', model.'.join(given)}"
+                )
+            return
+        if not self.tower or not self.decoder:
+            raise ValueError("model: set init_from (a saved VLM), or tower and decoder (to build one)")
+        if self.connector not in list_connectors():
+            raise ValueError(
+                f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}"
+            )
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
+        check_range("model.image_size", self.image_size, lo=1)
+        preset = preset_decoder_name(self.decoder)
+        if preset is not None:
+            if preset not in DECODER_PRESETS:
+                raise ValueError(
+                    f"model.decoder: unknown decoder preset {preset!r}; known: {', '.join(sorted(DECODER_PRESETS))}"
+                )
+            if self.tokenizer is None:
+                raise ValueError("model.tokenizer is required with a preset decoder (a tokenizer folder)")
+        elif self.decoder_options:
+            raise ValueError(
+                "model.decoder_options override a preset decoder's config; this decoder is loaded"
+            )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the decoder's linear layers (peft), merged into its weights at export."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        check_range("finetune.lora.r", self.r, lo=1)
+        check_range("finetune.lora.alpha", self.alpha, lo=0, lo_open=True)
+        check_range("finetune.lora.dropout", self.dropout, lo=0, hi=1)
+        if not isinstance(self.target_modules, list) or not self.target_modules:
+            raise ValueError("finetune.lora.target_modules must be a non-empty list of module names")
+        if not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"finetune.lora.target_modules must be names, got {self.target_modules!r}")
+
+
+@dataclass
+class FinetuneSection:
+    """Stage ``finetune``: the connector and the decoder train, the decoder in full or through LoRA;
+    the tower too when ``tower`` is true, at ``tower_lr`` (default ``optim.lr``)."""
+
+    decoder: str = "full"
+    lora: LoraSection = field(default_factory=LoraSection)
+    tower: bool = False
+    tower_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODER_TRAINING:
+            raise ValueError(f"finetune.decoder must be one of {DECODER_TRAINING}, got {self.decoder!r}")
+        check_range("finetune.tower_lr", self.tower_lr, lo=0, lo_open=True)
+        if self.tower_lr is not None and not self.tower:
+            raise ValueError("finetune.tower_lr is the tower's learning rate: set finetune.tower: true too")
+
+
+@dataclass
+class VLMDataSection:
+    """Training and held-out shards of image + caption (``txt``) or image + ``json`` {prompt, answer}.
+    ``batch_size`` is per rank and micro-step; rows are padded per batch, cut at ``max_length`` tokens
+    (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions.
+    ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
+    --shards``), read instead of the images while the tower is frozen. Evaluation generates up to
+    ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples."""
+
+    train_shards: str = ""
+    val_shards: str | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    max_length: int = 512
+    caption_prompt: str = ""
+    feature_cache: str | None = None
+    eval_samples: int = 256
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.train_shards:
+            raise ValueError("data.train_shards is required (a brace pattern, folder or list of .tar shards)")
+        for name in ("batch_size", "max_length", "eval_samples", "eval_batch_size", "eval_max_new_tokens"):
+            check_range(f"data.{name}", getattr(self, name), lo=1)
+        check_range("data.num_workers", self.num_workers, lo=0)
+        check_range("data.shuffle_buffer", self.shuffle_buffer, lo=0)
+
+
+@dataclass
+class ExportSection:
+    """Formats written to ``run.out_dir/export/<format>`` at the end. None: ``native`` and every format
+    that can hold the model (``paligemma``, ``llava``); a format listed that cannot is an error at start."""
+
+    formats: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.formats is None:
+            return
+        if not isinstance(self.formats, list) or not self.formats:
+            raise ValueError(f"export.formats must be a non-empty list, got {self.formats!r}")
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ValueError(f"export.formats: unknown {unknown}; known: {list(EXPORT_FORMATS)}")
+
+
+@dataclass
+class VLMConfig:
+    """The ``vision-tower train-vlm`` config. ``stage: align`` trains the connector alone (tower and
+    decoder frozen); ``stage: finetune`` trains connector and decoder (``finetune`` section)."""
+
+    stage: str = "align"
+    model: VLMModelSection = field(default_factory=VLMModelSection)
+    data: VLMDataSection = field(default_factory=VLMDataSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "align" and self.finetune != FinetuneSection():
+            raise ValueError(
+                "the finetune section applies to stage finetune; stage align trains the connector alone"
+            )
+        if self.data.feature_cache and self.tower_trains:
+            raise ValueError(
+                "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop one"
+            )
+
+    @property
+    def tower_trains(self) -> bool:
+        return self.stage == "finetune" and self.finetune.tower
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_vlm_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> VLMConfig:
+    """Read a YAML run config (``configs/vlm/...`` also from the repository root or the installed package),
+    apply overrides, validate every key and value."""
+    return load_sections(VLMConfig, None if path is None else resolve_path(str(path)), overrides)
