@@ -65,7 +65,7 @@ def run_demo(
     prepare_out_dir(out_dir, overwrite)
     data = out_dir / "shapes"
     print(f"[1/4] writing the shapes dataset to {data}", flush=True)
-    summary = make_shapes(data, n_train=train_samples, n_val=512, shard_size=1024, image_size=64)
+    summary = make_shapes(data, n_train=train_samples, n_val=512, shard_size=1024, image_size=32)
     tokenizer_dir = out_dir / "tokenizer"
     tok = train_tokenizer(caption_corpus(), tokenizer_dir, vocab_size=VOCAB_SIZE, max_length=MAX_LENGTH)
     fit = length_report(tok, caption_corpus())
