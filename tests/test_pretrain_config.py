@@ -142,4 +142,4 @@ def test_precision_in_the_json_must_agree_with_the_run(tmp_path: Path):
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ValueError, match="bf16.enabled=True but run.precision=fp32"):
         _ds(load_config(demo, [f"run.deepspeed={ds}", "run.precision=fp32"]), 1)
-    assert _ds(load_config(demo, [f"run.deepspeed={ds}"]), 1)["bf16"]["enabled"] is True
+    assert _ds(load_config(demo, [f"run.deepspeed={ds}", "run.precision=auto"]), 1)["bf16"]["enabled"] is True

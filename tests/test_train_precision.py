@@ -29,7 +29,7 @@ def cpu(monkeypatch):
 
 
 def _ds(*overrides: str) -> dict:
-    cfg = load_config(DEMO, list(overrides))
+    cfg = load_config(DEMO, ["run.precision=auto", *overrides])  # the demo pins fp32; these tests are about auto
     return deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 2)
 
 
@@ -37,12 +37,12 @@ def test_auto_is_bf16_autocast_where_the_cpu_has_it(cpu):
     cpu(True)
     ds = _ds()
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"]["enabled"] is False
-    p = training_precision(load_config(DEMO).run)
+    p = training_precision(load_config(DEMO, ["run.precision=auto"]).run)
     assert p.mode == "bf16-autocast" and "avx512_bf16" in p.reason and p.input_dtype == torch.float32
     cpu(False)
     ds = _ds()
     assert "torch_autocast" not in ds and ds["bf16"]["enabled"] is False
-    p = training_precision(load_config(DEMO).run)
+    p = training_precision(load_config(DEMO, ["run.precision=auto"]).run)
     assert p.mode == "fp32" and "no amx_bf16 or avx512_bf16" in p.reason
     assert p.record() == {"precision": "fp32", "precision_reason": p.reason}
 
@@ -62,7 +62,7 @@ def test_deepspeed_bf16_mode_only_from_the_json(cpu, tmp_path):
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        p = training_precision(load_config(DEMO, [f"run.deepspeed={path}"]).run)
+        p = training_precision(load_config(DEMO, [f"run.deepspeed={path}", "run.precision=auto"]).run)
     assert p.mode == "bf16-deepspeed" and p.input_dtype == torch.bfloat16
     path.write_text(json.dumps({"torch_autocast": {"enabled": True}}))
     with pytest.raises(ValueError, match="remove torch_autocast, run.precision sets it"):
