@@ -222,7 +222,9 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     align = settings(assets, a, "align", **{"run.steps": 6, "data.feature_cache": cache, **zero3})
     finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
                                                    "finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"]})  # fmt: skip
-    align, finetune = [*align, *LEAN], [*finetune, *LEAN]
+    # fp32, not auto: the in-training evaluation is compared with `eval vlm --dtype float32` below, and auto
+    # trains and evaluates under bf16 autocast on a CPU with bf16 matmul
+    align, finetune = [*align, *LEAN, "run.precision=fp32"], [*finetune, *LEAN, "run.precision=fp32"]
     results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
     r = results[0]
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
