@@ -80,12 +80,26 @@ def _as_int(value: Any, name: str) -> int:
     return int(value)
 
 
+@dataclass
 class _TowerConfig:
-    """What both image-tower configs share: strict dicts and transformers' ``config.json`` fields."""
+    """What both image-tower configs share: the ViT's shape, strict dicts and transformers' ``config.json``
+    fields."""
 
     MODEL_TYPE = ""
 
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    patch_size: int = 16
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    attention_dropout: float = 0.0
+    use_head: bool = True
+
     def _check(self) -> None:
+        self.patch_size = _as_int(self.patch_size, "patch_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -123,21 +137,10 @@ class VisionConfig(_TowerConfig):
 
     MODEL_TYPE = "siglip_vision_model"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
     image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    attention_dropout: float = 0.0
-    use_head: bool = True
 
     def __post_init__(self) -> None:
         self.image_size = _as_int(self.image_size, "image_size")
-        self.patch_size = _as_int(self.patch_size, "patch_size")
         self._check()
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
@@ -159,20 +162,9 @@ class NaFlexVisionConfig(_TowerConfig):
 
     MODEL_TYPE = "siglip2_vision_model"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
     num_patches: int = 256
-    patch_size: int = 16
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    attention_dropout: float = 0.0
-    use_head: bool = True
 
     def __post_init__(self) -> None:
-        self.patch_size = _as_int(self.patch_size, "patch_size")
         self._check()
         if math.isqrt(self.num_patches) ** 2 != self.num_patches:
             raise ValueError(f"num_patches {self.num_patches} is not a square grid of positions")
