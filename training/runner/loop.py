@@ -25,7 +25,8 @@ from .task import ExportContext, Task
 from .zero import Zero, barrier
 
 log = logging.getLogger(__name__)
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (module, batch[, num_items_in_batch=]) -> scalar loss
+ItemsFn = Callable[[dict[str, Any]], int]  # batch -> number of terms its loss averages over
 
 
 class TrainingDiverged(ValueError):
@@ -48,17 +49,35 @@ class StepResult:
     skipped: bool  # DeepSpeed skipped the optimizer step (non-finite gradients)
 
 
-def train_step(engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossFn) -> StepResult:
+def train_step(
+    engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossFn, items_fn: ItemsFn | None = None
+) -> StepResult:
     """One optimizer step: ``gradient_accumulation_steps`` micro-batches from ``batches``, each cast to the
     engine's precision, through ``loss_fn(module, batch)``, backward, and DeepSpeed's step (which updates
-    at the accumulation boundary). The step that training, tests and benchmarks all run."""
+    at the accumulation boundary). The step that training, tests and benchmarks all run.
+
+    ``items_fn(batch)``, for a loss that is a mean over a number of terms that varies between batches
+    (answer tokens), counts them: the step's micro-batches are drawn first and their counts summed over
+    micro-batches and ranks, and ``loss_fn(module, batch, num_items_in_batch=n)`` is called with ``n`` that
+    count over (ranks x micro-batches), to divide its sum of terms by. DeepSpeed averages the losses over
+    micro-batches and ranks, so the step then follows the mean over every term of the global batch, as one
+    process holding it whole would, and the loss logged (averaged over ranks) is that mean."""
     ds = engine.engine
     before = ds.skipped_steps
     total = torch.zeros(())
     accum = ds.gradient_accumulation_steps()
-    for _ in range(accum):
-        batch = prepare_batch(next(batches), engine.dtype, ds.device)
-        loss = loss_fn(ds, batch)
+    micro, kwargs = None, {}
+    if items_fn is not None:
+        micro = [next(batches) for _ in range(accum)]
+        count = torch.tensor(float(sum(items_fn(b) for b in micro)), device=ds.device)
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(count)
+            world = dist.get_world_size()
+        kwargs["num_items_in_batch"] = count.item() / (world * accum)
+    for i in range(accum):
+        batch = prepare_batch(next(batches) if micro is None else micro[i], engine.dtype, ds.device)
+        loss = loss_fn(ds, batch, **kwargs)
         ds.backward(loss)
         ds.step()
         total += loss.detach().float().cpu()
@@ -166,7 +185,7 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
     bad = 0
     while step < run.steps:
         lr = engine.scheduler.get_last_lr()[0]  # the rate this step uses
-        result = train_step(engine, batches, task.loss)
+        result = train_step(engine, batches, task.loss, task.loss_items)
         step += 1
         loss = mean_over_ranks(result.loss)  # every step, so that all ranks agree on a bad one
         bad = bad + 1 if result.skipped or not math.isfinite(loss) else 0

@@ -100,8 +100,16 @@ class VLMTask(Task):
         self.loader = build_loader(dataset, num_workers=data.num_workers, resume_state=resume_state)
         return self.loader
 
-    def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return engine(**model_inputs(batch)).loss
+    def loss(
+        self, engine: nn.Module, batch: dict[str, Any], num_items_in_batch: float | None = None
+    ) -> torch.Tensor:
+        return engine(**model_inputs(batch), num_items_in_batch=num_items_in_batch).loss
+
+    def loss_items(self, batch: dict[str, Any]) -> int:
+        """The answer tokens the batch's loss is over (the runner normalises by their global count)."""
+        return self.vlm.count_targets(
+            batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
+        )
 
     def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         return {"truncated": self.loader.truncated_captions} if self.loader is not None else {}
