@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
-from .metrics import MetricsLog, mean_over_ranks, plot_loss
+from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
 from .run_dir import RunDirError, RunLock, prepare
 from .task import ExportContext, Task
 from .zero import Zero, barrier
@@ -160,7 +160,7 @@ def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> 
     final = ckpt_dir / checkpoints.tag_for(step)
     if tag != final.name:  # a resumed run that had already finished holds its final checkpoint
         final = checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
-    result = {**last, "skip_counts": loader.skip_counts}
+    result = {**last, "skip_counts": sum_over_ranks(loader.skip_counts)}  # every rank's skips
     result.update(task.evaluate(engine.engine.module, zero))
     where = task.export(engine.engine.module, ExportContext(out, final, zero))
     if rank == 0:
@@ -193,8 +193,9 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
             _bad_step(step, loss, result.skipped, bad, run.max_bad_steps, ckpt_dir, rank)
         if step % run.log_every == 0 or step == run.steps:
             rate = per_step * (step - window[0]) / (time.perf_counter() - window[1])
+            skipped = sum(sum_over_ranks({"skipped": loader.skipped}).values())  # over all ranks
             last = {"step": step, "loss": loss, **task.step_metrics(module, zero), "lr": lr,
-                    f"{task.sample_unit}_per_s": rate, "skipped": loader.skipped}  # fmt: skip
+                    f"{task.sample_unit}_per_s": rate, "skipped": skipped}  # fmt: skip
             metrics.write(last)
             extra = {k: f"{v:.2f}" for k, v in last.items() if k not in ("step", "loss", "lr", "skipped")}
             bar.set_postfix(loss=f"{loss:.4f}", **extra)

@@ -20,6 +20,7 @@ from ..data import build_loader, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
+from ..runner.metrics import sum_over_ranks
 from ..runner.zero import Zero
 from .vlm_config import VLMConfig, load_vlm_config
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
@@ -112,7 +113,10 @@ class VLMTask(Task):
         )
 
     def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
-        return {"truncated": self.loader.truncated_captions} if self.loader is not None else {}
+        """``truncated``: samples cut to ``data.max_length`` so far, on all ranks together."""
+        if self.loader is None:
+            return {}
+        return sum_over_ranks({"truncated": self.loader.truncated_captions})
 
     def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
