@@ -35,6 +35,23 @@ class VLMOutput(ModelOutput):
     image_tokens: torch.Tensor | None = None
 
 
+def _fixed_grid(tower: Any) -> VisionTower:
+    """``tower`` if it gives a fixed token grid, which the connectors and the prompt layout expect."""
+    if not isinstance(tower, VisionTower):
+        kind = type(tower).__name__
+        hint = (
+            " (SigLIP 2 NaFlex: a grid per image and padded tokens); load a fixed-resolution tower instead, e.g. "
+            "a SigLIP 2 checkpoint of fixed size"
+            if "NaFlex" in kind
+            else ""
+        )
+        raise ValueError(
+            f"a VisionLanguageModel needs a fixed-resolution VisionTower (its connector and prompts expect one "
+            f"fixed token grid); got {kind}{hint}"
+        )
+    return tower
+
+
 def _drop_head(tower: VisionTower) -> VisionTower:
     """The VLM reads patch features only: the pooling head would make the tower run every block."""
     if tower.head is not None:
@@ -57,6 +74,8 @@ class VisionLanguageModel(nn.Module):
     casts tower and connector. ``tokenizer`` (a transformers tokenizer; loaded with a decoder given by name)
     and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
     checkpoints. The pooling head of the tower is dropped: only patch features are read.
+
+    A NaFlex (variable-resolution) tower is refused: connectors and prompts expect a fixed token grid.
 
     A plain ``nn.Module``: the same graph runs on every rank, the parts are ``tower``, ``connector``
     and ``decoder``, and it can be built while an ``HfDeepSpeedConfig`` is alive.
@@ -81,6 +100,7 @@ class VisionLanguageModel(nn.Module):
         if isinstance(tower, (str, os.PathLike)):
             tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
             processor = processor or processor_for(tower_src, tower.config.image_size)
+        tower = _fixed_grid(tower)
         if isinstance(decoder, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(decoder)
             decoder = load_decoder(decoder, dtype=dtype)
@@ -350,6 +370,7 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """Swap the image tower, keep the decoder, and put a freshly initialised connector of the new input
         width in front of it: ``connector`` by name (with ``options``), or the current kind and options."""
+        tower = _fixed_grid(tower)
         width = self.decoder.get_input_embeddings().embedding_dim
         if connector is None:
             kept = {**self.connector.options, **options}
