@@ -92,11 +92,11 @@ def worker(args: argparse.Namespace) -> None:
     engine, _ = build_task_engine(task, rank, world)
     batches = iter(task.build_loader(rank, world, None))
     for _ in range(args.warmup):
-        train_step(engine, batches, task.loss)
+        train_step(engine, batches, task.loss, task.loss_items)
     torch.distributed.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(engine, batches, task.loss)
+        train_step(engine, batches, task.loss, task.loss_items)
     torch.distributed.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:

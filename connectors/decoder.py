@@ -111,11 +111,22 @@ def num_embeddings(decoder: PreTrainedModel) -> int:
 def ensure_image_token(decoder: PreTrainedModel, tokenizer: Any | None, image_token_id: int | None) -> int:
     """The image placeholder id. Without one, ``<image>`` is added to the tokenizer (if any) as a
     special token and the embedding table grows to hold it (its row is never read: the connector's
-    outputs take its place)."""
+    outputs take its place).
+
+    A given ``image_token_id`` must be a row of the decoder's input embedding table (as LLaVA's
+    ``image_token_index``, a token of the vocabulary: generation masks its logit, the tokenizer names it);
+    one past the table is refused rather than grown into silently: add the token to the tokenizer and
+    ``decoder.resize_token_embeddings`` first, or pass none to have ``<image>`` added."""
     rows = num_embeddings(decoder)
     if image_token_id is not None:
         if not isinstance(image_token_id, int) or image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")
+        if image_token_id >= rows:
+            raise ValueError(
+                f"image_token_id {image_token_id} is past the decoder's input embedding table ({rows} rows, "
+                f"ids 0..{rows - 1}): use a token of its vocabulary, resize the table first "
+                f"(decoder.resize_token_embeddings), or leave image_token_id unset to have {IMAGE_TOKEN!r} added"
+            )
         return image_token_id
     if tokenizer is not None:
         from transformers import AddedToken

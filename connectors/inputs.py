@@ -76,6 +76,19 @@ def ignored_labels(
     return labels.masked_fill(drop, IGNORE_INDEX)
 
 
+def count_targets(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    token_type_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> int:
+    """How many next-token targets the loss of a batch averages over: the labels :func:`ignored_labels`
+    keeps, the first position of each row excepted (nothing predicts it)."""
+    kept = ignored_labels(labels, input_ids, image_token_id, token_type_ids, attention_mask)  # (B, L)
+    return int((kept[:, 1:] != IGNORE_INDEX).sum())
+
+
 @dataclass
 class PromptBatch:
     """Left-padded prompts with their image placeholders; every token is prefix (token type 0)."""

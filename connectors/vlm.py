@@ -17,7 +17,7 @@ from vision_tower.sources import load_tower, processor_for
 
 from .base import Connector, Grid
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
-from .inputs import ATTENTION, IGNORE_INDEX, decoder_masks, ignored_labels, positions
+from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
 from .registry import build_connector
 
 PathLike = str | os.PathLike
@@ -25,13 +25,31 @@ PathLike = str | os.PathLike
 
 @dataclass
 class VLMOutput(ModelOutput):
-    """``loss`` (mean next-token cross-entropy over the kept labels, fp32), ``logits`` (B, L, V),
+    """``loss`` (next-token cross-entropy over the kept labels, fp32: their mean, or their sum over
+    ``num_items_in_batch`` when given), ``logits`` (B, L, V),
     ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (B_img, T, E) from the connector."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: Any = None
     image_tokens: torch.Tensor | None = None
+
+
+def _fixed_grid(tower: Any) -> VisionTower:
+    """``tower`` if it gives a fixed token grid, which the connectors and the prompt layout expect."""
+    if not isinstance(tower, VisionTower):
+        kind = type(tower).__name__
+        hint = (
+            " (SigLIP 2 NaFlex: a grid per image and padded tokens); load a fixed-resolution tower instead, e.g. "
+            "a SigLIP 2 checkpoint of fixed size"
+            if "NaFlex" in kind
+            else ""
+        )
+        raise ValueError(
+            f"a VisionLanguageModel needs a fixed-resolution VisionTower (its connector and prompts expect one "
+            f"fixed token grid); got {kind}{hint}"
+        )
+    return tower
 
 
 def _drop_head(tower: VisionTower) -> VisionTower:
@@ -57,6 +75,8 @@ class VisionLanguageModel(nn.Module):
     and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
     checkpoints. The pooling head of the tower is dropped: only patch features are read.
 
+    A NaFlex (variable-resolution) tower is refused: connectors and prompts expect a fixed token grid.
+
     A plain ``nn.Module``: the same graph runs on every rank, the parts are ``tower``, ``connector``
     and ``decoder``, and it can be built while an ``HfDeepSpeedConfig`` is alive.
     """
@@ -80,6 +100,7 @@ class VisionLanguageModel(nn.Module):
         if isinstance(tower, (str, os.PathLike)):
             tower_src, tower = str(tower), load_tower(str(tower), dtype=dtype)
             processor = processor or processor_for(tower_src, tower.config.image_size)
+        tower = _fixed_grid(tower)
         if isinstance(decoder, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(decoder)
             decoder = load_decoder(decoder, dtype=dtype)
@@ -229,12 +250,16 @@ class VisionLanguageModel(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        num_items_in_batch: float | torch.Tensor | None = None,
     ) -> VLMOutput:
         """``input_ids`` (B, L) with image placeholders; ``pixel_values`` (B_img, 3, H, W) or precomputed
         ``patch_features`` (B_img, N, D) on ``grid``; ``attention_mask`` (B, past + L), 0 on padding;
         ``token_type_ids`` (B, L), 0 on the prefix (image and prompt), 1 on the suffix; ``labels`` (B, L),
         ignored on image tokens, the prefix and padding. Without ``token_type_ids`` every token is prefix
-        under prefix attention (a prompt to continue)."""
+        under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
+        is the sum over the kept labels divided by it instead of their mean, so that micro-batches and
+        ranks holding different numbers of targets add up to the mean over the global batch (count them
+        with :meth:`count_targets`)."""
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
@@ -269,7 +294,12 @@ class VisionLanguageModel(nn.Module):
         )
         loss = None
         if labels is not None:
-            loss = self._loss(out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:])
+            reduction = "mean" if num_items_in_batch is None else "sum"
+            loss = self._loss(
+                out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:], reduction
+            )
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return VLMOutput(loss=loss, logits=out.logits, cache=output_cache(out), image_tokens=image_tokens)
 
     def _prefix(
@@ -298,7 +328,9 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None,
         attention_mask: torch.Tensor,
+        reduction: str = "mean",
     ) -> torch.Tensor:
+        """The sum (``reduction="sum"``) or mean of the next-token cross-entropies over the kept labels."""
         if logits.shape[1] != labels.shape[1]:
             raise ValueError(
                 f"labels need logits at every position: got {logits.shape[1]} of {labels.shape[1]} (logits_to_keep)"
@@ -308,7 +340,19 @@ class VisionLanguageModel(nn.Module):
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             kept[:, 1:].reshape(-1),
             ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
+
+    def count_targets(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> int:
+        """How many next-token targets ``forward``'s loss averages over for these inputs (what to sum over
+        micro-batches and ranks for ``num_items_in_batch``)."""
+        return count_targets(labels, input_ids, self.image_token_id, token_type_ids, attention_mask)
 
     # ----------------------------------------------------------------- generation, parts, checkpoints
     def generate(
@@ -326,6 +370,7 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """Swap the image tower, keep the decoder, and put a freshly initialised connector of the new input
         width in front of it: ``connector`` by name (with ``options``), or the current kind and options."""
+        tower = _fixed_grid(tower)
         width = self.decoder.get_input_embeddings().embedding_dim
         if connector is None:
             kept = {**self.connector.options, **options}

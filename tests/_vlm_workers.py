@@ -58,3 +58,69 @@ def stages_worker(rank: int, world: int, align: list[str], finetune: list[str]) 
             "partitioned": partitioned,
         }
     return out
+
+
+def answer_batch(vlm, samples: list[tuple[int, int]]) -> dict:
+    """A hand-made training batch of the VLM builder's layout, one row per ``(seed, n)`` of ``samples``:
+    image placeholders, bos and a 2-word prompt (the prefix, token type 0), then an answer of ``n`` words
+    and eos (the suffix, 1), right-padded; random pixels. Words and pixels come from the row's seed, so a
+    sample is the same in any batch. The loss counts ``n + 1`` tokens of the row."""
+    import torch
+
+    image, bos, eos, pad = vlm.image_token_id, 1, 2, 0
+    vocab = vlm.decoder.get_input_embeddings().num_embeddings
+    words = torch.tensor([i for i in range(4, vocab) if i != image])
+    size = vlm.tower.config.image_size
+    rows, types, pixels = [], [], []
+    for seed, n in samples:
+        g = torch.Generator().manual_seed(seed)
+        draw = words[torch.randint(len(words), (2 + n,), generator=g)].tolist()
+        prefix = [image] * vlm.num_image_tokens + [bos, *draw[:2]]
+        rows.append(prefix + draw[2:] + [eos])
+        types.append([0] * len(prefix) + [1] * (n + 1))
+        pixels.append(torch.randn((3, size, size), generator=g))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad)
+    token_types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, kinds) in enumerate(zip(rows, types, strict=True)):
+        ids[i, : len(row)], token_types[i, : len(row)] = torch.tensor(row), torch.tensor(kinds)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types, "labels": ids.clone(),
+            "pixel_values": torch.stack(pixels)}  # fmt: skip
+
+
+def one_step_grads_worker(rank: int, world: int, cases: list[tuple[list[str], list]]) -> list[dict]:
+    """Per case ``(overrides, shares)``: one optimizer step of the VLM task (``tiny_align.yaml`` with the
+    overrides) through the runner's ``train_step`` on hand-made batches, rank r taking the micro-batches
+    ``shares[r]`` (one list of ``(seed, answer words)`` samples per accumulation step, see
+    :func:`answer_batch`). Returns per case the logged loss and the gradients of the trainable parameters
+    as DeepSpeed holds them at the accumulation boundary (averaged over ranks, before the optimizer step;
+    ZeRO stage 0)."""
+    import torch
+
+    from training.runner import build_task_engine, init_distributed, train_step
+    from training.runner.metrics import mean_over_ranks
+    from training.tasks.vlm import VLMTask
+    from training.tasks.vlm_config import load_vlm_config
+
+    init_distributed()
+    out = []
+    for overrides, shares in cases:
+        torch.manual_seed(0)
+        task = VLMTask(load_vlm_config(CONFIGS / "tiny_align.yaml", overrides))
+        engine, _ = build_task_engine(task, rank, world)
+        ds, grads = engine.engine, {}
+        real_step = ds.step
+
+        def step(*args, ds=ds, grads=grads, real_step=real_step, **kwargs):
+            if ds.is_gradient_accumulation_boundary():
+                grads.update(
+                    {n: p.grad.detach().clone() for n, p in ds.module.named_parameters() if p.requires_grad}
+                )
+            return real_step(*args, **kwargs)
+
+        ds.step = step
+        batches = iter([answer_batch(task.vlm, samples) for samples in shares[rank]])
+        result = train_step(engine, batches, task.loss, task.loss_items)
+        out.append({"loss": mean_over_ranks(result.loss), "grads": grads})
+    return out

@@ -219,3 +219,20 @@ def test_extract_gives_per_image_grids(tmp_path, capsys):
         assert_close(feats[i, : h * w], r.last_hidden_state[0, : h * w], **TOL)
     assert main([*args, "--image-size", "64", "--overwrite"]) == 2
     assert "NaFlex tower" in capsys.readouterr().err
+
+
+def test_mask_follows_the_inputs_device():
+    """The processor's mask stays on the CPU while the pixels move to the tower's device (as
+    ``extract_features`` does): the tower puts it beside them. ``meta`` stands in for an accelerator."""
+    from vision_tower import NaFlexVisionConfig
+
+    cfg = NaFlexVisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                             patch_size=8, num_patches=16)  # fmt: skip
+    tower = NaFlexVisionTower(cfg).to("meta")
+    pixels = torch.randn(2, 16, cfg.patch_dim, device="meta")
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    mask[0], mask[1, :6] = 1, 1
+    out = tower(pixels, torch.tensor([[4, 4], [2, 3]]), mask)
+    assert (
+        out.patch_features.device.type == out.pooled.device.type == out.attention_mask.device.type == "meta"
+    )

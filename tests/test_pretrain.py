@@ -268,3 +268,30 @@ def test_multi_rank_training_loss_equals_single_process_global_batch(world):
     multi = run_ranks(loss_steps_worker, world, pixels, ids, 3, backend=None, timeout=180)
     for rank_losses in multi:
         assert rank_losses == pytest.approx(single, rel=1e-5), (single, rank_losses)
+
+
+def test_three_class_zero_shot_eval_completes_and_reports_what_it_can(shapes, tmp_path):
+    """A zero-shot set of 3 classes (top-5 would be trivially 1: not reported) and a held-out set of 5
+    pairs (recall@10 over 5) through the run's final evaluation into metrics.jsonl."""
+    import shutil
+    import tarfile
+
+    zs = tmp_path / "zs3"
+    for folder in sorted(Path(shapes["data.zeroshot_dir"]).iterdir())[:3]:
+        shutil.copytree(folder, zs / folder.name)
+    val = tmp_path / "val5"
+    val.mkdir()
+    with tarfile.open(sorted(Path(shapes["data.val_shards"]).parent.glob("*.tar"))[0]) as src:
+        members = [m for m in src.getmembers() if m.isfile()]
+        keys = sorted({m.name.rsplit(".", 1)[0] for m in members})[:5]
+        with tarfile.open(val / "val-000000.tar", "w") as dst:
+            for m in members:
+                if m.name.rsplit(".", 1)[0] in keys:
+                    dst.addfile(m, src.extractfile(m))
+    out = tmp_path / "run"
+    settings = {"run.steps": 2, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json",
+                "data.zeroshot_dir": str(zs), "data.val_shards": str(val), "run.precision": "fp32"}  # fmt: skip
+    _launch(1, _args(out, shapes, **settings))
+    final = _metrics(out)[-1]
+    assert final["final"] and 0 <= final["zeroshot_top1"] <= 1 and "zeroshot_top5" not in final
+    assert {"i2t_r1", "i2t_r5", "t2i_r10"} <= final.keys() and final["i2t_r10"] == 1.0  # 10 > 5 pairs

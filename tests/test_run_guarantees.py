@@ -208,3 +208,19 @@ def test_resume_flag_forms():
         with pytest.raises(SystemExit) as exit_:
             main(["pretrain", "--config", "c", *bad])
         assert exit_.value.code == 2
+
+
+def test_resume_with_dropout_gives_the_uninterrupted_losses(shapes, tmp_path):
+    """Dropout draws from the restored RNG state: nothing between the checkpoint load and the first
+    resumed step (such as the data loader's seed) may draw from it first."""
+    steps = {"run.steps": 4, "run.save_every": 2, "run.keep_checkpoints": 2, "run.deepspeed": "configs/deepspeed/zero0.json",
+             "model.vision.attention_dropout": 0.3, "model.text.attention_dropout": 0.3}  # fmt: skip
+    full = tmp_path / "full"
+    _launch(1, _args(full, shapes, **steps))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    _damage(resumed / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt")  # resume from step 2
+    _launch(1, _args(resumed, shapes, **steps) + ["--resume"])
+    before, after = _losses(full), _losses(resumed)
+    assert sorted(after) == [1, 2, 3, 4]
+    assert [after[s] for s in (3, 4)] == pytest.approx([before[s] for s in (3, 4)], rel=1e-6, abs=1e-7)

@@ -125,6 +125,27 @@ def test_without_image_token_id_one_is_added_and_the_table_grows():
     assert vlm.decoder.get_input_embeddings().num_embeddings == rows
 
 
+def test_image_token_id_past_the_embedding_table_is_refused():
+    dec = R.decoder("qwen2")
+    rows = dec.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"image_token_id {rows + 5}.*{rows} rows"):
+        VisionLanguageModel(R.tower(), "linear", dec, image_token_id=rows + 5)
+    assert VisionLanguageModel(R.tower(), "linear", dec, image_token_id=rows - 1).image_token_id == rows - 1
+    assert dec.get_input_embeddings().num_embeddings == rows  # nothing grown
+
+
+def test_naflex_tower_is_refused_at_construction(decoders):
+    from vision_tower import NaFlexVisionConfig, NaFlexVisionTower
+
+    cfg = NaFlexVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             patch_size=8, num_patches=16)  # fmt: skip
+    with pytest.raises(ValueError, match="NaFlex.*fixed"):
+        VisionLanguageModel(NaFlexVisionTower(cfg), "linear", decoders["gemma"])
+    vlm = VisionLanguageModel(R.tower(), "linear", decoders["gemma"])
+    with pytest.raises(ValueError, match="NaFlex.*fixed"):
+        vlm.replace_tower(NaFlexVisionTower(cfg))
+
+
 def test_precomputed_tower_features_give_the_same_logits(decoders):
     tower = R.tower(image_size=48)
     tower.feature_layer = -2

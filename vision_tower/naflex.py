@@ -113,7 +113,8 @@ class NaFlexVisionTower(nn.Module):
         *,
         output_hidden_states: bool = False,
     ) -> NaFlexOutput:
-        """Patchified pixels (B, N, p*p*C), grids (B, 2), mask (B, N) -> :class:`NaFlexOutput`."""
+        """Patchified pixels (B, N, p*p*C), grids (B, 2), mask (B, N) -> :class:`NaFlexOutput`. The mask and
+        grids may stay on the CPU where the processor made them: the mask is moved beside the pixels."""
         B, N, P = pixel_values.shape
         if P != self.config.patch_dim:
             raise ValueError(
@@ -123,7 +124,8 @@ class NaFlexVisionTower(nn.Module):
             )
         if attention_mask is None:
             attention_mask = torch.ones(B, N, dtype=torch.long, device=pixel_values.device)
-        keys = attention_mask.bool()  # (B, N)
+        attention_mask = attention_mask.to(pixel_values.device)  # the processor's stays on the CPU
+        keys = attention_mask.bool()  # (B, N): a boolean mask, whatever the model's dtype
         x = self.embed(pixel_values, spatial_shapes)  # (B, N, D)
         mask = keys[:, None, None, :]  # (B, 1, 1, N): padding is never a key
         hidden = [x] if output_hidden_states else None

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -252,7 +253,11 @@ class ShardLoader:
         if not self.dataset.resampled:  # a new pass, from the requested start
             self.step, self._workers = self._start[0], dict(self._start[1])
         self.dataset.plan = ResumePlan(self.step, max(1, self.num_workers), dict(self._workers))
-        for batch in DataLoader(self.dataset, **self._loader_kwargs):
+        # a generator of its own: without one, each DataLoader iterator draws its workers' base seed from
+        # the global torch RNG, which a resumed run has just restored for dropout (the data order never
+        # depends on that seed: the shard and shuffle RNGs are seeded by position)
+        generator = torch.Generator().manual_seed(self.dataset.seed * 65_537 + self.dataset.rank)
+        for batch in DataLoader(self.dataset, generator=generator, **self._loader_kwargs):
             state = batch.pop("__state__")
             self._workers[state["worker"]] = {
                 k: state[k] for k in ("raw", "batches", "skips", "samples", "truncated")

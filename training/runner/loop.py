@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
-from .metrics import MetricsLog, mean_over_ranks, plot_loss
+from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
 from .run_dir import RunDirError, RunLock, prepare
 from .task import ExportContext, Task
 from .zero import Zero, barrier
 
 log = logging.getLogger(__name__)
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (module, batch[, num_items_in_batch=]) -> scalar loss
+ItemsFn = Callable[[dict[str, Any]], int]  # batch -> number of terms its loss averages over
 
 
 class TrainingDiverged(ValueError):
@@ -48,17 +49,35 @@ class StepResult:
     skipped: bool  # DeepSpeed skipped the optimizer step (non-finite gradients)
 
 
-def train_step(engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossFn) -> StepResult:
+def train_step(
+    engine: Engine, batches: Iterator[dict[str, Any]], loss_fn: LossFn, items_fn: ItemsFn | None = None
+) -> StepResult:
     """One optimizer step: ``gradient_accumulation_steps`` micro-batches from ``batches``, each cast to the
     engine's precision, through ``loss_fn(module, batch)``, backward, and DeepSpeed's step (which updates
-    at the accumulation boundary). The step that training, tests and benchmarks all run."""
+    at the accumulation boundary). The step that training, tests and benchmarks all run.
+
+    ``items_fn(batch)``, for a loss that is a mean over a number of terms that varies between batches
+    (answer tokens), counts them: the step's micro-batches are drawn first and their counts summed over
+    micro-batches and ranks, and ``loss_fn(module, batch, num_items_in_batch=n)`` is called with ``n`` that
+    count over (ranks x micro-batches), to divide its sum of terms by. DeepSpeed averages the losses over
+    micro-batches and ranks, so the step then follows the mean over every term of the global batch, as one
+    process holding it whole would, and the loss logged (averaged over ranks) is that mean."""
     ds = engine.engine
     before = ds.skipped_steps
     total = torch.zeros(())
     accum = ds.gradient_accumulation_steps()
-    for _ in range(accum):
-        batch = prepare_batch(next(batches), engine.dtype, ds.device)
-        loss = loss_fn(ds, batch)
+    micro, kwargs = None, {}
+    if items_fn is not None:
+        micro = [next(batches) for _ in range(accum)]
+        count = torch.tensor(float(sum(items_fn(b) for b in micro)), device=ds.device)
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(count)
+            world = dist.get_world_size()
+        kwargs["num_items_in_batch"] = count.item() / (world * accum)
+    for i in range(accum):
+        batch = prepare_batch(next(batches) if micro is None else micro[i], engine.dtype, ds.device)
+        loss = loss_fn(ds, batch, **kwargs)
         ds.backward(loss)
         ds.step()
         total += loss.detach().float().cpu()
@@ -141,7 +160,7 @@ def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> 
     final = ckpt_dir / checkpoints.tag_for(step)
     if tag != final.name:  # a resumed run that had already finished holds its final checkpoint
         final = checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
-    result = {**last, "skip_counts": loader.skip_counts}
+    result = {**last, "skip_counts": sum_over_ranks(loader.skip_counts)}  # every rank's skips
     result.update(task.evaluate(engine.engine.module, zero))
     where = task.export(engine.engine.module, ExportContext(out, final, zero))
     if rank == 0:
@@ -166,7 +185,7 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
     bad = 0
     while step < run.steps:
         lr = engine.scheduler.get_last_lr()[0]  # the rate this step uses
-        result = train_step(engine, batches, task.loss)
+        result = train_step(engine, batches, task.loss, task.loss_items)
         step += 1
         loss = mean_over_ranks(result.loss)  # every step, so that all ranks agree on a bad one
         bad = bad + 1 if result.skipped or not math.isfinite(loss) else 0
@@ -174,8 +193,9 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
             _bad_step(step, loss, result.skipped, bad, run.max_bad_steps, ckpt_dir, rank)
         if step % run.log_every == 0 or step == run.steps:
             rate = per_step * (step - window[0]) / (time.perf_counter() - window[1])
+            skipped = sum(sum_over_ranks({"skipped": loader.skipped}).values())  # over all ranks
             last = {"step": step, "loss": loss, **task.step_metrics(module, zero), "lr": lr,
-                    f"{task.sample_unit}_per_s": rate, "skipped": loader.skipped}  # fmt: skip
+                    f"{task.sample_unit}_per_s": rate, "skipped": skipped}  # fmt: skip
             metrics.write(last)
             extra = {k: f"{v:.2f}" for k, v in last.items() if k not in ("step", "loss", "lr", "skipped")}
             bar.set_postfix(loss=f"{loss:.4f}", **extra)

@@ -48,6 +48,20 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Counters (e.g. skipped samples by reason) summed over all ranks, keys sorted; a key only some ranks
+    have counts as 0 on the others. Collective: every rank calls it, and gets the totals."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(sorted(counts.items()))
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))
+
+
 def plot_loss(metrics_file: Path, png: Path, label: str = "loss") -> None:
     """The loss curve as a PNG (skipped with a log line if matplotlib is missing)."""
     try:

@@ -5,7 +5,7 @@ owns its model, its batches, its step's loss, its extra metrics, its evaluation 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,7 +80,13 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """This rank's loss of one micro-batch (already on the device, floats in the engine's dtype)."""
+        """This rank's loss of one micro-batch (already on the device, floats in the engine's dtype).
+        A task with ``loss_items`` also takes ``num_items_in_batch``: its sum of terms is divided by it."""
+
+    # For a loss that is a mean over a number of terms that varies between batches (answer tokens): a
+    # method ``(batch) -> int`` counting them, so that the runner weighs micro-batches and ranks by their
+    # share of the global batch (see ``train_step``). None: each micro-batch's loss weighs the same.
+    loss_items: Callable[[dict[str, Any]], int] | None = None
 
     def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         """Extra values logged with the loss (e.g. the temperature)."""

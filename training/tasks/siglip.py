@@ -176,7 +176,8 @@ class SiglipTask(Task):
             }
 
     def evaluate(self, model: SiglipModel, zero: Zero) -> dict[str, float]:
-        """Zero-shot on ``data.zeroshot_dir`` and retrieval on ``data.val_shards`` (those that are set)."""
+        """Zero-shot on ``data.zeroshot_dir`` (``zeroshot_top1``; ``zeroshot_top5`` with 6 classes or more) and
+        retrieval on ``data.val_shards`` (those that are set)."""
         from ..evaluate import retrieval, zero_shot
 
         data, out = self.cfg.data, {}
@@ -184,7 +185,8 @@ class SiglipTask(Task):
             if data.zeroshot_dir:
                 zs = zero_shot(model, resolve_path(data.zeroshot_dir), image_transform=self.processor,
                                tokenize=self.tokenizer, batch_size=128)  # fmt: skip
-                out.update({"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]})
+                # top-5 only with enough classes for it to mean something (see zero_shot)
+                out.update({f"zeroshot_{k}": zs[k] for k in ("top1", "top5") if k in zs})
             if data.val_shards:
                 r = retrieval(model, resolve_path(data.val_shards), image_transform=self.processor,
                               text_transform=self.tokenizer, batch_size=128)  # fmt: skip

@@ -20,6 +20,7 @@ from ..data import build_loader, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
+from ..runner.metrics import sum_over_ranks
 from ..runner.zero import Zero
 from .vlm_config import VLMConfig, load_vlm_config
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
@@ -100,11 +101,22 @@ class VLMTask(Task):
         self.loader = build_loader(dataset, num_workers=data.num_workers, resume_state=resume_state)
         return self.loader
 
-    def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return engine(**model_inputs(batch)).loss
+    def loss(
+        self, engine: nn.Module, batch: dict[str, Any], num_items_in_batch: float | None = None
+    ) -> torch.Tensor:
+        return engine(**model_inputs(batch), num_items_in_batch=num_items_in_batch).loss
+
+    def loss_items(self, batch: dict[str, Any]) -> int:
+        """The answer tokens the batch's loss is over (the runner normalises by their global count)."""
+        return self.vlm.count_targets(
+            batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
+        )
 
     def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
-        return {"truncated": self.loader.truncated_captions} if self.loader is not None else {}
+        """``truncated``: samples cut to ``data.max_length`` so far, on all ranks together."""
+        if self.loader is None:
+            return {}
+        return sum_over_ranks({"truncated": self.loader.truncated_captions})
 
     def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
