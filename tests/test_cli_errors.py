@@ -242,3 +242,32 @@ def test_every_expected_failure_is_one_line_with_exit_code_2(cases):
         if not ok:
             failures.append(f"{name}: exit {proc.returncode}, stderr:\n{proc.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_bare_key_error_is_a_bug_and_keeps_its_traceback(monkeypatch, capsys):
+    """Unknown names ("unknown preset 'x'; known presets: ...") are one line; a KeyError that only names a
+    missing key (a bug such as metrics["top5"]) must not pass for a user's mistake."""
+    import argparse
+
+    from training import cli
+
+    def command_raising(err: KeyError):
+        def run(args):
+            raise err
+
+        class Parser:
+            def parse_args(self, argv):
+                return argparse.Namespace(command="info", func=run)
+
+        return Parser
+
+    monkeypatch.setattr(
+        cli, "build_parser", command_raising(KeyError("unknown preset 'x'; known presets: tiny"))
+    )
+    assert cli.main([]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "vision-tower info: error: unknown preset 'x'; known presets: tiny"
+    )
+    monkeypatch.setattr(cli, "build_parser", command_raising(KeyError("top5")))
+    with pytest.raises(KeyError, match="top5"):
+        cli.main([])

@@ -35,11 +35,21 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(text).split()) or type(err).__name__
 
 
+def is_expected(err: BaseException) -> bool:
+    """A user's input caused ``err``. A KeyError counts only when it carries a sentence (``unknown preset
+    'x'; known presets: ...``): a bare missing key (``KeyError('top5')``) is a bug and keeps its traceback."""
+    if isinstance(err, KeyError):
+        return bool(err.args) and isinstance(err.args[0], str) and " " in err.args[0]
+    return isinstance(err, EXPECTED_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except EXPECTED_ERRORS as err:
+        if not is_expected(err):
+            raise
         print(f"vision-tower {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
