@@ -58,15 +58,21 @@ class Zero:
     def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None):
         return gathered(params, self.stage, modifier_rank)
 
-    def state_dict(self, module: nn.Module, keep=lambda name, p: True) -> dict[str, torch.Tensor]:
+    def state_dict(
+        self, module: nn.Module, keep=lambda name, p: True, *, rank0_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The parameters ``keep`` accepts and all buffers, in full on CPU, one parameter gathered at a time.
-        Collective at stage 3."""
+        Collective at stage 3. With ``rank0_only`` the other ranks take part in the gathers but keep no copy
+        (an empty dict), so exporting a big frozen decoder does not put a whole copy on every rank."""
         out: dict[str, torch.Tensor] = {}
+        copy = not rank0_only or self.rank == 0
         for name, p in module.named_parameters():
             if keep(name, p):
                 with self.gathered([p]):
-                    out[name] = p.detach().cpu().clone()
-        out.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
+                    if copy:
+                        out[name] = p.detach().cpu().clone()
+        if copy:
+            out.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
         return out
 
     def consolidated_state_dict(
@@ -76,7 +82,9 @@ class Zero:
         the fp32 master copy in the ZeRO ``checkpoint`` folder (stages 1-3); frozen ones and stage 0 from
         the live module. Collective."""
         from_ckpt = self.stage >= 1 and checkpoint is not None
-        live = self.state_dict(module, keep=lambda name, p: not (from_ckpt and p.requires_grad))
+        live = self.state_dict(
+            module, keep=lambda name, p: not (from_ckpt and p.requires_grad), rank0_only=True
+        )
         if self.rank != 0:
             return None
         if from_ckpt:
