@@ -19,10 +19,9 @@ from torch import nn
 
 from .checkpoint import CheckpointError, build_and_load
 from .config import NaFlexVisionConfig
-from .layers import AttentionPoolHead, Encoder
 from .loading import Weights, read_vision_weights
 from .saving import write_vision_weights
-from .vision import VisionTower
+from .vision import VisionTower, add_trunk
 
 
 class NaFlexOutput(NamedTuple):
@@ -80,17 +79,7 @@ class NaFlexVisionTower(nn.Module):
         dim = config.hidden_size
         self.patch_embed = nn.Linear(config.patch_dim, dim)
         self.pos_embed = nn.Parameter(torch.zeros(config.num_patches, dim))
-        self.encoder = Encoder(
-            config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
-            config.hidden_act, config.layer_norm_eps, config.attention_dropout,
-        )  # fmt: skip
-        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.head = (
-            AttentionPoolHead(dim, config.num_attention_heads, config.intermediate_size, config.hidden_act,
-                              config.layer_norm_eps)
-            if config.use_head
-            else None
-        )  # fmt: skip
+        add_trunk(self, config)
         self.feature_layer = feature_layer
         self.reset_parameters()
 

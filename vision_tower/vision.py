@@ -49,6 +49,23 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
     return table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], dim)  # (h*w, D)
 
 
+def add_trunk(tower: nn.Module, config: VisionConfig | NaFlexVisionConfig) -> None:
+    """What every SigLIP image tower has after its patch and position embeddings: the pre-norm blocks
+    (``encoder``), the post-layernorm (``norm``) and the attention-pooling ``head`` (None without one)."""
+    dim = config.hidden_size
+    tower.encoder = Encoder(
+        config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
+        config.hidden_act, config.layer_norm_eps, config.attention_dropout,
+    )  # fmt: skip
+    tower.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+    tower.head = (
+        AttentionPoolHead(dim, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                          config.layer_norm_eps)
+        if config.use_head
+        else None
+    )  # fmt: skip
+
+
 class VisionTower(nn.Module):
     """SigLIP ViT: patch conv, learned positions, pre-norm blocks, post-norm, optional MAP head.
 
@@ -65,17 +82,7 @@ class VisionTower(nn.Module):
         dim = config.hidden_size
         self.patch_embed = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(config.num_patches, dim))
-        self.encoder = Encoder(
-            config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
-            config.hidden_act, config.layer_norm_eps, config.attention_dropout,
-        )  # fmt: skip
-        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.head = (
-            AttentionPoolHead(dim, config.num_attention_heads, config.intermediate_size, config.hidden_act,
-                              config.layer_norm_eps)
-            if config.use_head
-            else None
-        )  # fmt: skip
+        add_trunk(self, config)
         self.feature_layer = feature_layer
         self.reset_parameters()
 
