@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,31 @@ def test_lock_of_a_dead_owner_is_recovered_and_a_live_or_remote_one_refused(tmp_
     (tmp_path / "LOCK").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(RunDirError, match="run on host elsewhere .*delete"):
         RunLock(tmp_path).acquire()
+
+
+def test_the_lock_follows_the_owner_process_not_what_its_file_says(tmp_path):
+    """A live owner whose LOCK file is still empty (caught between create and write) is refused, and one
+    killed with SIGKILL leaves a lock the next run takes."""
+    from training.runner.run_dir import RunDirError, RunLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from training.runner.run_dir import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+         "print('held', flush=True); import time; time.sleep(120)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "LOCK").write_text("")  # what a reader saw before the owner wrote its name
+        with pytest.raises(RunDirError, match="used by another run"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "LOCK").exists()
 
 
 def test_a_previous_run_is_not_replaced_without_resume_or_overwrite(finished, shapes, tmp_path):

@@ -3,6 +3,7 @@ overwriting run may do with what an earlier run left there."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,69 +28,68 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _alive(owner: dict[str, Any]) -> bool:
-    pid = int(owner.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    started = owner.get("started")
-    return started is None or _start_time(pid) in (None, started)
-
-
 class RunLock:
-    """``out_dir/LOCK`` holding host, pid and start time; created exclusively, released on exit.
-
-    A lock whose owner is a dead process on this host is taken over; one held by a live process,
-    or by another host (where liveness cannot be checked), is refused with the owner named.
-    """
+    """``out_dir/LOCK``: an exclusive ``flock`` held for the run's life, the file naming the owner (host,
+    pid, start time). The kernel drops the lock when its owner dies however it dies, so a dead run's lock
+    is taken over with no guessing from pids; a live owner is refused with its pid. A file naming another
+    host is refused too (its liveness cannot be checked from here): delete it once that run is gone."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / LOCK
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _owner(self, fd: int) -> dict[str, Any]:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            return json.loads(os.read(fd, 1 << 16).decode() or "{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
 
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale(me["host"])
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._owner(fd)
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.path.parent} is used by another run (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}): wait for it, or choose another run.out_dir"
+                ) from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # its owner released (unlinked) it between our open and flock: again
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+            owner = self._owner(fd)
+            if owner and owner.get("host") != me["host"]:
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.path.parent} is used by a run on host {owner.get('host')} (pid {owner.get('pid')}); "
+                    f"if that run is gone, delete {self.path}"
+                )
+            os.ftruncate(fd, 0)  # a dead owner's record (its lock died with it), or nothing
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+            self._fd = fd
             return
-        raise RunDirError(f"{self.path}: another run took the lock at the same moment")
-
-    def _take_over_if_stale(self, host: str) -> None:
-        try:
-            owner = json.loads(self.path.read_text() or "{}")
-        except FileNotFoundError:
-            return  # released meanwhile
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            owner = {}  # cut short by a kill while it was written
-        if owner and owner.get("host") != host:
-            raise RunDirError(
-                f"{self.path.parent} is used by a run on host {owner.get('host')} (pid {owner.get('pid')}); "
-                f"if that run is gone, delete {self.path}"
-            )
-        if owner and _alive(owner):
-            raise RunDirError(
-                f"{self.path.parent} is used by another run (pid {owner['pid']} on {owner['host']}): "
-                f"wait for it, or choose another run.out_dir"
-            )
-        self.path.unlink(missing_ok=True)  # its owner is dead: recover the lock
+        raise RunDirError(f"{self.path}: other runs keep taking and releasing the lock; try again")
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter sees its inode is gone
+            os.close(self._fd)
+            self._fd = None
 
 
 def previous_run(out_dir: Path) -> list[str]:
