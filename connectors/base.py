@@ -51,6 +51,10 @@ class Connector(nn.Module):
     name: ClassVar[str] = ""
     no_decay: ClassVar[tuple[str, ...]] = ()
 
+    def no_weight_decay(self) -> set[str]:
+        """``no_decay`` as the module protocol the optimizer setup reads (as the towers')."""
+        return set(self.no_decay)
+
     def __init__(self, in_dim: int, out_dim: int, **options: Any) -> None:
         super().__init__()
         for what, value in (("in_dim", in_dim), ("out_dim", out_dim)):

@@ -151,18 +151,14 @@ class VisionLanguageModel(nn.Module):
 
     # ----------------------------------------------------------------- training support
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters that should get no weight decay: biases, norms and other 0/1-d tensors, the
-        tower's position table, and what the connector lists (learned queries)."""
-        names = set()
-        for name, p in self.named_parameters():
-            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the real shape there
-            last = name.rsplit(".", 1)[-1]
-            if (
-                len(shape) < 2
-                or (name.startswith("tower.") and last in ("pos_embed", "probe"))
-                or (name.startswith("connector.") and last in self.connector.no_decay)
-            ):
-                names.add(name)
+        """Names of parameters that should get no weight decay: biases, norms and other 0/1-d tensors, and
+        what each sub-module names in its own ``no_weight_decay()`` (the tower's position table, the
+        pooling probe, a resampler's learned queries)."""
+        names = {n for n, p in self.named_parameters() if len(getattr(p, "ds_shape", p.shape)) < 2}  # ZeRO-3
+        for prefix, module in self.named_modules():
+            own = getattr(module, "no_weight_decay", None)
+            if module is not self and callable(own):
+                names |= {f"{prefix}.{name}" for name in own()}
         return names
 
     def set_trainable(self, *, tower: bool, connector: bool, decoder: bool) -> None:
