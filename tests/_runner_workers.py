@@ -16,12 +16,13 @@ from training.runner.config import OptimSection, RunSection
 
 class CountingLoader:
     """Endless batches of one tensor; rank r reports r + 1 bad images (and rank 1 two empty captions)
-    skipped, and 10 (r + 1) truncated texts."""
+    skipped, and 10 (r + 1) truncated texts of 100 (r + 1) seen."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.skip_counts = {"bad_image": rank + 1, **({"empty_caption": 2} if rank == 1 else {})}
         self.truncated_captions = 10 * (rank + 1)
+        self.samples_seen = 100 * (rank + 1)
 
     def __iter__(self):
         while True:
@@ -64,16 +65,3 @@ def counters_worker(rank: int, world: int, out_dir: str) -> dict:
     train(CountingTask(out_dir))
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"logged": [r for r in rows if "loss" in r and not r.get("final")], "final": rows[-1]}
-
-
-def vlm_truncated_worker(rank: int, world: int, overrides: list[str]) -> float:
-    """The VLM task's ``truncated`` step metric with :class:`CountingLoader` as its loader."""
-    from training.runner import Zero
-    from training.tasks.vlm import VLMTask
-    from training.tasks.vlm_config import load_vlm_config
-
-    task = VLMTask(
-        load_vlm_config(Path(__file__).parents[1] / "configs" / "vlm" / "tiny_align.yaml", overrides)
-    )
-    task.loader = CountingLoader(rank)
-    return task.step_metrics(None, Zero(0, {"bf16": {"enabled": False}}, rank, world))["truncated"]

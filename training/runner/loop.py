@@ -109,6 +109,16 @@ def _agree(fn: Callable[[], None], rank: int) -> None:
         raise message[0](message[1])
 
 
+def _data_counts(loader: Any) -> dict[str, float | int]:
+    """What the data pipeline dropped or cut so far, over all ranks: ``skipped`` samples, and texts kept but
+    cut to the tokenizer's length (``truncated_captions``, ``truncated_share`` of the samples seen).
+    Collective."""
+    total = sum_over_ranks({"skipped": loader.skipped, "truncated_captions": getattr(loader, "truncated_captions", 0),
+                            "samples": getattr(loader, "samples_seen", 0)})  # fmt: skip
+    seen = total.pop("samples")
+    return {**total, "truncated_share": round(total["truncated_captions"] / seen, 6) if seen else 0.0}
+
+
 def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run ``task`` (or resume it: ``resume="latest"`` needs a checkpoint, ``"auto"`` starts fresh without
     one); returns the final metrics on every rank. One run per ``run.out_dir`` at a time."""
@@ -193,11 +203,11 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
             _bad_step(step, loss, result.skipped, bad, run.max_bad_steps, ckpt_dir, rank)
         if step % run.log_every == 0 or step == run.steps:
             rate = per_step * (step - window[0]) / (time.perf_counter() - window[1])
-            skipped = sum(sum_over_ranks({"skipped": loader.skipped}).values())  # over all ranks
             last = {"step": step, "loss": loss, **task.step_metrics(module, zero), "lr": lr,
-                    f"{task.sample_unit}_per_s": rate, "skipped": skipped}  # fmt: skip
+                    f"{task.sample_unit}_per_s": rate, **_data_counts(loader)}  # fmt: skip
             metrics.write(last)
-            extra = {k: f"{v:.2f}" for k, v in last.items() if k not in ("step", "loss", "lr", "skipped")}
+            quiet = ("step", "loss", "lr", "skipped", "truncated_captions")
+            extra = {k: f"{v:.2f}" for k, v in last.items() if k not in quiet}
             bar.set_postfix(loss=f"{loss:.4f}", **extra)
             window = (step, time.perf_counter())
         bar.update(1)

@@ -20,7 +20,6 @@ from ..data import build_loader, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
-from ..runner.metrics import sum_over_ranks
 from ..runner.zero import Zero
 from .vlm_config import VLMConfig, load_vlm_config
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
@@ -111,12 +110,6 @@ class VLMTask(Task):
         return self.vlm.count_targets(
             batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
         )
-
-    def step_metrics(self, model: nn.Module, zero: Zero) -> dict[str, float]:
-        """``truncated``: samples cut to ``data.max_length`` so far, on all ranks together."""
-        if self.loader is None:
-            return {}
-        return sum_over_ranks({"truncated": self.loader.truncated_captions})
 
     def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
