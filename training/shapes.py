@@ -155,10 +155,9 @@ def make_sample(
 
 def named_class(text: str) -> str | None:
     """The class a caption names ("a photo of a small red circle" -> "red circle"): its one colour word
-    and its one shape word; None when it names no colour or shape, or more than one."""
-    words = re.findall(r"[a-z]+", text.lower())
-    colors = [w for w in words if w in COLORS]
-    shapes = [w for w in words if w in SHAPES]
+    and its one shape word (repeats aside); None when it names no colour or shape, or more than one."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    colors, shapes = sorted(words & COLORS.keys()), sorted(words & set(SHAPES))
     return f"{colors[0]} {shapes[0]}" if len(colors) == 1 and len(shapes) == 1 else None
 
 
