@@ -102,7 +102,9 @@ def transformers_captions(folder: Path, pngs: list[bytes]) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_demo_vlm_captions_held_out_images_and_exports_a_paligemma_transformers_runs(demo, capsys):
+def test_demo_vlm_captions_held_out_images_and_exports_a_paligemma_transformers_runs(
+    demo, capsys, monkeypatch
+):
     cwd, proc = demo
     out = cwd / "vision-tower-demo"
     assert re.search(r"^\[8/8\] captioning 512 held-out images", proc.stdout, re.M), proc.stdout[-2000:]
@@ -148,18 +150,18 @@ def test_demo_vlm_captions_held_out_images_and_exports_a_paligemma_transformers_
     real = batch["attention_mask"].bool()
     assert_close(mine.logits[real], theirs[real], atol=1e-4, rtol=1e-4)
 
-    # the README: `vision-tower generate` and its transformers snippet give the same caption
+    # the README: its `vision-tower generate` command and its transformers snippet give the same caption
     from training.cli import main
 
-    image = out / "shapes" / "zeroshot" / "blue_star" / "00000.png"
+    monkeypatch.chdir(cwd)  # the README's paths are relative to where the demo ran
+    command = readme_generate_command()
+    assert command[:3] == ["generate", "--model", f"vision-tower-demo/{PALIGEMMA.as_posix()}"], command
     capsys.readouterr()
-    assert (
-        main(["generate", "--model", str(out / PALIGEMMA), "--image", str(image), "--max-new-tokens", "12"])
-        == 0
-    )
+    assert main(command) == 0
     generated = capsys.readouterr().out.strip()
+    assert generated, "vision-tower generate printed no caption"
     snippet = readme_snippet()
-    assert "vision-tower-demo/vlm/finetune/export/paligemma" in snippet and "blue_star/00000.png" in snippet
+    assert f"vision-tower-demo/{PALIGEMMA.as_posix()}" in snippet and "blue_star/00000.png" in snippet
     run = subprocess.run(
         [sys.executable, "-c", snippet], cwd=cwd, capture_output=True, text=True, timeout=300
     )
@@ -173,6 +175,18 @@ def readme_snippet() -> str:
     block = re.search(r"<!-- test_demo: paligemma -->\s*```python\n(.*?)```", text, re.S)
     assert block, "README: the PaliGemma snippet (after <!-- test_demo: paligemma -->) is missing"
     return block.group(1)
+
+
+def readme_generate_command() -> list[str]:
+    """The README's `vision-tower generate` command on the demo's PaliGemma folder, as arguments."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    line = re.search(r"^vision-tower generate --model vision-tower-demo/(?:.*\\\n)*.*$", text, re.M)
+    assert line, "README: the `vision-tower generate` command on the demo's PaliGemma folder is missing"
+    args = shlex.split(line.group(0).replace("\\\n", " "))
+    assert args[4:6] == ["--image", "vision-tower-demo/shapes/zeroshot/blue_star/00000.png"], args
+    return args[1:]
 
 
 def test_a_previous_demo_is_refused_and_overwrite_clears_only_its_outputs(tmp_path):
