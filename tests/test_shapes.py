@@ -13,7 +13,16 @@ import torch
 from PIL import Image
 
 from training.data import build_dataset, build_loader, expand_shards
-from training.shapes import CLASSES, COLORS, SHAPES, ZEROSHOT_TEMPLATES, make_sample, make_shapes
+from training.shapes import (
+    CLASSES,
+    COLORS,
+    SHAPES,
+    ZEROSHOT_TEMPLATES,
+    make_sample,
+    make_shapes,
+    named_class,
+    same_class,
+)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -118,3 +127,27 @@ def test_readable_by_the_pipeline(shapes):
     assert loader.skipped == 0
     captions = [c for b in batches for c in b["caption"]]
     assert all(any(c in cap for c in COLORS) and any(s in cap for s in SHAPES) for cap in captions)
+
+
+@pytest.mark.parametrize(
+    "generated, reference, same",
+    [
+        ("a photo of a red circle", "there is a red circle in the picture", True),  # template aside
+        ("A  Red circle", "a small red circle", True),  # case, spacing and size aside
+        ("a red square", "a red circle", False),
+        ("a blue circle", "a red circle", False),
+        ("a red blue circle", "a red circle", False),  # two colours named
+        ("a red circle circle star", "a red circle", False),  # two shapes named
+        ("a red circle red circle", "a red circle", True),  # a repeat names nothing else
+        ("a photo of a", "a red circle", False),
+        ("", "", False),  # naming nothing is never right
+    ],
+)
+def test_same_class_compares_colour_and_shape_words(generated, reference, same):
+    assert same_class(generated, reference) is same
+
+
+def test_every_caption_names_its_class():
+    for i in range(200):
+        s = make_sample("train", i, image_size=16)
+        assert named_class(s.caption) == s.class_name, s.caption

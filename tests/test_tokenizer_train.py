@@ -161,3 +161,25 @@ def test_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["train-tokenizer", "--captions", "a", "--shards", "b", "--out", str(tmp_path / "t")])
     assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_demo_decoder_tokenizer_has_gemma_layout_and_whole_caption_words(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from training.tokenizer_train import train_decoder_tokenizer
+
+    train_decoder_tokenizer(caption_corpus(), tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")  # a transformers folder, as train-vlm reads it
+    assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["tokenizer_class"].startswith(
+        "Gemma"
+    )
+    assert [tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<unk>"]) == [0, 1, 2, 3]
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]  # PaliGemma's prompt ends with one
+    assert newline != tok.unk_token_id
+    for text in ("a photo of a medium purple triangle", "there is a cyan star in the picture"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text.split()) and tok.unk_token_id not in ids  # one piece per word
+        assert tok.decode(ids) == text

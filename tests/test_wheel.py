@@ -90,7 +90,7 @@ def test_wheel_installs_apart_and_runs_the_demo_from_an_empty_folder(tmp_path):
     exe = site / "bin" / "vision-tower"
     assert exe.exists(), sorted(p.name for p in (site / "bin").iterdir())
     demo = subprocess.run(
-        [str(exe), "demo", "--steps", "3", "--ranks", "1", "--train-samples", "64"],
+        [str(exe), "demo", "--steps", "3", "--vlm-steps", "2", "--ranks", "1", "--train-samples", "64"],
         cwd=empty,
         env=env,
         capture_output=True,
@@ -101,10 +101,14 @@ def test_wheel_installs_apart_and_runs_the_demo_from_an_empty_folder(tmp_path):
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-4000:]
     assert demo.stdout.splitlines()[0] == f"vision-tower demo -> {out}"
     assert "every caption and zero-shot prompt fits in 16 tokens" in demo.stdout
+    assert "held-out caption exact-match: " in demo.stdout
     for part in (
         "run/export/siglip/model.safetensors",
         "run/export/vision/model.safetensors",
         "features.safetensors",
+        "decoder-tokenizer/tokenizer.json",  # the VLM stages ran from the shipped configs/vlm/*.yaml
+        "vlm/align/export/native/config.json",
+        "vlm/finetune/export/paligemma/model.safetensors",
     ):
         assert (out / part).is_file(), part
     assert sorted(p.name for p in empty.iterdir()) == ["vision-tower-demo"]  # nothing else written here

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -150,6 +151,21 @@ def make_sample(
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     caption = template.format(color=color, shape=shape, size=size)
     return ShapeSample(image=image, caption=caption, color=color, shape=shape, size=size)
+
+
+def named_class(text: str) -> str | None:
+    """The class a caption names ("a photo of a small red circle" -> "red circle"): its one colour word
+    and its one shape word (repeats aside); None when it names no colour or shape, or more than one."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    colors, shapes = sorted(words & COLORS.keys()), sorted(words & set(SHAPES))
+    return f"{colors[0]} {shapes[0]}" if len(colors) == 1 and len(shapes) == 1 else None
+
+
+def same_class(generated: str, reference: str) -> bool:
+    """Whether a generated caption names the reference caption's colour and shape (and no other);
+    size and template words are not compared (the template is drawn at random, see CAPTION_TEMPLATES)."""
+    named = named_class(generated)
+    return named is not None and named == named_class(reference)
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:

@@ -3,7 +3,8 @@
 The layout is SigLIP's (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, no bos, text lower-cased and
 stripped of punctuation as `vision_tower.Tokenizer` does before encoding); the folder written is a
 transformers ``SiglipTokenizer`` folder that `vision_tower.Tokenizer.from_pretrained` and
-transformers both load. Used by ``vision-tower train-tokenizer`` and the demo.
+transformers both load. Used by ``vision-tower train-tokenizer`` and the demo. The demo's decoder gets
+a tokenizer of its own in Gemma's layout (:func:`train_decoder_tokenizer`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -54,28 +56,66 @@ def train_tokenizer(
     sentences = [c for c in (canonicalize(t) for t in texts) if c]
     if not sentences:
         raise ValueError("no non-empty captions to train a tokenizer on")
+    model = _sentencepiece(sentences, vocab_size, model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spiece.model"
+        path.write_bytes(model)
+        Tokenizer(path, max_length=max_length).save_pretrained(out_dir)
+    return Tokenizer.from_pretrained(out_dir)
+
+
+def _sentencepiece(sentences: list[str], vocab_size: int, model_type: str, **options) -> bytes:
+    """A sentencepiece model (serialized) trained on ``sentences``; ``options`` set the special ids."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
         character_coverage=0.9995,  # sentencepiece's default: very rare characters become <unk>
         hard_vocab_limit=False,
         input_sentence_size=MAX_TRAINING_SENTENCES,
         shuffle_input_sentence=True,
         minloglevel=2,
         num_threads=1,
+        **options,
+    )
+    return model.getvalue()
+
+
+def train_decoder_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 256
+) -> Any:
+    """Train a Gemma-layout sentencepiece BPE tokenizer (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>``
+    3, a newline piece for PaliGemma's prompt layout; case and punctuation kept) on ``texts`` and save it
+    as a transformers ``GemmaTokenizer`` folder in ``out_dir``: the tokenizer of a decoder trained from
+    scratch (``model.tokenizer`` of ``train-vlm`` with a ``preset:`` decoder). Returns the loaded tokenizer."""
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    sentences = [t.strip() for t in texts if t.strip()]
+    if not sentences:
+        raise ValueError("no non-empty captions to train a tokenizer on")
+    model = _sentencepiece(
+        sentences,
+        vocab_size,
+        "bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["\n"],
+        add_dummy_prefix=False,  # as Gemma: no space is put before the text
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "spiece.model"
-        path.write_bytes(model.getvalue())
-        Tokenizer(path, max_length=max_length).save_pretrained(out_dir)
-    return Tokenizer.from_pretrained(out_dir)
+        (Path(tmp) / "tokenizer.model").write_bytes(model)
+        GemmaTokenizer.from_pretrained(tmp).save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(str(out_dir))
 
 
 # ----------------------------------------------------------------------------- captions

@@ -152,6 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(
         args.out,
         steps=args.steps,
+        vlm_steps=args.vlm_steps,
         ranks=args.ranks,
         train_samples=args.train_samples,
         overwrite=args.overwrite,
@@ -265,10 +266,24 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export")
+    p = sub.add_parser(
+        "demo",
+        help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune "
+        "-> held-out captions",
+    )
     p.add_argument("--out", default=None, help="output folder (default: ./vision-tower-demo)")
     p.add_argument(
-        "--steps", type=positive_int, default=None, help="training steps (default: the demo config's)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="pretraining steps (default: configs/pretrain/demo_tiny.yaml's)",
+    )
+    p.add_argument(
+        "--vlm-steps",
+        type=positive_int,
+        default=None,
+        help="steps of each VLM stage, align and finetune (default: configs/vlm/tiny_align.yaml's and "
+        "tiny_finetune.yaml's)",
     )
     p.add_argument("--ranks", type=positive_int, default=2, help="CPU ranks (processes) to train on")
     p.add_argument(
