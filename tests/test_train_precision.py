@@ -29,7 +29,9 @@ def cpu(monkeypatch):
 
 
 def _ds(*overrides: str) -> dict:
-    cfg = load_config(DEMO, ["run.precision=auto", *overrides])  # the demo pins fp32; these tests are about auto
+    cfg = load_config(
+        DEMO, ["run.precision=auto", *overrides]
+    )  # the demo pins fp32; these tests are about auto
     return deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 2)
 
 
@@ -70,16 +72,28 @@ def test_deepspeed_bf16_mode_only_from_the_json(cpu, tmp_path):
 
 
 @pytest.mark.distributed
-def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss():
+def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss(tmp_path):
     """2 ranks, ZeRO-2, same init and batch: bf16 autocast runs its matmuls in bf16, keeps fp32 weights,
-    t', b and loss, and its losses follow the fp32 run's."""
+    t', b and loss, and its losses follow the fp32 run's. DeepSpeed's bf16 mode (from the JSON) trains too:
+    bf16 weights, the batch cast to bf16 by the training step."""
     from tests._precision_workers import precision_steps_worker
     from tests.distributed_utils import run_ranks
 
-    runs = [["run.precision=fp32"], ["run.precision=bf16"], ["run.precision=bf16", "loss.kind=softmax"]]
+    ds_bf16 = tmp_path / "bf16.json"
+    ds_bf16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    runs = [["run.precision=fp32"], ["run.precision=bf16"], ["run.precision=bf16", "loss.kind=softmax"],
+            ["run.precision=auto", f"run.deepspeed={ds_bf16}"]]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 on a CPU without it warns, and is only slow
-        fp32, bf16, softmax = run_ranks(precision_steps_worker, 2, runs, 4, backend=None, timeout=300)[0]
+        fp32, bf16, softmax, ds_mode = run_ranks(
+            precision_steps_worker, 2, runs, 4, backend=None, timeout=300
+        )[0]
+    assert ds_mode["precision"] == "bf16-deepspeed" and ds_mode["params"] == ["torch.bfloat16"]
+    assert ds_mode["seen"]["mlp"] == "torch.bfloat16"
+    assert (
+        ds_mode["losses"] == pytest.approx(fp32["losses"], rel=5e-2)
+        and ds_mode["losses"][-1] < ds_mode["losses"][0]
+    )
     assert fp32["precision"] == "fp32" and fp32["seen"]["mlp"] == "torch.float32"
     assert bf16["precision"] == "bf16-autocast" and bf16["seen"]["mlp"] == "torch.bfloat16"
     for run in (fp32, bf16, softmax):
