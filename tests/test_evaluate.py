@@ -172,9 +172,9 @@ def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):
 
 def test_zero_shot_refuses_one_class_and_classes_without_images(color_folder, tmp_path):
     options = {"image_transform": to_tensor, "tokenize": color_tokenize, "decode_image": pil_decode}
-    (color_folder / "purple").mkdir()
-    (color_folder / "purple" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=r"class folder\(s\) without images .*\['purple'\]"):
+    (color_folder / "dark_red").mkdir()  # a name the test's tokenizer reads: only the refusal can stop it
+    (color_folder / "dark_red" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder\(s\) without images .*\['dark_red'\]"):
         zero_shot(ColorModel(), color_folder, **options)
     (tmp_path / "one" / "red").mkdir(parents=True)
     Image.new("RGB", (6, 6), RGB["red"]).save(tmp_path / "one" / "red" / "0.png")
