@@ -60,7 +60,7 @@ def loss_fn(method: str, chunk: int):
     from training.losses import sigmoid_loss
 
     if method == "plain":
-        return lambda x, y, s, b: sigmoid_loss(x, y, s, b)
+        return lambda x, y, s, b: sigmoid_loss(x, y, s, b, chunk_size=None)  # the default is tiled
     if method == "tiled":
         return lambda x, y, s, b: sigmoid_loss(x, y, s, b, chunk_size=chunk)
     if method == "open_clip":
