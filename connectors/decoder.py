@@ -95,7 +95,15 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
     path = resolve(src, allow_patterns=_TOKENIZER_PATTERNS)
     if not path.is_dir() or not any((path / name).exists() for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    kwargs = {}
+    config = path / "config.json"
+    if config.is_file() and '"vision_tower_vlm"' in config.read_text():
+        # our native folder: transformers does not know its model_type and would warn while reading it
+        # only to pick the tokenizer class, which tokenizer_config.json names anyway
+        from transformers import PretrainedConfig
+
+        kwargs["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
 
 
 def family(decoder: PreTrainedModel) -> str:
