@@ -96,13 +96,17 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
     if not path.is_dir() or not any((path / name).exists() for name in TOKENIZER_FILES):
         return None
     kwargs = {}
-    config = path / "config.json"
-    if config.is_file() and '"vision_tower_vlm"' in config.read_text():
-        # our native folder: transformers does not know its model_type and would warn while reading it
-        # only to pick the tokenizer class, which tokenizer_config.json names anyway
-        from transformers import PretrainedConfig
+    if (path / "config.json").is_file():
+        from vision_tower.checkpoint import read_json
 
-        kwargs["config"] = PretrainedConfig()
+        from .formats.native import MODEL_TYPE
+
+        if read_json(path / "config.json").get("model_type") == MODEL_TYPE:
+            # our native folder: transformers does not know its model_type and would warn while reading it
+            # only to pick the tokenizer class, which tokenizer_config.json names anyway
+            from transformers import PretrainedConfig
+
+            kwargs["config"] = PretrainedConfig()
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
 
 

@@ -21,7 +21,7 @@ from . import checkpoints
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
 from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
 from .run_dir import RunDirError, RunLock, prepare
-from .task import ExportContext, Task
+from .task import ExportContext, Loader, Task
 from .zero import Zero, barrier
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,17 @@ def _agree(fn: Callable[[], None], rank: int) -> None:
         raise message[0](message[1])
 
 
-def _data_counts(loader: Any) -> dict[str, float | int]:
+def _data_counts(loader: Loader) -> dict[str, float | int]:
     """What the data pipeline dropped or cut so far, over all ranks: ``skipped`` samples, and texts kept but
     cut to the tokenizer's length (``truncated_captions``, ``truncated_share`` of the samples seen).
     Collective."""
-    total = sum_over_ranks({"skipped": loader.skipped, "truncated_captions": getattr(loader, "truncated_captions", 0),
-                            "samples": getattr(loader, "samples_seen", 0)})  # fmt: skip
+    total = sum_over_ranks(
+        {
+            "skipped": loader.skipped,
+            "truncated_captions": loader.truncated_captions,
+            "samples": loader.samples_seen,
+        }
+    )
     seen = total.pop("samples")
     return {**total, "truncated_share": round(total["truncated_captions"] / seen, 6) if seen else 0.0}
 

@@ -31,6 +31,12 @@ class Loader(Protocol):
     @property
     def skipped(self) -> int: ...
 
+    @property
+    def samples_seen(self) -> int: ...
+
+    @property
+    def truncated_captions(self) -> int: ...
+
 
 @dataclass
 class ExportContext:
