@@ -12,8 +12,8 @@ from safetensors import safe_open
 from torch.testing import assert_close
 
 from tests.hf_reference import hf_siglip, hf_vision
-from training.cli import main
 from vision_tower import ImageProcessor, VisionTower, load_image
+from vision_tower.cli import main
 
 
 def _images(folder, n=3):

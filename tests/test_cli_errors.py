@@ -249,15 +249,15 @@ def test_a_bare_key_error_is_a_bug_and_keeps_its_traceback(monkeypatch, capsys):
     missing key (a bug such as metrics["top5"]) must not pass for a user's mistake."""
     import argparse
 
-    from training import cli
+    from vision_tower import cli
 
     def command_raising(err: KeyError):
         def run(args):
             raise err
 
         class Parser:
-            def parse_args(self, argv):
-                return argparse.Namespace(command="info", func=run)
+            def parse_known_args(self, argv):
+                return argparse.Namespace(command="info", func=run), []
 
         return Parser
 

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from torch.testing import assert_close
 
 from tests.hf_reference import hf_vision
-from training.cli import main
 from training.losses import sigmoid_loss
 from vision_tower import ImageProcessor, SiglipModel, TextTower, VisionTower, get_preset, load_image
+from vision_tower.cli import main
 from vision_tower.layers import MATMUL_ATTENTION_MAX_TOKENS, attention, gelu_tanh
 
 

@@ -58,7 +58,7 @@ def test_demo_trains_evaluates_exports_and_extracts(demo):
 
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # --overwrite clears all a demo wrote
     # the README's eval commands on the demo's outputs
-    from training.cli import main
+    from vision_tower.cli import main
 
     model = str(out / "run" / "export" / "siglip")
     assert main(["eval", "zero-shot", "--model", model, "--images", str(out / "shapes" / "zeroshot")]) == 0
@@ -151,7 +151,7 @@ def test_demo_vlm_captions_held_out_images_and_exports_a_paligemma_transformers_
     assert_close(mine.logits[real], theirs[real], atol=1e-4, rtol=1e-4)
 
     # the README: its `vision-tower generate` command and its transformers snippet give the same caption
-    from training.cli import main
+    from vision_tower.cli import main
 
     monkeypatch.chdir(cwd)  # the README's paths are relative to where the demo ran
     command = readme_generate_command()

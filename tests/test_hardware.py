@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.hf_reference import hf_vision
-from training.cli import main
 from vision_tower import ImageProcessor, VisionTower, hardware, load_image
+from vision_tower.cli import main
 from vision_tower.features import COMPILE_MIN_BATCHES, decide_compile
 from vision_tower.hardware import choose_precision, read_cpuinfo_flags
 

@@ -13,7 +13,6 @@ from torch.testing import assert_close
 
 from tests.hf_reference import randomize_
 from tests.photos import make_photo, shipped_photo
-from training.cli import main
 from vision_tower import (
     CheckpointError,
     NaFlexImageProcessor,
@@ -21,6 +20,7 @@ from vision_tower import (
     SiglipModel,
     VisionTower,
 )
+from vision_tower.cli import main
 
 transformers = pytest.importorskip("transformers")
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -53,7 +53,7 @@ def _args(out: Path, shapes: dict, **extra) -> list[str]:
 
 
 def _launch(ranks: int, args: list[str], *, wait: bool = True, timeout: float = 240):
-    cmd = torchrun_command(ranks, ["-m", "training.cli", *args])
+    cmd = torchrun_command(ranks, ["-m", "vision_tower.cli", *args])
     proc = subprocess.Popen(
         cmd,
         env=launch_env(),

@@ -31,7 +31,7 @@ def _cli(ranks: int, args: list[str], timeout: float = 240) -> tuple[int, str]:
         proc = _launch(ranks, args, wait=False)
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
-    cmd = [sys.executable, "-m", "training.cli", *args]
+    cmd = [sys.executable, "-m", "vision_tower.cli", *args]
     done = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
 
@@ -220,7 +220,7 @@ def test_non_finite_losses_stop_the_run_without_saving_or_exporting(shapes, tmp_
 
 
 def test_resume_flag_forms():
-    from training.cli import build_parser, main
+    from vision_tower.cli import build_parser, main
 
     parser = build_parser()
     args = parser.parse_args(["pretrain", "--config", "c", "--resume", "run.steps=5", "optim.lr=1"])

@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from training.cli import main
 from training.demo import caption_corpus
 from training.shapes import make_shapes
 from training.tokenizer_train import length_report, train_tokenizer
 from vision_tower import Tokenizer
+from vision_tower.cli import main
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("google.protobuf")  # transformers' SiglipTokenizer needs protobuf

@@ -12,7 +12,6 @@ import torch
 import training.data.feature_cache as fc
 from connectors import ConnectorConfig
 from tests.vlm_train_data import png, write_tar
-from training.cli import main
 from training.data import build_loader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample
@@ -20,6 +19,7 @@ from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
 from training.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
 from vision_tower import ImageProcessor, VisionTower, load_image
+from vision_tower.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from PIL import Image
 
 from connectors import VisionLanguageModel
 from tests import vlm_reference as R
-from training.cli import main
 from vision_tower import ImageProcessor
+from vision_tower.cli import main
 
 
 def _vlm(tmp_path, family="gemma", connector="linear", attention="prefix", layer=-1, tokenizer=True):

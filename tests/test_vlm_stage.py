@@ -236,7 +236,7 @@ def test_generation_never_emits_the_image_placeholder():
     ],
 )
 def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, monkeypatch):
-    from training.cli import main
+    from vision_tower.cli import main
 
     monkeypatch.chdir(tmp_path)
     if argv[0] == "train-vlm":

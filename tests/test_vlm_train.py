@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from tests._vlm_workers import losses, stages_worker
 from tests.distributed_utils import run_ranks
 from tests.vlm_train_data import make_assets
-from training.cli import main
 from training.config import ROOT
 from training.launch import launch_env
+from vision_tower.cli import main
 
 pytestmark = pytest.mark.distributed
 ALIGN = ROOT / "configs" / "vlm" / "tiny_align.yaml"
@@ -66,7 +66,7 @@ def settings(assets: dict, out: Path, stage: str, **extra) -> list[str]:
 def command(stage: str, overrides: list[str]) -> list[str]:
     """`vision-tower train-vlm` as one plain process (no launcher)."""
     config = ALIGN if stage == "align" else FINETUNE
-    return [sys.executable, "-m", "training.cli", "train-vlm", "--config", str(config), *overrides]
+    return [sys.executable, "-m", "vision_tower.cli", "train-vlm", "--config", str(config), *overrides]
 
 
 def run(cmd: list[str], timeout: float = 240) -> str:

@@ -51,7 +51,7 @@ def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
             f"{out_dir} already holds a demo ({', '.join(previous)}); pass --overwrite to replace it "
             "or --out NEW_FOLDER"
         )
-    from .cli_args import clear_outputs
+    from vision_tower.cli import clear_outputs
 
     clear_outputs(out_dir, OUTPUTS)
     return out_dir

@@ -34,5 +34,5 @@ def launch_env() -> dict[str, str]:
 def launch(ranks: int, cli_args: list[str], timeout: float | None = None) -> None:
     """Run ``vision-tower CLI_ARGS`` on ``ranks`` local ranks in the working directory; raises
     ``subprocess.CalledProcessError`` if any rank fails."""
-    cmd = torchrun_command(ranks, ["-m", "training.cli", *cli_args])
+    cmd = torchrun_command(ranks, ["-m", "vision_tower.cli", *cli_args])
     subprocess.run(cmd, env=launch_env(), check=True, timeout=timeout)

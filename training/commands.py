@@ -1,4 +1,10 @@
-"""The training subcommands of ``vision-tower``: pretrain, train-vlm, train-tokenizer, make-shapes, eval, demo."""
+"""The training commands of ``vision-tower``: pretrain, train-vlm, train-tokenizer, make-shapes, eval, demo,
+and the ``extract --shards`` hook (a feature cache for VLM training).
+
+Each ``add_*`` function is one entry of the ``vision_tower.commands`` entry-point group (pyproject.toml)
+and adds the parser of the command it is named for; every command here needs the ``[train]`` extra,
+which the core checks before the command runs. This module imports nothing beyond the core at import
+time, so the commands are listed (and name their extra) in a core install."""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import argparse
 import json
 import sys
 
-from .cli_args import check_new_output, positive_int
+from vision_tower.cli import add_dtype_option, check_device, check_new_output, positive_int
+from vision_tower.extras import require
+
+EXTRA = "train"
 
 
 class _ResumeAction(argparse.Action):
@@ -117,8 +126,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if getattr(args, attr) is None:
         raise ValueError(f"eval {args.task} needs {flag}")
     if args.task == "vlm":
-        from .vlm_commands import cmd_eval_vlm
-
         return cmd_eval_vlm(args)
     if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
         templates = load_templates(args.templates) if args.templates else None
@@ -159,6 +166,55 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_eval_vlm(args: argparse.Namespace) -> None:
+    """``vision-tower eval vlm``: held-out loss and exact match of a saved VLM (any format)."""
+    from connectors import VisionLanguageModel
+    from vision_tower.hardware import choose_precision
+
+    from .data.vlm import builder_for
+    from .vlm_eval import evaluate_vlm, read_eval_items
+
+    precision = choose_precision(args.dtype)
+    print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
+    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
+    builder = builder_for(vlm, max_length=args.max_length, caption_prompt=args.caption_prompt)
+    items = read_eval_items(builder, args.shards, args.max_samples)
+    result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    out = {**result.metrics(), **precision.metadata(), "predictions": result.predictions[: args.predictions]}
+    print(json.dumps(out, indent=2))
+
+
+def cmd_extract_shards(args: argparse.Namespace) -> None:
+    """``extract --shards`` (the core's ``extract_shards`` hook): a feature cache of a shard set for stage
+    align (``data.feature_cache``)."""
+    require(EXTRA, "vision-tower extract --shards")
+    from .data.feature_cache import extract_to_cache
+
+    for flag, given in (("--max-num-patches", args.max_num_patches), ("--no-head", args.no_head)):
+        if given:
+            raise ValueError(
+                f"{flag} does not apply to --shards (a cache holds patch features of a fixed-size tower)"
+            )
+    check_new_output(args.out, args.overwrite)
+    check_device(args.device)
+    s = extract_to_cache(
+        args.model,
+        args.shards,
+        args.out,
+        image_size=args.image_size,
+        feature_layer=args.layer,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
+    print(
+        f"wrote the feature cache {s.out_dir}: {s.samples} samples of {s.shards} shards, grid {s.grid[0]}x"
+        f"{s.grid[1]}, width {s.dim}, in {s.seconds:.1f}s; skipped: {skipped}. Train with data.feature_cache={s.out_dir}"
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """``--resume [auto]`` | ``--overwrite`` and the ``key=value`` overrides of a training command."""
     once = p.add_mutually_exclusive_group()
@@ -180,16 +236,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
 
 
-def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    from .tower_commands import add_dtype_option
-
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
     )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
     _add_run_options(p)
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, extra=EXTRA)
 
+
+def add_train_vlm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-vlm",
         help="one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
@@ -197,8 +253,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/vlm/tiny_align.yaml")
     _add_run_options(p)
-    p.set_defaults(func=cmd_train_vlm)
+    p.set_defaults(func=cmd_train_vlm, extra=EXTRA)
 
+
+def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-tokenizer",
         help="train a SigLIP-layout sentencepiece tokenizer on your captions; report how many fit",
@@ -222,8 +280,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         "--max-captions", type=positive_int, default=None, help="read at most this many captions from shards"
     )
     p.add_argument("--overwrite", action="store_true", help="replace the files in an existing --out folder")
-    p.set_defaults(func=cmd_train_tokenizer)
+    p.set_defaults(func=cmd_train_tokenizer, extra=EXTRA)
 
+
+def add_make_shapes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-shapes", help="write the built-in demo dataset of coloured shapes")
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=positive_int, default=8192)
@@ -231,8 +291,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=positive_int, default=1024)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_shapes)
+    p.set_defaults(func=cmd_make_shapes, extra=EXTRA)
 
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="zero-shot classification or image-text retrieval of a SiglipModel; held-out loss and exact "
@@ -264,8 +326,10 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predictions", type=positive_int, default=0, help="vlm: also print the first N answers")
     add_dtype_option(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, extra=EXTRA)
 
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune "
@@ -290,4 +354,4 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         "--train-samples", type=positive_int, default=8192, help="image-text pairs in the training shards"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in the output folder")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, extra=EXTRA)

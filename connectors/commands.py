@@ -1,0 +1,44 @@
+"""The vision-language command of ``vision-tower``: ``generate``. ``add_generate`` is its entry in the
+``vision_tower.commands`` entry-point group (pyproject.toml); the command needs the ``[connectors]``
+extra, which the core checks before it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vision_tower.cli import add_dtype_option, check_device, positive_int
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from vision_tower.hardware import choose_precision
+
+    from .generation import generate_text
+    from .vlm import VisionLanguageModel
+
+    check_device(args.device)
+    precision = choose_precision(args.dtype, args.device)
+    print(precision.describe(), file=sys.stderr, flush=True)  # stdout holds only the generated text
+    vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype, device=args.device).eval()
+    (text,) = generate_text(vlm, [args.image], [args.prompt], max_new_tokens=args.max_new_tokens)
+    print(text)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt about an image with a vision-language model (greedy)"
+    )
+    p.add_argument(
+        "--model", required=True, help="VLM folder or hub repo id: native, PaliGemma or LLaVA layout"
+    )
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument(
+        "--prompt",
+        default="",
+        help="text after the image (PaliGemma layout: image, bos, prompt, newline); a prompt holding <image> "
+        "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu")
+    add_dtype_option(p)
+    p.set_defaults(func=cmd_generate, extra="connectors")

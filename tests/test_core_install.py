@@ -1,0 +1,132 @@
+"""A core install (`pip install .`, no extras) runs the tower commands (`info`, `extract`, `convert`) and,
+for a command that needs an extra, says in one line which extra to install before doing any work.
+
+The core environment is built from the package's own metadata: the installed distributions that the core
+requirements reach (torch, safetensors, huggingface_hub, ...) and nothing else, linked into one folder,
+plus the package installed from its source with `pip install --no-deps --target`. The interpreter runs
+with `-S`, so the test environment's site-packages (transformers, DeepSpeed, ...) is not on the path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from PIL import Image
+
+from tests.test_wheel import _copy_source
+
+pytestmark = pytest.mark.slow
+
+
+def _core_closure(dist: str = "vision-tower") -> dict[str, metadata.Distribution]:
+    """The installed distributions that ``dist``'s requirements reach without any extra."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = [Requirement(r) for r in metadata.requires(dist) or []]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = req.name.lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = metadata.distribution(req.name)
+        todo.extend(Requirement(r) for r in found[key].requires or [])
+    return found
+
+
+def _link_core_site(dst: Path) -> None:
+    """Link every top-level file and folder the core closure installed into ``dst``."""
+    dst.mkdir()
+    for d in _core_closure().values():
+        base = Path(d.locate_file(""))
+        for f in d.files or []:
+            top = f.parts[0]
+            if top == ".." or top.endswith(".pth") or (dst / top).exists():
+                continue
+            if (base / top).exists():
+                (dst / top).symlink_to(base / top)
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("core")
+    deps, site, src = tmp / "deps", tmp / "site", tmp / "src"
+    _link_core_site(deps)
+    _copy_source(src)  # pip builds in the source folder: a copy keeps the checkout clean
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q"]
+        + ["--target", str(site), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONPATH=os.pathsep.join([str(site), str(deps)]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    work = tmp / "work"
+    work.mkdir()
+
+    def run(*args: str, module: str | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-S"] + (["-c", module] if module else [str(site / "bin" / "vision-tower"), *args])
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    return run, work
+
+
+def test_the_core_environment_holds_no_extra(core):
+    run, _ = core
+    probe = run(
+        module="import importlib.util as u; "
+        "print(sorted(m for m in ('transformers', 'deepspeed', 'webdataset', 'peft', 'accelerate', 'torch') "
+        "if u.find_spec(m)))"
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "['torch']"
+
+
+def test_core_install_runs_info_extract_and_convert(core):
+    run, work = core
+    info = run("info", "preset:tiny")
+    assert info.returncode == 0, info.stderr
+    assert "image tower" in info.stdout and "token grid" in info.stdout
+
+    images = work / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (40 + 8 * i, 32), colour).save(images / f"{i}.png")
+    out = work / "feats.safetensors"
+    extract = run("extract", "--model", "preset:tiny", "--images", str(images), "--out", str(out), "--quiet")
+    assert extract.returncode == 0, extract.stderr[-3000:]
+    assert out.is_file() and "3 images, 0 skipped" in extract.stdout
+
+    convert = run("convert", "preset:tiny", str(work / "timm"), "--to", "timm")
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert (work / "timm" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, extra",
+    [
+        (["pretrain", "--config", "configs/pretrain/demo_tiny.yaml"], "train"),
+        (["demo", "--out", "demo-out"], "train"),
+        (["eval", "vlm", "--model", "m", "--shards", "s"], "train"),
+        (["extract", "--model", "preset:tiny", "--shards", "s", "--out", "cache"], "train"),
+        (["generate", "--model", "m", "--image", "i.png"], "connectors"),
+    ],
+)
+def test_a_command_that_needs_an_extra_names_it_before_any_work(core, argv, extra):
+    run, work = core
+    before = sorted(p.name for p in work.iterdir())
+    result = run(*argv)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"vision-tower {argv[0]}: error: ")
+    assert f"[{extra}] extra" in lines[0]
+    assert f'pip install "vision-tower[{extra}]"' in lines[0]
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing written
