@@ -187,7 +187,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
 def cmd_extract_shards(args: argparse.Namespace) -> None:
     """``extract --shards`` (the core's ``extract_shards`` hook): a feature cache of a shard set for stage
     align (``data.feature_cache``)."""
-    require(EXTRA, "vision-tower extract --shards")
+    require(EXTRA, "--shards")
     from .data.feature_cache import extract_to_cache
 
     for flag, given in (("--max-num-patches", args.max_num_patches), ("--no-head", args.no_head)):

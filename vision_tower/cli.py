@@ -360,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "accepts_any", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        extra = getattr(args, "extra", None)
-        require(extra(args) if callable(extra) else extra, f"vision-tower {args.command}")
+        require(getattr(args, "extra", None), "this command")
         args.func(args)
     except ImportError as err:
         message = missing_extra_message(err)
