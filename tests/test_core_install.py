@@ -72,7 +72,9 @@ def core(tmp_path_factory):
     work.mkdir()
 
     def run(*args: str, module: str | None = None) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-S"] + (["-c", module] if module else [str(site / "bin" / "vision-tower"), *args])
+        cmd = [sys.executable, "-S"] + (
+            ["-c", module] if module else [str(site / "bin" / "vision-tower"), *args]
+        )
         return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
     return run, work
