@@ -42,20 +42,33 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     """Shards at the tower's resolution, a word tokenizer of their captions, and the feature cache."""
     from training.data.feature_cache import cache_identity, extract_shards
     from training.demo import caption_corpus
-    from training.shapes import make_shapes
+    from training.demo.shapes import make_shapes
     from training.tasks.decoders import word_tokenizer
     from vision_tower import ImageProcessor
 
     t = tower(args.tower)
     size = t.config.image_size
-    make_shapes(root / "data", n_train=args.samples, n_val=1, shard_size=max(1, args.samples // 4), image_size=size,
-                zeroshot_per_class=1)  # fmt: skip
+    make_shapes(
+        root / "data",
+        n_train=args.samples,
+        n_val=1,
+        shard_size=max(1, args.samples // 4),
+        image_size=size,
+        zeroshot_per_class=1,
+    )
     word_tokenizer(caption_corpus()).save_pretrained(root / "tokenizer")
     processor = ImageProcessor(image_size=size)
     identity = cache_identity(t, processor)
     start = time.perf_counter()
-    summary = extract_shards(t, processor, root / "data" / "train", root / "cache", identity=identity,
-                             batch_size=args.batch, progress=False)  # fmt: skip
+    summary = extract_shards(
+        t,
+        processor,
+        root / "data" / "train",
+        root / "cache",
+        identity=identity,
+        batch_size=args.batch,
+        progress=False,
+    )
     return {
         "extract_s": time.perf_counter() - start,
         "samples": summary.samples,
@@ -90,7 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     task = VLMTask(load_vlm_config(ROOT / "configs/vlm/tiny_align.yaml", overrides))
     torch.manual_seed(SEED)  # the tower of prepare()
     engine, _ = build_task_engine(task, rank, world)
-    batches = iter(task.build_loader(rank, world, None))
+    batches = iter(task.ShardLoader(rank, world, None))
     for _ in range(args.warmup):
         train_step(engine, batches, task.loss, task.loss_items)
     torch.distributed.barrier()
@@ -108,14 +121,40 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, root: Path, tokens: int, cache: bool) -> dict:
-    from training.launch import launch_env, torchrun_command
+    from training.runner.launch import launch_env, torchrun_command
 
-    target = [__file__, "--worker", "--root", str(root), "--tokens", str(tokens), "--tower", args.tower,
-              "--decoder", args.decoder, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-              str(args.warmup), "--num-workers", str(args.num_workers), "--precision", args.precision, "--zero",
-              str(args.zero)] + (["--cache"] if cache else [])  # fmt: skip
-    out = subprocess.run(torchrun_command(args.ranks, target), env=launch_env(), cwd=ROOT, capture_output=True,
-                         text=True, timeout=7200)  # fmt: skip
+    target = [
+        __file__,
+        "--worker",
+        "--root",
+        str(root),
+        "--tokens",
+        str(tokens),
+        "--tower",
+        args.tower,
+        "--decoder",
+        args.decoder,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--num-workers",
+        str(args.num_workers),
+        "--precision",
+        args.precision,
+        "--zero",
+        str(args.zero),
+    ] + (["--cache"] if cache else [])
+    out = subprocess.run(
+        torchrun_command(args.ranks, target),
+        env=launch_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=7200,
+    )
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -156,15 +195,19 @@ def main() -> None:
             "images": launch(args, root, info["tokens"], False),
             "cache": launch(args, root, info["tokens"], True),
         }
-    print(f"stage align, tower {args.tower} ({info['tokens']} tokens/image, random weights), decoder {args.decoder}, "
-          f"linear connector; {args.ranks} rank(s), ZeRO-{args.zero}, batch {args.batch}/rank, {args.num_workers} "
-          f"loader workers/rank, precision {args.precision}; {args.steps} timed steps after {args.warmup}")  # fmt: skip
+    print(
+        f"stage align, tower {args.tower} ({info['tokens']} tokens/image, random weights), decoder {args.decoder}, "
+        f"linear connector; {args.ranks} rank(s), ZeRO-{args.zero}, batch {args.batch}/rank, {args.num_workers} "
+        f"loader workers/rank, precision {args.precision}; {args.steps} timed steps after {args.warmup}"
+    )
     print(f"{'input':8} {'steps/s':>9} {'samples/s':>10} {'vs images':>10}")
     base = rows["images"]["steps_per_s"]
     for name, r in rows.items():
         print(f"{name:8} {r['steps_per_s']:9.3f} {r['samples_per_s']:10.1f} {r['steps_per_s'] / base:9.2f}x")
-    print(f"writing the cache of {info['samples']} samples took {info['extract_s']:.1f} s "
-          f"({info['samples'] / info['extract_s']:.1f} samples/s), once")  # fmt: skip
+    print(
+        f"writing the cache of {info['samples']} samples took {info['extract_s']:.1f} s "
+        f"({info['samples'] / info['extract_s']:.1f} samples/s), once"
+    )
 
 
 if __name__ == "__main__":

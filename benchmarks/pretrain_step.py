@@ -89,9 +89,9 @@ def params_and_optimizer_bytes(engine) -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from training.config import load_config
     from training.runner import build_task_engine, init_distributed, train_step
     from training.tasks.siglip import SiglipTask
+    from training.tasks.siglip_config import load_config
 
     rank, world = init_distributed()
     cfg = load_config(
@@ -151,10 +151,24 @@ def worker(args: argparse.Namespace) -> None:
 def launch(
     preset: str, stage: int, ranks: int, steps: int, warmup: int, precision: str, compile: bool
 ) -> dict:
-    from training.launch import launch_env, torchrun_command
+    from training.runner.launch import launch_env, torchrun_command
 
-    target = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--batch", str(BATCH[preset]),
-              "--steps", str(steps), "--warmup", str(warmup), "--precision", precision]  # fmt: skip
+    target = [
+        __file__,
+        "--worker",
+        "--preset",
+        preset,
+        "--stage",
+        str(stage),
+        "--batch",
+        str(BATCH[preset]),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--precision",
+        precision,
+    ]
     target += ["--compile"] if compile else []
     out = subprocess.run(
         torchrun_command(ranks, target),
@@ -179,8 +193,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 tiny, 3 b16_224)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
-                        help="run.precision of each run; bf16 is autocast with fp32 weights (default: both)")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32", "bf16"],
+        help="run.precision of each run; bf16 is autocast with fp32 weights (default: both)",
+    )
     parser.add_argument("--compile", action="store_true", help="run.compile=true: torch.compile each block")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -193,12 +212,16 @@ def main() -> None:
         return
     from vision_tower.hardware import choose_precision
 
-    print(f"{args.ranks} CPU ranks (1 thread each), synthetic batches, compile {'on' if args.compile else 'off'}; "
-          f"median step of the timed steps. This machine: {choose_precision('auto').describe()}\n"
-          "params+optim: parameters, master copies and AdamW moments held per rank (from the tensors);\n"
-          "step peak RSS: sampled every 1 ms during the timed steps, (rise over the RSS before them)")  # fmt: skip
-    print(f"{'preset':8} {'stage':>5} {'precision':>14} {'batch':>6} {'step s':>8} {'images/s':>9} {'vs fp32':>7} "
-          f"{'params+optim MiB/rank':>22} {'vs zero0':>8} {'step peak RSS MiB/rank (rise)':>30}")  # fmt: skip
+    print(
+        f"{args.ranks} CPU ranks (1 thread each), synthetic batches, compile {'on' if args.compile else 'off'}; "
+        f"median step of the timed steps. This machine: {choose_precision('auto').describe()}\n"
+        "params+optim: parameters, master copies and AdamW moments held per rank (from the tensors);\n"
+        "step peak RSS: sampled every 1 ms during the timed steps, (rise over the RSS before them)"
+    )
+    print(
+        f"{'preset':8} {'stage':>5} {'precision':>14} {'batch':>6} {'step s':>8} {'images/s':>9} {'vs fp32':>7} "
+        f"{'params+optim MiB/rank':>22} {'vs zero0':>8} {'step peak RSS MiB/rank (rise)':>30}"
+    )
     for preset in args.presets:
         steps = args.steps or (20 if preset == "tiny" else 3)
         base = {}
@@ -212,9 +235,12 @@ def main() -> None:
                 fp32_rate = r["images_per_s"] if precision == "fp32" else fp32_rate
                 speed = f"{r['images_per_s'] / fp32_rate:.2f}" if fp32_rate else "-"
                 rss = " / ".join(f"{p} ({d:+d})" for p, d in zip(r["step_peak_rss_mib"], r["step_rise_mib"]))
-                print(f"{preset:8} {stage:5d} {r['precision']:>14} {r['global_batch']:6d} {r['step_s']:8.3f} "
-                      f"{r['images_per_s']:9.1f} {speed:>7} {' / '.join(f'{m:.1f}' for m in mem):>22} {ratio:>8} "
-                      f"{rss:>30}", flush=True)  # fmt: skip
+                print(
+                    f"{preset:8} {stage:5d} {r['precision']:>14} {r['global_batch']:6d} {r['step_s']:8.3f} "
+                    f"{r['images_per_s']:9.1f} {speed:>7} {' / '.join(f'{m:.1f}' for m in mem):>22} {ratio:>8} "
+                    f"{rss:>30}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

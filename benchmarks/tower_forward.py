@@ -119,10 +119,14 @@ def run_case(name: str, modes: list[str], repeats: int, device: str, peaks: dict
     ).eval()
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     full, l2 = vit_flops(cfg), vit_flops(cfg, cfg.num_hidden_layers - 1, head=False)
-    print(f"\n{name}: preset {preset}, batch {batch}, {cfg.image_size} px, {full / 1e9:.1f} GFLOP/image "
-          f"({l2 / 1e9:.1f} at layer -2 without head)")  # fmt: skip
-    print(f"{'mode':14} {'transformers':>12} {'ours':>8} {'ours/tf':>7} {'ours L-2':>8} "
-          f"{'peak tf':>7} {'peak ours':>9} {'peak L-2':>8} {'max|diff|':>9}   (images/s; % of matmul peak)")  # fmt: skip
+    print(
+        f"\n{name}: preset {preset}, batch {batch}, {cfg.image_size} px, {full / 1e9:.1f} GFLOP/image "
+        f"({l2 / 1e9:.1f} at layer -2 without head)"
+    )
+    print(
+        f"{'mode':14} {'transformers':>12} {'ours':>8} {'ours/tf':>7} {'ours L-2':>8} "
+        f"{'peak tf':>7} {'peak ours':>9} {'peak L-2':>8} {'max|diff|':>9}   (images/s; % of matmul peak)"
+    )
     rows = []
     for mode in modes:
         r = run_mode(ref, ours, ours_l2, x, mode, repeats, device)
@@ -131,8 +135,11 @@ def run_case(name: str, modes: list[str], repeats: int, device: str, peaks: dict
             100 * rate * flops / 1e9 / peak
             for rate, flops in ((r.ref, full), (r.ours, full), (r.ours_l2, l2))
         ]
-        print(f"{mode:14} {r.ref:12.2f} {r.ours:8.2f} {r.ours / r.ref:7.2f} {r.ours_l2:8.2f} "
-              f"{pct[0]:6.1f}% {pct[1]:8.1f}% {pct[2]:7.1f}% {r.diff:9.2e}", flush=True)  # fmt: skip
+        print(
+            f"{mode:14} {r.ref:12.2f} {r.ours:8.2f} {r.ours / r.ref:7.2f} {r.ours_l2:8.2f} "
+            f"{pct[0]:6.1f}% {pct[1]:8.1f}% {pct[2]:7.1f}% {r.diff:9.2e}",
+            flush=True,
+        )
         rows.append(r)
     by = {r.mode: r for r in rows}
     for a, b in (
@@ -175,11 +182,16 @@ def main() -> None:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    print(f"{where}; flags {' '.join(flags) or '-'}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; {choose_precision('auto', args.device).describe()}")  # fmt: skip
+    print(
+        f"{where}; flags {' '.join(flags) or '-'}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}; {choose_precision('auto', args.device).describe()}"
+    )
     peaks = {dtype: matmul_peak(dtype, args.device) for dtype in {MODES[m][0] for m in args.modes}}
-    print("matmul peak (4096^3): " + ", ".join(f"{str(d)[6:]} {p:.0f} GFLOP/s" for d, p in peaks.items())
-          + (f"; bf16/fp32 {peaks[torch.bfloat16] / peaks[torch.float32]:.2f}" if len(peaks) == 2 else ""))  # fmt: skip
+    print(
+        "matmul peak (4096^3): "
+        + ", ".join(f"{str(d)[6:]} {p:.0f} GFLOP/s" for d, p in peaks.items())
+        + (f"; bf16/fp32 {peaks[torch.bfloat16] / peaks[torch.float32]:.2f}" if len(peaks) == 2 else "")
+    )
     for name in args.cases:
         run_case(name, args.modes, args.repeats, args.device, peaks)
 

@@ -52,9 +52,14 @@ def decoder_config(layers: int):
     from transformers import GemmaConfig
 
     return GemmaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-    )  # fmt: skip
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+    )
 
 
 def prepare(work: Path, layers: int) -> None:
@@ -142,9 +147,21 @@ def main() -> None:
     rows = []
     for mode in MODES:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--work",
+                str(args.work),
+                "--layers",
+                str(args.layers),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

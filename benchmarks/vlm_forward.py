@@ -39,11 +39,25 @@ def _sizes() -> dict:
     """size -> (tower preset, decoder config of the gemma family)."""
     from transformers import GemmaConfig
 
-    tiny = GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    tiny = GemmaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     # ~300M in all: B/16 tower at 224 px (86M, 196 tokens) + a 12-layer Gemma of width 1024 (212M)
-    mid = GemmaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
-                      num_attention_heads=8, num_key_value_heads=1, head_dim=128)  # fmt: skip
+    mid = GemmaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=128,
+    )
     return {"tiny": ("tiny", tiny), "300m": ("b16_224", mid)}
 
 

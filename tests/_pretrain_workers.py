@@ -6,7 +6,8 @@ import itertools
 
 import torch
 
-from training.config import ROOT, load_config
+from training.runner.paths import ROOT
+from training.tasks.siglip_config import load_config
 
 
 def siglip_engine(overrides: list[str], world: int):

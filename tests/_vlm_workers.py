@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.config import ROOT
+from training.runner.paths import ROOT
 
 CONFIGS = ROOT / "configs" / "vlm"
 

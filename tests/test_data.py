@@ -18,10 +18,10 @@ from training.data import (
     TokenizeOne,
     batches_before,
     build_dataset,
-    build_loader,
+    ShardLoader,
     expand_shards,
 )
-from training.shapes import make_sample
+from training.demo.shapes import make_sample
 
 L = 24  # token length of the test text transform
 
@@ -82,7 +82,7 @@ def load_all(
     dataset = build_dataset(
         shards, image_transform=image_transform, text_transform=text_tf, batch_size=3, **options
     )
-    loader = build_loader(dataset, num_workers=num_workers)
+    loader = ShardLoader(dataset, num_workers=num_workers)
     keys = []
     for batch in loader:
         assert batch["pixel_values"].shape[1:] == (3, 8, 8) and batch["input_ids"].shape[1:] == (L,)
@@ -184,7 +184,7 @@ def test_too_many_skips_in_a_row_is_an_error(tmp_path):
         max_consecutive_skips=4,
     )
     with pytest.raises(RuntimeError, match="5 samples in a row were skipped"):
-        next(iter(build_loader(dataset, num_workers=0)))
+        next(iter(ShardLoader(dataset, num_workers=0)))
 
 
 def test_shard_specs(tmp_path):
@@ -215,7 +215,7 @@ def test_tokenize_one_and_batched_transforms(tmp_path):
         resampled=False,
         decode_image=pil_decode,
     )
-    batch = next(iter(build_loader(dataset, num_workers=0)))
+    batch = next(iter(ShardLoader(dataset, num_workers=0)))
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["input_ids"].shape == (2, L)
 
 
@@ -260,7 +260,7 @@ def test_resampled_streams_differ_by_rank(many_shards):
             shuffle_buffer=8,
             decode_image=pil_decode,
         )
-        it = iter(build_loader(dataset, num_workers=0))
+        it = iter(ShardLoader(dataset, num_workers=0))
         return [k for _ in range(5) for k in next(it)["__key__"]]
 
     assert first_keys(0) != first_keys(1)
@@ -314,7 +314,7 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exact_resume(many_shards, corrupt_shards, num_workers):
     shards = many_shards + corrupt_shards[0][:2]  # bad samples and a truncated shard in the stream
-    full = build_loader(resume_dataset(shards), num_workers=num_workers)
+    full = ShardLoader(resume_dataset(shards), num_workers=num_workers)
     it = iter(full)
     head = [next(it) for _ in range(5)]
     saved = json.loads(json.dumps(full.state_dict()))  # survives a JSON round trip
@@ -322,18 +322,18 @@ def test_exact_resume(many_shards, corrupt_shards, num_workers):
     assert saved["step"] == 5 and full.step == 11 and full.skipped > 0
     assert len({k for b in head + tail for k in b["__key__"]}) > 20
 
-    resumed = build_loader(resume_dataset(shards), num_workers=num_workers, resume_state=saved)
+    resumed = ShardLoader(resume_dataset(shards), num_workers=num_workers, resume_state=saved)
     assert_same_batches(take(resumed, 6), tail)
     assert resumed.state_dict() == full.state_dict()  # same position and skip counts
 
-    replayed = build_loader(resume_dataset(shards), num_workers=num_workers, start_step=5)
+    replayed = ShardLoader(resume_dataset(shards), num_workers=num_workers, start_step=5)
     assert_same_batches(take(replayed, 6), tail)
     assert replayed.skip_counts == full.skip_counts
 
 
 def test_resume_state_skips_without_decoding(many_shards, corrupt_shards):
     shards = many_shards + corrupt_shards[0][:2]
-    full = build_loader(resume_dataset(shards), num_workers=0)
+    full = ShardLoader(resume_dataset(shards), num_workers=0)
     it = iter(full)
     for _ in range(8):
         next(it)
@@ -343,21 +343,21 @@ def test_resume_state_skips_without_decoding(many_shards, corrupt_shards):
     consumed_after = full.state_dict()["workers"]["0"]["raw"] - saved["workers"]["0"]["raw"]
 
     decoder = CountingDecoder()
-    resumed = build_loader(resume_dataset(shards, decoder), num_workers=0, resume_state=saved)
+    resumed = ShardLoader(resume_dataset(shards, decoder), num_workers=0, resume_state=saved)
     take(resumed, 4)
     assert 16 <= decoder.calls <= consumed_after < saved["workers"]["0"]["raw"]
 
 
 def test_continuing_iteration_and_mismatched_state(many_shards):
-    loader = build_loader(resume_dataset(many_shards), num_workers=0)
+    loader = ShardLoader(resume_dataset(many_shards), num_workers=0)
     first = take(loader, 3)
     second = take(loader, 2)  # a new iterator continues the endless stream
-    fresh = take(build_loader(resume_dataset(many_shards), num_workers=0), 5)
+    fresh = take(ShardLoader(resume_dataset(many_shards), num_workers=0), 5)
     assert_same_batches(first + second, fresh)
     with pytest.raises(ValueError, match="num_workers"):
-        build_loader(resume_dataset(many_shards), num_workers=2, resume_state=loader.state_dict())
+        ShardLoader(resume_dataset(many_shards), num_workers=2, resume_state=loader.state_dict())
     with pytest.raises(ValueError, match="start_step=3"):
-        build_loader(
+        ShardLoader(
             resume_dataset(many_shards), num_workers=0, start_step=3, resume_state=loader.state_dict()
         )
 
@@ -399,37 +399,36 @@ def test_truncated_captions_are_counted_and_warned_once(tmp_path, short_tokenize
     shard = write_tar(tmp_path / "s.tar", [m for i in range(n) for m in good(f"k{i:03d}", i)])
     want = expected_cut(short_tokenizer, [make_sample("train", i, image_size=16).caption for i in range(n)])
     assert 0 < want < n
-    loader = build_loader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=num_workers)
+    loader = ShardLoader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=num_workers)
     with caplog.at_level(logging.WARNING, logger="training.data"):
         batches = list(loader)
     assert sum(len(b["caption"]) for b in batches) == n  # cut captions are kept
     assert loader.samples_seen == n and loader.truncated_captions == want
-    assert loader.truncation == {"truncated_captions": want, "truncated_share": round(want / n, 6)}
     assert loader.skipped == 0  # not a skip reason
     warnings = [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()]
     assert len(warnings) == 1 and "train a tokenizer that fits them" in warnings[0], warnings
 
     # the tokenizer itself as the text transform (as retrieval uses it) counts the same
-    direct = build_loader(truncation_dataset(shard, short_tokenizer), num_workers=0)
+    direct = ShardLoader(truncation_dataset(shard, short_tokenizer), num_workers=0)
     list(direct)
     assert direct.truncated_captions == want
     # a transform that cannot tell counts nothing, and there is nothing to warn about
-    plain = build_loader(truncation_dataset(shard, text_tf), num_workers=0)
+    plain = ShardLoader(truncation_dataset(shard, text_tf), num_workers=0)
     list(plain)
-    assert plain.truncation == {"truncated_captions": 0, "truncated_share": 0.0}
+    assert plain.truncated_captions == 0
 
 
 def test_truncation_counts_survive_resume(tmp_path, short_tokenizer):
     n = 48
     shard = write_tar(tmp_path / "s.tar", [m for i in range(n) for m in good(f"k{i:03d}", i)])
     want = expected_cut(short_tokenizer, [make_sample("train", i, image_size=16).caption for i in range(n)])
-    first = build_loader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=1)
+    first = ShardLoader(truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=1)
     it = iter(first)
     for _ in range(2):
         next(it)
     saved = json.loads(json.dumps(first.state_dict()))
     assert first.samples_seen == 16 and saved["workers"]["0"]["samples"] == 16
-    resumed = build_loader(
+    resumed = ShardLoader(
         truncation_dataset(shard, TokenizeOne(short_tokenizer)), num_workers=1, resume_state=saved
     )
     assert resumed.truncated_captions == first.truncated_captions  # carried over before any batch

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import ROOT
+from training.runner.paths import ROOT
 
 CAPTION_LINE = re.compile(
     r"^held-out caption exact-match: (\d+\.\d)% \(colour and shape both right; chance 4\.2%\)$", re.M

@@ -12,17 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from training.evaluate import (
-    DEFAULT_TEMPLATES,
-    class_embeddings,
-    load_templates,
-    recall_at_k,
-    retrieval,
-    sigmoid_scores,
-    topk_hits,
-    zero_shot,
-)
-from training.shapes import CLASSES, make_sample, make_shapes
+from training.eval.common import sigmoid_scores
+from training.eval.retrieval import recall_at_k, retrieval
+from training.eval.zero_shot import DEFAULT_TEMPLATES, class_embeddings, load_templates, topk_hits, zero_shot
+from training.demo.shapes import CLASSES, make_sample, make_shapes
 
 COLOR_WORDS = ("red", "green", "blue")
 
@@ -208,7 +201,7 @@ def test_zero_shot_counts_and_names_cut_prompts(color_folder, caplog):
         return color_tokenize(texts)
 
     tokenize.is_truncated = lambda text: text.startswith("a long")  # one of the two templates
-    with caplog.at_level("WARNING", logger="training.prompts"):
+    with caplog.at_level("WARNING", logger="training.eval.prompts"):
         result = zero_shot(
             ColorModel(),
             color_folder,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import build_dataset, build_loader, expand_shards
-from training.shapes import (
+from training.data import ShardLoader, build_dataset, expand_shards
+from training.demo.shapes import (
     CLASSES,
     COLORS,
     SHAPES,
@@ -118,7 +118,7 @@ def test_readable_by_the_pipeline(shapes):
         shuffle=False,
         decode_image=_pil_decode,
     )
-    loader = build_loader(dataset, num_workers=0)
+    loader = ShardLoader(dataset, num_workers=0)
     batches = list(loader)
     keys = [k for b in batches for k in b["__key__"]]
     assert keys == [f"train-{i:07d}" for i in range(40)]

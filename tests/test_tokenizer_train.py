@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from training.demo import caption_corpus
-from training.shapes import make_shapes
+from training.demo.shapes import make_shapes
 from training.tokenizer_train import length_report, train_tokenizer
 from vision_tower import Tokenizer
 from vision_tower.cli import main

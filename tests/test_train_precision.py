@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from training.config import ROOT, load_config
+from training.runner.paths import ROOT
+from training.tasks.siglip_config import load_config
 from training.runner.engine import deepspeed_config, training_precision
 from vision_tower import hardware
 

@@ -12,11 +12,11 @@ import torch
 import training.data.feature_cache as fc
 from connectors import ConnectorConfig
 from tests.vlm_train_data import png, write_tar
-from training.data import build_loader, iter_tar_samples, shard_dataset
+from training.data import ShardLoader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
-from training.shapes import make_sample
+from training.demo.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
 from vision_tower import ImageProcessor, VisionTower, load_image
 from vision_tower.cli import main
@@ -88,7 +88,7 @@ def vlm_builder(images):
 def batches(builder, shards):
     dataset = shard_dataset(shards, builder, batch_size=4, rank=0, world_size=1, resampled=False, shuffle=False,
                             drop_last=False)  # fmt: skip
-    loader = build_loader(dataset, num_workers=0)
+    loader = ShardLoader(dataset, num_workers=0)
     return list(loader), loader.skip_counts
 
 

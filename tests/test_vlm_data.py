@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from connectors import ConnectorConfig, VisionLanguageModel
 from tests import vlm_reference as R
 from tests.vlm_train_data import png, write_tar
-from training.data import build_loader, shard_dataset
+from training.data import ShardLoader, shard_dataset
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
-from training.shapes import make_sample
+from training.demo.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
 from training.tasks.vlm import model_inputs
 from vision_tower import ImageProcessor
@@ -116,7 +116,7 @@ def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers)
     b = builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
     dataset = shard_dataset(long_shard(tmp_path), b, batch_size=8, rank=0, world_size=1, resampled=False,
                             shuffle=False, drop_last=False)  # fmt: skip
-    loader = build_loader(dataset, num_workers=num_workers)
+    loader = ShardLoader(dataset, num_workers=num_workers)
     (batch,) = list(loader)
     assert batch["__key__"] == ["k0", "k1", "k2"]
     assert loader.skip_counts == {"too_long": 1}  # k3: its prompt alone is 30 words

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ROOT
+from training.runner.paths import ROOT
 
 PACKAGES = ("vision_tower", "connectors", "training")
 

@@ -8,8 +8,9 @@ import torch
 
 from tests._pretrain_workers import zero3_build_worker
 from tests.distributed_utils import run_ranks
-from training.config import ROOT, load_config
-from training.pretrain import build_model
+from training.runner.paths import ROOT
+from training.tasks.siglip_config import load_config
+from training.tasks.siglip import build_model
 from vision_tower import SiglipModel
 
 pytestmark = pytest.mark.distributed

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from training.demo import caption_corpus
-from training.shapes import make_sample, make_shapes
+from training.demo.shapes import make_sample, make_shapes
 from training.tasks.decoders import save_decoder, word_tokenizer
 from vision_tower import VisionTower
 

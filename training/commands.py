@@ -38,18 +38,30 @@ def _print_on_rank0(result: dict) -> None:
         print(json.dumps(dict(result), default=str))
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pretrain import run_from_cli
+def _train(args: argparse.Namespace, load_config, make_task) -> None:
+    """Load the run config (YAML plus ``key=value`` overrides), run the task, print the final metrics."""
+    import logging
+    import os
 
-    overrides = [*getattr(args, "leading_overrides", []), *args.overrides]
-    _print_on_rank0(run_from_cli(args.config, overrides, args.resume, args.overwrite))
+    from .runner import train
+
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
+    cfg = load_config(args.config, [*getattr(args, "leading_overrides", []), *args.overrides])
+    _print_on_rank0(train(make_task(cfg), resume=args.resume, overwrite=args.overwrite))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .tasks.siglip import SiglipTask
+    from .tasks.siglip_config import load_config
+
+    _train(args, load_config, SiglipTask)
 
 
 def cmd_train_vlm(args: argparse.Namespace) -> None:
-    from .tasks.vlm import run_from_cli
+    from .tasks.vlm import VLMTask
+    from .tasks.vlm_config import load_vlm_config
 
-    overrides = [*getattr(args, "leading_overrides", []), *args.overrides]
-    _print_on_rank0(run_from_cli(args.config, overrides, args.resume, args.overwrite))
+    _train(args, load_vlm_config, VLMTask)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -83,7 +95,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> None:
-    from .shapes import make_shapes
+    from .demo.shapes import make_shapes
 
     s = make_shapes(
         args.out,
@@ -115,7 +127,8 @@ def _model_and_preprocessing(src: str, tokenizer_src: str | None, dtype=None):
 def cmd_eval(args: argparse.Namespace) -> None:
     from vision_tower.hardware import choose_precision
 
-    from .evaluate import list_image_folder, load_templates, retrieval, zero_shot
+    from .eval.retrieval import retrieval
+    from .eval.zero_shot import list_image_folder, load_templates, zero_shot
 
     needed = {
         "zero-shot": ("images", "--images CLASS_DIR"),
@@ -172,7 +185,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     from vision_tower.hardware import choose_precision
 
     from .data.vlm import builder_for
-    from .vlm_eval import evaluate_vlm, read_eval_items
+    from .eval.vlm import evaluate_vlm, read_eval_items
 
     precision = choose_precision(args.dtype)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document

@@ -25,7 +25,6 @@ from .stream import (
     ShardDataset,
     ShardLoader,
     batches_before,
-    build_loader,
     shard_dataset,
 )
 
@@ -45,7 +44,6 @@ __all__ = [
     "TokenizeOne",
     "batches_before",
     "build_dataset",
-    "build_loader",
     "default_decode_image",
     "distributed_info",
     "expand_shards",

@@ -74,7 +74,7 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
 
 class ShardDataset(IterableDataset):
     """Batches of ``builder.collate(items)`` from shards, each with a ``"__state__"`` entry (skip counts
-    and stream position) that :class:`ShardLoader` takes off. Iterate it through ``build_loader``."""
+    and stream position) that :class:`ShardLoader` takes off. Iterate it through :class:`ShardLoader`."""
 
     def __init__(
         self,
@@ -155,7 +155,7 @@ class ShardDataset(IterableDataset):
         if num_workers != self.plan.num_workers:
             raise RuntimeError(
                 f"ShardDataset planned for {self.plan.num_workers} workers but runs in "
-                f"{num_workers}; iterate it through build_loader"
+                f"{num_workers}; iterate it through ShardLoader"
             )
         worker = (slot + self.plan.start_step) % num_workers
         yield from self._worker_batches(worker, num_workers)
@@ -208,7 +208,9 @@ class ShardLoader:
     Iterating yields batches without the `"__state__"` entry. `skip_counts`/`skipped` are
     the totals over workers up to the last batch consumed, `truncated_captions` (of
     `samples_seen`) the texts kept but cut to fit; `state_dict()` is a small JSON-able dict to
-    save with a checkpoint and pass back as `resume_state`. An endless (resampled) loader
+    save with a checkpoint and pass back as `resume_state`: the batches from step `k` on then equal
+    those of an uninterrupted loader with the same dataset settings and `num_workers` (the consumed
+    samples are skipped undecoded; `start_step` alone replays them). An endless (resampled) loader
     iterated again continues where it stopped; a one-pass loader starts a new pass.
     """
 
@@ -294,13 +296,6 @@ class ShardLoader:
         """Samples among `samples_seen` whose text was cut to fit (kept, not skipped)."""
         return sum(state.get("truncated", 0) for state in self._workers.values())
 
-    @property
-    def truncation(self) -> dict[str, float | int]:
-        """``{"truncated_captions": n, "truncated_share": n / samples_seen}`` for a metrics line."""
-        seen = self.samples_seen
-        share = self.truncated_captions / seen if seen else 0.0
-        return {"truncated_captions": self.truncated_captions, "truncated_share": round(share, 6)}
-
     def _warn_truncation(self) -> None:
         seen, cut = self.samples_seen, self.truncated_captions
         if self._warned_truncation or not seen or cut / seen <= TRUNCATION_WARN_SHARE:
@@ -325,31 +320,6 @@ class ShardLoader:
             "fingerprint": self.dataset.fingerprint(),
             "workers": {str(w): {**s, "skips": dict(s["skips"])} for w, s in sorted(self._workers.items())},
         }
-
-
-def build_loader(
-    dataset: ShardDataset,
-    *,
-    num_workers: int = 2,
-    start_step: int = 0,
-    resume_state: dict[str, Any] | None = None,
-    pin_memory: bool = False,
-    prefetch_factor: int | None = None,
-) -> ShardLoader:
-    """Load `dataset` in `num_workers` processes (0: in this one), from `start_step` or a saved state.
-
-    The batches from step `k` on equal those of an uninterrupted loader with the same
-    dataset settings and `num_workers`: `resume_state` (a `state_dict()`) skips the consumed
-    samples undecoded; `start_step` alone replays them.
-    """
-    return ShardLoader(
-        dataset,
-        num_workers=num_workers,
-        start_step=start_step,
-        resume_state=resume_state,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-    )
 
 
 def shard_dataset(

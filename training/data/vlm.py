@@ -23,8 +23,6 @@ from connectors.inputs import IGNORE_INDEX, prompt_ids
 
 from .shards import SkipSample, default_decode_image, read_caption, read_image, read_json_member
 
-PROMPT_FIELDS = ("prompt", "answer")
-
 
 def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str, str]:
     """(prompt, answer) of a raw sample: ``prompt``/``answer`` of its ``json``, else

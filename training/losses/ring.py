@@ -57,9 +57,15 @@ def ring_pass(img, txt, scale, bias, *, chunk_size: int, group, img_acc, carry_t
             text_works = _exchange(held, text_bufs[step % 2], right, left, group, _TAG_TEXT)
         part = part_bufs[step % 2].zero_() if carry_txt_grads else None
         block_loss, block_grad = accumulate_block(
-            img, held, scale, bias, chunk_size=chunk_size, positives_on_diagonal=step == 0,
-            img_acc=img_acc, txt_acc=part,
-        )  # fmt: skip
+            img,
+            held,
+            scale,
+            bias,
+            chunk_size=chunk_size,
+            positives_on_diagonal=step == 0,
+            img_acc=img_acc,
+            txt_acc=part,
+        )
         loss_sum += block_loss
         grad_sum += block_grad
         if carry_txt_grads:
@@ -90,9 +96,15 @@ class RingSigmoidLoss(torch.autograd.Function):
         scale, bias = scalar_params(logit_scale, logit_bias, acc_dtype)
         img_acc = torch.zeros(img.shape, dtype=acc_dtype, device=img.device) if needs.image_sums else None
         loss_sum, grad_sum, txt_acc = ring_pass(
-            img, txt, scale, bias, chunk_size=chunk_size, group=group, img_acc=img_acc,
+            img,
+            txt,
+            scale,
+            bias,
+            chunk_size=chunk_size,
+            group=group,
+            img_acc=img_acc,
             carry_txt_grads=any(flag for _, _, flag in shapes),
-        )  # fmt: skip
+        )
         ctx.needs, ctx.group, ctx.state = needs, group, None
         if needs.any:
             ctx.state = make_state(

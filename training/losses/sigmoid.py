@@ -73,6 +73,11 @@ def plain_sigmoid_loss(
     return F.softplus(logits).sum() / img_emb.shape[0]
 
 
+def clamp_logit_scale(logit_scale: torch.Tensor, logit_scale_max: float | None) -> torch.Tensor:
+    """t' clamped to ``logit_scale_max`` (CLIP: ln 100) when that is set, else unchanged."""
+    return logit_scale if logit_scale_max is None else logit_scale.clamp(max=logit_scale_max)
+
+
 class ScalarParamsInFp32(nn.Module):
     """Base for losses with learnable scalars that stay fp32 when the model is cast to bf16/fp16."""
 
@@ -85,9 +90,7 @@ class ScalarParamsInFp32(nn.Module):
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """t', clamped to ``logit_scale_max`` when that is set."""
-        if self.logit_scale_max is None:
-            return self.logit_scale
-        return self.logit_scale.clamp(max=self.logit_scale_max)
+        return clamp_logit_scale(self.logit_scale, self.logit_scale_max)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to leave out of weight decay (timm's convention): all of them."""
@@ -103,6 +106,10 @@ class SigmoidLoss(ScalarParamsInFp32):
     to `logit_scale_max` in the forward when given. `chunk_size` as in `sigmoid_loss`: tiled by
     default, plain with None.
     """
+
+    loss_function = staticmethod(sigmoid_loss)
+    learns_bias = True
+    tiled = True
 
     def __init__(
         self,

@@ -62,6 +62,10 @@ class SoftmaxLoss(ScalarParamsInFp32):
     log 100) in the forward when given.
     """
 
+    loss_function = staticmethod(softmax_loss)
+    learns_bias = False  # b shifts every logit of a row alike: it cancels
+    tiled = False
+
     def __init__(
         self,
         *,

@@ -194,9 +194,15 @@ class TiledSigmoidLoss(torch.autograd.Function):
         img_acc = torch.zeros(img.shape, dtype=acc_dtype, device=img.device) if needs.image_sums else None
         txt_acc = torch.zeros(txt.shape, dtype=acc_dtype, device=txt.device) if needs.txt else None
         loss_sum, grad_sum = accumulate_block(
-            img, txt, scale, bias, chunk_size=chunk_size, positives_on_diagonal=True,
-            img_acc=img_acc, txt_acc=txt_acc,
-        )  # fmt: skip
+            img,
+            txt,
+            scale,
+            bias,
+            chunk_size=chunk_size,
+            positives_on_diagonal=True,
+            img_acc=img_acc,
+            txt_acc=txt_acc,
+        )
         ctx.needs = needs
         ctx.state = None
         if needs.any:

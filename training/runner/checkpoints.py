@@ -226,8 +226,10 @@ def prune(ckpt_dir: Path, keep: int, current: str) -> None:
     """Keep the ``keep`` newest committed checkpoints up to ``current``; drop older ones and older
     unfinished writes. Folders past ``current`` (a timeline given up on resume) are left alone."""
     now = _step_of(current)
-    older = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir() and 0 <= _step_of(p.name) <= now),
-                   key=lambda p: _step_of(p.name))  # fmt: skip
+    older = sorted(
+        (p for p in ckpt_dir.glob("step*") if p.is_dir() and 0 <= _step_of(p.name) <= now),
+        key=lambda p: _step_of(p.name),
+    )
     committed = [p for p in older if (p / MANIFEST).exists()]
     kept = {p.name for p in committed[-keep:]} | {current}
     for p in older:

@@ -13,26 +13,15 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from ..resources import shipped_config
+from .paths import ROOT, resolve_path
 
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ROOT", "OptimSection", "RunSection", "check_range", "load_sections", "resolve_path"]
+
 C = TypeVar("C")
-
-
-def resolve_path(path: str) -> str:
-    """Config paths are relative to the working directory, else to the repository root; ``configs/...``
-    also names the configs shipped in the package (an installed wheel has no repository root)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    if (ROOT / p).exists():
-        return str(ROOT / p)
-    return str(shipped_config(p) or p)
 
 
 def check_range(

@@ -191,8 +191,14 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
     """Steps until ``run.steps``; returns (step, last logged record)."""
     run, rank = task.run, zero.rank
     module = engine.engine.module
-    bar = tqdm(total=run.steps, initial=step, disable=rank != 0, unit="step", desc=task.name,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fmt: skip
+    bar = tqdm(
+        total=run.steps,
+        initial=step,
+        disable=rank != 0,
+        unit="step",
+        desc=task.name,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
     per_step = task.micro_batch_size * zero.world * task.optim.grad_accum
     last: dict[str, Any] = {}
     batches = iter(loader)
@@ -208,8 +214,14 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
             _bad_step(step, loss, result.skipped, bad, run.max_bad_steps, ckpt_dir, rank)
         if step % run.log_every == 0 or step == run.steps:
             rate = per_step * (step - window[0]) / (time.perf_counter() - window[1])
-            last = {"step": step, "loss": loss, **task.step_metrics(module, zero), "lr": lr,
-                    f"{task.sample_unit}_per_s": rate, **_data_counts(loader)}  # fmt: skip
+            last = {
+                "step": step,
+                "loss": loss,
+                **task.step_metrics(module, zero),
+                "lr": lr,
+                f"{task.sample_unit}_per_s": rate,
+                **_data_counts(loader),
+            }
             metrics.write(last)
             quiet = ("step", "loss", "lr", "skipped", "truncated_captions")
             extra = {k: f"{v:.2f}" for k, v in last.items() if k not in quiet}

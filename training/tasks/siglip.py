@@ -15,9 +15,11 @@ from vision_tower.loading import read_siglip_weights
 from vision_tower.text import TextTower
 from vision_tower.vision import VisionTower
 
-from ..config import PretrainConfig, resolve_path
+from ..losses import clamp_logit_scale, get_loss
+from ..runner.paths import resolve_path
 from ..runner.task import ExportContext, Task
 from ..runner.zero import Zero
+from .siglip_config import PretrainConfig
 
 
 # ----------------------------------------------------------------------------- model
@@ -30,8 +32,8 @@ def build_model(cfg: PretrainConfig, zero: Zero | None = None) -> SiglipModel:
     else:
         model = SiglipModel.from_pretrained(m.init_from) if m.init_from else SiglipModel(m.model_config())
         _resize(model.vision, cfg.data.image_size)
-    if cfg.loss.kind == "softmax":
-        model.logit_bias.requires_grad_(False)  # the softmax loss is invariant to b
+    if not get_loss(cfg.loss.kind).learns_bias:
+        model.logit_bias.requires_grad_(False)  # the loss is invariant to b (softmax)
     for locked, tower in ((m.lock_image, model.vision), (m.lock_text, model.text)):
         if locked:
             tower.requires_grad_(False)
@@ -101,20 +103,16 @@ def build_preprocessing(cfg: PretrainConfig, config: SiglipConfig) -> tuple[Imag
 
 def make_loss_fn(cfg: PretrainConfig, world: int):
     """(img, txt, t', b) -> loss of this rank's rows; exact global-batch loss across ranks."""
-    from ..losses import sigmoid_loss, softmax_loss
-
-    group = dist.group.WORLD if world > 1 else None
-    max_scale = cfg.loss.logit_scale_max
+    loss = get_loss(cfg.loss.kind)  # its functional form, fed the model's own t' and b
+    options = {"group": dist.group.WORLD if world > 1 else None}
+    if loss.tiled:
+        options["chunk_size"] = cfg.loss.chunk_size
 
     def loss_fn(img, txt, logit_scale, logit_bias):
         with torch.autocast(img.device.type, enabled=False):  # fp32 loss under run.precision bf16 autocast
-            if max_scale is not None:
-                logit_scale = logit_scale.clamp(max=max_scale)
-            if cfg.loss.kind == "softmax":
-                return softmax_loss(img.float(), txt.float(), logit_scale, group=group)
-            return sigmoid_loss(
-                img.float(), txt.float(), logit_scale, logit_bias, chunk_size=cfg.loss.chunk_size, group=group
-            )
+            logit_scale = clamp_logit_scale(logit_scale, cfg.loss.logit_scale_max)
+            bias = logit_bias if loss.learns_bias else None
+            return loss.loss_function(img.float(), txt.float(), logit_scale, bias, **options)
 
     return loss_fn
 
@@ -146,7 +144,7 @@ class SiglipTask(Task):
     def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None):
         """The training shards through the tower's image processor and the tokenizer (also kept for
         evaluation and export)."""
-        from ..data import TokenizeOne, build_dataset, build_loader
+        from ..data import ShardLoader, TokenizeOne, build_dataset
 
         self.processor, self.tokenizer = build_preprocessing(self.cfg, self.model_config)
         data = self.cfg.data
@@ -161,7 +159,7 @@ class SiglipTask(Task):
             resampled=True,
             shuffle_buffer=data.shuffle_buffer,
         )
-        return build_loader(dataset, num_workers=data.num_workers, resume_state=resume_state)
+        return ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)
 
     def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self._loss_fn is None:
@@ -178,18 +176,29 @@ class SiglipTask(Task):
     def evaluate(self, model: SiglipModel, zero: Zero) -> dict[str, float]:
         """Zero-shot on ``data.zeroshot_dir`` (``zeroshot_top1``; ``zeroshot_top5`` with 6 classes or more) and
         retrieval on ``data.val_shards`` (those that are set)."""
-        from ..evaluate import retrieval, zero_shot
+        from ..eval.retrieval import retrieval
+        from ..eval.zero_shot import zero_shot
 
         data, out = self.cfg.data, {}
         with zero.gathered([model.logit_scale, model.logit_bias]):
             if data.zeroshot_dir:
-                zs = zero_shot(model, resolve_path(data.zeroshot_dir), image_transform=self.processor,
-                               tokenize=self.tokenizer, batch_size=128)  # fmt: skip
+                zs = zero_shot(
+                    model,
+                    resolve_path(data.zeroshot_dir),
+                    image_transform=self.processor,
+                    tokenize=self.tokenizer,
+                    batch_size=128,
+                )
                 # top-5 only with enough classes for it to mean something (see zero_shot)
                 out.update({f"zeroshot_{k}": zs[k] for k in ("top1", "top5") if k in zs})
             if data.val_shards:
-                r = retrieval(model, resolve_path(data.val_shards), image_transform=self.processor,
-                              text_transform=self.tokenizer, batch_size=128)  # fmt: skip
+                r = retrieval(
+                    model,
+                    resolve_path(data.val_shards),
+                    image_transform=self.processor,
+                    text_transform=self.tokenizer,
+                    batch_size=128,
+                )
                 out.update({k: v for k, v in r.items() if isinstance(v, float)})
         return out
 
@@ -199,8 +208,11 @@ class SiglipTask(Task):
         state = ctx.state_dict(model)
         if state is None:
             return None
-        full = build_and_load(lambda: SiglipModel(model.config), {k: v.float() for k, v in state.items()},
-                              source=f"consolidated weights of {ctx.checkpoint}")  # fmt: skip
+        full = build_and_load(
+            lambda: SiglipModel(model.config),
+            {k: v.float() for k, v in state.items()},
+            source=f"consolidated weights of {ctx.checkpoint}",
+        )
         out = Path(ctx.out_dir) / "export"
         for folder, part in (("siglip", full), ("vision", full.vision)):
             part.save_pretrained(out / folder)

@@ -7,7 +7,6 @@ match, exports in the native and, where they can hold the model, PaliGemma / LLa
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,15 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import build_loader, expand_shards, shard_dataset
+from ..data import ShardLoader, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
 from ..runner.zero import Zero
-from .vlm_config import VLMConfig, load_vlm_config
+from .vlm_config import VLMConfig
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
 
-__all__ = ["VLMTask", "model_inputs", "run_from_cli", "train_vlm"]
+__all__ = ["VLMTask", "model_inputs", "train_vlm"]
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values", "patch_features")
 
@@ -95,9 +94,17 @@ class VLMTask(Task):
         builder = builder_for(
             self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt, images=images
         )
-        dataset = shard_dataset(shards, builder, batch_size=data.batch_size, seed=self.run.seed, rank=rank,
-                                world_size=world, resampled=True, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
-        self.loader = build_loader(dataset, num_workers=data.num_workers, resume_state=resume_state)
+        dataset = shard_dataset(
+            shards,
+            builder,
+            batch_size=data.batch_size,
+            seed=self.run.seed,
+            rank=rank,
+            world_size=world,
+            resampled=True,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+        self.loader = ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)
         return self.loader
 
     def loss(
@@ -113,7 +120,7 @@ class VLMTask(Task):
 
     def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
         """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
-        from ..vlm_eval import evaluate_vlm, read_eval_items
+        from ..eval.vlm import evaluate_vlm, read_eval_items
 
         data = self.cfg.data
         if not data.val_shards:
@@ -122,8 +129,14 @@ class VLMTask(Task):
             builder = builder_for(self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt)
             self._eval = (builder, read_eval_items(builder, resolve_path(data.val_shards), data.eval_samples))
         builder, items = self._eval
-        result = evaluate_vlm(model, items, builder, batch_size=data.eval_batch_size,
-                              max_new_tokens=data.eval_max_new_tokens, fixed_length=zero.stage == 3)  # fmt: skip
+        result = evaluate_vlm(
+            model,
+            items,
+            builder,
+            batch_size=data.eval_batch_size,
+            max_new_tokens=data.eval_max_new_tokens,
+            fixed_length=zero.stage == 3,
+        )
         return result.metrics()
 
     def export(self, model: nn.Module, ctx: ExportContext) -> str | None:
@@ -145,10 +158,3 @@ class VLMTask(Task):
 def train_vlm(cfg: VLMConfig, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) one stage; returns the final metrics on every rank."""
     return train(VLMTask(cfg), resume=resume, overwrite=overwrite)
-
-
-def run_from_cli(
-    config_path: str | None, overrides: list[str], resume: str | None, overwrite: bool = False
-) -> dict[str, Any]:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
-    return train_vlm(load_vlm_config(config_path, overrides), resume=resume, overwrite=overwrite)

@@ -43,9 +43,8 @@ class VLMModelSection:
 
     def __post_init__(self) -> None:
         from connectors import list_connectors
+        from connectors.decoder_presets import DECODER_PRESETS, preset_decoder_name
         from connectors.inputs import ATTENTION
-
-        from .decoders import DECODER_PRESETS, preset_decoder_name
 
         defaults = VLMModelSection.__dataclass_fields__
         if self.init_from is not None:

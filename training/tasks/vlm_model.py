@@ -14,13 +14,13 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 from connectors.decoder import load_decoder, load_tokenizer
+from connectors.decoder_presets import build_decoder, preset_decoder_name
 from connectors.formats import FORMATS, FormatError
 from vision_tower import VisionTower
 from vision_tower.sources import load_tower, processor_for
 
 from ..runner.config import resolve_path
 from ..runner.zero import Zero
-from .decoders import build_decoder, preset_decoder_name
 from .vlm_config import VLMConfig, VLMModelSection
 
 log = logging.getLogger(__name__)

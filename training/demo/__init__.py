@@ -10,10 +10,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from .launch import launch
-from .resources import configs_dir
+from ..runner.launch import launch
+from ..runner.paths import configs_dir
+from ..tokenizer_train import length_report, train_decoder_tokenizer, train_tokenizer
 from .shapes import CAPTION_TEMPLATES, CLASSES, ZEROSHOT_TEMPLATES, ShapesSummary, make_shapes, same_class
-from .tokenizer_train import length_report, train_decoder_tokenizer, train_tokenizer
 
 DEFAULT_OUT = "vision-tower-demo"
 DEMO_CONFIG = configs_dir() / "pretrain" / "demo_tiny.yaml"
@@ -168,14 +168,35 @@ def train_vlm_stages(out_dir: Path, summary: ShapesSummary, *, steps: int | None
         f"Gemma-shaped decoder (both frozen), {ranks} CPU rank(s) -> {align}",
         flush=True,
     )
-    _launch(ranks, ["train-vlm", "--config", str(ALIGN_CONFIG), f"run.out_dir={align}", f"model.tower={tower}",
-                    f"model.tokenizer={tokenizer_dir}", *data], "stage align")  # fmt: skip
+    _launch(
+        ranks,
+        [
+            "train-vlm",
+            "--config",
+            str(ALIGN_CONFIG),
+            f"run.out_dir={align}",
+            f"model.tower={tower}",
+            f"model.tokenizer={tokenizer_dir}",
+            *data,
+        ],
+        "stage align",
+    )
     print(
         f"[7/{STEPS}] stage finetune: connector and decoder train, the tower stays frozen -> {finetune}",
         flush=True,
     )
-    _launch(ranks, ["train-vlm", "--config", str(FINETUNE_CONFIG), f"run.out_dir={finetune}",
-                    f"model.init_from={align / 'export' / 'native'}", *data], "stage finetune")  # fmt: skip
+    _launch(
+        ranks,
+        [
+            "train-vlm",
+            "--config",
+            str(FINETUNE_CONFIG),
+            f"run.out_dir={finetune}",
+            f"model.init_from={align / 'export' / 'native'}",
+            *data,
+        ],
+        "stage finetune",
+    )
     return finetune / "export" / "paligemma"
 
 
@@ -184,8 +205,8 @@ def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_S
     name the right colour and shape, next to chance and to word-for-word equality (step 8)."""
     from connectors import VisionLanguageModel
 
+    from ..eval.vlm import evaluate_vlm, exact_match, read_eval_items
     from .data.vlm import builder_for
-    from .vlm_eval import evaluate_vlm, exact_match, read_eval_items
 
     vlm = VisionLanguageModel.from_pretrained(model).eval()
     builder = builder_for(vlm, max_length=48)
@@ -195,8 +216,10 @@ def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_S
     exact = sum(exact_match(p["generated"], p["answer"]) for p in result.predictions) / len(items)
     for p in result.predictions[:3]:
         print(f"  {p['key']}: {p['generated']!r} (caption {p['answer']!r})")
-    print(f"word for word equal to the caption: {exact:.1%} (its template is one of {len(CAPTION_TEMPLATES)} "
-          "drawn at random: the image does not show it)")  # fmt: skip
+    print(
+        f"word for word equal to the caption: {exact:.1%} (its template is one of {len(CAPTION_TEMPLATES)} "
+        "drawn at random: the image does not show it)"
+    )
     print(
         f"held-out caption exact-match: {result.exact_match:.1%} (colour and shape both right; "
         f"chance {1 / len(CLASSES):.1%})"

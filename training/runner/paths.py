@@ -1,4 +1,4 @@
-"""Where the shipped run configs live: ``training/configs`` inside an installed wheel (the repository's
+"""Where paths in run configs point, and where the shipped run configs live: ``training/configs`` inside an installed wheel (the repository's
 top-level ``configs/`` folder, mapped there by pyproject.toml), else ``configs/`` of the source tree
 (a checkout or an editable install)."""
 
@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
-SOURCE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[2]  # the repository root of a checkout (or site-packages)
+PACKAGED_CONFIGS = ROOT / "training" / "configs"
+SOURCE_CONFIGS = ROOT / "configs"
 
 
 def configs_dir() -> Path:
@@ -22,3 +23,14 @@ def shipped_config(path: str | Path) -> Path | None:
         return None
     found = configs_dir().joinpath(*parts[1:])
     return found if found.exists() else None
+
+
+def resolve_path(path: str) -> str:
+    """Config paths are relative to the working directory, else to the repository root; ``configs/...``
+    also names the configs shipped in the package (an installed wheel has no repository root)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    if (ROOT / p).exists():
+        return str(ROOT / p)
+    return str(shipped_config(p) or p)

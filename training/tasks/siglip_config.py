@@ -15,7 +15,8 @@ from typing import Any
 
 from vision_tower import SiglipConfig, get_preset
 
-from .runner.config import ROOT, OptimSection, RunSection, check_range, load_sections, resolve_path
+from ..losses import LOSSES
+from ..runner.config import ROOT, OptimSection, RunSection, check_range, load_sections, resolve_path
 
 __all__ = [
     "ROOT",
@@ -102,8 +103,8 @@ class LossSection:
     logit_scale_max: float | None = math.log(100.0)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sigmoid", "softmax"):
-            raise ValueError(f"loss.kind must be 'sigmoid' or 'softmax', got {self.kind!r}")
+        if self.kind not in LOSSES:
+            raise ValueError(f"loss.kind must be one of {', '.join(sorted(LOSSES))}; got {self.kind!r}")
         check_range("loss.chunk_size", self.chunk_size, lo=1)
         check_range("loss.logit_scale_max", self.logit_scale_max, lo=0, lo_open=True)
 

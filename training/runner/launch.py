@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from .config import ROOT
+from .paths import ROOT
 
 
 def torchrun_command(ranks: int, target: list[str]) -> list[str]:

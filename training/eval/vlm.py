@@ -10,10 +10,9 @@ tokens, so all ranks run the same forward passes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,9 @@ from torch import nn
 
 from connectors.inputs import IGNORE_INDEX
 
-from .data.shards import ShardSpec, SkipCounter, SkipSample, expand_shards, iter_tar_samples
-from .data.vlm import VLMBuilder, VLMItem
+from ..data.shards import ShardSpec, SkipCounter, SkipSample, expand_shards, iter_tar_samples
+from ..data.vlm import VLMBuilder, VLMItem
+from .common import eval_mode
 
 
 def normalize(text: str) -> str:
@@ -65,18 +65,6 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         return {"val_loss": self.loss, "exact_match": self.exact_match, "eval_samples": self.samples}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside, each submodule's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _my_share(items: list[VLMItem], rank: int, world: int) -> tuple[list[VLMItem], list[bool]]:
