@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -21,22 +23,47 @@ def space_to_depth(features: torch.Tensor, grid: Grid, factor: int) -> torch.Ten
     )
 
 
-def _divisibility_problem(grid: Grid, factor: int, what: str) -> str | None:
-    h, w = grid
-    if h % factor == 0 and w % factor == 0:
-        return None
-    side = factor * max(1, round(max(h, w) / factor))
-    return (
-        f"{what} by {factor} needs both grid sides divisible by {factor}; resize the tower so that "
-        f"image_size / patch_size is a multiple of {factor} (e.g. a {side}x{side} grid)"
-    )
+class BlockMergingConnector(Connector):
+    """A connector that merges each s x s block of neighbouring tokens into one, s being its option
+    ``block_option``: grid sides must be multiples of s, and h*w / s^2 tokens come out."""
+
+    block_option: ClassVar[str] = ""
+    merging: ClassVar[str] = ""  # what the error messages call the merge
+
+    def __init__(self, in_dim: int, out_dim: int, **options: Any) -> None:
+        super().__init__(in_dim, out_dim, **options)
+        if options[self.block_option] < 1:
+            raise ValueError(
+                f"{self.name} {self.block_option} must be >= 1, got {options[self.block_option]}"
+            )
+
+    @property
+    def block(self) -> int:
+        return self.options[self.block_option]
+
+    def _grid_problem(self, grid: Grid) -> str | None:
+        h, w, s = grid[0], grid[1], self.block
+        if h % s == 0 and w % s == 0:
+            return None
+        side = s * max(1, round(max(h, w) / s))
+        return (
+            f"{self.merging} by {s} needs both grid sides divisible by {s}; resize the tower so that "
+            f"image_size / patch_size is a multiple of {s} (e.g. a {side}x{side} grid)"
+        )
+
+    def num_tokens(self, grid: Grid) -> int:
+        self.check_grid(grid)
+        return grid[0] * grid[1] // self.block**2
 
 
 @register_connector("pixel_shuffle")
-class PixelShuffleConnector(Connector):
+class PixelShuffleConnector(BlockMergingConnector):
     """Merge each ``factor`` x ``factor`` block of tokens into one (space to depth, Idefics3's channel
     order), then project: one bias-free linear layer by default (Idefics3's ``modality_projection``),
     or an MLP with ``depth`` > 1. Emits h*w / factor^2 tokens."""
+
+    block_option = "factor"
+    merging = "pixel shuffle"
 
     def __init__(
         self,
@@ -52,17 +79,8 @@ class PixelShuffleConnector(Connector):
         super().__init__(
             in_dim, out_dim, factor=factor, depth=depth, act=act, hidden_dim=hidden_dim, bias=bias
         )
-        if factor < 1:
-            raise ValueError(f"pixel_shuffle factor must be >= 1, got {factor}")
         self.factor = factor
         self.proj = make_mlp(in_dim * factor * factor, hidden_dim or out_dim, out_dim, depth, act, bias)
-
-    def _grid_problem(self, grid: Grid) -> str | None:
-        return _divisibility_problem(grid, self.factor, "pixel shuffle")
-
-    def num_tokens(self, grid: Grid) -> int:
-        self.check_grid(grid)
-        return grid[0] * grid[1] // self.factor**2
 
     def _forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         merged = space_to_depth(features, grid, self.factor)  # (B, N/s^2, s^2 * D)
@@ -70,25 +88,19 @@ class PixelShuffleConnector(Connector):
 
 
 @register_connector("patch_merger")
-class PatchMergerConnector(Connector):
+class PatchMergerConnector(BlockMergingConnector):
     """Qwen2-VL's merger: LayerNorm per token, merge each ``merge_size`` x ``merge_size`` block into
     one token, then Linear, GELU, Linear (hidden width in_dim * merge_size^2)."""
 
+    block_option = "merge_size"
+    merging = "patch merging"
+
     def __init__(self, in_dim: int, out_dim: int, *, merge_size: int = 2, eps: float = 1e-6) -> None:
         super().__init__(in_dim, out_dim, merge_size=merge_size, eps=eps)
-        if merge_size < 1:
-            raise ValueError(f"patch_merger merge_size must be >= 1, got {merge_size}")
         self.merge_size = merge_size
         hidden = in_dim * merge_size * merge_size
         self.norm = nn.LayerNorm(in_dim, eps=eps)
         self.mlp = make_mlp(hidden, hidden, out_dim, depth=2, act="gelu", bias=True)
-
-    def _grid_problem(self, grid: Grid) -> str | None:
-        return _divisibility_problem(grid, self.merge_size, "patch merging")
-
-    def num_tokens(self, grid: Grid) -> int:
-        self.check_grid(grid)
-        return grid[0] * grid[1] // self.merge_size**2
 
     def _forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         merged = space_to_depth(self.norm(features), grid, self.merge_size)  # (B, N/m^2, m^2 * D)
