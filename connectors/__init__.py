@@ -6,9 +6,9 @@ together and moves it in and out of the native, PaliGemma and LLaVA checkpoint l
 """
 
 from . import mlp, pixel_shuffle, pooling, resampler  # noqa: F401  (register the connectors)
-from .base import Connector, ConnectorConfig
+from .base import Connector
 from .formats import FormatError
-from .registry import build_connector, list_connectors, register_connector
+from .registry import ConnectorConfig, build_connector, list_connectors, register_connector
 from .vlm import VisionLanguageModel, VLMOutput
 
 __all__ = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from vision_tower import CheckpointError
+
+from .parts import NATIVE_MODEL_TYPE
 
 # decoder families tested end to end (forward, generate, every export format that can hold them)
 FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
@@ -99,9 +100,7 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
     if (path / "config.json").is_file():
         from vision_tower.checkpoint import read_json
 
-        from .formats.native import MODEL_TYPE
-
-        if read_json(path / "config.json").get("model_type") == MODEL_TYPE:
+        if read_json(path / "config.json").get("model_type") == NATIVE_MODEL_TYPE:
             # our native folder: transformers does not know its model_type and would warn while reading it
             # only to pick the tokenizer class, which tokenizer_config.json names anyway
             from transformers import PretrainedConfig
@@ -162,13 +161,3 @@ def new_cache(decoder: PreTrainedModel) -> DynamicCache:
 
 def output_cache(outputs: Any) -> Any:
     return getattr(outputs, CACHE_KWARG, None)
-
-
-def prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``sd`` under ``prefix``, with it removed."""
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def strip_prefix_mapping(*prefixes: str, to: str = "") -> dict[str, str]:
-    """A ``key_mapping`` that replaces any of ``prefixes`` at the start of a key by ``to``."""
-    return {"^" + re.escape(p): to for p in prefixes}

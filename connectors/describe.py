@@ -16,9 +16,9 @@ from vision_tower.checkpoint import read_json
 from vision_tower.hub import resolve
 from vision_tower.sources import preset_name
 
-from .base import ConnectorConfig
 from .formats import checkpoint_format, native
 from .formats.towers import vision_config_fields
+from .registry import ConnectorConfig
 
 
 @dataclass

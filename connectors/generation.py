@@ -1,12 +1,15 @@
-"""Greedy generation with the decoder's KV cache, and image-plus-prompt to text for the command line."""
+"""Greedy generation with the decoder's KV cache, and image-plus-prompt to text for the command line.
+
+``vlm`` is a :class:`~connectors.VisionLanguageModel`; this module does not import it (the model's
+``generate`` calls this one), so it is typed as the ``nn.Module`` it is."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from vision_tower import load_image
 
@@ -14,11 +17,8 @@ from .base import Grid
 from .decoder import new_cache
 from .inputs import build_prompts
 
-if TYPE_CHECKING:
-    from .vlm import VisionLanguageModel
 
-
-def _image_grid(vlm: VisionLanguageModel, pixel_values: torch.Tensor | None, patch_features, grid) -> Grid:
+def _image_grid(vlm: nn.Module, pixel_values: torch.Tensor | None, patch_features, grid) -> Grid:
     if pixel_values is not None:
         p = vlm.tower.config.patch_size
         return (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
@@ -30,7 +30,7 @@ def _image_grid(vlm: VisionLanguageModel, pixel_values: torch.Tensor | None, pat
     return vlm.grid
 
 
-def _eos_ids(vlm: VisionLanguageModel, eos_token_id: int | list[int] | None) -> list[int]:
+def _eos_ids(vlm: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
     if eos_token_id is None:
         eos_token_id = vlm.decoder.generation_config.eos_token_id
         if eos_token_id is None and vlm.tokenizer is not None:
@@ -40,7 +40,7 @@ def _eos_ids(vlm: VisionLanguageModel, eos_token_id: int | list[int] | None) -> 
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _pad_id(vlm: VisionLanguageModel, eos: list[int]) -> int:
+def _pad_id(vlm: nn.Module, eos: list[int]) -> int:
     pad = None if vlm.tokenizer is None else vlm.tokenizer.pad_token_id
     if pad is None:
         pad = vlm.decoder.config.pad_token_id
@@ -49,7 +49,7 @@ def _pad_id(vlm: VisionLanguageModel, eos: list[int]) -> int:
 
 @torch.no_grad()
 def generate(
-    vlm: VisionLanguageModel,
+    vlm: nn.Module,
     pixel_values: torch.Tensor | None = None,
     prompts: Sequence[str] | str | None = None,
     *,
@@ -121,7 +121,7 @@ def generate(
 
 
 def generate_text(
-    vlm: VisionLanguageModel,
+    vlm: nn.Module,
     images: Sequence[str | os.PathLike],
     prompts: Sequence[str],
     *,

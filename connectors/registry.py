@@ -1,24 +1,56 @@
-"""The closed set of connectors, registered with a decorator like the tower presets."""
+"""The closed set of connectors, registered with a decorator like the tower presets, and the config
+(registered name, widths, options) that builds one of them again.
+
+The registry holds :class:`~connectors.base.Connector` subclasses but does not import that module (which
+imports :class:`ConnectorConfig` from here): classes are typed as ``nn.Module`` subclasses."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from .base import Connector
+from torch import nn
+
+ModuleClass = TypeVar("ModuleClass", bound=type[nn.Module])
 
 # name -> (class, fixed options of an alias)
-_CONNECTORS: dict[str, tuple[type[Connector], dict[str, Any]]] = {}
+_CONNECTORS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
+
+
+@dataclass
+class ConnectorConfig:
+    """A connector's registered name, widths and options: enough to build it again (``build()``)."""
+
+    name: str
+    in_dim: int
+    out_dim: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConnectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in connector config; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build(self) -> nn.Module:
+        return build_connector(self.name, self.in_dim, self.out_dim, **self.options)
 
 
 def register_connector(
     name: str, *, aliases: dict[str, dict[str, Any]] | None = None
-) -> Callable[[type[Connector]], type[Connector]]:
+) -> Callable[[ModuleClass], ModuleClass]:
     """Register a :class:`Connector` subclass under ``name``; ``aliases`` map more names to fixed options
     (``{"mlp2x_gelu": {"depth": 2, "act": "gelu"}}``)."""
 
-    def add(cls: type[Connector]) -> type[Connector]:
+    def add(cls: ModuleClass) -> ModuleClass:
         for key, fixed in [(name, {}), *(aliases or {}).items()]:
             if key in _CONNECTORS:
                 raise ValueError(f"connector {key!r} is registered twice")
@@ -35,20 +67,20 @@ def list_connectors() -> list[str]:
     return sorted(_CONNECTORS)
 
 
-def option_names(cls: type[Connector]) -> list[str]:
+def option_names(cls: type[nn.Module]) -> list[str]:
     """The keyword-only options a connector class takes."""
     params = inspect.signature(cls.__init__).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def _check_options(cls: type[Connector], name: str, options: dict[str, Any]) -> None:
+def _check_options(cls: type[nn.Module], name: str, options: dict[str, Any]) -> None:
     known = option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for connector {name!r}; known options: {known}")
 
 
-def build_connector(name: str, in_dim: int, out_dim: int, **options: Any) -> Connector:
+def build_connector(name: str, in_dim: int, out_dim: int, **options: Any) -> nn.Module:
     """A fresh connector from ``in_dim`` (the tower's width) to ``out_dim`` (the decoder's embedding width).
 
     An unknown name lists the known ones; an unknown option lists the connector's options; an alias's

@@ -15,9 +15,11 @@ from transformers.utils import ModelOutput
 from vision_tower import ImageProcessor, VisionTower
 from vision_tower.sources import load_tower, processor_for
 
-from .base import Connector, Grid
+from . import formats, generation
+from .base import Connector, Grid, no_weight_decay_names
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
 from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
+from .parts import VLMParts, tower_grid
 from .registry import build_connector
 
 PathLike = str | os.PathLike
@@ -137,8 +139,7 @@ class VisionLanguageModel(nn.Module):
     @property
     def grid(self) -> Grid:
         """The tower's token grid at its configured image size."""
-        side = self.tower.config.image_size // self.tower.config.patch_size
-        return (side, side)
+        return tower_grid(self.tower)
 
     @property
     def num_image_tokens(self) -> int:
@@ -153,13 +154,8 @@ class VisionLanguageModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that should get no weight decay: biases, norms and other 0/1-d tensors, and
         what each sub-module names in its own ``no_weight_decay()`` (the tower's position table, the
-        pooling probe, a resampler's learned queries)."""
-        names = {n for n, p in self.named_parameters() if len(getattr(p, "ds_shape", p.shape)) < 2}  # ZeRO-3
-        for prefix, module in self.named_modules():
-            own = getattr(module, "no_weight_decay", None)
-            if module is not self and callable(own):
-                names |= {f"{prefix}.{name}" for name in own()}
-        return names
+        pooling probe, a resampler's learned queries): :func:`connectors.base.no_weight_decay_names`."""
+        return no_weight_decay_names(self, own=False)
 
     def set_trainable(self, *, tower: bool, connector: bool, decoder: bool) -> None:
         """``requires_grad`` per part (stage "align": connector only)."""
@@ -357,9 +353,7 @@ class VisionLanguageModel(nn.Module):
         """Greedy continuation with the KV cache: (B, T <= max_new_tokens) new ids, padded after eos.
         Options (``input_ids``, ``attention_mask``, ``token_type_ids``, ``patch_features``, ``grid``,
         ``max_new_tokens``, ``eos_token_id``): see :func:`connectors.generation.generate`."""
-        from .generation import generate
-
-        return generate(self, pixel_values, prompts, **options)
+        return generation.generate(self, pixel_values, prompts, **options)
 
     def replace_tower(
         self, tower: VisionTower, connector: Connector | str | None = None, **options: Any
@@ -390,9 +384,20 @@ class VisionLanguageModel(nn.Module):
         ``PaliGemmaForConditionalGeneration`` / ``LlavaForConditionalGeneration`` load it), with the
         tokenizer and processor files when the VLM has them. ``state_dict`` (this module's names) replaces
         the live weights, e.g. weights consolidated from a ZeRO-3 run."""
-        from .formats import save
+        sd = self.state_dict() if state_dict is None else state_dict
+        formats.save(self.parts(), out_dir, format=format, state_dict=sd)
 
-        save(self, out_dir, format=format, state_dict=state_dict)
+    def parts(self) -> VLMParts:
+        """Tower, connector, decoder, tokenizer, processor, image token id and attention (not copies)."""
+        return VLMParts(
+            self.tower,
+            self.connector,
+            self.decoder,
+            self.image_token_id,
+            self.attention,
+            self.tokenizer,
+            self.processor,
+        )
 
     @classmethod
     def from_pretrained(
@@ -407,6 +412,15 @@ class VisionLanguageModel(nn.Module):
         """A VLM from a folder or hub id in any of the three formats (detected from config.json): the
         native layout, a PaliGemma checkpoint or a LLaVA checkpoint with a SigLIP tower. ``dtype`` applies
         to every part; None keeps the decoder's saved dtype and float32 for tower and connector."""
-        from .formats import load
-
-        return load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)
+        parts = formats.load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)
+        vlm = cls(
+            parts.tower,
+            parts.connector,
+            parts.decoder,
+            image_token_id=parts.image_token_id,
+            attention=parts.attention,
+            tokenizer=parts.tokenizer,
+            processor=parts.processor,
+            dtype=dtype,
+        )
+        return vlm.to(device=device) if device is not None else vlm

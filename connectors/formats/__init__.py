@@ -1,36 +1,34 @@
-"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma`` and ``llava`` (transformers loads them)."""
+"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma`` and ``llava`` (transformers loads them).
+
+Each format module has ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts``
+(and, but for native, ``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from vision_tower.checkpoint import read_json
 from vision_tower.hub import resolve
 
+from ..parts import VLMParts
 from . import llava, native, paligemma
 from .common import FormatError
-
-if TYPE_CHECKING:
-    from ..vlm import VisionLanguageModel
 
 FORMATS = {"native": native, "paligemma": paligemma, "llava": llava}
 _BY_MODEL_TYPE = {native.MODEL_TYPE: native, "paligemma": paligemma, "llava": llava}
 
 
 def save(
-    vlm: VisionLanguageModel,
-    out_dir: str | os.PathLike,
-    *,
-    format: str,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    parts: VLMParts, out_dir: str | os.PathLike, *, format: str, state_dict: dict[str, torch.Tensor]
 ) -> None:
+    """Write ``parts`` with the weights of ``state_dict`` (the VLM's names: ``tower.*``, ``connector.*``,
+    ``decoder.*``) in ``format``."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-    FORMATS[format].save(vlm, Path(out_dir), state_dict)
+    FORMATS[format].save(parts, Path(out_dir), state_dict)
 
 
 def checkpoint_format(config: dict, source: str) -> str:
@@ -52,7 +50,8 @@ def load(
     device: torch.device | str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> VisionLanguageModel:
+) -> VLMParts:
+    """The parts of the VLM checkpoint in ``src`` (a folder or hub id), its format detected from config.json."""
     path = resolve(src, revision=revision, cache_dir=cache_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{src}: no config.json")
@@ -61,4 +60,4 @@ def load(
     return FORMATS[fmt].load(path, config, dtype=dtype, device=device)
 
 
-__all__ = ["FORMATS", "FormatError", "checkpoint_format", "load", "save"]
+__all__ = ["FORMATS", "FormatError", "VLMParts", "checkpoint_format", "load", "save"]

@@ -1,10 +1,14 @@
-"""What the three checkpoint formats share: the refusal error, sharded writing, tokenizer and processor files."""
+"""What the three checkpoint formats share: the refusal error, sharded writing, tokenizer and processor files.
+
+Formats read and write :class:`~connectors.parts.VLMParts`; they never import the model class, which
+assembles the parts it reads (``VisionLanguageModel.from_pretrained``) and hands its parts to a writer
+(``save_pretrained``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
@@ -12,12 +16,11 @@ from transformers import PreTrainedModel
 
 from vision_tower import ImageProcessor
 from vision_tower.checkpoint import read_checkpoint
+from vision_tower.formats.keys import part
 from vision_tower.loading import vision_state_dict_hf
 
-from ..decoder import load_decoder, load_tokenizer, prefixed
-
-if TYPE_CHECKING:
-    from ..vlm import VisionLanguageModel
+from ..decoder import load_decoder, load_tokenizer
+from ..parts import VLMParts
 
 Tensor = torch.Tensor
 MAX_SHARD_SIZE = "5GB"
@@ -40,32 +43,29 @@ class FormatError(ValueError):
     """A VLM that a checkpoint format cannot express; the message says what and which format can hold it."""
 
 
-def check_plain_decoder(vlm: VisionLanguageModel, fmt: str) -> None:
+def check_plain_decoder(decoder: Any, fmt: str) -> None:
     """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under ``model``."""
-    if not isinstance(vlm.decoder, PreTrainedModel) or (
-        fmt != "native" and vlm.decoder.base_model_prefix != "model"
-    ):
+    if not isinstance(decoder, PreTrainedModel) or (fmt != "native" and decoder.base_model_prefix != "model"):
         where = "" if fmt == "native" else " with its body under 'model'"
         fix = "" if fmt == "native" else ", or save format='native'"
         raise FormatError(
-            f"format {fmt!r} needs a plain transformers causal LM{where} (got {type(vlm.decoder).__name__}); "
+            f"format {fmt!r} needs a plain transformers causal LM{where} (got {type(decoder).__name__}); "
             f"merge adapters first (peft: vlm.decoder = vlm.decoder.merge_and_unload()){fix}"
         )
 
 
-def is_tied(vlm: VisionLanguageModel) -> bool:
-    return bool(getattr(vlm.decoder.config.get_text_config(), "tie_word_embeddings", False))
+def is_tied(decoder: PreTrainedModel) -> bool:
+    return bool(getattr(decoder.config.get_text_config(), "tie_word_embeddings", False))
 
 
-def parts(vlm: VisionLanguageModel, state_dict: dict[str, Tensor] | None) -> dict[str, dict[str, Tensor]]:
-    """The VLM's weights split by part (``tower``, ``connector``, ``decoder``), prefixes removed; a tied
+def split_weights(decoder: PreTrainedModel, sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A VLM's state dict split by part (``tower``, ``connector``, ``decoder``), prefixes removed; a tied
     ``lm_head`` is left out (safetensors stores no shared tensors; transformers ties it again)."""
-    sd = vlm.state_dict() if state_dict is None else state_dict
-    out = {name: prefixed(sd, name + ".") for name in ("tower", "connector", "decoder")}
+    out = {name: part(sd, name + ".") for name in ("tower", "connector", "decoder")}
     stray = sorted(k for k in sd if not k.startswith(("tower.", "connector.", "decoder.")))
     if stray:
         raise ValueError(f"state dict keys outside tower/connector/decoder: {stray[:10]}")
-    if is_tied(vlm):
+    if is_tied(decoder):
         out["decoder"].pop("lm_head.weight", None)
     return out
 
@@ -80,8 +80,8 @@ def multimodal_tensors(
     return out
 
 
-def text_config(vlm: VisionLanguageModel) -> dict[str, Any]:
-    cfg = vlm.decoder.config.to_dict()
+def text_config(decoder: PreTrainedModel) -> dict[str, Any]:
+    cfg = decoder.config.to_dict()
     for key in ("architectures", "_name_or_path", "transformers_version"):
         cfg.pop(key, None)
     return cfg
@@ -105,17 +105,45 @@ def _own_storage(t: Tensor) -> Tensor:
     return t if whole else t.clone(memory_format=torch.contiguous_format)
 
 
-def write_extras(vlm: VisionLanguageModel, out: Path, **processor_fields: Any) -> None:
+def write_extras(parts: VLMParts, out: Path, **processor_fields: Any) -> None:
     """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has them."""
-    if vlm.tokenizer is not None:
-        vlm.tokenizer.save_pretrained(str(out))
-    if vlm.processor is not None:
-        file = vlm.processor.with_image_size(vlm.tower.config.image_size).save_pretrained(out)
+    if parts.tokenizer is not None:
+        parts.tokenizer.save_pretrained(str(out))
+    if parts.processor is not None:
+        file = parts.processor.with_image_size(parts.tower.config.image_size).save_pretrained(out)
         if processor_fields:
             data = json.loads(file.read_text(encoding="utf-8"))
             file.write_text(
                 json.dumps({**data, **processor_fields}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
+
+
+def write_multimodal(
+    parts: VLMParts,
+    weights: dict[str, dict[str, Tensor]],
+    projector: dict[str, Tensor],
+    out: Path,
+    *,
+    architecture: str,
+    model_type: str,
+    vision_config: dict[str, Any],
+    text: dict[str, Any],
+    fields: dict[str, Any],
+    processor_fields: dict[str, Any] | None = None,
+) -> None:
+    """A PaliGemma / LLaVA folder: config.json (the keys both share, then ``fields``), the tower, projector
+    and decoder tensors in transformers' layout, and the tokenizer and processor files."""
+    config: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vision_config": vision_config,
+        "text_config": text,
+        "image_token_index": parts.image_token_id,
+        **fields,
+        "tie_word_embeddings": is_tied(parts.decoder),
+    }
+    write_weights(multimodal_tensors(weights["tower"], projector, weights["decoder"]), out, config)
+    write_extras(parts, out, **(processor_fields or {}))
 
 
 def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
@@ -139,32 +167,12 @@ def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTra
     )
 
 
-def assemble(
-    path: Path,
-    tower: Any,
-    connector: Any,
-    decoder: PreTrainedModel,
-    *,
-    image_token_id: int,
-    attention: str,
-    dtype,
-    device,
-) -> VisionLanguageModel:
-    """The VLM of loaded parts, with the tokenizer and processor saved in ``path``, on ``device``."""
-    from ..vlm import VisionLanguageModel
-
+def folder_parts(
+    path: Path, tower: Any, connector: Any, decoder: PreTrainedModel, *, image_token_id: int, attention: str
+) -> VLMParts:
+    """The parts read from a checkpoint folder, with the tokenizer and processor saved in it."""
     tokenizer, processor = read_extras(path)
-    vlm = VisionLanguageModel(
-        tower,
-        connector,
-        decoder,
-        image_token_id=image_token_id,
-        attention=attention,
-        tokenizer=tokenizer,
-        processor=processor,
-        dtype=dtype,
-    )
-    return vlm.to(device=device) if device is not None else vlm
+    return VLMParts(tower, connector, decoder, image_token_id, attention, tokenizer, processor)
 
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:

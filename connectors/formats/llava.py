@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -12,30 +12,26 @@ from vision_tower import CheckpointError
 
 from ..decoder import FAMILIES, family
 from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
+from ..parts import VLMParts
 from .common import (
     FormatError,
-    assemble,
     check_plain_decoder,
-    is_tied,
+    folder_parts,
     multimodal_decoder,
-    multimodal_tensors,
-    parts,
     read_multimodal,
+    split_weights,
     text_config,
-    write_extras,
-    write_weights,
+    write_multimodal,
 )
 from .towers import expect_keys, projector_tensors, tower_from_tensors
-
-if TYPE_CHECKING:
-    from ..vlm import VisionLanguageModel
 
 _PROJECTOR_KEYS = {"linear_1.weight", "linear_2.weight"}
 
 
-def check(vlm: VisionLanguageModel) -> None:
-    """Refuse what LLaVA cannot express, saying which format can hold it."""
-    check_plain_decoder(vlm, "llava")
+def check(vlm: VLMParts) -> None:
+    """Refuse what LLaVA cannot express, saying which format can hold it (``vlm``: the parts, or the
+    VisionLanguageModel, which has the same attributes)."""
+    check_plain_decoder(vlm.decoder, "llava")
     fam = family(vlm.decoder)
     if fam not in FAMILIES:
         raise FormatError(
@@ -67,16 +63,16 @@ def check(vlm: VisionLanguageModel) -> None:
 
 
 def _projector(
-    vlm: VisionLanguageModel, connector: dict[str, torch.Tensor]
+    parts: VLMParts, connector: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], str, bool]:
     """(projector tensors, projector_hidden_act, bias); ``linear`` becomes linear_1, identity, linear_2 = I."""
-    bias = bool(vlm.connector.options["bias"])
-    if vlm.connector.name == "mlp":
+    bias = bool(parts.connector.options["bias"])
+    if parts.connector.name == "mlp":
         out = {f"linear_1.{k[len('mlp.0.') :]}": v for k, v in connector.items() if k.startswith("mlp.0.")}
         out.update(
             {f"linear_2.{k[len('mlp.2.') :]}": v for k, v in connector.items() if k.startswith("mlp.2.")}
         )
-        return out, vlm.connector.options["act"], bias
+        return out, parts.connector.options["act"], bias
     w = connector["proj.weight"]
     out = {"linear_1.weight": w, "linear_2.weight": torch.eye(w.shape[0], dtype=w.dtype)}
     if bias:
@@ -85,25 +81,27 @@ def _projector(
     return out, "linear", bias
 
 
-def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    check(vlm)
-    split = parts(vlm, state_dict)
-    projector, act, bias = _projector(vlm, split["connector"])
-    config: dict[str, Any] = {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "vision_config": vlm.tower.config.to_hf(),
-        "text_config": text_config(vlm),
-        "image_token_index": vlm.image_token_id,
-        "vision_feature_layer": vlm.tower.feature_layer,
-        "vision_feature_select_strategy": "full",
-        "projector_hidden_act": act,
-        "multimodal_projector_bias": bias,
-        "image_seq_length": vlm.num_image_tokens,
-        "tie_word_embeddings": is_tied(vlm),
-    }
-    write_weights(multimodal_tensors(split["tower"], projector, split["decoder"]), out, config)
-    write_extras(vlm, out)
+def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    check(parts)
+    split = split_weights(parts.decoder, state_dict)
+    projector, act, bias = _projector(parts, split["connector"])
+    write_multimodal(
+        parts,
+        split,
+        projector,
+        out,
+        architecture="LlavaForConditionalGeneration",
+        model_type="llava",
+        vision_config=parts.tower.config.to_hf(),
+        text=text_config(parts.decoder),
+        fields={
+            "vision_feature_layer": parts.tower.feature_layer,
+            "vision_feature_select_strategy": "full",
+            "projector_hidden_act": act,
+            "multimodal_projector_bias": bias,
+            "image_seq_length": parts.num_image_tokens,
+        },
+    )
 
 
 def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str):
@@ -129,7 +127,7 @@ def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str)
     return connector
 
 
-def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     hf, sd = read_multimodal(path)
     source = str(path)
     layer, strategy = hf.vision_feature_layer, hf.vision_feature_select_strategy
@@ -151,13 +149,6 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
     expect_keys(proj, _PROJECTOR_KEYS | ({"linear_1.bias", "linear_2.bias"} if bias else set()), source)
     connector = _connector(proj, hf.projector_hidden_act, bias, source)
     decoder = multimodal_decoder(path, hf.text_config, dtype=dtype, device=device)
-    return assemble(
-        path,
-        tower,
-        connector,
-        decoder,
-        image_token_id=int(hf.image_token_id),
-        attention="causal",
-        dtype=dtype,
-        device=device,
+    return folder_parts(
+        path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="causal"
     )

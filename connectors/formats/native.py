@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vision_tower import VisionTower
 from vision_tower.checkpoint import strict_load
-from vision_tower.loading import write_vision_weights
+from vision_tower.saving import write_vision_weights
 
-from ..base import ConnectorConfig
 from ..decoder import load_decoder
-from .common import MAX_SHARD_SIZE, assemble, check_plain_decoder, parts, write_extras
+from ..parts import NATIVE_MODEL_TYPE, VLMParts
+from ..registry import ConnectorConfig
+from .common import MAX_SHARD_SIZE, check_plain_decoder, folder_parts, split_weights, write_extras
 
-if TYPE_CHECKING:
-    from ..vlm import VisionLanguageModel
-
-MODEL_TYPE = "vision_tower_vlm"
+MODEL_TYPE = NATIVE_MODEL_TYPE
 FORMAT_VERSION = 1
 _KEYS = {
     "model_type",
@@ -40,27 +38,27 @@ _KEYS = {
 }
 
 
-def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    check_plain_decoder(vlm, "native")
-    split = parts(vlm, state_dict)
+def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    check_plain_decoder(parts.decoder, "native")
+    split = split_weights(parts.decoder, state_dict)
     out.mkdir(parents=True, exist_ok=True)
-    write_vision_weights(vlm.tower.config, split["tower"], out / "tower")
+    write_vision_weights(parts.tower.config, split["tower"], out / "tower")
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in split["connector"].items()},
         out / "connector.safetensors",
     )
-    vlm.decoder.save_pretrained(out / "decoder", state_dict=split["decoder"], max_shard_size=MAX_SHARD_SIZE)
+    parts.decoder.save_pretrained(out / "decoder", state_dict=split["decoder"], max_shard_size=MAX_SHARD_SIZE)
     config = {
         "model_type": MODEL_TYPE,
         "format_version": FORMAT_VERSION,
-        "attention": vlm.attention,
-        "image_token_id": vlm.image_token_id,
-        "feature_layer": vlm.tower.feature_layer,
-        "connector": vlm.connector.config.to_dict(),
-        "decoder": str(vlm.decoder.config.model_type),
+        "attention": parts.attention,
+        "image_token_id": parts.image_token_id,
+        "feature_layer": parts.tower.feature_layer,
+        "connector": parts.connector.config.to_dict(),
+        "decoder": str(parts.decoder.config.model_type),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_extras(vlm, out)
+    write_extras(parts, out)
 
 
 def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -73,7 +71,7 @@ def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     return config
 
 
-def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     config = read_config(config, str(path))
     tower = VisionTower.from_pretrained(
         path / "tower", feature_layer=config["feature_layer"], use_head=False, dtype=dtype
@@ -83,13 +81,11 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
         connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")
     )
     decoder = load_decoder(path / "decoder", dtype=dtype, device=device)
-    return assemble(
+    return folder_parts(
         path,
         tower,
         connector,
         decoder,
         image_token_id=config["image_token_id"],
         attention=config["attention"],
-        dtype=dtype,
-        device=device,
     )

@@ -4,37 +4,33 @@ connector on the tower's final (post-layernorm) output, with prefix attention.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..decoder import family
 from ..mlp import LinearConnector
+from ..parts import VLMParts
 from .common import (
     FormatError,
-    assemble,
     check_plain_decoder,
-    is_tied,
+    folder_parts,
     multimodal_decoder,
-    multimodal_tensors,
-    parts,
     read_multimodal,
+    split_weights,
     text_config,
-    write_extras,
-    write_weights,
+    write_multimodal,
 )
 from .towers import expect_keys, projector_tensors, tower_from_tensors
-
-if TYPE_CHECKING:
-    from ..vlm import VisionLanguageModel
 
 # text model types transformers 5.x accepts in PaliGemma (PaliGemma 1: Gemma, PaliGemma 2: Gemma 2)
 DECODERS = ("gemma", "gemma2")
 
 
-def check(vlm: VisionLanguageModel) -> None:
-    """Refuse what PaliGemma cannot express, saying which format can hold it."""
-    check_plain_decoder(vlm, "paligemma")
+def check(vlm: VLMParts) -> None:
+    """Refuse what PaliGemma cannot express, saying which format can hold it (``vlm``: the parts, or the
+    VisionLanguageModel, which has the same attributes)."""
+    check_plain_decoder(vlm.decoder, "paligemma")
     fam = family(vlm.decoder)
     if fam not in DECODERS:
         raise FormatError(
@@ -58,30 +54,32 @@ def check(vlm: VisionLanguageModel) -> None:
         )
 
 
-def save(vlm: VisionLanguageModel, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    check(vlm)
-    split = parts(vlm, state_dict)
-    hidden = vlm.connector.out_dim
+def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    check(parts)
+    split = split_weights(parts.decoder, state_dict)
+    hidden = parts.connector.out_dim
     projector = {f"linear.{k.removeprefix('proj.')}": v for k, v in split["connector"].items()}
     if "linear.bias" not in projector:  # a bias-free linear connector: PaliGemma's bias is zero
         projector["linear.bias"] = torch.zeros(hidden, dtype=projector["linear.weight"].dtype)
-    text = {**text_config(vlm), "use_bidirectional_attention": True}
-    config: dict[str, Any] = {
-        "architectures": ["PaliGemmaForConditionalGeneration"],
-        "model_type": "paligemma",
-        "vision_config": {**vlm.tower.config.to_hf(), "projection_dim": hidden},
-        "text_config": text,
-        "image_token_index": vlm.image_token_id,
-        "projection_dim": hidden,
-        "hidden_size": hidden,
-        "vocab_size": text["vocab_size"],
-        "tie_word_embeddings": is_tied(vlm),
-    }
-    write_weights(multimodal_tensors(split["tower"], projector, split["decoder"]), out, config)
-    write_extras(vlm, out, image_seq_length=vlm.num_image_tokens, processor_class="PaliGemmaProcessor")
+    text = {**text_config(parts.decoder), "use_bidirectional_attention": True}
+    write_multimodal(
+        parts,
+        split,
+        projector,
+        out,
+        architecture="PaliGemmaForConditionalGeneration",
+        model_type="paligemma",
+        vision_config={**parts.tower.config.to_hf(), "projection_dim": hidden},
+        text=text,
+        fields={"projection_dim": hidden, "hidden_size": hidden, "vocab_size": text["vocab_size"]},
+        processor_fields={
+            "image_seq_length": parts.num_image_tokens,
+            "processor_class": "PaliGemmaProcessor",
+        },
+    )
 
 
-def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguageModel:
+def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     hf, sd = read_multimodal(path)
     tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1, dtype=dtype)
     proj = projector_tensors(sd, str(path))
@@ -92,13 +90,6 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VisionLanguage
     if getattr(text, "use_bidirectional_attention", None):
         text.use_bidirectional_attention = False  # the VLM passes its prefix mask itself
     decoder = multimodal_decoder(path, text, dtype=dtype, device=device)
-    return assemble(
-        path,
-        tower,
-        connector,
-        decoder,
-        image_token_id=int(hf.image_token_id),
-        attention="prefix",
-        dtype=dtype,
-        device=device,
+    return folder_parts(
+        path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="prefix"
     )

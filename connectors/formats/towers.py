@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from vision_tower import CheckpointError, VisionConfig, VisionTower
-
-from ..decoder import prefixed
+from vision_tower.formats.keys import part
 
 
 def vision_config_fields(hf_config: Any, source: str) -> dict[str, Any]:
@@ -44,7 +43,7 @@ def tower_from_tensors(
 
 def projector_tensors(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """The ``multi_modal_projector`` tensors, prefix removed (saved or 5.x in-memory layout)."""
-    proj = prefixed(sd, "multi_modal_projector.") or prefixed(sd, "model.multi_modal_projector.")
+    proj = part(sd, "multi_modal_projector.") or part(sd, "model.multi_modal_projector.")
     if not proj:
         raise CheckpointError(f"{source} holds no multi_modal_projector.* tensors")
     return proj

@@ -66,20 +66,12 @@ def _free_port() -> int:
 
 
 def no_weight_decay_params(model: nn.Module) -> set[int]:
-    """ids of the parameters the modules exclude from weight decay: every 0/1-d tensor (biases, norms,
-    t', b) and those a module names in its ``no_weight_decay()`` (position tables, probes)."""
-    ids = {id(p) for p in model.parameters() if p.ndim < 2 and _full_ndim(p) < 2}
-    for module in model.modules():
-        names = getattr(module, "no_weight_decay", None)
-        if callable(names):
-            for name in names():
-                ids.add(id(module.get_parameter(name)))
-    return ids
+    """ids of the parameters the model excludes from weight decay: every 0/1-d tensor (biases, norms,
+    t', b) and those a module names in its ``no_weight_decay()`` (position tables, probes). The rule is
+    :func:`connectors.base.no_weight_decay_names`, the one ``VisionLanguageModel.no_weight_decay`` gives."""
+    from connectors.base import no_weight_decay_names  # transformers only when an engine is built
 
-
-def _full_ndim(p: torch.Tensor) -> int:
-    """The parameter's own number of dimensions (ZeRO-3 partitions keep it in ``ds_shape``)."""
-    return len(getattr(p, "ds_shape", p.shape))
+    return {id(model.get_parameter(name)) for name in no_weight_decay_names(model)}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,0 +1,43 @@
+"""What a vision-language model is made of, as its checkpoint formats read and write it: the parts that
+``VisionLanguageModel.from_pretrained`` assembles and ``save_pretrained`` hands to a format's writer,
+and the ``model_type`` of the native layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from vision_tower import ImageProcessor, VisionTower
+
+from .base import Connector, Grid
+
+# config.json ``model_type`` of the native layout (connectors.formats.native)
+NATIVE_MODEL_TYPE = "vision_tower_vlm"
+
+
+def tower_grid(tower: VisionTower) -> Grid:
+    """The tower's token grid at its configured image size."""
+    side = tower.config.image_size // tower.config.patch_size
+    return (side, side)
+
+
+@dataclass
+class VLMParts:
+    """A VLM's tower, connector, decoder, tokenizer and processor (each None when absent) and the two
+    settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix or causal).
+    A :class:`~connectors.VisionLanguageModel` has the same attributes."""
+
+    tower: VisionTower
+    connector: Connector
+    decoder: PreTrainedModel
+    image_token_id: int
+    attention: str
+    tokenizer: Any | None = None
+    processor: ImageProcessor | None = None
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders one image takes in the prompt (at the tower's configured image size)."""
+        return self.connector.num_tokens(tower_grid(self.tower))
