@@ -28,7 +28,7 @@ import yaml
 from . import list_presets
 from .extras import MissingExtraError, extra_providing, require
 from .features import COMPILE_MIN_BATCHES, extract_to_file
-from .saving import FORMATS
+from .saving import DEFAULT_FORMAT, writable_formats
 from .sources import convert, describe
 
 COMMAND_GROUP = "vision_tower.commands"
@@ -44,6 +44,10 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+# names the command line accepts besides the formats' own: ``--to hf`` is the transformers layout
+FORMAT_ALIASES = {"hf": DEFAULT_FORMAT}
 
 
 def check_new_output(path: str | os.PathLike, overwrite: bool, *, kind: str = "folder") -> None:
@@ -172,11 +176,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         use_head=False if args.no_head else None,
         vision_only=args.vision_only,
-        to=args.to,
+        to=FORMAT_ALIASES.get(args.to, args.to),
         allow_gelu_change=args.allow_gelu_change,
     )
     size = "" if done.image_size is None else f", image_size {done.image_size}"
-    print(f"wrote {done.kind} in the {done.format} layout to {args.out}: {done.num_tensors} tensors{size}")
+    print(f"wrote {done.kind} in the {args.to} layout to {args.out}: {done.num_tensors} tensors{size}")
 
 
 def add_tower_commands(sub: argparse._SubParsersAction) -> None:
@@ -239,9 +243,9 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument(
         "--to",
-        choices=FORMATS,
+        choices=(*FORMAT_ALIASES, *writable_formats()),
         default="hf",
-        help="hf: transformers SiglipModel/SiglipVisionModel; timm: the image tower as timm's "
+        help="hf or transformers: transformers SiglipModel/SiglipVisionModel; timm: the image tower as timm's "
         "model.safetensors + config.json; open_clip: both towers as open_clip_model.safetensors + "
         "open_clip_config.json",
     )

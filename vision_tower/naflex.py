@@ -20,8 +20,8 @@ from torch import nn
 from .checkpoint import CheckpointError, build_and_load
 from .config import NaFlexVisionConfig
 from .loading import Weights, read_vision_weights
-from .saving import write_vision_weights
-from .vision import VisionTower, add_trunk
+from .saving import DEFAULT_FORMAT, write_vision_weights
+from .vision import ImageTowerBase, add_trunk
 
 
 class NaFlexOutput(NamedTuple):
@@ -66,7 +66,7 @@ def resize_positions(table: torch.Tensor, spatial_shapes: torch.Tensor, length: 
     return out
 
 
-class NaFlexVisionTower(nn.Module):
+class NaFlexVisionTower(ImageTowerBase):
     """SigLIP 2 NaFlex ViT: linear patch embedding, per-image resized positions, masked pre-norm blocks,
     post-norm and an optional masked attention-pooling head.
 
@@ -82,12 +82,6 @@ class NaFlexVisionTower(nn.Module):
         add_trunk(self, config)
         self.feature_layer = feature_layer
         self.reset_parameters()
-
-    # shared with VisionTower: the same attribute names and semantics
-    feature_layer = VisionTower.feature_layer
-    num_blocks_for_features = VisionTower.num_blocks_for_features
-    set_gradient_checkpointing = VisionTower.set_gradient_checkpointing
-    reset_parameters = VisionTower.reset_parameters
 
     def embed(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) patches -> (B, N, D) patch + resized position embeddings."""
@@ -117,22 +111,10 @@ class NaFlexVisionTower(nn.Module):
         keys = attention_mask.bool()  # (B, N): a boolean mask, whatever the model's dtype
         x = self.embed(pixel_values, spatial_shapes)  # (B, N, D)
         mask = keys[:, None, None, :]  # (B, 1, 1, N): padding is never a key
-        hidden = [x] if output_hidden_states else None
-        depth, k = self.config.num_hidden_layers, self.num_blocks_for_features
-        needs_final = self.feature_layer == -1 or self.head is not None
-        stop = depth if needs_final or output_hidden_states else k
-        x = self.encoder(x, attn_mask=mask, end=k, hidden_states=hidden)
-        features = x
-        x = self.encoder(x, attn_mask=mask, start=k, end=stop, hidden_states=hidden)
-        pooled = None
-        if needs_final:
-            final = self.norm(x)  # (B, N, D)
-            if self.feature_layer == -1:
-                features = final
-            if self.head is not None:
-                pooled = self.head(final, key_mask=keys)  # (B, D)
-        hidden_states = tuple(hidden) if hidden is not None else None
-        return NaFlexOutput(features, spatial_shapes, attention_mask, pooled, hidden_states)
+        features, pooled, hidden = self.run_trunk(
+            x, attn_mask=mask, key_mask=keys, output_hidden_states=output_hidden_states
+        )
+        return NaFlexOutput(features, spatial_shapes, attention_mask, pooled, hidden)
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
@@ -169,7 +151,7 @@ class NaFlexVisionTower(nn.Module):
             dtype=dtype,
         )
 
-    def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, format: str = DEFAULT_FORMAT) -> None:
         """Write transformers' ``Siglip2VisionModel`` layout (config.json + model.safetensors); the only
-        ``format`` for NaFlex towers is ``"hf"``."""
+        ``format`` for NaFlex towers is ``"transformers"``."""
         write_vision_weights(self.config, self.state_dict(), out_dir, format=format)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from .config import SiglipConfig, TextConfig, VisionConfig
 
 _PRESETS: dict[str, Callable[[], SiglipConfig]] = {}
+PRESET_PREFIX = "preset:"  # a model source ``preset:NAME`` is random weights of preset NAME
 
 
 def register_preset(fn: Callable[[], SiglipConfig]) -> Callable[[], SiglipConfig]:
@@ -26,6 +28,12 @@ def get_preset(name: str) -> SiglipConfig:
     if name not in _PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
     return _PRESETS[name]()
+
+
+def preset_name(src: str | os.PathLike | None) -> str | None:
+    """``NAME`` of a ``preset:NAME`` model source, else None."""
+    text = "" if src is None else str(src)
+    return text[len(PRESET_PREFIX) :] if text.startswith(PRESET_PREFIX) else None
 
 
 def _vit(width: int, depth: int, heads: int, mlp: int, image: int, patch: int) -> VisionConfig:

@@ -12,7 +12,8 @@ from torch import nn
 
 from .checkpoint import build_and_load
 from .config import SiglipConfig
-from .loading import read_siglip_weights, write_siglip_weights
+from .loading import read_siglip_weights
+from .saving import DEFAULT_FORMAT, write_siglip_weights
 from .text import TextTower
 from .vision import VisionTower
 
@@ -116,7 +117,7 @@ class SiglipModel(nn.Module):
         return model.to(device=device)
 
     def save_pretrained(
-        self, out_dir: str | os.PathLike, format: str = "hf", *, allow_gelu_change: bool = False
+        self, out_dir: str | os.PathLike, format: str = DEFAULT_FORMAT, *, allow_gelu_change: bool = False
     ) -> None:
         """Write transformers' ``SiglipModel`` layout (config.json + model.safetensors), or open_clip's
         (``format="open_clip"``: open_clip_model.safetensors + open_clip_config.json; ``allow_gelu_change``

@@ -17,24 +17,19 @@ from .checkpoint import read_checkpoint, read_json
 from .config import NaFlexVisionConfig
 from .formats import big_vision, open_clip
 from .hub import resolve
-from .loading import npz_file, read_vision_weights
+from .loading import read_vision_weights
 from .naflex import NaFlexVisionTower
 from .naflex_processor import NAFLEX_TYPES, NaFlexImageProcessor
+from .presets import preset_name
 from .processor import CONFIG_NAME as PROCESSOR_CONFIG
 from .processor import ImageProcessor
-from .saving import check_format
+from .saving import DEFAULT_FORMAT, check_format
 from .siglip import SiglipModel
 from .vision import VisionTower
 
-PRESET_PREFIX = "preset:"
 INFO_SIZES = (224, 256, 384, 448, 512)
 AnyTower = VisionTower | NaFlexVisionTower
 AnyProcessor = ImageProcessor | NaFlexImageProcessor
-
-
-def preset_name(src: str) -> str | None:
-    """``NAME`` of a ``preset:NAME`` source, else None."""
-    return src[len(PRESET_PREFIX) :] if str(src).startswith(PRESET_PREFIX) else None
 
 
 def _folder(src: str | os.PathLike) -> Path:
@@ -49,7 +44,7 @@ def _json(file: Path) -> Any:
 
 def model_type(src: str | os.PathLike) -> str | None:
     """The ``model_type`` of a checkpoint's config.json (``"siglip"`` for presets), or None without one."""
-    if preset_name(str(src)) is not None:
+    if preset_name(src) is not None:
         return "siglip"
     data = _json(_folder(src) / "config.json") or {}
     return data.get("model_type") if isinstance(data, dict) else None
@@ -57,12 +52,12 @@ def model_type(src: str | os.PathLike) -> str | None:
 
 def is_siglip_model(src: str | os.PathLike) -> bool:
     """Does ``src`` hold both towers (transformers ``SiglipModel``, open_clip, two-tower big_vision, preset)?"""
-    if preset_name(str(src)) is not None:
+    if preset_name(src) is not None:
         return True
     path = resolve(src)
     if (_folder(src) / open_clip.CONFIG_NAME).exists():
         return True
-    npz = npz_file(path)
+    npz = big_vision.npz_file(path)
     if npz is not None:
         import numpy as np
 
@@ -82,7 +77,7 @@ def load_tower(
 ) -> AnyTower:
     """``preset:NAME`` (random weights) or any image tower a checkpoint holds: a :class:`VisionTower`, or a
     :class:`NaFlexVisionTower` for SigLIP 2 NaFlex checkpoints (which take no ``image_size``)."""
-    name = preset_name(str(src))
+    name = preset_name(src)
     if name is None:
         weights = read_vision_weights(src, use_head=use_head)
         if isinstance(weights.config, NaFlexVisionConfig):
@@ -111,7 +106,7 @@ def processor_for(
 ) -> AnyProcessor:
     """The checkpoint's own preprocessing (at ``image_size``; NaFlex: with ``max_num_patches``) from its
     ``preprocessor_config.json``, timm or open_clip config, else SigLIP's."""
-    if preset_name(str(src)) is not None:
+    if preset_name(src) is not None:
         return ImageProcessor(image_size=image_size or 224)
     folder = _folder(src)
     config = _json(folder / PROCESSOR_CONFIG)
@@ -193,7 +188,7 @@ class Converted:
     kind: str  # "SiglipModel", "SiglipVisionModel" or "Siglip2VisionModel (NaFlex)"
     image_size: int | None  # None for NaFlex towers
     num_tensors: int
-    format: str = "hf"
+    format: str = DEFAULT_FORMAT
 
 
 def _load_model(src: str) -> SiglipModel:
@@ -208,11 +203,12 @@ def convert(
     image_size: int | None = None,
     use_head: bool | None = None,
     vision_only: bool = False,
-    to: str = "hf",
+    to: str = DEFAULT_FORMAT,
     allow_gelu_change: bool = False,
 ) -> Converted:
-    """Write ``src`` in layout ``to`` (``hf``, ``timm``, ``open_clip``) into ``out``, with its preprocessing
-    (``preprocessor_config.json`` for ``hf``; timm and open_clip keep theirs in their config files).
+    """Write ``src`` in layout ``to`` (``transformers``, ``timm``, ``open_clip``) into ``out``, with its
+    preprocessing (``preprocessor_config.json`` for ``transformers``; timm and open_clip keep theirs in their
+    config files).
 
     timm holds image towers only, so ``to="timm"`` writes the image tower of a two-tower source."""
     check_format(to)
@@ -232,7 +228,7 @@ def convert(
         kind = "Siglip2VisionModel (NaFlex)" if isinstance(tower, NaFlexVisionTower) else "SiglipVisionModel"
     naflex = isinstance(tower, NaFlexVisionTower)
     size = None if naflex else tower.config.image_size
-    if to == "hf":
+    if to == "transformers":
         processor_for_tower(src, tower).save_pretrained(out)
     weights = Path(out) / (open_clip.WEIGHTS_NAME if to == "open_clip" else "model.safetensors")
     sd, _ = read_checkpoint(weights)

@@ -14,7 +14,8 @@ from .checkpoint import CheckpointError, build_and_load
 from .config import NaFlexVisionConfig, VisionConfig
 from .hardware import choose_precision
 from .layers import AttentionPoolHead, Encoder, init_encoder_weights
-from .loading import Weights, read_vision_weights, vision_weights_from_state_dict, write_vision_weights
+from .loading import Weights, read_vision_weights, vision_weights_from_state_dict
+from .saving import DEFAULT_FORMAT, write_vision_weights
 
 
 class TowerOutput(NamedTuple):
@@ -66,8 +67,9 @@ def add_trunk(tower: nn.Module, config: VisionConfig | NaFlexVisionConfig) -> No
     )  # fmt: skip
 
 
-class VisionTower(nn.Module):
-    """SigLIP ViT: patch conv, learned positions, pre-norm blocks, post-norm, optional MAP head.
+class ImageTowerBase(nn.Module):
+    """What the fixed-resolution and the NaFlex image towers share once their patches are embedded: the
+    trunk (:func:`add_trunk`), ``feature_layer`` and the forward through blocks, post-norm and head.
 
     ``feature_layer`` picks the tokens returned as ``patch_features``: -1 (default) is the final
     output after the post-layernorm (transformers' ``last_hidden_state``, what PaliGemma feeds
@@ -76,17 +78,12 @@ class VisionTower(nn.Module):
     Blocks above it are not computed unless the head needs them for ``pooled``.
     """
 
-    def __init__(self, config: VisionConfig, *, feature_layer: int = -1) -> None:
-        super().__init__()
-        self.config = config
-        dim = config.hidden_size
-        self.patch_embed = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(config.num_patches, dim))
-        add_trunk(self, config)
-        self.feature_layer = feature_layer
-        self.reset_parameters()
+    config: VisionConfig | NaFlexVisionConfig
+    pos_embed: nn.Parameter
+    encoder: Encoder
+    norm: nn.LayerNorm
+    head: AttentionPoolHead | None
 
-    # ----------------------------------------------------------------- settings
     @property
     def feature_layer(self) -> int:
         return self._feature_layer
@@ -109,10 +106,6 @@ class VisionTower(nn.Module):
             return depth
         return k if k >= 0 else depth + 1 + k
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters (besides biases and norms) that training should not decay: the position table."""
-        return {"pos_embed"}
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
 
@@ -120,6 +113,51 @@ class VisionTower(nn.Module):
     def reset_parameters(self) -> None:
         init_encoder_weights(self)
         nn.init.normal_(self.pos_embed, std=1.0 / math.sqrt(self.config.hidden_size))
+
+    def run_trunk(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """Embedded tokens (B, N, D) -> (``feature_layer``'s tokens, the head's pooled output or None, the
+        hidden states if asked for). ``attn_mask`` goes to every block, ``key_mask`` (B, N) to the head."""
+        hidden = [x] if output_hidden_states else None
+        k = self.num_blocks_for_features
+        needs_final = self.feature_layer == -1 or self.head is not None
+        stop = self.config.num_hidden_layers if needs_final or output_hidden_states else k
+        x = self.encoder(x, attn_mask=attn_mask, end=k, hidden_states=hidden)  # (B, N, D)
+        features = x
+        x = self.encoder(x, attn_mask=attn_mask, start=k, end=stop, hidden_states=hidden)
+        pooled = None
+        if needs_final:
+            final = self.norm(x)  # (B, N, D)
+            if self.feature_layer == -1:
+                features = final
+            if self.head is not None:
+                pooled = self.head(final, key_mask=key_mask)  # (B, D)
+        return features, pooled, tuple(hidden) if hidden is not None else None
+
+
+class VisionTower(ImageTowerBase):
+    """SigLIP ViT: patch conv, learned positions, pre-norm blocks, post-norm, optional MAP head
+    (``feature_layer``: see :class:`ImageTowerBase`)."""
+
+    def __init__(self, config: VisionConfig, *, feature_layer: int = -1) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(config.num_patches, dim))
+        add_trunk(self, config)
+        self.feature_layer = feature_layer
+        self.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (besides biases and norms) that training should not decay: the position table."""
+        return {"pos_embed"}
 
     # ----------------------------------------------------------------- forward
     def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -151,21 +189,8 @@ class VisionTower(nn.Module):
         p = self.config.patch_size
         grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
         x = self.embed(pixel_values, interpolate_pos_encoding)  # (B, N, D)
-        hidden = [x] if output_hidden_states else None
-        k = self.num_blocks_for_features
-        needs_final = self.feature_layer == -1 or self.head is not None
-        stop = self.config.num_hidden_layers if needs_final or output_hidden_states else k
-        x = self.encoder(x, end=k, hidden_states=hidden)  # (B, N, D)
-        features = x
-        x = self.encoder(x, start=k, end=stop, hidden_states=hidden)
-        pooled = None
-        if needs_final:
-            final = self.norm(x)  # (B, N, D)
-            if self.feature_layer == -1:
-                features = final
-            if self.head is not None:
-                pooled = self.head(final)  # (B, D)
-        return TowerOutput(features, grid, pooled, tuple(hidden) if hidden is not None else None)
+        features, pooled, hidden = self.run_trunk(x, output_hidden_states=output_hidden_states)
+        return TowerOutput(features, grid, pooled, hidden)
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
@@ -281,7 +306,7 @@ class VisionTower(nn.Module):
         self.pos_embed = nn.Parameter(table.contiguous(), requires_grad=self.pos_embed.requires_grad)
         self.config.image_size = image_size
 
-    def save_pretrained(self, out_dir: str | os.PathLike, format: str = "hf") -> None:
+    def save_pretrained(self, out_dir: str | os.PathLike, format: str = DEFAULT_FORMAT) -> None:
         """Write transformers' ``SiglipVisionModel`` layout (config.json + model.safetensors), or timm's
         (``format="timm"``: model.safetensors + config.json that ``timm.create_model`` reads)."""
         write_vision_weights(self.config, self.state_dict(), out_dir, format=format)

@@ -7,7 +7,8 @@ Flax stores ``Dense`` kernels as (in, out) (torch ``Linear`` holds (out, in)), t
 position table as (1, N, D). Checkpoints trained with ``scan`` stack the blocks into one
 ``encoderblock`` subtree with a leading depth axis. The MAP head's query and key/value become our
 ``head.q`` and ``head.kv``. Everything a config needs (heads included) is in the shapes; big_vision's
-MLPs use the tanh GELU (``flax.linen.gelu``'s default).
+MLPs use the tanh GELU (``flax.linen.gelu``'s default). The registered :data:`FORMAT` reads (never
+writes) these trees, from an ``.npz`` or a folder holding one and no other weights.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import math
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointError
 from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
-from .keys import part
+from .keys import depth_of, part
+from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
 ACT = "gelu_pytorch_tanh"
@@ -165,10 +170,6 @@ def siglip_to_native(params: dict[str, Tensor]) -> tuple[dict[str, Tensor], list
 
 
 # ----------------------------------------------------------------------------- configs from shapes
-def _depth(sd: dict[str, Tensor]) -> int:
-    return 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
-
-
 def heads_of(params: dict[str, Tensor], root: str, encoder: str) -> int:
     """Number of heads: the middle axis of the first block's query kernel (D, H, hd)."""
     for key in (
@@ -180,21 +181,28 @@ def heads_of(params: dict[str, Tensor], root: str, encoder: str) -> int:
     raise KeyError(f"no query kernel under {root}{encoder}/ to read the number of heads from")
 
 
+def _image_tower(params: dict[str, Tensor], sd: dict[str, Tensor], root: str) -> dict[str, Any]:
+    """The config fields both image-tower configs read the same way from the shapes."""
+    return dict(
+        hidden_size=sd["patch_embed.weight"].shape[0],
+        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=depth_of(sd),
+        num_attention_heads=heads_of(params, root, "Transformer"),
+        layer_norm_eps=EPS,
+        hidden_act=ACT,
+        use_head="head.probe" in sd,
+    )
+
+
 def vision_config(params: dict[str, Tensor], sd: dict[str, Tensor], root: str = VISION_ROOT) -> VisionConfig:
     """A fixed-resolution tower's config from its tree (for the heads) and its weights in our layout."""
     weight = sd["patch_embed.weight"]  # (D, C, p, p)
     side = round(sd["pos_embed"].shape[0] ** 0.5)
     return VisionConfig(
-        hidden_size=weight.shape[0],
-        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_depth(sd),
-        num_attention_heads=heads_of(params, root, "Transformer"),
         image_size=side * weight.shape[-1],
         patch_size=weight.shape[-1],
         num_channels=weight.shape[1],
-        layer_norm_eps=EPS,
-        hidden_act=ACT,
-        use_head="head.probe" in sd,
+        **_image_tower(params, sd, root),
     )
 
 
@@ -202,20 +210,12 @@ def naflex_config(
     params: dict[str, Tensor], sd: dict[str, Tensor], root: str = VISION_ROOT
 ) -> NaFlexVisionConfig:
     """A NaFlex tower's config: its ``Dense`` patch embedding takes p*p*3 values (RGB patches)."""
-    width, patch_dim = sd["patch_embed.weight"].shape  # (D, p*p*C)
+    patch_dim = sd["patch_embed.weight"].shape[1]  # (D, p*p*C)
     patch = math.isqrt(patch_dim // 3)
     if 3 * patch * patch != patch_dim:
         raise ValueError(f"NaFlex patch embedding of {patch_dim} inputs is not p*p*3 for any patch size p")
     return NaFlexVisionConfig(
-        hidden_size=width,
-        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_depth(sd),
-        num_attention_heads=heads_of(params, root, "Transformer"),
-        num_patches=sd["pos_embed"].shape[0],
-        patch_size=patch,
-        layer_norm_eps=EPS,
-        hidden_act=ACT,
-        use_head="head.probe" in sd,
+        num_patches=sd["pos_embed"].shape[0], patch_size=patch, **_image_tower(params, sd, root)
     )
 
 
@@ -225,7 +225,7 @@ def text_config(params: dict[str, Tensor], sd: dict[str, Tensor], root: str = TE
         vocab_size=vocab,
         hidden_size=width,
         intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_depth(sd),
+        num_hidden_layers=depth_of(sd),
         num_attention_heads=heads_of(params, root, "Encoder_0"),
         max_position_embeddings=sd["pos_embed"].shape[0],
         layer_norm_eps=EPS,
@@ -236,3 +236,60 @@ def text_config(params: dict[str, Tensor], sd: dict[str, Tensor], root: str = TE
 
 def siglip_config(params: dict[str, Tensor], sd: dict[str, Tensor]) -> SiglipConfig:
     return SiglipConfig(vision_config(params, part(sd, "vision.")), text_config(params, part(sd, "text.")))
+
+
+# ----------------------------------------------------------------------------- the format
+def npz_file(path: Path) -> Path | None:
+    """The big_vision ``.npz`` that ``path`` is, or the only one in a folder without other weights."""
+    if path.suffix == ".npz":
+        return path
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        found = sorted(path.glob("*.npz"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def open_weights(path: Path, vision_only: bool) -> dict[str, Tensor] | None:
+    """The arrays of the ``.npz`` at ``path`` (only the image tower's if ``vision_only``), else None."""
+    npz = npz_file(path)
+    if npz is None:
+        return None
+    with np.load(npz, allow_pickle=False) as f:
+        root = tower_root(list(f.files)) or ""
+    keep_root = root if vision_only else ""
+    return read_npz(npz, keep=lambda k: k.startswith(keep_root))
+
+
+def read_vision(files: Files, source: str) -> Read:
+    params = files.state_dict
+    root = tower_root(list(params)) or ""
+    native, leftover = vision_to_native(params, root)
+    make = naflex_config if native["patch_embed.weight"].dim() == 2 else vision_config
+    return native, with_source(make, params, native, root), leftover
+
+
+def read_siglip(files: Files, source: str) -> Read:
+    params = files.state_dict
+    if tower_root(list(params)) != VISION_ROOT or TEXT_ROOT + "head/kernel" not in params:
+        raise CheckpointError(
+            f"{source}: a two-tower big_vision tree has {VISION_ROOT}, {TEXT_ROOT} "
+            f"and params/t, params/b; for the image tower alone use VisionTower.from_pretrained"
+        )
+    if params[VISION_ROOT + "embedding/kernel"].dim() == 2:
+        raise CheckpointError(f"{source} holds a SigLIP 2 NaFlex image tower: load it with NaFlexVisionTower")
+    native, leftover = siglip_to_native(params)
+    return native, with_source(siglip_config, params, native), leftover
+
+
+FORMAT = register_format(
+    Format(
+        "big_vision",
+        where="big_vision .npz parameter trees (the published SigLIP / SigLIP 2 checkpoints)",
+        looks_for="'<root>/embedding/kernel' in an .npz (root 'params/img/')",
+        detect=lambda keys: tower_root(list(keys)) is not None,
+        read_vision=read_vision,
+        read_siglip=read_siglip,
+        open_weights=open_weights,
+    )
+)

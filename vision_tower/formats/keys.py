@@ -18,3 +18,8 @@ def rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str
 def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix``, with it removed."""
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def depth_of(sd: dict[str, torch.Tensor]) -> int:
+    """The number of blocks in one tower's state dict in our layout (no tower prefix)."""
+    return 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))

@@ -4,20 +4,27 @@ An open_clip SigLIP is a ``CustomTextCLIP``: the image tower is a timm ``VisionT
 ``visual.trunk.`` (see :mod:`.timm`), the text tower open_clip's ``TextTransformer`` under ``text.``
 (``nn.MultiheadAttention`` with a packed ``in_proj``, which is our fused ``qkv``), and 0-d
 ``logit_scale`` / ``logit_bias``. ``model_cfg`` of the config file gives what the weights do not:
-the timm architecture (heads and GELU of the image tower), the text heads and GELU.
+the timm architecture (heads and GELU of the image tower), the text heads and GELU. The registered
+:data:`FORMAT` reads both towers (or the image tower alone) and writes both towers.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from ..checkpoint import CheckpointError
 from ..config import SiglipConfig, TextConfig, VisionConfig
 from . import timm
-from .keys import part, rename
+from .keys import depth_of, part, rename
+from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
 
@@ -143,7 +150,7 @@ def text_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str) -
         vocab_size=vocab,
         hidden_size=width,
         intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks.")),
+        num_hidden_layers=depth_of(sd),
         num_attention_heads=int(cfg.get("heads", 8)),
         max_position_embeddings=sd["pos_embed"].shape[0],
         layer_norm_eps=float(
@@ -192,7 +199,7 @@ def open_clip_config(config: SiglipConfig, *, allow_gelu_change: bool = False) -
             f"has this shape (patch {v.patch_size}, width {v.hidden_size}, depth {v.num_hidden_layers}, "
             f"heads {v.num_attention_heads}, mlp {v.intermediate_size}, {v.image_size} px, {v.hidden_act}, "
             f"head {v.use_head}){hint}; register one with vision_tower.formats.timm.register_timm_arch, "
-            f"or write format='timm' (image tower) or 'hf'"
+            f"or write format='timm' (image tower) or 'transformers'"
         )
     text_cfg: dict[str, Any] = {
         "context_length": t.max_position_embeddings,
@@ -224,3 +231,69 @@ def open_clip_config(config: SiglipConfig, *, allow_gelu_change: bool = False) -
     }
     preprocess = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
+# ----------------------------------------------------------------------------- the format
+ANCHOR = VISION_PREFIX + "patch_embed.proj.weight"
+
+
+def _model_cfg(files: Files, source: str) -> dict[str, Any]:
+    found = files.extra.get(CONFIG_NAME)
+    if found is None or "model_cfg" not in found:
+        raise CheckpointError(
+            f"{source} is an open_clip checkpoint: put its {CONFIG_NAME} (with 'model_cfg') beside it"
+        )
+    return found["model_cfg"]
+
+
+def read_vision(files: Files, source: str) -> Read:
+    model_cfg = _model_cfg(files, source)
+    sd = files.state_dict
+    native, leftover = timm.vision_to_native(part(sd, VISION_PREFIX))
+    leftover = [VISION_PREFIX + k for k in leftover]
+    leftover += [k for k in sd if k.startswith("visual.") and not k.startswith(VISION_PREFIX)]
+    return native, with_source(vision_config, model_cfg, native, source), leftover
+
+
+def read_siglip(files: Files, source: str) -> Read:
+    model_cfg = _model_cfg(files, source)
+    native, leftover = to_native(files.state_dict)
+    return native, with_source(siglip_config, model_cfg, native, source), leftover
+
+
+def write_vision(config: Any, sd: dict[str, Tensor], out_dir: str | os.PathLike) -> Path:
+    raise ValueError("open_clip checkpoints hold both towers: save a SiglipModel with format='open_clip'")
+
+
+def write_siglip(
+    config: SiglipConfig,
+    sd: dict[str, Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    allow_gelu_change: bool = False,
+) -> Path:
+    """``open_clip_model.safetensors`` + ``open_clip_config.json`` (``allow_gelu_change``: see
+    :func:`open_clip_config`)."""
+    cfg = open_clip_config(config, allow_gelu_change=allow_gelu_change)  # first: raises if open_clip cannot
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in from_native(sd).items()}
+    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+FORMAT = register_format(
+    Format(
+        "open_clip",
+        where="timm/ViT-*-SigLIP* (open_clip_model.safetensors + open_clip_config.json)",
+        looks_for=repr(ANCHOR),
+        detect=lambda keys: ANCHOR in keys,
+        read_vision=read_vision,
+        read_siglip=read_siglip,
+        write_vision=write_vision,
+        write_siglip=write_siglip,
+        config_files=(CONFIG_NAME,),
+        non_vision_prefixes=(TEXT_PREFIX,),
+    )
+)

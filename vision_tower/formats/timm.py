@@ -4,19 +4,24 @@ timm keeps the same fused ``qkv`` and split ``q``/``kv`` pooling projections as 
 the state-dict map is a rename plus a ``(1, N, D)`` position table. What the weights do not say
 (number of heads, GELU variant, pooling) comes from the architecture name: ``config.json`` names
 one (``architecture``) and may override its arguments (``model_args``). :data:`TIMM_ARCHS` holds
-the SigLIP architectures timm registers; :func:`register_timm_arch` adds your own.
+the SigLIP architectures timm registers; :func:`register_timm_arch` adds your own. timm holds the
+image tower only: the registered :data:`FORMAT` reads and writes ``model.safetensors`` + ``config.json``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import VisionConfig
-from .keys import rename
+from ..checkpoint import CheckpointError, write_safetensors
+from ..config import NaFlexVisionConfig, VisionConfig
+from .keys import depth_of, rename
+from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
 
@@ -199,7 +204,7 @@ def vision_config(config: dict[str, Any] | None, sd: dict[str, Tensor], source: 
     return VisionConfig(
         hidden_size=width,
         intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks.")),
+        num_hidden_layers=depth_of(sd),
         num_attention_heads=int(args.get("num_heads", arch.heads)),
         image_size=size,
         patch_size=patch,
@@ -259,3 +264,48 @@ def timm_config(config: VisionConfig) -> dict[str, Any]:
             "classifier": "head",
         },
     }
+
+
+# ----------------------------------------------------------------------------- the format
+ANCHORS = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+
+
+def read_vision(files: Files, source: str) -> Read:
+    native, leftover = vision_to_native(files.state_dict)
+    return native, with_source(vision_config, files.config, native, source), leftover
+
+
+def read_siglip(files: Files, source: str) -> Read:
+    raise CheckpointError(
+        f"{source} is a timm checkpoint, which holds the image tower only: use VisionTower.from_pretrained"
+    )
+
+
+def write_vision(
+    config: VisionConfig | NaFlexVisionConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike
+) -> Path:
+    """timm's ``model.safetensors`` + ``config.json`` (that ``timm.create_model`` reads)."""
+    if isinstance(config, NaFlexVisionConfig):
+        raise ValueError("NaFlex towers are written in the transformers layout only (format='transformers')")
+    return write_safetensors(vision_from_native(sd), out_dir, timm_config(config))
+
+
+def write_siglip(config: Any, sd: dict[str, Tensor], out_dir: str | os.PathLike, **options: Any) -> Path:
+    raise ValueError(
+        "timm checkpoints hold the image tower only: save model.vision with format='timm', "
+        "or both towers with format='open_clip'"
+    )
+
+
+FORMAT = register_format(
+    Format(
+        "timm",
+        where="timm/vit_*_siglip_*.* (model.safetensors + config.json with 'architecture')",
+        looks_for=" and ".join(repr(k) for k in ANCHORS),
+        detect=lambda keys: all(k in keys for k in ANCHORS),
+        read_vision=read_vision,
+        read_siglip=read_siglip,
+        write_vision=write_vision,
+        write_siglip=write_siglip,
+    )
+)

@@ -1,19 +1,31 @@
-"""transformers SigLIP key layout <-> this package's layout, as pure state-dict functions.
+"""The transformers SigLIP layout (SigLIP, SigLIP 2, PaliGemma and LLaVA-style VLMs) <-> this package's.
+
+The key maps are pure state-dict functions:
 
 transformers keeps separate q/k/v projections in every block and an ``nn.MultiheadAttention``
 (with a packed ``in_proj``) in the pooling head; this package fuses q/k/v into one ``qkv``
 projection and splits the head's projection into ``q`` and ``kv``. Everything else is a rename.
-Keys here carry no tower prefix (``vision_model.`` / ``text_model.``): callers strip and add it.
+Keys there carry no tower prefix (``vision_model.`` / ``text_model.``). The registered :data:`FORMAT`
+finds the image tower under any prefix (``''``, ``vision_model.``, PaliGemma's ``vision_tower.`` ...),
+takes hyperparameters from ``config.json`` (a SigLIP 2 NaFlex tower has a 2-d patch embedding), and
+writes ``SiglipVisionModel`` / ``Siglip2VisionModel`` / ``SiglipModel`` folders.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError
-from .keys import rename
+from ..checkpoint import CheckpointError, write_safetensors
+from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
+from ..presets import get_preset, list_presets
+from .keys import depth_of, part, rename
+from .registry import Files, Format, Read, register_format
 
 Tensor = torch.Tensor
 
@@ -135,3 +147,170 @@ def text_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
 
 def text_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return _from_native(sd, _TEXT)
+
+
+# ----------------------------------------------------------------------------- reading
+VISION_ANCHOR = "embeddings.patch_embedding.weight"
+
+# config.json model types whose ``vision_config`` describes a SigLIP tower
+_VISION_CONFIG_HOSTS = {
+    "siglip",
+    "siglip2",
+    "paligemma",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+}
+_VISION_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+
+
+def _prefix(keys: list[str], anchor: str, source: str) -> str:
+    """The key prefix (``''``, ``'vision_model.'``, ``'model.vision_tower.'`` ...) in front of ``anchor``."""
+    found = sorted({k[: -len(anchor)] for k in keys if k.endswith(anchor)})
+    found = [p for p in found if p == "" or p.endswith(".")]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({found})"
+        raise CheckpointError(
+            f"{source}: found {what} SigLIP tower(s) ending in {anchor!r}; keys start with "
+            f"{sorted({k.split('.')[0] for k in keys})[:20]}"
+        )
+    return found[0]
+
+
+def _vision_config_dict(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if config.get("model_type") in _VISION_MODEL_TYPES:
+        return config
+    if config.get("model_type") in _VISION_CONFIG_HOSTS or "vision_config" in config:
+        return config.get("vision_config") or {}
+    return None
+
+
+def _infer_vision_config(sd: dict[str, Tensor], source: str) -> VisionConfig:
+    """Shapes give everything but the number of heads, which comes from a preset of the same shape."""
+    patch = sd["patch_embed.weight"]  # (D, C, p, p)
+    depth = depth_of(sd)
+    side = math.isqrt(sd["pos_embed"].shape[0])
+    width, mlp = patch.shape[0], sd["encoder.blocks.0.mlp.fc1.weight"].shape[0]
+    p = patch.shape[-1]
+    same = [get_preset(n).vision for n in list_presets()]
+    same = [
+        v for v in same if (v.hidden_size, v.num_hidden_layers, v.intermediate_size) == (width, depth, mlp)
+    ]
+    if same and patch.dim() == 4:
+        # 384 px in 14 px patches is a 27-token side: a preset with the same grid gives the pixel size
+        sizes = [v.image_size for v in same if v.patch_size == p and v.image_size // p == side]
+        return VisionConfig(
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=depth,
+            num_attention_heads=same[0].num_attention_heads,
+            image_size=sizes[0] if sizes else side * p,
+            patch_size=p,
+            num_channels=patch.shape[1],
+            use_head="head.probe" in sd,
+        )
+    raise CheckpointError(
+        f"{source} has no config.json and its shapes (width {width}, depth {depth}, mlp {mlp}) "
+        f"match no preset: put the transformers config.json beside the weights"
+    )
+
+
+def read_vision(files: Files, source: str) -> Read:
+    sd = files.state_dict
+    prefix = _prefix(list(sd), VISION_ANCHOR, source)
+    native, leftover = vision_to_native(part(sd, prefix))
+    leftover = [prefix + k for k in leftover]
+    cfg_dict = _vision_config_dict(files.config)
+    naflex = (
+        native["patch_embed.weight"].dim() == 2
+        or (cfg_dict or {}).get("model_type") == _VISION_MODEL_TYPES[1]
+    )
+    if cfg_dict is None:
+        return native, _infer_vision_config(native, source), leftover
+    cfg_dict = {**cfg_dict, "vision_use_head": "head.probe" in native}
+    return native, (NaFlexVisionConfig if naflex else VisionConfig).from_hf(cfg_dict), leftover
+
+
+def read_siglip(files: Files, source: str) -> Read:
+    sd, config = files.state_dict, files.config
+    if config is None or config.get("model_type") != "siglip":
+        found = None if config is None else config.get("model_type")
+        raise CheckpointError(
+            f"{source} is not a transformers SiglipModel checkpoint (config model_type {found!r}); "
+            f"for the image tower alone use VisionTower.from_pretrained"
+            + ("; a SigLIP 2 NaFlex image tower loads with NaFlexVisionTower" if found == "siglip2" else "")
+        )
+    cfg = SiglipConfig(
+        VisionConfig.from_hf(config.get("vision_config") or {}),
+        TextConfig.from_hf(config.get("text_config") or {}),
+    )
+    native: dict[str, Tensor] = {}
+    leftover: list[str] = []
+    for tower, prefix, convert in (
+        ("vision", "vision_model.", vision_to_native),
+        ("text", "text_model.", text_to_native),
+    ):
+        converted, rest = convert(part(sd, prefix))
+        native.update({f"{tower}.{k}": v for k, v in converted.items()})
+        leftover += [prefix + k for k in rest]
+    for name in ("logit_scale", "logit_bias"):
+        if name in sd:
+            native[name] = sd[name].reshape(1)
+    leftover += [k for k in sd if not k.startswith(("vision_model.", "text_model.", "logit_"))]
+    return native, cfg, leftover
+
+
+# ----------------------------------------------------------------------------- writing
+def vision_state_dict_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An image tower's state dict (ours) under transformers' names with the ``vision_model.`` infix."""
+    return {f"vision_model.{k}": v for k, v in vision_from_native(sd).items()}
+
+
+def write_vision(
+    config: VisionConfig | NaFlexVisionConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike
+) -> Path:
+    """transformers' ``SiglipVisionModel`` (``Siglip2VisionModel`` for NaFlex) layout."""
+    arch = "Siglip2VisionModel" if isinstance(config, NaFlexVisionConfig) else "SiglipVisionModel"
+    return write_safetensors(vision_state_dict_hf(sd), out_dir, {"architectures": [arch], **config.to_hf()})
+
+
+def write_siglip(
+    config: SiglipConfig,
+    sd: dict[str, Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    allow_gelu_change: bool = False,
+) -> Path:
+    """transformers' ``SiglipModel`` layout (``allow_gelu_change`` does not apply: any GELU is written)."""
+    tensors = vision_state_dict_hf(part(sd, "vision."))
+    tensors.update({f"text_model.{k}": v for k, v in text_from_native(part(sd, "text.")).items()})
+    tensors["logit_scale"] = sd["logit_scale"]
+    tensors["logit_bias"] = sd["logit_bias"]
+    return write_safetensors(tensors, out_dir, config.to_hf())
+
+
+FORMAT = register_format(
+    Format(
+        "transformers",
+        where="google/siglip-*, google/siglip2-*, PaliGemma, LLaVA-style VLMs (safetensors + config.json)",
+        looks_for=f"a key ending in {VISION_ANCHOR!r}",
+        detect=lambda keys: any(k.endswith(VISION_ANCHOR) for k in keys),
+        read_vision=read_vision,
+        read_siglip=read_siglip,
+        write_vision=write_vision,
+        write_siglip=write_siglip,
+        # the parts of VLM checkpoints that are not the image tower
+        non_vision_prefixes=(
+            "language_model.",
+            "model.language_model.",
+            "lm_head.",
+            "multi_modal_projector.",
+            "model.multi_modal_projector.",
+            "text_model.",
+        ),
+    )
+)
