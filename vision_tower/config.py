@@ -80,6 +80,16 @@ def _as_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _check_encoder(config: Any) -> None:
+    """What every tower config checks: whole heads and a supported GELU."""
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+        )
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+
+
 @dataclass
 class _TowerConfig:
     """What both image-tower configs share: the ViT's shape, strict dicts and transformers' ``config.json``
@@ -100,12 +110,7 @@ class _TowerConfig:
 
     def _check(self) -> None:
         self.patch_size = _as_int(self.patch_size, "patch_size")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+        _check_encoder(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -201,12 +206,7 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.projection_size is None:
             self.projection_size = self.hidden_size
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+        _check_encoder(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextConfig:

@@ -19,9 +19,7 @@ from einops import rearrange
 
 from . import backends
 from .images import DEFAULT, DefaultLimit
-from .processor import ConfigFile, common_kwargs, triple
-
-NAFLEX_TYPES = ("Siglip2ImageProcessor", "Siglip2ImageProcessorFast", "Siglip2ImageProcessorPil")
+from .processor import NAFLEX_TYPES, Preprocessing, common_kwargs
 
 
 class NaFlexBatch(NamedTuple):
@@ -54,7 +52,7 @@ def size_for_patches(height: int, width: int, patch_size: int, max_num_patches: 
 
 
 @dataclasses.dataclass
-class NaFlexImageProcessor(ConfigFile):
+class NaFlexImageProcessor(Preprocessing):
     """SigLIP 2 NaFlex preprocessing; calling it on one image or a list gives a :class:`NaFlexBatch`."""
 
     patch_size: int = 16
@@ -76,36 +74,21 @@ class NaFlexImageProcessor(ConfigFile):
             raise ValueError(
                 f"patch_size {self.patch_size} and max_num_patches {self.max_num_patches} must be >= 1"
             )
-        self.mean = triple(self.mean, "mean")
-        self.std = triple(self.std, "std")
-        self.resample = backends.resample_name(self.resample)
-        self.rescale_factor = float(self.rescale_factor)
+        self._check_pixels()
+        self._check_filter()
 
     def __call__(self, images: Any) -> NaFlexBatch:
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ValueError("no images given")
-        rows, masks, shapes = zip(*(self._patches(image) for image in batch))
+        rows, masks, shapes = zip(*(self._patches(image) for image in self._batch(images)))
         return NaFlexBatch(torch.stack(rows), torch.stack(masks), torch.tensor(shapes, dtype=torch.long))
 
     preprocess = __call__
 
     def _patches(self, image: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """One image -> (N, p*p*3) padded patches, (N,) mask, (h, w) patch grid."""
-        rgb = backends.rgb_array(
-            image, backend=self.backend, do_convert_rgb=self.do_convert_rgb, max_pixels=self.max_pixels
-        )  # (H, W, 3) uint8
+        rgb = self._rgb(image)  # (H, W, 3) uint8
         p = self.patch_size
         size = size_for_patches(*rgb.shape[:2], p, self.max_num_patches) if self.do_resize else None
-        x = backends.pixels(
-            self.backend,
-            rgb,
-            size,
-            self.resample,
-            self.rescale_factor if self.do_rescale else None,
-            self.mean if self.do_normalize else None,
-            self.std if self.do_normalize else None,
-        )  # (3, H, W) float32
+        x = self._float_pixels(rgb, size)  # (3, H, W) float32
         h, w = x.shape[1] // p, x.shape[2] // p
         if h * w > self.max_num_patches:
             raise ValueError(
@@ -147,8 +130,4 @@ class NaFlexImageProcessor(ConfigFile):
         kwargs.update(
             {k: int(config[k]) for k in ("patch_size", "max_num_patches") if config.get(k) is not None}
         )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown NaFlexImageProcessor option(s) {unknown}; known: {sorted(fields)}")
-        return cls(**{**kwargs, **overrides})
+        return cls._with_overrides(kwargs, overrides)

@@ -40,9 +40,8 @@ from .images import DEFAULT, DefaultLimit
 CONFIG_NAME = "preprocessor_config.json"
 
 
-# transformers keys that carry no behaviour for this processor
-_IGNORED_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type", "default_to_square"}
-_UNSUPPORTED_TYPES = {"Siglip2ImageProcessor", "Siglip2ImageProcessorFast", "Siglip2ImageProcessorPil"}
+# transformers' SigLIP 2 NaFlex processors (read by NaFlexImageProcessor)
+NAFLEX_TYPES = ("Siglip2ImageProcessor", "Siglip2ImageProcessorFast", "Siglip2ImageProcessorPil")
 
 
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -91,8 +90,56 @@ class ConfigFile:
         return file
 
 
+class Preprocessing(ConfigFile):
+    """What both image processors share: per-channel statistics, filter and switches (the fields ``mean``,
+    ``std``, ``resample``, ``rescale_factor``, ``do_*``, ``max_pixels``, ``backend``), decoding an image to
+    RGB and resizing, rescaling and normalizing it with the backend's numerics."""
+
+    def _check_pixels(self) -> None:
+        self.mean = triple(self.mean, "mean")
+        self.std = triple(self.std, "std")
+
+    def _check_filter(self) -> None:
+        self.resample = resample_name(self.resample)
+        self.rescale_factor = float(self.rescale_factor)
+
+    @staticmethod
+    def _batch(images: Any) -> list[Any]:
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given")
+        return batch
+
+    def _rgb(self, image: Any):
+        """One image -> (H, W, 3) uint8 array."""
+        return backends.rgb_array(
+            image, backend=self.backend, do_convert_rgb=self.do_convert_rgb, max_pixels=self.max_pixels
+        )
+
+    def _float_pixels(self, rgb: Any, size: tuple[int, int] | None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) float32: resized to ``size`` (None: kept), rescaled, normalized."""
+        return backends.pixels(
+            self.backend,
+            rgb,
+            size,
+            self.resample,
+            self.rescale_factor if self.do_rescale else None,
+            self.mean if self.do_normalize else None,
+            self.std if self.do_normalize else None,
+        )
+
+    @classmethod
+    def _with_overrides(cls, kwargs: dict[str, Any], overrides: dict[str, Any]):
+        """``cls(**kwargs)`` with ``overrides`` (this class's field names; an unknown one is an error)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(fields)}")
+        return cls(**{**kwargs, **overrides})
+
+
 @dataclasses.dataclass
-class ImageProcessor(ConfigFile):
+class ImageProcessor(Preprocessing):
     """SigLIP image preprocessing: bicubic squash to ``image_size``, rescale, normalize.
 
     ``ImageProcessor(image_size=448)`` builds one for a 448 px tower; ``from_pretrained``
@@ -116,12 +163,10 @@ class ImageProcessor(ConfigFile):
     def __post_init__(self) -> None:
         self.backend = backends.check_backend(self.backend)
         self.image_size = _pair(self.image_size)
-        self.mean = triple(self.mean, "mean")
-        self.std = triple(self.std, "std")
+        self._check_pixels()
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must be non-zero, got {self.std}")
-        self.resample = resample_name(self.resample)
-        self.rescale_factor = float(self.rescale_factor)
+        self._check_filter()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -135,10 +180,7 @@ class ImageProcessor(ConfigFile):
     # ------------------------------------------------------------------ processing
     def __call__(self, images: Any) -> torch.Tensor:
         """Preprocess one image or a list of images into ``(B, 3, H, W)`` float32."""
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ValueError("no images given")
-        out = [self._pixels(image) for image in batch]  # each (3, H, W)
+        out = [self._pixels(image) for image in self._batch(images)]  # each (3, H, W)
         shapes = {tuple(x.shape) for x in out}
         if len(shapes) > 1:
             raise ValueError(f"images have different sizes {sorted(shapes)} with do_resize=False")
@@ -148,18 +190,7 @@ class ImageProcessor(ConfigFile):
 
     def _pixels(self, image: Any) -> torch.Tensor:
         """One image -> (3, H, W) float32: RGB conversion, resize, rescale, normalize."""
-        rgb = backends.rgb_array(
-            image, backend=self.backend, do_convert_rgb=self.do_convert_rgb, max_pixels=self.max_pixels
-        )  # (H, W, 3) uint8
-        return backends.pixels(
-            self.backend,
-            rgb,
-            self.size if self.do_resize else None,
-            self.resample,
-            self.rescale_factor if self.do_rescale else None,
-            self.mean if self.do_normalize else None,
-            self.std if self.do_normalize else None,
-        )
+        return self._float_pixels(self._rgb(image), self.size if self.do_resize else None)
 
     # ------------------------------------------------------------------ config files
     def to_dict(self) -> dict[str, Any]:
@@ -181,19 +212,13 @@ class ImageProcessor(ConfigFile):
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ImageProcessor:
         """Build from transformers' SiglipImageProcessor fields; ``overrides`` use this class's names."""
-        kwargs = _kwargs_from_config(config)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown ImageProcessor option(s) {unknown}; known: {sorted(fields)}")
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls._with_overrides(_kwargs_from_config(config), overrides)
 
 
 def _kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     """Map transformers' processor fields to ``ImageProcessor`` arguments, refusing what it cannot do."""
     kind = config.get("image_processor_type", "SiglipImageProcessor")
-    if kind in _UNSUPPORTED_TYPES or "max_num_patches" in config:
+    if kind in NAFLEX_TYPES or "max_num_patches" in config:
         raise ValueError(
             f"{kind} is SigLIP 2 NaFlex (variable resolution) preprocessing: load it with "
             f"vision_tower.NaFlexImageProcessor"

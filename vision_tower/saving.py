@@ -34,7 +34,10 @@ def write_vision_weights(
 ) -> Path:
     """An image tower in ``format``: ``transformers`` is transformers' ``SiglipVisionModel``
     (``Siglip2VisionModel`` for NaFlex) layout, ``timm`` is timm's ``model.safetensors`` + ``config.json``."""
-    return get_format(format, writable=True).write_vision(config, sd, out_dir)
+    fmt = get_format(format, writable=True)
+    if fmt.write_vision is None:
+        raise ValueError(f"{fmt.name} checkpoints do not hold an image tower alone: save a SiglipModel")
+    return fmt.write_vision(config, sd, out_dir)
 
 
 def write_siglip_weights(
@@ -49,4 +52,6 @@ def write_siglip_weights(
     ``open_clip`` is ``open_clip_model.safetensors`` + ``open_clip_config.json`` (``allow_gelu_change``:
     see :func:`.formats.open_clip.open_clip_config`)."""
     fmt = get_format(format, writable=True)
+    if fmt.write_siglip is None:
+        raise ValueError(f"{fmt.name} checkpoints hold the image tower only: save model.vision")
     return fmt.write_siglip(config, sd, out_dir, allow_gelu_change=allow_gelu_change)
