@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
-from .keys import depth_of, part
+from .keys import depth_of, part, text_shape
 from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
@@ -220,17 +220,11 @@ def naflex_config(
 
 
 def text_config(params: dict[str, Tensor], sd: dict[str, Tensor], root: str = TEXT_ROOT) -> TextConfig:
-    vocab, width = sd["token_embed.weight"].shape
     return TextConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=depth_of(sd),
         num_attention_heads=heads_of(params, root, "Encoder_0"),
-        max_position_embeddings=sd["pos_embed"].shape[0],
         layer_norm_eps=EPS,
         hidden_act=ACT,
-        projection_size=sd["head.weight"].shape[0],
+        **text_shape(sd),
     )
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
+
+# a block of one of our towers: (index, rest of the key)
+OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 
 
 def rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str | None:
@@ -23,3 +29,16 @@ def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 def depth_of(sd: dict[str, torch.Tensor]) -> int:
     """The number of blocks in one tower's state dict in our layout (no tower prefix)."""
     return 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+
+
+def text_shape(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The text-config fields a text tower's state dict in our layout (no prefix) gives by its shapes."""
+    vocab, width = sd["token_embed.weight"].shape
+    return dict(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=depth_of(sd),
+        max_position_embeddings=sd["pos_embed"].shape[0],
+        projection_size=sd["head.weight"].shape[0],
+    )

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..checkpoint import CheckpointError
 from ..config import SiglipConfig, TextConfig, VisionConfig
 from . import timm
-from .keys import depth_of, part, rename
+from .keys import OUR_BLOCK, part, rename, text_shape
 from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
@@ -50,7 +50,6 @@ _TEXT_BLOCK = [
     ("mlp.c_proj", "mlp.fc2"),
 ]
 _THEIR_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
-_OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 
 
 def text_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -78,7 +77,7 @@ def text_to_native(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
 def text_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        m = _OUR_BLOCK.match(key)
+        m = OUR_BLOCK.match(key)
         if m:
             new = rename(m.group(2), _TEXT_BLOCK, reverse=True)
             new = None if new is None else f"transformer.resblocks.{m.group(1)}.{new}"
@@ -145,19 +144,13 @@ def text_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str) -
     if model_cfg.get("quick_gelu"):
         raise ValueError(f"{source}: quick_gelu is not a SigLIP activation")
     tanh = (cfg.get("act_kwargs") or {}).get("approximate") == "tanh"
-    vocab, width = sd["token_embed.weight"].shape
     return TextConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=depth_of(sd),
         num_attention_heads=int(cfg.get("heads", 8)),
-        max_position_embeddings=sd["pos_embed"].shape[0],
         layer_norm_eps=float(
             (cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
         ),  # open_clip's LayerNorm default
         hidden_act="gelu_pytorch_tanh" if tanh else "gelu",
-        projection_size=sd["head.weight"].shape[0],
+        **text_shape(sd),
     )
 
 

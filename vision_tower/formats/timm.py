@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointError, write_safetensors
 from ..config import NaFlexVisionConfig, VisionConfig
-from .keys import depth_of, rename
+from .keys import OUR_BLOCK, depth_of, rename
 from .registry import Files, Format, Read, register_format, with_source
 
 Tensor = torch.Tensor
@@ -39,7 +39,6 @@ _TOWER = [
 ]
 _BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 
 # timm's names for the two GELUs <-> the names our configs (and transformers) use
 _ACT_FROM_TIMM = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -73,7 +72,7 @@ def vision_from_native(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our image-tower keys -> timm ``VisionTransformer`` keys."""
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        m = _OUR_BLOCK.match(key)
+        m = OUR_BLOCK.match(key)
         if m:
             out[f"blocks.{m.group(1)}.{m.group(2)}"] = value
         elif key == "pos_embed":

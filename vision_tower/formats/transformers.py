@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import CheckpointError, write_safetensors
 from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
 from ..presets import get_preset, list_presets
-from .keys import depth_of, part, rename
+from .keys import OUR_BLOCK, depth_of, part, rename
 from .registry import Files, Format, Read, register_format
 
 Tensor = torch.Tensor
@@ -54,7 +54,6 @@ _TEXT = [
     ("head", "head"),
 ]
 _HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
-_OUR_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -107,7 +106,7 @@ def _from_native(sd: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[st
     out: dict[str, Tensor] = {}
     head_q: dict[str, Tensor] = {}
     for key, value in sd.items():
-        m = _OUR_BLOCK.match(key)
+        m = OUR_BLOCK.match(key)
         if m:
             layer, rest = m.groups()
             if rest.startswith("attn.qkv."):
