@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from training.data import (
+    ShardLoader,
     TokenizeOne,
     batches_before,
     build_dataset,
-    ShardLoader,
     expand_shards,
 )
 from training.demo.shapes import make_sample

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from training.demo.shapes import CLASSES, make_sample, make_shapes
 from training.eval.common import sigmoid_scores
 from training.eval.retrieval import recall_at_k, retrieval
 from training.eval.zero_shot import DEFAULT_TEMPLATES, class_embeddings, load_templates, topk_hits, zero_shot
-from training.demo.shapes import CLASSES, make_sample, make_shapes
 
 COLOR_WORDS = ("red", "green", "blue")
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from training.runner.paths import ROOT
 from training.demo import caption_corpus
-from training.runner.launch import launch_env, torchrun_command
 from training.demo.shapes import make_shapes
+from training.runner.launch import launch_env, torchrun_command
+from training.runner.paths import ROOT
 from training.tokenizer_train import train_tokenizer
 
 pytestmark = pytest.mark.distributed
@@ -153,8 +153,8 @@ def test_locked_image_tower_does_not_change(shapes, tmp_path):
     )
     first_ckpt = load_file(out / "export" / "vision" / "model.safetensors")
     # the same seed builds the same initial model: compare with a fresh one
-    from training.tasks.siglip_config import load_config
     from training.tasks.siglip import build_model
+    from training.tasks.siglip_config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(DEMO, [f"{k}={v}" for k, v in shapes.items()] + ["model.lock_image=true"])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from training.runner.engine import deepspeed_config, lr_factor, param_groups
 from training.runner.paths import ROOT
 from training.tasks.siglip_config import load_config
-from training.runner.engine import deepspeed_config, lr_factor, param_groups
 from vision_tower import SiglipModel
 
 

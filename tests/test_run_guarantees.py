@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import tests.test_pretrain as pretrain_tests
-from training.runner.paths import ROOT
 from training.runner.launch import launch_env
+from training.runner.paths import ROOT
 
 pytestmark = pytest.mark.distributed
 shapes = pretrain_tests.shapes  # the fixture: shapes data and a tokenizer

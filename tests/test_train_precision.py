@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
+from training.runner.engine import deepspeed_config, training_precision
 from training.runner.paths import ROOT
 from training.tasks.siglip_config import load_config
-from training.runner.engine import deepspeed_config, training_precision
 from vision_tower import hardware
 
 DEMO = ROOT / "configs/pretrain/demo_tiny.yaml"

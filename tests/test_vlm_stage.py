@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from connectors import FormatError
 from tests.vlm_train_data import make_assets
-from training.runner.paths import ROOT
+from training.eval.vlm import evaluate_vlm, read_eval_items
 from training.runner import Zero, deepspeed_config
+from training.runner.paths import ROOT
 from training.tasks.vlm import VLMTask
 from training.tasks.vlm_config import load_vlm_config
 from training.tasks.vlm_model import add_lora, load_plain, merge_lora
-from training.eval.vlm import evaluate_vlm, read_eval_items
 
 CONFIGS = sorted((ROOT / "configs" / "vlm").glob("*.yaml"))
 TINY = ROOT / "configs" / "vlm" / "tiny_align.yaml"

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from tests._vlm_workers import losses, stages_worker
 from tests.distributed_utils import run_ranks
 from tests.vlm_train_data import make_assets
-from training.runner.paths import ROOT
 from training.runner.launch import launch_env
+from training.runner.paths import ROOT
 from vision_tower.cli import main
 
 pytestmark = pytest.mark.distributed

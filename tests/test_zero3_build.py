@@ -9,8 +9,8 @@ import torch
 from tests._pretrain_workers import zero3_build_worker
 from tests.distributed_utils import run_ranks
 from training.runner.paths import ROOT
-from training.tasks.siglip_config import load_config
 from training.tasks.siglip import build_model
+from training.tasks.siglip_config import load_config
 from vision_tower import SiglipModel
 
 pytestmark = pytest.mark.distributed

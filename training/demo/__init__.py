@@ -205,8 +205,8 @@ def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_S
     name the right colour and shape, next to chance and to word-for-word equality (step 8)."""
     from connectors import VisionLanguageModel
 
+    from ..data.vlm import builder_for
     from ..eval.vlm import evaluate_vlm, exact_match, read_eval_items
-    from .data.vlm import builder_for
 
     vlm = VisionLanguageModel.from_pretrained(model).eval()
     builder = builder_for(vlm, max_length=48)
