@@ -103,7 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     task = VLMTask(load_vlm_config(ROOT / "configs/vlm/tiny_align.yaml", overrides))
     torch.manual_seed(SEED)  # the tower of prepare()
     engine, _ = build_task_engine(task, rank, world)
-    batches = iter(task.ShardLoader(rank, world, None))
+    batches = iter(task.build_loader(rank, world, None))
     for _ in range(args.warmup):
         train_step(engine, batches, task.loss, task.loss_items)
     torch.distributed.barrier()
