@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, hf_vision
+from tests.helpers.hf_reference import hf_siglip, hf_vision
 from vision_tower import ImageProcessor, VisionTower, load_image
 from vision_tower.cli import main
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.hf_reference import hf_vision
+from tests.helpers.hf_reference import hf_vision
 
 # What a command says it chose before it starts (precision, compilation): status, not part of the error.
 STATUS_LINES = ("precision: ", "compile: ")

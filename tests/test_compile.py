@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_vision
+from tests.helpers.hf_reference import hf_vision
 from training.losses import sigmoid_loss
 from vision_tower import ImageProcessor, SiglipModel, TextTower, VisionTower, get_preset, load_image
 from vision_tower.cli import main

@@ -9,7 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from connectors import Connector, ConnectorConfig, build_connector, list_connectors
-from tests.hf_reference import randomize_
+from tests.helpers.hf_reference import randomize_
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 V, T = 32, 48  # tower width, decoder width

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.shards import encode, pil_decode, write_tar
 from training.data import (
     ShardLoader,
     TokenizeOne,
@@ -38,27 +37,6 @@ def text_tf(text: str) -> torch.Tensor:
     data = list(text.encode())[:L]
     ids[: len(data)] = torch.tensor(data)
     return ids
-
-
-def pil_decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()  # a truncated file fails here
-    return image.convert("RGB")
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def good(key: str, index: int, ext: str = "png") -> list[tuple[str, bytes]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.helpers.shards import pil_decode
 from training.demo.shapes import CLASSES, make_sample, make_shapes
 from training.eval.common import sigmoid_scores
 from training.eval.retrieval import recall_at_k, retrieval
@@ -44,10 +44,6 @@ def color_tokenize(texts: list[str]) -> torch.Tensor:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255  # (1, 3, H, W)
-
-
-def pil_decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 RGB = {"red": (250, 10, 10), "green": (10, 250, 10), "blue": (10, 10, 250)}

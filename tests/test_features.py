@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_vision
+from tests.helpers.hf_reference import hf_vision
 from vision_tower import VisionTower, interpolate_pos_embed
 
 TOL = dict(atol=1e-5, rtol=1e-5)

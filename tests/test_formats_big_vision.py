@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, randomize_
+from tests.helpers.hf_reference import hf_siglip, randomize_
 from vision_tower import CheckpointError, NaFlexVisionTower, SiglipModel, VisionTower
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, randomize_
+from tests.helpers.hf_reference import hf_siglip, randomize_
 from vision_tower import SiglipModel, VisionTower
 from vision_tower.cli import main
 from vision_tower.formats import timm as timm_format

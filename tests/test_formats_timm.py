@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, randomize_
+from tests.helpers.hf_reference import hf_siglip, randomize_
 from vision_tower import VisionTower
 from vision_tower.cli import main
 from vision_tower.formats import timm as timm_format

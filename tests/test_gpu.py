@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _pair(seed: int):
-    from tests.hf_reference import hf_vision
+    from tests.helpers.hf_reference import hf_vision
 
     ref = hf_vision(seed=seed, num_hidden_layers=3, hidden_size=96, intermediate_size=192, image_size=64)
     ours = VisionTower.from_state_dict(ref.state_dict(), ref.config.to_dict())
@@ -51,8 +51,8 @@ def test_auto_picks_bf16_on_ampere_and_newer():
 
 @pytest.mark.distributed
 def test_one_gpu_zero2_pretrain_steps_on_nccl():
-    from tests._precision_workers import precision_steps_worker
-    from tests.distributed_utils import run_ranks
+    from tests.helpers.distributed import run_ranks
+    from tests.helpers.precision_workers import precision_steps_worker
 
     (run,) = run_ranks(precision_steps_worker, 1, [["run.precision=auto"]], 4, backend=None, timeout=300)[0]
     assert run["device"].startswith("cuda")

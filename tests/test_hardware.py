@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.hf_reference import hf_vision
-from vision_tower import ImageProcessor, VisionTower, hardware, load_image
+from tests.helpers.hardware import write_cpuinfo
+from tests.helpers.hf_reference import hf_vision
+from vision_tower import ImageProcessor, VisionTower, load_image
 from vision_tower.cli import main
 from vision_tower.features import COMPILE_MIN_BATCHES, decide_compile
 from vision_tower.hardware import choose_precision, read_cpuinfo_flags
@@ -23,26 +24,8 @@ ZEN3 = "fpu sse2 avx avx2 fma"
 SKYLAKE_X = "fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni"  # AVX-512 but no bf16
 
 
-def _cpuinfo(tmp_path, flags: str):
-    path = tmp_path / "cpuinfo"
-    block = f"processor\t: 0\nvendor_id\t: X\nmodel name\t: test\nflags\t\t: {flags}\nbogomips\t: 1\n\n"
-    path.write_text(block + block.replace("processor\t: 0", "processor\t: 1"))
-    return path
-
-
-@pytest.fixture
-def cpu(monkeypatch, tmp_path):
-    """Pretend the CPU reports these flags (a /proc/cpuinfo written to a temporary file)."""
-
-    def use(flags: str) -> None:
-        parsed = read_cpuinfo_flags(_cpuinfo(tmp_path, flags))
-        monkeypatch.setattr(hardware, "cpu_flags", lambda: parsed)
-
-    return use
-
-
 def test_cpuinfo_flags_are_parsed(tmp_path):
-    flags = read_cpuinfo_flags(_cpuinfo(tmp_path, SAPPHIRE_RAPIDS))
+    flags = read_cpuinfo_flags(write_cpuinfo(tmp_path / "cpuinfo", SAPPHIRE_RAPIDS))
     assert {"amx_bf16", "avx512_bf16", "amx_tile"} <= flags and "flags" not in flags
     assert read_cpuinfo_flags(tmp_path / "missing") is None
 

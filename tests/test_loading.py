@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, hf_vision
+from tests.helpers.hf_reference import hf_siglip, hf_vision
+from tests.helpers.hub import hub_cache
 from vision_tower import CheckpointError, SiglipModel, VisionConfig, VisionTower
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -28,7 +29,7 @@ def _pixels(n=2, size=32):
 def _tiny_paligemma():
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-    from tests.hf_reference import randomize_
+    from tests.helpers.hf_reference import randomize_
 
     cfg = PaliGemmaConfig(
         vision_config=dict(
@@ -175,22 +176,12 @@ def test_missing_source_says_so(tmp_path):
         VisionTower.from_pretrained(str(tmp_path / "nope"))
 
 
-def _hub_cache(root: Path, repo_id: str, files_from: Path, commit: str) -> None:
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in files_from.iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
 def test_hub_repo_id_resolves_offline_from_the_cache(tmp_path):
     ref = hf_siglip(seed=25)
     ref.save_pretrained(tmp_path / "src")
     cache = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    _hub_cache(cache, "google/siglip-tiny-test", tmp_path / "src", commit)
+    hub_cache(cache, "google/siglip-tiny-test", tmp_path / "src", commit)
     x = _pixels()
     with torch.no_grad():
         torch.save(

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests._loss_workers import (
+from tests.helpers.distributed import run_ranks
+from tests.helpers.loss_workers import (
     global_batch,
     loss_and_grads,
     misuse_worker,
     ring_cases_worker,
     subgroup_worker,
 )
-from tests.distributed_utils import run_ranks
 from training.losses import sigmoid_loss, softmax_loss
 
 pytestmark = pytest.mark.distributed

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from tests.hf_reference import randomize_
-from tests.photos import make_photo, shipped_photo
+from tests.helpers.hf_reference import randomize_
+from tests.helpers.photos import make_photo, shipped_photo
 from vision_tower import (
     CheckpointError,
     NaFlexImageProcessor,

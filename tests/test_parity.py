@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import hf_siglip, hf_text, hf_vision
+from tests.helpers.hf_reference import hf_siglip, hf_text, hf_vision
 from vision_tower import SiglipModel, TextTower, VisionTower
 from vision_tower.formats import transformers as hf_format
 

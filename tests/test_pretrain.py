@@ -6,13 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from tests.helpers.distributed import kill_at_checkpoint
 from training.demo import caption_corpus
 from training.demo.shapes import make_shapes
 from training.runner.launch import launch_env, torchrun_command
@@ -180,14 +180,7 @@ def test_kill_and_resume_reaches_the_same_losses(shapes, tmp_path):
     _launch(2, _args(full, shapes, **steps))
     killed = tmp_path / "killed"
     proc = _launch(2, _args(killed, shapes, **steps), wait=False)
-    marker = killed / "checkpoints" / "COMMITTED"
-    deadline = time.time() + 180
-    while not (marker.exists() and marker.read_text().strip() == "step00000010"):
-        assert proc.poll() is None, "run ended before its first checkpoint: " + proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, killed, "step00000010")
     assert max(_losses(killed)) < 40, "the run finished before it was killed"
     _launch(2, _args(killed, shapes, **steps) + ["--resume"])
     a, b = _losses(full), _losses(killed)
@@ -258,8 +251,8 @@ def test_corrupt_shard_run_completes_and_reports_skips(shapes, tmp_path):
 def test_multi_rank_training_loss_equals_single_process_global_batch(world):
     """Same global batch of 12: the loss of the training step (and of the next step, after the
     update) on `world` ranks equals the single-process result."""
-    from tests._pretrain_workers import loss_steps_worker
-    from tests.distributed_utils import run_ranks
+    from tests.helpers.distributed import run_ranks
+    from tests.helpers.pretrain_workers import loss_steps_worker
 
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(12, 3, 32, 32, generator=gen)

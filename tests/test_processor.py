@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.photos import make_photo, shipped_photo
+from tests.helpers.photos import make_photo, shipped_photo
 from vision_tower import images as images_module
 from vision_tower.images import ImageLoadError, load_image, to_rgb
 from vision_tower.processor import ImageProcessor

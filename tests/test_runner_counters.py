@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests._runner_workers import counters_worker
-from tests.distributed_utils import run_ranks
+from tests.helpers.distributed import run_ranks
+from tests.helpers.runner_workers import counters_worker
 
 pytestmark = pytest.mark.distributed
 

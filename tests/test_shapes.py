@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.shards import pil_decode
 from training.data import ShardLoader, build_dataset, expand_shards
 from training.demo.shapes import (
     CLASSES,
@@ -44,14 +45,6 @@ def _text_tf(text: str) -> torch.Tensor:
     data = list(text.encode())[:48]
     ids[: len(data)] = torch.tensor(data)
     return ids  # (48,)
-
-
-def _pil_decode(data: bytes) -> Image.Image:
-    import io
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,7 @@ def test_readable_by_the_pipeline(shapes):
         world_size=1,
         resampled=False,
         shuffle=False,
-        decode_image=_pil_decode,
+        decode_image=pil_decode,
     )
     loader = ShardLoader(dataset, num_workers=0)
     batches = list(loader)

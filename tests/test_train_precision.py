@@ -12,21 +12,18 @@ import torch
 from training.runner.engine import deepspeed_config, training_precision
 from training.runner.paths import ROOT
 from training.tasks.siglip_config import load_config
-from vision_tower import hardware
 
 DEMO = ROOT / "configs/pretrain/demo_tiny.yaml"
 
 
+BF16_CPU, NO_BF16_CPU = "avx2 avx512f avx512_bf16", "avx2 avx512f"
+
+
 @pytest.fixture
-def cpu(monkeypatch):
-    """Pretend the CPU has (or lacks) AVX512-BF16; no CUDA."""
+def cpu(cpu, monkeypatch):
+    """The shared fake CPU (``conftest.py``), on a machine without CUDA: the choices here are the CPU's."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-    def use(fast: bool) -> None:
-        flags = frozenset({"avx2", "avx512f", *(["avx512_bf16"] if fast else [])})
-        monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
-
-    return use
+    return cpu
 
 
 def _ds(*overrides: str) -> dict:
@@ -37,12 +34,12 @@ def _ds(*overrides: str) -> dict:
 
 
 def test_auto_is_bf16_autocast_where_the_cpu_has_it(cpu):
-    cpu(True)
+    cpu(BF16_CPU)
     ds = _ds()
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"]["enabled"] is False
     p = training_precision(load_config(DEMO, ["run.precision=auto"]).run)
     assert p.mode == "bf16-autocast" and "avx512_bf16" in p.reason and p.input_dtype == torch.float32
-    cpu(False)
+    cpu(NO_BF16_CPU)
     ds = _ds()
     assert "torch_autocast" not in ds and ds["bf16"]["enabled"] is False
     p = training_precision(load_config(DEMO, ["run.precision=auto"]).run)
@@ -51,16 +48,16 @@ def test_auto_is_bf16_autocast_where_the_cpu_has_it(cpu):
 
 
 def test_explicit_precision_wins_and_slow_bf16_warns(cpu):
-    cpu(True)
+    cpu(BF16_CPU)
     assert "torch_autocast" not in _ds("run.precision=fp32")
-    cpu(False)
+    cpu(NO_BF16_CPU)
     with pytest.warns(UserWarning, match="bfloat16 was requested but CPU has no amx_bf16"):
         ds = _ds("run.precision=bf16")
     assert ds["torch_autocast"]["enabled"] is True
 
 
 def test_deepspeed_bf16_mode_only_from_the_json(cpu, tmp_path):
-    cpu(False)
+    cpu(NO_BF16_CPU)
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     with warnings.catch_warnings():
@@ -77,8 +74,8 @@ def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss(tmp_path)
     """2 ranks, ZeRO-2, same init and batch: bf16 autocast runs its matmuls in bf16, keeps fp32 weights,
     t', b and loss, and its losses follow the fp32 run's. DeepSpeed's bf16 mode (from the JSON) trains too:
     bf16 weights, the batch cast to bf16 by the training step."""
-    from tests._precision_workers import precision_steps_worker
-    from tests.distributed_utils import run_ranks
+    from tests.helpers.distributed import run_ranks
+    from tests.helpers.precision_workers import precision_steps_worker
 
     ds_bf16 = tmp_path / "bf16.json"
     ds_bf16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
@@ -110,8 +107,8 @@ def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss(tmp_path)
 @pytest.mark.distributed
 def test_compiled_blocks_train_like_eager():
     """run.compile: every transformer block runs compiled (2 ranks, ZeRO-2) and the losses equal eager's."""
-    from tests._precision_workers import precision_steps_worker
-    from tests.distributed_utils import run_ranks
+    from tests.helpers.distributed import run_ranks
+    from tests.helpers.precision_workers import precision_steps_worker
 
     runs = [["run.precision=fp32"], ["run.precision=fp32", "run.compile=true"]]
     eager, compiled = run_ranks(precision_steps_worker, 2, runs, 3, backend=None, timeout=600)[0]

@@ -11,7 +11,8 @@ import torch
 
 import training.data.feature_cache as fc
 from connectors import ConnectorConfig
-from tests.vlm_train_data import png, write_tar
+from tests.helpers.shards import write_tar
+from tests.helpers.vlm_data import png
 from training.data import ShardLoader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample

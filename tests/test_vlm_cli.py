@@ -6,13 +6,13 @@ import torch
 from PIL import Image
 
 from connectors import VisionLanguageModel
-from tests import vlm_reference as R
+from tests.helpers import vlm_reference as R
 from vision_tower import ImageProcessor
 from vision_tower.cli import main
 
 
 def _vlm(tmp_path, family="gemma", connector="linear", attention="prefix", layer=-1, tokenizer=True):
-    folder = R.save_decoder(family, tmp_path / "dec", seed=21)
+    folder = R.decoder_folder(family, tmp_path / "dec", seed=21)
     if not tokenizer:
         (folder / "tokenizer.json").unlink()
         (folder / "tokenizer_config.json").unlink()

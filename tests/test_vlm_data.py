@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from connectors import ConnectorConfig, VisionLanguageModel
-from tests import vlm_reference as R
-from tests.vlm_train_data import png, write_tar
+from tests.helpers import vlm_reference as R
+from tests.helpers.shards import write_tar
+from tests.helpers.vlm_data import png
 from training.data import ShardLoader, shard_dataset
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
 from training.demo.shapes import make_sample

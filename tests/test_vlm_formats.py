@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import huggingface_hub
 import pytest
@@ -13,16 +12,11 @@ from torch.testing import assert_close
 
 from connectors import FormatError, VisionLanguageModel
 from connectors.inputs import build_prompts
-from tests import vlm_reference as R
+from tests.helpers import vlm_reference as R
+from tests.helpers.hub import hub_cache
 from vision_tower import ImageProcessor, VisionTower
 
 LOGITS = dict(atol=1e-4, rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoders")
-    return {fam: R.save_decoder(fam, root / fam, seed=10 + i) for i, fam in enumerate(R.FAMILIES)}
 
 
 def _vlm(decoders, family, connector, attention, feature_layer=-1, size=32, **kw):
@@ -52,7 +46,11 @@ def _same_as_transformers(vlm, hf, size, paligemma):
     prompt = ids[:, :-4]
     hf.generation_config.eos_token_id = None
     extra = {"token_type_ids": torch.zeros_like(prompt)} if paligemma else {}
-    theirs = hf.generate(input_ids=prompt, pixel_values=px, max_new_tokens=6, do_sample=False, **extra)
+    # ours never generates the image placeholder (it needs an image): ask transformers for the same
+    suppress = {"suppress_tokens": [vlm.image_token_id]}
+    theirs = hf.generate(
+        input_ids=prompt, pixel_values=px, max_new_tokens=6, do_sample=False, **suppress, **extra
+    )
     assert torch.equal(
         vlm.generate(px, input_ids=prompt, max_new_tokens=6, eos_token_id=[]), theirs[:, prompt.shape[1] :]
     )
@@ -115,13 +113,6 @@ def test_llava_export_loads_in_transformers_and_back(family, connector, layer, d
     assert back.attention == "causal" and back.tower.feature_layer == layer
 
 
-def _hub_cache(root, repo_id, files_from, commit="0123456789abcdef0123456789abcdef01234567"):
-    snap = root / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
-    shutil.copytree(files_from, snap)
-    (snap.parents[1] / "refs").mkdir()
-    (snap.parents[1] / "refs" / "main").write_text(commit)
-
-
 def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_path, monkeypatch):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -134,7 +125,7 @@ def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_
     torch.manual_seed(0)
     hf = R.randomize_(PaliGemmaForConditionalGeneration(cfg).eval(), seed=3)
     hf.save_pretrained(tmp_path / "src")
-    _hub_cache(tmp_path / "hub", "google/paligemma-tiny-test", tmp_path / "src")
+    hub_cache(tmp_path / "hub", "google/paligemma-tiny-test", tmp_path / "src")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     vlm = VisionLanguageModel.from_pretrained("google/paligemma-tiny-test", cache_dir=tmp_path / "hub")
     assert vlm.image_token_id == R.VOCAB + 1 and vlm.connector.name == "linear" and vlm.attention == "prefix"

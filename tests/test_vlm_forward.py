@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from connectors import FormatError, VisionLanguageModel, build_connector
-from tests import vlm_reference as R
-
-
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoders")
-    return {fam: R.save_decoder(fam, root / fam, seed=i) for i, fam in enumerate(R.FAMILIES)}
+from tests.helpers import vlm_reference as R
 
 
 def _greedy_without_cache(vlm, ids, pixels, token_type_ids, steps):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._vlm_workers import one_step_grads_worker
-from tests.distributed_utils import run_ranks
-from tests.vlm_train_data import texts
+from tests.helpers.distributed import run_ranks
+from tests.helpers.vlm_data import texts
+from tests.helpers.vlm_workers import one_step_grads_worker
 from training.tasks.decoders import word_tokenizer
 
 pytestmark = pytest.mark.distributed

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from connectors import FormatError
-from tests.vlm_train_data import make_assets
+from tests.helpers.vlm_data import make_assets
 from training.eval.vlm import evaluate_vlm, read_eval_items
 from training.runner import Zero, deepspeed_config
 from training.runner.paths import ROOT
@@ -207,7 +207,7 @@ def test_generation_never_emits_the_image_placeholder():
     """A decoder whose favourite next token is the image placeholder still answers with text (fed back, a
     placeholder would need an image)."""
     from connectors import VisionLanguageModel
-    from tests import vlm_reference as R
+    from tests.helpers import vlm_reference as R
 
     vlm = VisionLanguageModel(R.tower(), "pixel_shuffle", R.decoder("gemma"), tokenizer=R.tokenizer()).eval()
 

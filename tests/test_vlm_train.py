@@ -6,20 +6,17 @@ model evaluates from the command line as it did at the end of training."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._vlm_workers import losses, stages_worker
-from tests.distributed_utils import run_ranks
-from tests.vlm_train_data import make_assets
+from tests.helpers.distributed import kill_at_checkpoint, run_ranks
+from tests.helpers.vlm_data import make_assets
+from tests.helpers.vlm_workers import losses, stages_worker
 from training.runner.launch import launch_env
 from training.runner.paths import ROOT
 from vision_tower.cli import main
@@ -137,14 +134,7 @@ def test_killed_align_run_resumes_to_the_same_losses(assets, align_run, tmp_path
     cmd = command("align", settings(assets, out, "align", **ALIGN_STEPS))
     proc = subprocess.Popen(cmd, env=launch_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
-    marker = out / "checkpoints" / "COMMITTED"
-    deadline = time.time() + 180
-    while not (marker.exists() and marker.read_text().strip() == "step00000004"):
-        assert proc.poll() is None, "run ended before its first checkpoint: " + proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, out, "step00000004")
     assert len(losses(str(out))) < 16, "the run finished before it was killed"
     run([*cmd, "--resume"])
     full, resumed = losses(str(align_run)), losses(str(out))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from connectors import VisionLanguageModel
-from tests import vlm_reference as R
-from tests.distributed_utils import run_ranks
+from tests.helpers import vlm_reference as R
+from tests.helpers.distributed import run_ranks
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -58,7 +58,7 @@ def zero3_worker(rank: int, world: int, decoder_dir: str, tower_sd: dict, connec
 
 @pytest.mark.distributed
 def test_zero3_forward_equals_single_process_and_steps(tmp_path):
-    folder = R.save_decoder("gemma", tmp_path / "dec", seed=5)
+    folder = R.decoder_folder("gemma", tmp_path / "dec", seed=5)
     tower = R.tower()
     vlm = VisionLanguageModel(tower, "pixel_shuffle", folder, attention="prefix")
     ids, mask, types, labels, px = _batch()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._pretrain_workers import zero3_build_worker
-from tests.distributed_utils import run_ranks
+from tests.helpers.distributed import run_ranks
+from tests.helpers.pretrain_workers import zero3_build_worker
 from training.runner.paths import ROOT
 from training.tasks.siglip import build_model
 from training.tasks.siglip_config import load_config

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from tests.hf_reference import randomize_
+from tests.helpers.hf_reference import randomize_
 from vision_tower import VisionConfig, VisionTower
 
 FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
@@ -73,7 +73,7 @@ def decoder(family: str, seed: int = 0, **overrides):
     return randomize_(model.eval(), seed, scale=0.2)
 
 
-def save_decoder(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+def decoder_folder(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """A random decoder and the tokenizer, saved as transformers does."""
     decoder(family, seed, **overrides).save_pretrained(folder)
     tokenizer().save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""Rank workers for the training-precision tests (spawned by tests.distributed_utils.run_ranks)."""
+"""Rank workers for the training-precision tests (spawned by tests.helpers.distributed.run_ranks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def precision_steps_worker(rank: int, world: int, runs: list[list[str]], steps: 
     ``steps`` training steps on a fixed batch. Returns per run the global losses, the run's precision
     record, the dtypes seen inside the forward (an MLP's output, t', b and the loss) and held by the
     parameters, and how far the first loss is from the same loss computed outside autocast."""
-    from tests._pretrain_workers import siglip_engine
+    from tests.helpers.pretrain_workers import siglip_engine
     from training.runner import init_distributed, mean_over_ranks, train_step
     from training.tasks.siglip import make_loss_fn
 

@@ -1,4 +1,4 @@
-"""Rank workers for the pretraining tests (spawned by tests.distributed_utils.run_ranks)."""
+"""Rank workers for the pretraining tests (spawned by tests.helpers.distributed.run_ranks)."""
 
 from __future__ import annotations
 

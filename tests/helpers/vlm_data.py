@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import torch
 
+from tests.helpers.shards import write_tar
 from training.demo import caption_corpus
 from training.demo.shapes import make_sample, make_shapes
 from training.tasks.decoders import save_decoder, word_tokenizer
@@ -17,16 +17,6 @@ from vision_tower import VisionTower
 
 QA_PROMPT = "what colour is the shape"
 IMAGE_SIZE = 32
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def png(image) -> bytes:

@@ -1,4 +1,4 @@
-"""Rank workers for the VLM training tests (spawned by tests.distributed_utils.run_ranks): both stages in
+"""Rank workers for the VLM training tests (spawned by tests.helpers.distributed.run_ranks): both stages in
 one process group, as `vision-tower train-vlm` runs them."""
 
 from __future__ import annotations

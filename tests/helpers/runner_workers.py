@@ -1,4 +1,4 @@
-"""Rank workers for the runner's own tests (spawned by tests.distributed_utils.run_ranks): a task with a
+"""Rank workers for the runner's own tests (spawned by tests.helpers.distributed.run_ranks): a task with a
 one-layer model and a loader whose data accounting differs by rank."""
 
 from __future__ import annotations

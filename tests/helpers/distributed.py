@@ -1,6 +1,6 @@
 """Run a function on several real processes (gloo by default) and collect what each rank returns.
 
-    from tests.distributed_utils import run_ranks
+    from tests.helpers.distributed import run_ranks
     results = run_ranks(my_worker, 2, case_args, timeout=60)   # [rank 0's return, rank 1's return]
 
 `my_worker(rank, world_size, *args)` must live in an importable module (the ranks are spawned, not
@@ -97,3 +97,20 @@ def run_ranks(
             torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True)
             for rank in range(world_size)
         ]
+
+
+def kill_at_checkpoint(proc, out_dir, tag: str, timeout: float = 180.0) -> None:
+    """SIGKILL the run ``proc`` (started with ``start_new_session=True``, output piped) and its ranks as
+    soon as ``out_dir`` has committed checkpoint ``tag`` (``step00000010``): the kill -9 of a
+    kill-then-resume test. Fails when the run ends first or no such checkpoint comes within ``timeout``."""
+    import signal
+    from pathlib import Path
+
+    marker = Path(out_dir) / "checkpoints" / "COMMITTED"
+    deadline = time.time() + timeout
+    while not (marker.exists() and marker.read_text().strip() == tag):
+        assert proc.poll() is None, "run ended before its first checkpoint: " + proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"no checkpoint within {timeout:.0f} s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
