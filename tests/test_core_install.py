@@ -23,26 +23,42 @@ from tests.test_wheel import _copy_source
 pytestmark = pytest.mark.slow
 
 
-def _core_closure(dist: str = "vision-tower") -> dict[str, metadata.Distribution]:
-    """The installed distributions that ``dist``'s requirements reach without any extra."""
+def _closure(extra: str = "", dist: str = "vision-tower") -> dict[str, metadata.Distribution]:
+    """The installed distributions that ``dist``'s requirements reach with ``extra`` (none: the core).
+    An extra that includes another (``vision-tower[connectors]``) is followed too."""
+    extras = {extra}
+    while True:  # the extras that ``extra`` includes, transitively
+        more = {
+            e
+            for r in map(Requirement, metadata.requires(dist) or [])
+            if r.name.lower() == dist
+            and r.marker is not None
+            and any(r.marker.evaluate({"extra": x}) for x in extras)
+            for e in r.extras
+        }
+        if more <= extras:
+            break
+        extras |= more
     found: dict[str, metadata.Distribution] = {}
-    todo = [Requirement(r) for r in metadata.requires(dist) or []]
+    todo = [(Requirement(r), extras) for r in metadata.requires(dist) or []]
     while todo:
-        req = todo.pop()
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        req, wanted = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name == dist or (
+            req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in wanted)
+        ):
             continue
-        key = req.name.lower().replace("_", "-")
-        if key in found:
+        if name in found:
             continue
-        found[key] = metadata.distribution(req.name)
-        todo.extend(Requirement(r) for r in found[key].requires or [])
+        found[name] = metadata.distribution(req.name)
+        todo.extend((Requirement(r), {""}) for r in found[name].requires or [])
     return found
 
 
-def _link_core_site(dst: Path) -> None:
-    """Link every top-level file and folder the core closure installed into ``dst``."""
-    dst.mkdir()
-    for d in _core_closure().values():
+def _link_site(dst: Path, extra: str = "") -> None:
+    """Link every top-level file and folder that the closure of ``extra`` installed into ``dst``."""
+    dst.mkdir(parents=True)
+    for d in _closure(extra).values():
         base = Path(d.locate_file(""))
         for f in d.files or []:
             top = f.parts[0]
@@ -52,11 +68,11 @@ def _link_core_site(dst: Path) -> None:
                 (dst / top).symlink_to(base / top)
 
 
-@pytest.fixture(scope="module")
-def core(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("core")
+def _environment(tmp: Path, extra: str = ""):
+    """``run(*args)`` runs the installed ``vision-tower`` (``run(module=code)``: python code) with only the
+    package and the closure of ``extra`` importable; returns ``(run, work folder)``."""
     deps, site, src = tmp / "deps", tmp / "site", tmp / "src"
-    _link_core_site(deps)
+    _link_site(deps, extra)
     _copy_source(src)  # pip builds in the source folder: a copy keeps the checkout clean
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q"]
@@ -78,6 +94,11 @@ def core(tmp_path_factory):
         return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
     return run, work
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    return _environment(tmp_path_factory.mktemp("core"))
 
 
 def test_the_core_environment_holds_no_extra(core):
@@ -132,3 +153,40 @@ def test_a_command_that_needs_an_extra_names_it_before_any_work(core, argv, extr
     assert f"[{extra}] extra" in lines[0]
     assert f'pip install "vision-tower[{extra}]"' in lines[0]
     assert sorted(p.name for p in work.iterdir()) == before  # nothing written
+
+
+def test_connectors_install_reads_a_sentencepiece_only_tokenizer(tmp_path):
+    """`pip install ".[connectors]"` reads a decoder tokenizer folder that holds only the sentencepiece
+    `tokenizer.model` (as Gemma and Llama folders without tokenizer.json, and the demo's decoder tokenizer
+    before it is saved): transformers converts it to a fast tokenizer, which needs protobuf. The README's
+    main job failed here when protobuf came only with [dev]."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a red circle", "a blue square", "a green star"] * 20),
+        model_writer=model,
+        vocab_size=40,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
+        **dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3),
+        **dict(pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>"),
+    )
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+
+    run, _ = _environment(tmp_path / "env", "connectors")
+    code = (
+        "import importlib.util as u; from connectors.decoder import load_tokenizer; "
+        f"t = load_tokenizer({str(folder)!r}); ids = t('a red circle', add_special_tokens=False)['input_ids']; "
+        "print([m for m in ('deepspeed', 'webdataset') if u.find_spec(m)], t.decode(ids))"
+    )
+    result = run(module=code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[] a red circle"
