@@ -121,8 +121,15 @@ def test_mlp2x_gelu_equals_llava_projector():
     )
     ref = randomize_(LlavaMultiModalProjector(cfg), seed=2)
     ours = build_connector("mlp2x_gelu", V, T)
-    _copy(ours, {"mlp.0.weight": ref.linear_1.weight, "mlp.0.bias": ref.linear_1.bias,
-                 "mlp.2.weight": ref.linear_2.weight, "mlp.2.bias": ref.linear_2.bias})  # fmt: skip
+    _copy(
+        ours,
+        {
+            "mlp.0.weight": ref.linear_1.weight,
+            "mlp.0.bias": ref.linear_1.bias,
+            "mlp.2.weight": ref.linear_2.weight,
+            "mlp.2.bias": ref.linear_2.bias,
+        },
+    )
     x = _features()
     assert_close(ours(x, (4, 4)), ref(x), **TOL)
 
@@ -180,9 +187,17 @@ def test_patch_merger_equals_qwen2_vl_merger():
 
     ref = randomize_(PatchMerger(dim=T, context_dim=V, spatial_merge_size=2), seed=5)
     ours = build_connector("patch_merger", V, T)
-    _copy(ours, {"norm.weight": ref.ln_q.weight, "norm.bias": ref.ln_q.bias,
-                 "mlp.0.weight": ref.mlp[0].weight, "mlp.0.bias": ref.mlp[0].bias,
-                 "mlp.2.weight": ref.mlp[2].weight, "mlp.2.bias": ref.mlp[2].bias})  # fmt: skip
+    _copy(
+        ours,
+        {
+            "norm.weight": ref.ln_q.weight,
+            "norm.bias": ref.ln_q.bias,
+            "mlp.0.weight": ref.mlp[0].weight,
+            "mlp.0.bias": ref.mlp[0].bias,
+            "mlp.2.weight": ref.mlp[2].weight,
+            "mlp.2.bias": ref.mlp[2].bias,
+        },
+    )
     x = _features(b=1, grid=(4, 6))
     qwen_order = rearrange(x[0], "(h i w j) d -> (h w i j) d", h=2, i=2, w=3, j=2)
     assert_close(ours(x, (4, 6))[0], ref(qwen_order), **TOL)

@@ -77,7 +77,16 @@ def vision_tree(sd: dict, prefix: str, cfg, scan: bool = False, naflex: bool = F
     wq, wk, wv = sd[h + "attention.in_proj_weight"].chunk(3)
     bq, bk, bv = sd[h + "attention.in_proj_bias"].chunk(3)
     a = h + "attention.out_proj"
-    _attention(t, "MAPHead_0/MultiHeadDotProductAttention_0", (wq, bq), (wk, bk), (wv, bv), sd[a + ".weight"], sd[a + ".bias"], heads)  # fmt: skip
+    _attention(
+        t,
+        "MAPHead_0/MultiHeadDotProductAttention_0",
+        (wq, bq),
+        (wk, bk),
+        (wv, bv),
+        sd[a + ".weight"],
+        sd[a + ".bias"],
+        heads,
+    )
     _norm(t, "MAPHead_0/LayerNorm_0", sd, h + "layernorm")
     _dense(t, "MAPHead_0/MlpBlock_0/Dense_0", sd, h + "mlp.fc1")
     _dense(t, "MAPHead_0/MlpBlock_0/Dense_1", sd, h + "mlp.fc2")
@@ -126,9 +135,17 @@ def test_the_tree_is_what_timm_reads_from_big_vision_files(tmp_path):
     ref = hf_siglip(seed=8)
     np.savez(tmp_path / "siglip.npz", **siglip_tree(ref, scan=True))
     model = timm.create_model(
-        "vit_base_patch16_siglip_224", pretrained=False, num_classes=0, patch_size=8, img_size=32,
-        embed_dim=48, depth=2, num_heads=4, mlp_ratio=80 / 48, act_layer="gelu_tanh",
-    ).eval()  # fmt: skip
+        "vit_base_patch16_siglip_224",
+        pretrained=False,
+        num_classes=0,
+        patch_size=8,
+        img_size=32,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=80 / 48,
+        act_layer="gelu_tanh",
+    ).eval()
     model.load_pretrained(str(tmp_path / "siglip.npz"))
     ours = VisionTower.from_pretrained(tmp_path / "siglip.npz").eval()
     x = torch.randn(2, 3, 32, 32)

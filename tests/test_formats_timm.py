@@ -80,9 +80,15 @@ def test_registered_architectures_match_timm():
         if act == "gelu":
             assert block.mlp.act.approximate == "none", name
         found = timm_format.TimmArch(
-            m.patch_embed.patch_size[0], m.embed_dim, len(m.blocks), block.attn.num_heads,
-            block.mlp.fc1.out_features, m.patch_embed.img_size[0], act, m.attn_pool is not None,
-        )  # fmt: skip
+            m.patch_embed.patch_size[0],
+            m.embed_dim,
+            len(m.blocks),
+            block.attn.num_heads,
+            block.mlp.fc1.out_features,
+            m.patch_embed.img_size[0],
+            act,
+            m.attn_pool is not None,
+        )
         assert found == arch, name
 
 

@@ -226,8 +226,14 @@ def test_mask_follows_the_inputs_device():
     ``extract_features`` does): the tower puts it beside them. ``meta`` stands in for an accelerator."""
     from vision_tower import NaFlexVisionConfig
 
-    cfg = NaFlexVisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                             patch_size=8, num_patches=16)  # fmt: skip
+    cfg = NaFlexVisionConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+        num_patches=16,
+    )
     tower = NaFlexVisionTower(cfg).to("meta")
     pixels = torch.randn(2, 16, cfg.patch_dim, device="meta")
     mask = torch.zeros(2, 16, dtype=torch.long)

@@ -282,8 +282,14 @@ def test_three_class_zero_shot_eval_completes_and_reports_what_it_can(shapes, tm
                 if m.name.rsplit(".", 1)[0] in keys:
                     dst.addfile(m, src.extractfile(m))
     out = tmp_path / "run"
-    settings = {"run.steps": 2, "run.save_every": 0, "run.deepspeed": "configs/deepspeed/zero0.json",
-                "data.zeroshot_dir": str(zs), "data.val_shards": str(val), "run.precision": "fp32"}  # fmt: skip
+    settings = {
+        "run.steps": 2,
+        "run.save_every": 0,
+        "run.deepspeed": "configs/deepspeed/zero0.json",
+        "data.zeroshot_dir": str(zs),
+        "data.val_shards": str(val),
+        "run.precision": "fp32",
+    }
     _launch(1, _args(out, shapes, **settings))
     final = _metrics(out)[-1]
     assert final["final"] and 0 <= final["zeroshot_top1"] <= 1 and "zeroshot_top5" not in final

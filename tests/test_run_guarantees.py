@@ -44,8 +44,11 @@ def _damage(path: Path, offset: int = 1024, size: int = 4096) -> None:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +173,17 @@ def test_the_lock_follows_the_owner_process_not_what_its_file_says(tmp_path):
     from training.runner.run_dir import RunDirError, RunLock
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from training.runner.run_dir import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
-         "print('held', flush=True); import time; time.sleep(120)"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"from training.runner.run_dir import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+            "print('held', flush=True); import time; time.sleep(120)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         (tmp_path / "LOCK").write_text("")  # what a reader saw before the owner wrote its name
@@ -207,8 +217,14 @@ def test_a_previous_run_is_not_replaced_without_resume_or_overwrite(finished, sh
 
 def test_non_finite_losses_stop_the_run_without_saving_or_exporting(shapes, tmp_path):
     out = tmp_path / "diverged"
-    settings = {"run.steps": 12, "run.save_every": 1, "run.max_bad_steps": 2, "optim.lr": 1e30,
-                "optim.warmup_steps": 0, "run.deepspeed": "configs/deepspeed/zero0.json"}  # fmt: skip
+    settings = {
+        "run.steps": 12,
+        "run.save_every": 1,
+        "run.max_bad_steps": 2,
+        "optim.lr": 1e30,
+        "optim.warmup_steps": 0,
+        "run.deepspeed": "configs/deepspeed/zero0.json",
+    }
     code, log = _cli(1, _args(out, shapes, **settings))
     assert code == 2, log[-3000:]
     error = [line for line in log.splitlines() if "pretrain: error:" in line][0]
@@ -242,8 +258,14 @@ def test_resume_flag_forms():
 def test_resume_with_dropout_gives_the_uninterrupted_losses(shapes, tmp_path):
     """Dropout draws from the restored RNG state: nothing between the checkpoint load and the first
     resumed step (such as the data loader's seed) may draw from it first."""
-    steps = {"run.steps": 4, "run.save_every": 2, "run.keep_checkpoints": 2, "run.deepspeed": "configs/deepspeed/zero0.json",
-             "model.vision.attention_dropout": 0.3, "model.text.attention_dropout": 0.3}  # fmt: skip
+    steps = {
+        "run.steps": 4,
+        "run.save_every": 2,
+        "run.keep_checkpoints": 2,
+        "run.deepspeed": "configs/deepspeed/zero0.json",
+        "model.vision.attention_dropout": 0.3,
+        "model.text.attention_dropout": 0.3,
+    }
     full = tmp_path / "full"
     _launch(1, _args(full, shapes, **steps))
     resumed = tmp_path / "resumed"

@@ -79,8 +79,12 @@ def test_bf16_autocast_training_tracks_fp32_with_fp32_scalars_and_loss(tmp_path)
 
     ds_bf16 = tmp_path / "bf16.json"
     ds_bf16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    runs = [["run.precision=fp32"], ["run.precision=bf16"], ["run.precision=bf16", "loss.kind=softmax"],
-            ["run.precision=auto", f"run.deepspeed={ds_bf16}"]]  # fmt: skip
+    runs = [
+        ["run.precision=fp32"],
+        ["run.precision=bf16"],
+        ["run.precision=bf16", "loss.kind=softmax"],
+        ["run.precision=auto", f"run.deepspeed={ds_bf16}"],
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 on a CPU without it warns, and is only slow
         fp32, bf16, softmax, ds_mode = run_ranks(

@@ -42,8 +42,22 @@ def cached(tmp_path_factory):
     VisionTower.from_preset("tiny").save_pretrained(root / "tower")
     fc.FILE_SAMPLES, saved = 4, fc.FILE_SAMPLES
     try:
-        code = main(["extract", "--model", str(root / "tower"), "--shards", str(root / "shards"), "--out",
-                     str(root / "cache"), "--batch-size", "2", "--layer", "-2", "--quiet"])  # fmt: skip
+        code = main(
+            [
+                "extract",
+                "--model",
+                str(root / "tower"),
+                "--shards",
+                str(root / "shards"),
+                "--out",
+                str(root / "cache"),
+                "--batch-size",
+                "2",
+                "--layer",
+                "-2",
+                "--quiet",
+            ]
+        )
     finally:
         fc.FILE_SAMPLES = saved
     assert code == 0
@@ -82,13 +96,19 @@ def test_cached_features_are_the_towers_and_bad_images_are_recorded(cached):
 
 def vlm_builder(images):
     tok = word_tokenizer(["a photo of small medium large red green blue circle square triangle star"])
-    return VLMBuilder(tok, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      image_tokens=ImageTokens(ConnectorConfig("linear", 64, 32)), images=images, max_length=64)  # fmt: skip
+    return VLMBuilder(
+        tok,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_tokens=ImageTokens(ConnectorConfig("linear", 64, 32)),
+        images=images,
+        max_length=64,
+    )
 
 
 def batches(builder, shards):
-    dataset = shard_dataset(shards, builder, batch_size=4, rank=0, world_size=1, resampled=False, shuffle=False,
-                            drop_last=False)  # fmt: skip
+    dataset = shard_dataset(
+        shards, builder, batch_size=4, rank=0, world_size=1, resampled=False, shuffle=False, drop_last=False
+    )
     loader = ShardLoader(dataset, num_workers=0)
     return list(loader), loader.skip_counts
 
@@ -104,8 +124,9 @@ def test_rows_from_the_cache_equal_rows_from_images(cached):
         for key in ("input_ids", "token_type_ids", "labels", "attention_mask"):
             assert torch.equal(a[key], b[key]), key
         with torch.no_grad():
-            torch.testing.assert_close(b["patch_features"], tower(a["pixel_values"]).patch_features,
-                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            torch.testing.assert_close(
+                b["patch_features"], tower(a["pixel_values"]).patch_features, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_a_cache_of_another_tower_layer_or_resolution_is_refused(cached):
@@ -117,10 +138,15 @@ def test_a_cache_of_another_tower_layer_or_resolution_is_refused(cached):
     other = VisionTower.from_preset("tiny", feature_layer=-2, use_head=False)
     cases = [
         (cache_identity(other, processor), ["another tower ", "tower weights (fingerprint): cache"]),
-        (cache_identity(tower_of(root, feature_layer=-1), processor), ["another feature layer", "cache -2, model -1"]),
-        (cache_identity(tower_of(root, feature_layer=-2, image_size=48), processor.with_image_size(48)),
-         ["image size", "cache 32, model 48", "'height': 48"]),
-    ]  # fmt: skip
+        (
+            cache_identity(tower_of(root, feature_layer=-1), processor),
+            ["another feature layer", "cache -2, model -1"],
+        ),
+        (
+            cache_identity(tower_of(root, feature_layer=-2, image_size=48), processor.with_image_size(48)),
+            ["image size", "cache 32, model 48", "'height': 48"],
+        ),
+    ]
     for identity, phrases in cases:
         with pytest.raises(ValueError) as err:
             cache.check(identity)
@@ -146,8 +172,9 @@ def test_a_cache_written_in_bfloat16_belongs_to_the_same_tower(cached, tmp_path)
     """The tower's identity is taken from its stored weights, before the cast: a bf16 cache is accepted by
     the fp32 model and holds bf16 features close to the fp32 ones."""
     root, shards = cached
-    summary = fc.extract_to_cache(str(root / "tower"), shards[:1], tmp_path / "bf16", feature_layer=-2,
-                                  dtype="bfloat16", progress=False)  # fmt: skip
+    summary = fc.extract_to_cache(
+        str(root / "tower"), shards[:1], tmp_path / "bf16", feature_layer=-2, dtype="bfloat16", progress=False
+    )
     assert summary.samples == 6
     half, full = FeatureCache(tmp_path / "bf16"), FeatureCache(root / "cache")
     half.check(full.identity)

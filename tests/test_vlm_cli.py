@@ -30,8 +30,24 @@ def test_generate_prints_the_greedy_continuation_of_image_and_prompt(tmp_path, c
     vlm.save_pretrained(tmp_path / "pg", format="paligemma")
     image = tmp_path / "cat.png"
     Image.new("RGB", (50, 40), (200, 120, 30)).save(image)
-    assert main(["generate", "--model", str(tmp_path / "pg"), "--image", str(image), "--prompt", "caption en",
-                 "--max-new-tokens", "5", "--dtype", "float32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "pg"),
+                "--image",
+                str(image),
+                "--prompt",
+                "caption en",
+                "--max-new-tokens",
+                "5",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.strip()
 
     tok = vlm.tokenizer
@@ -58,8 +74,15 @@ def test_info_describes_vlm_checkpoints_of_every_format(tmp_path, capsys):
     vlm.save_pretrained(tmp_path / "native")
     assert main(["info", str(tmp_path / "llava")]) == 0
     out = capsys.readouterr().out
-    for text in ["llava layout", "feature layer: -2", "connector: mlp 32 -> 64", "act=gelu", "tokens per image: 16",
-                 "decoder: qwen2, 2 layers, width 64, vocabulary 260", "attention: causal"]:  # fmt: skip
+    for text in [
+        "llava layout",
+        "feature layer: -2",
+        "connector: mlp 32 -> 64",
+        "act=gelu",
+        "tokens per image: 16",
+        "decoder: qwen2, 2 layers, width 64, vocabulary 260",
+        "attention: causal",
+    ]:
         assert text in out, out
     assert main(["info", str(tmp_path / "native")]) == 0
     out = capsys.readouterr().out

@@ -21,8 +21,14 @@ from training.tasks.decoders import word_tokenizer
 from training.tasks.vlm import model_inputs
 from vision_tower import ImageProcessor
 
-WORDS = ["a red circle", "a small blue square on a noisy background", "caption", "what colour", "red",
-         "USER: ASSISTANT:"]  # fmt: skip
+WORDS = [
+    "a red circle",
+    "a small blue square on a noisy background",
+    "caption",
+    "what colour",
+    "red",
+    "USER: ASSISTANT:",
+]
 PROCESSOR = ImageProcessor(image_size=16)
 
 
@@ -115,8 +121,16 @@ def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers)
     tok = word_tokenizer(WORDS)
     v = tok.get_vocab()
     b = builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
-    dataset = shard_dataset(long_shard(tmp_path), b, batch_size=8, rank=0, world_size=1, resampled=False,
-                            shuffle=False, drop_last=False)  # fmt: skip
+    dataset = shard_dataset(
+        long_shard(tmp_path),
+        b,
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        resampled=False,
+        shuffle=False,
+        drop_last=False,
+    )
     loader = ShardLoader(dataset, num_workers=num_workers)
     (batch,) = list(loader)
     assert batch["__key__"] == ["k0", "k1", "k2"]
@@ -135,9 +149,14 @@ def test_the_loss_is_the_answer_tokens_cross_entropy():
     tok = R.tokenizer()
     tower = R.tower()
     vlm = VisionLanguageModel(tower, "pixel_shuffle", R.decoder("gemma"), tokenizer=tok).eval()
-    b = VLMBuilder(tok, image_token_id=vlm.image_token_id, image_tokens=ImageTokens(vlm.connector.config),
-                   images=PixelImages(ImageProcessor(image_size=32), patch_size=8), max_length=64,
-                   caption_prompt="caption en")  # fmt: skip
+    b = VLMBuilder(
+        tok,
+        image_token_id=vlm.image_token_id,
+        image_tokens=ImageTokens(vlm.connector.config),
+        images=PixelImages(ImageProcessor(image_size=32), patch_size=8),
+        max_length=64,
+        caption_prompt="caption en",
+    )
     batch = b.collate(
         [
             b.build(raw("a", 0, txt=b"a photo of the cat")),
@@ -149,8 +168,10 @@ def test_the_loss_is_the_answer_tokens_cross_entropy():
         logits = out.logits.float()
     # by hand: the answer words and eos follow the prompt's newline; each is predicted one position earlier
     eos = tok.eos_token_id
-    answers = [tok("a photo of the cat", add_special_tokens=False)["input_ids"] + [eos],
-               tok("dog", add_special_tokens=False)["input_ids"] + [eos]]  # fmt: skip
+    answers = [
+        tok("a photo of the cat", add_special_tokens=False)["input_ids"] + [eos],
+        tok("dog", add_special_tokens=False)["input_ids"] + [eos],
+    ]
     losses = []
     for row, answer in enumerate(answers):
         ids = batch["input_ids"][row].tolist()

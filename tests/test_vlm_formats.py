@@ -84,8 +84,13 @@ def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_p
     # transformers' PaliGemmaProcessor reads the files and lays a prompt out as generate(prompts=...) does
     processor = AutoProcessor.from_pretrained(out)
     batch = processor(images=[Image.new("RGB", (40, 30))], text=["<image>caption en"], return_tensors="pt")
-    ours_ids = build_prompts(back.tokenizer, ["caption en"], image_token_id=back.image_token_id, num_image_tokens=36,
-                             pad_token_id=0).input_ids  # fmt: skip
+    ours_ids = build_prompts(
+        back.tokenizer,
+        ["caption en"],
+        image_token_id=back.image_token_id,
+        num_image_tokens=36,
+        pad_token_id=0,
+    ).input_ids
     assert torch.equal(batch["input_ids"], ours_ids) and batch["pixel_values"].shape == (1, 3, 48, 48)
 
 
@@ -116,8 +121,15 @@ def test_llava_export_loads_in_transformers_and_back(family, connector, layer, d
 def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_path, monkeypatch):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8, vision_use_head=False)  # fmt: skip
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+    )
     text = R.decoder_config("gemma2").to_dict()
     cfg = PaliGemmaConfig(
         vision_config=vision, text_config=text, image_token_index=R.VOCAB + 1, projection_dim=64
@@ -137,8 +149,16 @@ def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_
 def test_llava_checkpoint_made_by_transformers_loads(tmp_path):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False)  # fmt: skip
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+    )
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=R.decoder_config("llama").to_dict(),

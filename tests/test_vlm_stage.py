@@ -47,9 +47,14 @@ def build(assets, **extra):
 
 
 def test_configs_exist_and_load():
-    assert {p.name for p in CONFIGS} >= {"tiny_align.yaml", "tiny_finetune.yaml", "so400m_gemma2b_align.yaml",
-                                        "so400m_gemma2b_finetune.yaml", "qwen2_llava_align.yaml",
-                                        "qwen2_llava_finetune.yaml"}  # fmt: skip
+    assert {p.name for p in CONFIGS} >= {
+        "tiny_align.yaml",
+        "tiny_finetune.yaml",
+        "so400m_gemma2b_align.yaml",
+        "so400m_gemma2b_finetune.yaml",
+        "qwen2_llava_align.yaml",
+        "qwen2_llava_finetune.yaml",
+    }
     for path in CONFIGS:
         cfg = load_vlm_config(path)
         ds = deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 8)

@@ -53,8 +53,14 @@ def settings(assets: dict, out: Path, stage: str, **extra) -> list[str]:
         **EVAL,
     }
     if stage == "align":
-        base.update({"model.tower": assets["tower"], "model.decoder": assets["decoder"], "model.tokenizer": "null",
-                     "optim.lr": 3e-2})  # fmt: skip
+        base.update(
+            {
+                "model.tower": assets["tower"],
+                "model.decoder": assets["decoder"],
+                "model.tokenizer": "null",
+                "optim.lr": 3e-2,
+            }
+        )
     else:
         base.update({"optim.lr": 3e-3})
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
@@ -132,8 +138,15 @@ def test_align_trains_the_connector_and_leaves_tower_and_decoder_bit_for_bit(ass
 def test_killed_align_run_resumes_to_the_same_losses(assets, align_run, tmp_path):
     out = tmp_path / "killed"
     cmd = command("align", settings(assets, out, "align", **ALIGN_STEPS))
-    proc = subprocess.Popen(cmd, env=launch_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env=launch_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     kill_at_checkpoint(proc, out, "step00000004")
     assert len(losses(str(out))) < 16, "the run finished before it was killed"
     run([*cmd, "--resume"])
@@ -144,8 +157,17 @@ def test_killed_align_run_resumes_to_the_same_losses(assets, align_run, tmp_path
 
 def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_path, capsys):
     out = tmp_path / "lora"
-    overrides = settings(assets, out, "finetune", **{"run.steps": 8, "model.init_from": align_run / "export" / "native",
-                                                      "finetune.decoder": "lora", "finetune.lora.target_modules": "[q_proj, v_proj]"})  # fmt: skip
+    overrides = settings(
+        assets,
+        out,
+        "finetune",
+        **{
+            "run.steps": 8,
+            "model.init_from": align_run / "export" / "native",
+            "finetune.decoder": "lora",
+            "finetune.lora.target_modules": "[q_proj, v_proj]",
+        },
+    )
     run(command("finetune", overrides))
     assert decreasing(losses(str(out))), losses(str(out))
     native = out / "export" / "native"
@@ -158,8 +180,26 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
     assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
     # the saved model evaluates from the command line as it did at the end of training
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    code = main(["eval", "vlm", "--model", str(native), "--shards", assets["val"], "--max-samples", "11",
-                 "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40", "--dtype", "float32"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "vlm",
+            "--model",
+            str(native),
+            "--shards",
+            assets["val"],
+            "--max-samples",
+            "11",
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "5",
+            "--max-length",
+            "40",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval_samples"] == final["eval_samples"] == 11
@@ -170,9 +210,18 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
 def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate(assets, tmp_path):
     a, f = tmp_path / "align", tmp_path / "finetune"
     align = settings(assets, a, "align", **{"run.steps": 6, "run.deepspeed": "configs/deepspeed/zero2.json"})
-    finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
-                                                   "finetune.tower": "true", "finetune.tower_lr": 1e-4,
-                                                   "model.gradient_checkpointing": "true"})  # fmt: skip
+    finetune = settings(
+        assets,
+        f,
+        "finetune",
+        **{
+            "run.steps": 6,
+            "model.init_from": a / "export" / "native",
+            "finetune.tower": "true",
+            "finetune.tower_lr": 1e-4,
+            "model.gradient_checkpointing": "true",
+        },
+    )
     align, finetune = [*align, *LEAN], [*finetune, *LEAN]
     results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
     r = results[0]
@@ -210,8 +259,17 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     a, f = tmp_path / "align", tmp_path / "finetune"
     zero3 = {"run.deepspeed": "configs/deepspeed/zero3.json", "model.gradient_checkpointing": "true"}
     align = settings(assets, a, "align", **{"run.steps": 6, "data.feature_cache": cache, **zero3})
-    finetune = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": a / "export" / "native",
-                                                   "finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"]})  # fmt: skip
+    finetune = settings(
+        assets,
+        f,
+        "finetune",
+        **{
+            "run.steps": 6,
+            "model.init_from": a / "export" / "native",
+            "finetune.decoder": "lora",
+            "run.deepspeed": zero3["run.deepspeed"],
+        },
+    )
     # fp32, not auto: the in-training evaluation is compared with `eval vlm --dtype float32` below, and auto
     # trains and evaluates under bf16 autocast on a CPU with bf16 matmul
     align, finetune = [*align, *LEAN, "run.precision=fp32"], [*finetune, *LEAN, "run.precision=fp32"]
@@ -227,8 +285,26 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     assert_same(weights(native / "decoder"), weights(Path(assets["decoder"])))
     # in-training evaluation on 2 ranks (padded shares, fixed-length generation) equals the command's on 1
     final = r["finetune"]["final"]
-    code = main(["eval", "vlm", "--model", str(f / "export" / "native"), "--shards", assets["val"], "--max-samples",
-                 "11", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40", "--dtype", "float32"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "vlm",
+            "--model",
+            str(f / "export" / "native"),
+            "--shards",
+            assets["val"],
+            "--max-samples",
+            "11",
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "5",
+            "--max-length",
+            "40",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)

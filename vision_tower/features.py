@@ -227,8 +227,13 @@ def extract_to_file(
     feats = extract_features(
         tower, files, processor=processor, batch_size=batch_size, progress=progress, compile=compile
     )
-    feats.save(out, model=str(model), feature_layer=str(feature_layer), compiled=json.dumps(compile),
-               **precision.metadata())  # fmt: skip
+    feats.save(
+        out,
+        model=str(model),
+        feature_layer=str(feature_layer),
+        compiled=json.dumps(compile),
+        **precision.metadata(),
+    )
     return feats
 
 

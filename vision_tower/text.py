@@ -32,9 +32,14 @@ class TextTower(nn.Module):
         self.token_embed = nn.Embedding(config.vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(config.max_position_embeddings, dim))
         self.encoder = Encoder(
-            config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
-            config.hidden_act, config.layer_norm_eps, config.attention_dropout,
-        )  # fmt: skip
+            config.num_hidden_layers,
+            dim,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.hidden_act,
+            config.layer_norm_eps,
+            config.attention_dropout,
+        )
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.head = nn.Linear(dim, config.projection_size)
         self.reset_parameters()

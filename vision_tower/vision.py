@@ -55,16 +55,26 @@ def add_trunk(tower: nn.Module, config: VisionConfig | NaFlexVisionConfig) -> No
     (``encoder``), the post-layernorm (``norm``) and the attention-pooling ``head`` (None without one)."""
     dim = config.hidden_size
     tower.encoder = Encoder(
-        config.num_hidden_layers, dim, config.num_attention_heads, config.intermediate_size,
-        config.hidden_act, config.layer_norm_eps, config.attention_dropout,
-    )  # fmt: skip
+        config.num_hidden_layers,
+        dim,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.hidden_act,
+        config.layer_norm_eps,
+        config.attention_dropout,
+    )
     tower.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
     tower.head = (
-        AttentionPoolHead(dim, config.num_attention_heads, config.intermediate_size, config.hidden_act,
-                          config.layer_norm_eps)
+        AttentionPoolHead(
+            dim,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.hidden_act,
+            config.layer_norm_eps,
+        )
         if config.use_head
         else None
-    )  # fmt: skip
+    )
 
 
 class ImageTowerBase(nn.Module):

@@ -41,8 +41,14 @@ class CountingTask(Task):
 
     def __init__(self, out_dir: str) -> None:
         self.optim = OptimSection(lr=1e-3, warmup_steps=0)
-        self.run = RunSection(out_dir=out_dir, steps=2, deepspeed="configs/deepspeed/zero0.json",
-                              precision="fp32", log_every=1, save_every=0)  # fmt: skip
+        self.run = RunSection(
+            out_dir=out_dir,
+            steps=2,
+            deepspeed="configs/deepspeed/zero0.json",
+            precision="fp32",
+            log_every=1,
+            save_every=0,
+        )
         self.micro_batch_size = 2
 
     def build_model(self, zero) -> nn.Module:

@@ -43,8 +43,14 @@ def texts() -> list[str]:
 def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str, str]:
     """Shards (``train/`` of captions and one prompt/answer shard, ``val/``), the tokenizer, a tiny tower
     and a 2-layer Gemma-shaped decoder (width 64) saved as folders."""
-    make_shapes(root / "data", n_train=n_train, n_val=n_val, shard_size=64, image_size=IMAGE_SIZE,
-                zeroshot_per_class=1)  # fmt: skip
+    make_shapes(
+        root / "data",
+        n_train=n_train,
+        n_val=n_val,
+        shard_size=64,
+        image_size=IMAGE_SIZE,
+        zeroshot_per_class=1,
+    )
     write_tar(root / "data" / "train" / "qa-000.tar", qa_members(48))
     tok = word_tokenizer(texts())
     tok.save_pretrained(root / "tokenizer")

@@ -59,11 +59,15 @@ def decoder_config(family: str, **overrides):
         eos_token_id=2,
     )
     extra = {
-        "gemma2": dict(sliding_window=8, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                       query_pre_attn_scalar=16),
+        "gemma2": dict(
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=16,
+        ),
         "qwen2": dict(tie_word_embeddings=False),
         "llama": dict(tie_word_embeddings=False),
-    }.get(family, {})  # fmt: skip
+    }.get(family, {})
     return AutoConfig.for_model(family, **{**base, **extra, **overrides})
 
 
@@ -82,8 +86,15 @@ def decoder_folder(family: str, folder: Path, seed: int = 0, **overrides) -> Pat
 
 def tower(seed: int = 0, **overrides) -> VisionTower:
     """A random tower: 32 px images in 8 px patches (4x4 tokens), width 32, 2 blocks, no head."""
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-               patch_size=8, use_head=False)  # fmt: skip
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        use_head=False,
+    )
     torch.manual_seed(seed)
     t = VisionTower(VisionConfig(**{**cfg, **overrides}))
     return randomize_(t.eval(), seed)

@@ -85,8 +85,13 @@ def answer_batch(vlm, samples: list[tuple[int, int]]) -> dict:
     for i, (row, kinds) in enumerate(zip(rows, types, strict=True)):
         ids[i, : len(row)], token_types[i, : len(row)] = torch.tensor(row), torch.tensor(kinds)
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types, "labels": ids.clone(),
-            "pixel_values": torch.stack(pixels)}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": token_types,
+        "labels": ids.clone(),
+        "pixel_values": torch.stack(pixels),
+    }
 
 
 def one_step_grads_worker(rank: int, world: int, cases: list[tuple[list[str], list]]) -> list[dict]:

@@ -145,9 +145,15 @@ def arch_for(config: VisionConfig, *, any_size: bool = False) -> str | None:
     """The registered timm architecture that builds exactly this tower (at any image size if
     ``any_size``), if there is one."""
     want = TimmArch(
-        config.patch_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-        config.intermediate_size, config.image_size, config.hidden_act, config.use_head,
-    )  # fmt: skip
+        config.patch_size,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.image_size,
+        config.hidden_act,
+        config.use_head,
+    )
     for name, arch in sorted(TIMM_ARCHS.items()):
         if arch == want or (any_size and arch == replace(want, image_size=arch.image_size)):
             return name
