@@ -235,7 +235,7 @@ def test_saved_config_is_transformers_vision_config(tmp_path):
 
 def test_bare_weights_file_takes_image_size_from_the_matching_preset(tmp_path):
     """No config.json: shapes give the tower, a preset of the same shape gives heads and image size."""
-    from vision_tower.loading import vision_state_dict_hf
+    from vision_tower.formats.transformers import vision_state_dict_hf
 
     with torch.device("meta"):
         shape = VisionTower.from_preset("so400m_p14_384")

@@ -160,7 +160,7 @@ def test_locked_image_tower_does_not_change(shapes, tmp_path):
     cfg = load_config(DEMO, [f"{k}={v}" for k, v in shapes.items()] + ["model.lock_image=true"])
     init = build_model(cfg)
     from vision_tower import SiglipModel
-    from vision_tower.loading import vision_state_dict_hf
+    from vision_tower.formats.transformers import vision_state_dict_hf
 
     for k, v in vision_state_dict_hf(init.vision.state_dict()).items():
         assert torch.equal(first_ckpt[k], v), k

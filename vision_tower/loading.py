@@ -17,7 +17,6 @@ import torch
 
 from .checkpoint import CheckpointError, read_checkpoint, read_json
 from .formats import Files, detect_format, get_format, list_formats, open_clip
-from .formats.transformers import vision_state_dict_hf  # noqa: F401 (connectors.formats.common imports it here)
 from .hub import resolve
 
 Tensor = torch.Tensor

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from vision_tower import ImageProcessor
 from vision_tower.checkpoint import read_checkpoint
 from vision_tower.formats.keys import part
-from vision_tower.loading import vision_state_dict_hf
+from vision_tower.formats.transformers import vision_state_dict_hf
 
 from ..decoder import load_decoder, load_tokenizer
 from ..parts import VLMParts
