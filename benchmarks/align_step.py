@@ -196,8 +196,10 @@ def main() -> None:
             "cache": launch(args, root, info["tokens"], True),
         }
     print(
-        f"stage align, tower {args.tower} ({info['tokens']} tokens/image, random weights), decoder {args.decoder}, "
-        f"linear connector; {args.ranks} rank(s), ZeRO-{args.zero}, batch {args.batch}/rank, {args.num_workers} "
+        f"stage align, tower {args.tower} ({info['tokens']} tokens/image, random weights), decoder "
+        f"{args.decoder}, "
+        f"linear connector; {args.ranks} rank(s), ZeRO-{args.zero}, batch {args.batch}/rank, "
+        f"{args.num_workers} "
         f"loader workers/rank, precision {args.precision}; {args.steps} timed steps after {args.warmup}"
     )
     print(f"{'input':8} {'steps/s':>9} {'samples/s':>10} {'vs images':>10}")

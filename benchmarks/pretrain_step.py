@@ -213,13 +213,15 @@ def main() -> None:
     from vision_tower.hardware import choose_precision
 
     print(
-        f"{args.ranks} CPU ranks (1 thread each), synthetic batches, compile {'on' if args.compile else 'off'}; "
+        f"{args.ranks} CPU ranks (1 thread each), synthetic batches, compile "
+        f"{'on' if args.compile else 'off'}; "
         f"median step of the timed steps. This machine: {choose_precision('auto').describe()}\n"
         "params+optim: parameters, master copies and AdamW moments held per rank (from the tensors);\n"
         "step peak RSS: sampled every 1 ms during the timed steps, (rise over the RSS before them)"
     )
     print(
-        f"{'preset':8} {'stage':>5} {'precision':>14} {'batch':>6} {'step s':>8} {'images/s':>9} {'vs fp32':>7} "
+        f"{'preset':8} {'stage':>5} {'precision':>14} {'batch':>6} {'step s':>8} {'images/s':>9} "
+        f"{'vs fp32':>7} "
         f"{'params+optim MiB/rank':>22} {'vs zero0':>8} {'step peak RSS MiB/rank (rise)':>30}"
     )
     for preset in args.presets:
@@ -237,7 +239,8 @@ def main() -> None:
                 rss = " / ".join(f"{p} ({d:+d})" for p, d in zip(r["step_peak_rss_mib"], r["step_rise_mib"]))
                 print(
                     f"{preset:8} {stage:5d} {r['precision']:>14} {r['global_batch']:6d} {r['step_s']:8.3f} "
-                    f"{r['images_per_s']:9.1f} {speed:>7} {' / '.join(f'{m:.1f}' for m in mem):>22} {ratio:>8} "
+                    f"{r['images_per_s']:9.1f} {speed:>7} {' / '.join(f'{m:.1f}' for m in mem):>22} "
+                    f"{ratio:>8} "
                     f"{rss:>30}",
                     flush=True,
                 )

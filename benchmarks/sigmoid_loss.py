@@ -151,7 +151,8 @@ def _fmt(r: dict | None, key: str) -> str:
 
 def single_process_table(batches: list[int], dim: int, chunk: int, methods: list[str], repeats: int) -> None:
     print(
-        f"single process, D = {dim}, fp32, forward + backward, tile {chunk}, {torch.get_num_threads()} threads"
+        f"single process, D = {dim}, fp32, forward + backward, tile {chunk}, {torch.get_num_threads()} "
+        "threads"
     )
     print("| B | method | time | peak extra memory | time vs open_clip | memory: open_clip / this |")
     print("|---|---|---|---|---|---|")
@@ -164,7 +165,8 @@ def single_process_table(batches: list[int], dim: int, chunk: int, methods: list
                 need = bytes_per_pair * batch**2 / 2**30
                 total = _mem_total() / 2**30
                 print(
-                    f"| {batch:,} | {method} | not run | ~{need:,.0f} GiB needed (B^2), machine has {total:.0f} | | |"
+                    f"| {batch:,} | {method} | not run | ~{need:,.0f} GiB needed (B^2), machine has "
+                    f"{total:.0f} | | |"
                 )
                 continue
             rows[method] = run_fresh(

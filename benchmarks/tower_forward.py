@@ -183,7 +183,8 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(
-        f"{where}; flags {' '.join(flags) or '-'}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{where}; flags {' '.join(flags) or '-'}; torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads, "
         f"median of {args.repeats}; {choose_precision('auto', args.device).describe()}"
     )
     peaks = {dtype: matmul_peak(dtype, args.device) for dtype in {MODES[m][0] for m in args.modes}}

@@ -5,9 +5,11 @@ then a loaded state dict copied over it). Every measurement runs in a fresh proc
     python benchmarks/vlm_build_memory.py                 # writes ~9 GB under /tmp/vlm_build_memory
     python benchmarks/vlm_build_memory.py --layers 2      # a quick smoke run (~0.2B decoder)
 
-Columns: the build's wall time, the same plus one read of every weight, the peak RSS. Rows: the decoder alone; a VLM from a SigLIP so400m tower folder + "mlp2x_gelu" + the decoder folder; a VLM
+Columns: the build's wall time, the same plus one read of every weight, the peak RSS. Rows: the decoder
+alone; a VLM from a SigLIP so400m tower folder + "mlp2x_gelu" + the decoder folder; a VLM
 from the PaliGemma export of that VLM and from its native export (``VisionLanguageModel.from_pretrained``);
-the naive baseline. "over imports" is the peak RSS during the build (and one read of every weight: transformers may leave
+the naive baseline. "over imports" is the peak RSS during the build (and one read of every weight:
+transformers may leave
 weights memory-mapped, which counts only once touched) minus the RSS before it (after importing torch and
 transformers; the kernel's peak counter is reset there through /proc/self/clear_refs, Linux only).
 """
@@ -168,7 +170,8 @@ def main() -> None:
     weights = sum(f.stat().st_size for f in (work / "decoder").glob("*.safetensors")) / 2**20
     print(f"decoder on disk: {weights:.0f} MiB (bf16); dtype requested: bfloat16")
     print(
-        f"{'build':28s} {'params':>8s} {'build s':>8s} {'+ read s':>9s} {'peak RSS MiB':>13s} {'over imports':>13s}"
+        f"{'build':28s} {'params':>8s} {'build s':>8s} {'+ read s':>9s} {'peak RSS MiB':>13s} "
+        f"{'over imports':>13s}"
     )
     for r in rows:
         over = r["peak_mb"] - r["imports_mb"]

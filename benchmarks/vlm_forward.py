@@ -62,7 +62,8 @@ def _sizes() -> dict:
 
 
 def export(size: str, work: Path) -> dict[str, Path]:
-    """Random weights of ``size`` exported once as PaliGemma (layer -1, prefix) and LLaVA (layer -2, causal)."""
+    """Random weights of ``size`` exported once as PaliGemma (layer -1, prefix) and LLaVA (layer -2,
+    causal)."""
     from transformers import AutoModelForCausalLM
 
     from connectors import VisionLanguageModel
@@ -203,7 +204,8 @@ def main() -> None:
                 ms, mem = r["ms"], r["mem"]
                 print(
                     f"{size:5} {row:10} {r['tokens']:6d} {ms['theirs']:15.2f} {ms['ours']:8.2f} "
-                    f"{ms['theirs'] / ms['ours']:8.2f} {mem['theirs']:16.1f} {mem['ours']:9.1f} {r['diff']:9.1e}"
+                    f"{ms['theirs'] / ms['ours']:8.2f} {mem['theirs']:16.1f} {mem['ours']:9.1f} "
+                    f"{r['diff']:9.1e}"
                 )
 
 

@@ -88,7 +88,8 @@ def load_decoder(
 
 
 def load_tokenizer(src: str | os.PathLike) -> Any | None:
-    """The tokenizer saved in a folder or hub repo (``AutoTokenizer``), or None when it has no tokenizer files."""
+    """The tokenizer saved in a folder or hub repo (``AutoTokenizer``), or None when it has no tokenizer
+    files."""
     from transformers import AutoTokenizer
 
     from vision_tower.hub import resolve
@@ -136,7 +137,8 @@ def ensure_image_token(decoder: PreTrainedModel, tokenizer: Any | None, image_to
             raise ValueError(
                 f"image_token_id {image_token_id} is past the decoder's input embedding table ({rows} rows, "
                 f"ids 0..{rows - 1}): use a token of its vocabulary, resize the table first "
-                f"(decoder.resize_token_embeddings), or leave image_token_id unset to have {IMAGE_TOKEN!r} added"
+                f"(decoder.resize_token_embeddings), or leave image_token_id unset to have {IMAGE_TOKEN!r} "
+                "added"
             )
         return image_token_id
     if tokenizer is not None:

@@ -1,5 +1,6 @@
 """Decoders of registered shapes with random weights (``preset:tiny_gemma`` as a training config's
-``model.decoder``), sized to a tokenizer: what tests and the demo train without downloading a language model."""
+``model.decoder``), sized to a tokenizer: what tests and the demo train without downloading a language
+model."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ class VLMDescription:
         opts = ", ".join(f"{k}={v}" for k, v in c["options"].items() if v is not None)
         return [
             f"source: {self.source} (vision-language model, {self.format} layout)",
-            f"tower: SigLIP width {t['hidden_size']}, {t['num_hidden_layers']} blocks, patch {t['patch_size']}, "
+            f"tower: SigLIP width {t['hidden_size']}, {t['num_hidden_layers']} blocks, patch "
+            f"{t['patch_size']}, "
             f"{t['image_size']} px -> {side}x{side} tokens; {self.params['tower'] / 1e6:.2f}M parameters",
             f"feature layer: {self.feature_layer} ({layer})",
             f"connector: {c['name']} {c['in_dim']} -> {c['out_dim']}"
@@ -54,7 +55,8 @@ class VLMDescription:
             + f"; {self.params['connector'] / 1e6:.2f}M parameters",
             f"tokens per image: {self.tokens_per_image} (image token id {self.image_token_id})",
             f"attention: {self.attention}",
-            f"decoder: {d['family']}, {d['layers']} layers, width {d['hidden_size']}, vocabulary {d['vocab_size']}; "
+            f"decoder: {d['family']}, {d['layers']} layers, width {d['hidden_size']}, vocabulary "
+            f"{d['vocab_size']}; "
             f"{self.params['decoder'] / 1e9:.3f}B parameters",
         ]
 

@@ -42,7 +42,8 @@ class AvgPoolConnector(Connector):
         if grid[0] % k or grid[1] % k:
             return (
                 f"average pooling to {k}x{k} needs both grid sides to be multiples of {k} "
-                f"(whole pooling windows); resize the tower or choose tokens_per_side dividing {grid[0]} and {grid[1]}"
+                f"(whole pooling windows); resize the tower or choose tokens_per_side dividing {grid[0]} and "
+                f"{grid[1]}"
             )
         return None
 

@@ -29,7 +29,8 @@ PathLike = str | os.PathLike
 class VLMOutput(ModelOutput):
     """``loss`` (next-token cross-entropy over the kept labels, fp32: their mean, or their sum over
     ``num_items_in_batch`` when given), ``logits`` (B, L, V),
-    ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (B_img, T, E) from the connector."""
+    ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (B_img, T, E) from the
+    connector."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -42,13 +43,15 @@ def _fixed_grid(tower: Any) -> VisionTower:
     if not isinstance(tower, VisionTower):
         kind = type(tower).__name__
         hint = (
-            " (SigLIP 2 NaFlex: a grid per image and padded tokens); load a fixed-resolution tower instead, e.g. "
+            " (SigLIP 2 NaFlex: a grid per image and padded tokens); load a fixed-resolution tower instead, "
+            "e.g. "
             "a SigLIP 2 checkpoint of fixed size"
             if "NaFlex" in kind
             else ""
         )
         raise ValueError(
-            f"a VisionLanguageModel needs a fixed-resolution VisionTower (its connector and prompts expect one "
+            "a VisionLanguageModel needs a fixed-resolution VisionTower (its connector and prompts expect "
+            "one "
             f"fixed token grid); got {kind}{hint}"
         )
     return tower
@@ -132,7 +135,8 @@ class VisionLanguageModel(nn.Module):
         if (c.in_dim, c.out_dim) != (tower_w, dec_w):
             raise ValueError(
                 f"connector {c.name!r} maps {c.in_dim} -> {c.out_dim} but the tower gives {tower_w}-wide "
-                f"features and the decoder embeds in {dec_w}: build it as build_connector({c.name!r}, {tower_w}, {dec_w})"
+                f"features and the decoder embeds in {dec_w}: build it as build_connector({c.name!r}, "
+                f"{tower_w}, {dec_w})"
             )
 
     # ----------------------------------------------------------------- facts
@@ -222,7 +226,8 @@ class VisionLanguageModel(nn.Module):
             )
             raise ValueError(
                 f"input_ids hold {found} image tokens (id {self.image_token_id}; per row {per_row}) but the "
-                f"images give {given} ({what}): put {self.num_image_tokens} placeholders per image in the prompt"
+                f"images give {given} ({what}): put {self.num_image_tokens} placeholders per image in the "
+                "prompt"
             )
         if image_tokens is None:
             return embeds
@@ -258,11 +263,13 @@ class VisionLanguageModel(nn.Module):
             attention_mask = torch.ones((B, past + L), dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, past + L):
             raise ValueError(
-                f"attention_mask is {tuple(attention_mask.shape)}; expected ({B}, {past + L}): cached {past} + new {L} tokens"
+                f"attention_mask is {tuple(attention_mask.shape)}; expected ({B}, {past + L}): cached {past} "
+                f"+ new {L} tokens"
             )
         if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
             raise ValueError(
-                f"token_type_ids {tuple(token_type_ids.shape)} do not match input_ids {tuple(input_ids.shape)}"
+                f"token_type_ids {tuple(token_type_ids.shape)} do not match input_ids "
+                f"{tuple(input_ids.shape)}"
             )
         image_tokens = self.image_embeddings(pixel_values, patch_features=patch_features, grid=grid)
         embeds = self.embed(input_ids, image_tokens)  # (B, L, E)
@@ -301,7 +308,8 @@ class VisionLanguageModel(nn.Module):
         past: int,
         embeds: torch.Tensor,
     ) -> torch.Tensor | None:
-        """(B, L) True on tokens of the bidirectional prefix, or None (causal attention, or a decoding step)."""
+        """(B, L) True on tokens of the bidirectional prefix, or None (causal attention, or a decoding
+        step)."""
         if self.attention != "prefix" or past:
             return None
         if token_type_ids is None:
@@ -325,7 +333,8 @@ class VisionLanguageModel(nn.Module):
         """The sum (``reduction="sum"``) or mean of the next-token cross-entropies over the kept labels."""
         if logits.shape[1] != labels.shape[1]:
             raise ValueError(
-                f"labels need logits at every position: got {logits.shape[1]} of {labels.shape[1]} (logits_to_keep)"
+                f"labels need logits at every position: got {logits.shape[1]} of {labels.shape[1]} "
+                "(logits_to_keep)"
             )
         kept = ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, attention_mask)
         return F.cross_entropy(

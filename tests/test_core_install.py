@@ -184,7 +184,8 @@ def test_connectors_install_reads_a_sentencepiece_only_tokenizer(tmp_path):
     run, _ = _environment(tmp_path / "env", "connectors")
     code = (
         "import importlib.util as u; from connectors.decoder import load_tokenizer; "
-        f"t = load_tokenizer({str(folder)!r}); ids = t('a red circle', add_special_tokens=False)['input_ids']; "
+        f"t = load_tokenizer({str(folder)!r}); ids = t('a red circle', "
+        "add_special_tokens=False)['input_ids']; "
         "print([m for m in ('deepspeed', 'webdataset') if u.find_spec(m)], t.decode(ids))"
     )
     result = run(module=code)

@@ -175,7 +175,8 @@ def test_open_clip_errors(tmp_path):
 
 
 def test_hub_repo_id_from_the_offline_cache(tmp_path, monkeypatch):
-    """SiglipModel.from_pretrained("timm/ViT-B-16-SigLIP") reads open_clip's hub layout (here from the cache)."""
+    """SiglipModel.from_pretrained("timm/ViT-B-16-SigLIP") reads open_clip's hub layout (here from the
+    cache)."""
     import huggingface_hub.constants
 
     cfg = model_cfg()

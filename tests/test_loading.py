@@ -297,7 +297,8 @@ def test_unrecognised_layout_names_the_layouts_tried_and_the_first_keys(tmp_path
 
 
 def test_loading_in_bf16_builds_no_fp32_copy_and_equals_the_cast(tmp_path):
-    """``dtype=`` puts the checkpoint's tensors in place cast once; a resized table is interpolated in fp32."""
+    """``dtype=`` puts the checkpoint's tensors in place cast once; a resized table is interpolated in
+    fp32."""
     ref = hf_vision(seed=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     ref.save_pretrained(tmp_path / "ref")
     fp32 = VisionTower.from_pretrained(tmp_path / "ref", image_size=48)

@@ -31,7 +31,8 @@ SIZES = [(333, 517), (224, 224), (17, 1031), (1000, 751), (31, 40), (480, 640)]
 
 
 def reference_class(backend: str):
-    """transformers' processor of ``backend``: SiglipImageProcessorPil, or the torchvision SiglipImageProcessor."""
+    """transformers' processor of ``backend``: SiglipImageProcessorPil, or the torchvision
+    SiglipImageProcessor."""
     if backend == "pil":
         if SiglipImageProcessorPil is None:
             pytest.skip("this transformers has no SiglipImageProcessorPil")

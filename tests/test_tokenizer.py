@@ -1,4 +1,5 @@
-"""Tokenizer parity with transformers' SiglipTokenizer / Siglip2Tokenizer on sentencepiece models trained here."""
+"""Tokenizer parity with transformers' SiglipTokenizer / Siglip2Tokenizer on sentencepiece models trained
+here."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def gemma_folder(tmp_path_factory) -> Path:
         allow_whitespace_only_pieces=True,
     )
     config = {
-        "tokenizer_class": "GemmaTokenizer",  # what SigLIP 2 repos ship; AutoTokenizer maps them to Siglip2Tokenizer
+        # what SigLIP 2 repos ship; AutoTokenizer maps them to Siglip2Tokenizer
+        "tokenizer_class": "GemmaTokenizer",
         "add_bos_token": False,
         "add_eos_token": True,
         "padding_side": "right",

@@ -151,7 +151,8 @@ def test_errors(tmp_path, capsys):
         == 2
     )
     assert capsys.readouterr().err.strip() == (
-        f"vision-tower train-tokenizer: error: {tmp_path / 'empty.txt'} holds no captions (one per line expected)"
+        f"vision-tower train-tokenizer: error: {tmp_path / 'empty.txt'} holds no captions (one per line "
+        "expected)"
     )
     assert (
         main(["train-tokenizer", "--captions", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "busy")])

@@ -220,7 +220,8 @@ def test_connector_widths_must_fit_tower_and_decoder(decoders):
 
 
 def test_both_ways_of_building_the_prefix_mask_agree(decoders, monkeypatch):
-    """transformers' block ids (fast) and the mask-function overlay (older transformers) give the same logits."""
+    """transformers' block ids (fast) and the mask-function overlay (older transformers) give the same
+    logits."""
     from connectors import inputs
 
     vlm = VisionLanguageModel(R.tower(), "linear", decoders["gemma2"])  # sliding-window layers too

@@ -75,7 +75,8 @@ def test_wheel_installs_apart_and_runs_the_demo_from_an_empty_folder(tmp_path):
             "-c",
             "import training.demo, vision_tower.cli, vision_tower, connectors; "
             "import sys; print('\\n'.join(sorted({m.__file__ for n, m in sys.modules.items() "
-            "if n.split('.')[0] in ('training', 'vision_tower', 'connectors') and getattr(m, '__file__', None)})))",
+            "if n.split('.')[0] in ('training', 'vision_tower', 'connectors') and getattr(m, '__file__', "
+            "None)})))",
         ],
         cwd=empty,
         env=env,

@@ -83,7 +83,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
         else ""
     )
     print(
-        f"trained a {args.model_type} tokenizer on {len(captions)} captions from {source}: {pieces} -> {args.out}"
+        f"trained a {args.model_type} tokenizer on {len(captions)} captions from {source}: {pieces} -> "
+        f"{args.out}"
     )
     report = length_report(tok, captions)
     for line in report.lines():
@@ -106,13 +107,15 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     print(
-        f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} zero-shot "
+        f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} "
+        "zero-shot "
         f"images in {len(s.classes)} class folders ({s.zeroshot}) in {s.seconds:.1f}s"
     )
 
 
 def _model_and_preprocessing(src: str, tokenizer_src: str | None, dtype=None):
-    """The model in ``dtype``, its own preprocessing (preprocessor_config.json if shipped) and its tokenizer."""
+    """The model in ``dtype``, its own preprocessing (preprocessor_config.json if shipped) and its
+    tokenizer."""
     from vision_tower import SiglipModel, Tokenizer
     from vision_tower.sources import processor_for
 
@@ -224,7 +227,8 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
     print(
         f"wrote the feature cache {s.out_dir}: {s.samples} samples of {s.shards} shards, grid {s.grid[0]}x"
-        f"{s.grid[1]}, width {s.dim}, in {s.seconds:.1f}s; skipped: {skipped}. Train with data.feature_cache={s.out_dir}"
+        f"{s.grid[1]}, width {s.dim}, in {s.seconds:.1f}s; skipped: {skipped}. Train with "
+        f"data.feature_cache={s.out_dir}"
     )
 
 

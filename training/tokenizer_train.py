@@ -89,7 +89,8 @@ def train_decoder_tokenizer(
     """Train a Gemma-layout sentencepiece BPE tokenizer (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>``
     3, a newline piece for PaliGemma's prompt layout; case and punctuation kept) on ``texts`` and save it
     as a transformers ``GemmaTokenizer`` folder in ``out_dir``: the tokenizer of a decoder trained from
-    scratch (``model.tokenizer`` of ``train-vlm`` with a ``preset:`` decoder). Returns the loaded tokenizer."""
+    scratch (``model.tokenizer`` of ``train-vlm`` with a ``preset:`` decoder). Returns the loaded
+    tokenizer."""
     from transformers import AutoTokenizer, GemmaTokenizer
 
     sentences = [t.strip() for t in texts if t.strip()]

@@ -66,7 +66,8 @@ def _read_file(path: Path, keep: KeyFilter) -> dict[str, Tensor]:
     if name.endswith(".safetensors"):
         try:
             with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (safe_open is no dict)
+                # safe_open is no dict: keys() is its API
+                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118
         except SafetensorError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if name.endswith(".index.json"):

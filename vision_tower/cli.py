@@ -245,8 +245,8 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
         "--to",
         choices=(*FORMAT_ALIASES, *writable_formats()),
         default="hf",
-        help="hf or transformers: transformers SiglipModel/SiglipVisionModel; timm: the image tower as timm's "
-        "model.safetensors + config.json; open_clip: both towers as open_clip_model.safetensors + "
+        help="hf or transformers: transformers SiglipModel/SiglipVisionModel; timm: the image tower as "
+        "timm's model.safetensors + config.json; open_clip: both towers as open_clip_model.safetensors + "
         "open_clip_config.json",
     )
     p.add_argument(

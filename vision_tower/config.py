@@ -84,7 +84,8 @@ def _check_encoder(config: Any) -> None:
     """What every tower config checks: whole heads and a supported GELU."""
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(
-            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            f"{config.num_attention_heads}"
         )
     if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")

@@ -6,7 +6,8 @@ then ``x * rescale_factor`` and ``(x - mean) / std``. Two numerics, as in transf
 (antialiased torch resize of the uint8 image, fused rescale-normalize in float32), ``backend="pil"``
 is ``SiglipImageProcessorPil`` (Pillow resize, rescale in float64, normalize in float32). They
 differ by one or two 8-bit levels on a small fraction of pixels; each is bit-identical to its
-transformers 5.x counterpart on in-memory images (the version the reference tests run against). The default is what ``AutoImageProcessor`` gives in
+transformers 5.x counterpart on in-memory images (the version the reference tests run against). The default
+is what ``AutoImageProcessor`` gives in
 the installed transformers (:func:`.backends.default_backend`).
 
 Accepted inputs, one image or a list/tuple of them:

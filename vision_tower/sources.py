@@ -51,7 +51,8 @@ def model_type(src: str | os.PathLike) -> str | None:
 
 
 def is_siglip_model(src: str | os.PathLike) -> bool:
-    """Does ``src`` hold both towers (transformers ``SiglipModel``, open_clip, two-tower big_vision, preset)?"""
+    """Does ``src`` hold both towers (transformers ``SiglipModel``, open_clip, two-tower big_vision,
+    preset)?"""
     if preset_name(src) is not None:
         return True
     path = resolve(src)
@@ -140,7 +141,8 @@ def processor_for_tower(
         processor = NaFlexImageProcessor(patch_size=tower.config.patch_size, max_num_patches=budget)
     if processor.patch_size != tower.config.patch_size:
         raise ValueError(
-            f"{src}: preprocessor patch_size {processor.patch_size} differs from the tower's {tower.config.patch_size}"
+            f"{src}: preprocessor patch_size {processor.patch_size} differs from the tower's "
+            f"{tower.config.patch_size}"
         )
     return processor
 

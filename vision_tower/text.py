@@ -69,7 +69,8 @@ class TextTower(nn.Module):
         L = input_ids.shape[-1]
         if L > self.config.max_position_embeddings:
             raise ValueError(
-                f"text of {L} tokens is longer than max_position_embeddings={self.config.max_position_embeddings}"
+                f"text of {L} tokens is longer than "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         x = self.token_embed(input_ids) + self.pos_embed[:L]  # (B, L, D)
         mask = None

@@ -229,7 +229,8 @@ class VisionTower(ImageTowerBase):
         """Load the image tower from a folder, a ``.safetensors`` file or a hub repo id.
 
         The layout (transformers SigLIP / SigLIP 2 / PaliGemma in 4.x and 5.x keys, timm,
-        open_clip, big_vision ``.npz``) is detected from the keys. ``image_size`` resizes the position table once (written by
+        open_clip, big_vision ``.npz``) is detected from the keys. ``image_size`` resizes the position table
+        once (written by
         ``save_pretrained``); ``use_head=False`` drops the pooling head; loading is strict.
         ``dtype="auto"`` picks bf16 where ``device`` runs it natively (CUDA, CPUs with AMX or
         AVX512-BF16), fp32 elsewhere: see :func:`vision_tower.hardware.choose_precision`.
@@ -308,8 +309,10 @@ class VisionTower(ImageTowerBase):
                 else [p]
             )
             raise ValueError(
-                f"image_size {image_size!r} is not a positive multiple of the patch size {p} (a tower resized "
-                f"to it would ignore the pixels past the last whole patch): use e.g. {' or '.join(map(str, near))}"
+                f"image_size {image_size!r} is not a positive multiple of the patch size {p} (a tower "
+                "resized "
+                "to it would ignore the pixels past the last whole patch): use e.g. "
+                f"{' or '.join(map(str, near))}"
             )
         grid = (image_size // p, image_size // p)
         table = interpolate_pos_embed(self.pos_embed.data, grid)

@@ -1,6 +1,8 @@
-"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma`` and ``llava`` (transformers loads them).
+"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma`` and ``llava`` (transformers loads
+them).
 
-Each format module has ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts``
+Each format module has ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) ->
+VLMParts``
 (and, but for native, ``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def load(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> VLMParts:
-    """The parts of the VLM checkpoint in ``src`` (a folder or hub id), its format detected from config.json."""
+    """The parts of the VLM checkpoint in ``src`` (a folder or hub id), its format detected from
+    config.json."""
     path = resolve(src, revision=revision, cache_dir=cache_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{src}: no config.json")

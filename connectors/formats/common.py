@@ -24,7 +24,8 @@ from ..parts import VLMParts
 
 Tensor = torch.Tensor
 MAX_SHARD_SIZE = "5GB"
-# tower and projector keys of PaliGemma / LLaVA checkpoints: saved layout (4.x and 5.x) and 5.x in-memory layout
+# tower and projector keys of PaliGemma / LLaVA checkpoints: saved layout (4.x and 5.x) and 5.x in-memory
+# layout
 MULTIMODAL_PREFIXES = (
     "vision_tower.",
     "multi_modal_projector.",
@@ -44,7 +45,8 @@ class FormatError(ValueError):
 
 
 def check_plain_decoder(decoder: Any, fmt: str) -> None:
-    """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under ``model``."""
+    """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under
+    ``model``."""
     if not isinstance(decoder, PreTrainedModel) or (fmt != "native" and decoder.base_model_prefix != "model"):
         where = "" if fmt == "native" else " with its body under 'model'"
         fix = "" if fmt == "native" else ", or save format='native'"
@@ -106,7 +108,8 @@ def _own_storage(t: Tensor) -> Tensor:
 
 
 def write_extras(parts: VLMParts, out: Path, **processor_fields: Any) -> None:
-    """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has them."""
+    """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has
+    them."""
     if parts.tokenizer is not None:
         parts.tokenizer.save_pretrained(str(out))
     if parts.processor is not None:

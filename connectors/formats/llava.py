@@ -46,7 +46,8 @@ def check(vlm: VLMParts) -> None:
     mlp_ok = c.name == "mlp" and c.options["depth"] == 2 and c.options["hidden_dim"] in (None, c.out_dim)
     if c.name != "linear" and not mlp_ok:
         raise FormatError(
-            f"LLaVA's projector is Linear, activation, Linear of the decoder's width; this VLM's connector is "
+            "LLaVA's projector is Linear, activation, Linear of the decoder's width; this VLM's connector "
+            "is "
             f"{c.name!r} {c.options}: use 'linear' or 'mlp2x_gelu', or save format='native'"
         )
     if vlm.attention != "causal":
@@ -58,14 +59,16 @@ def check(vlm: VLMParts) -> None:
     if vlm.tower.feature_layer == -1:
         raise FormatError(
             "LLaVA reads raw block outputs (hidden_states[k]); this VLM reads the tower's post-layernorm "
-            "final output (feature_layer=-1): use feature_layer=-2 (LLaVA's choice) or save format='paligemma' / 'native'"
+            "final output (feature_layer=-1): use feature_layer=-2 (LLaVA's choice) or save "
+            "format='paligemma' / 'native'"
         )
 
 
 def _projector(
     parts: VLMParts, connector: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], str, bool]:
-    """(projector tensors, projector_hidden_act, bias); ``linear`` becomes linear_1, identity, linear_2 = I."""
+    """(projector tensors, projector_hidden_act, bias); ``linear`` becomes linear_1, identity, linear_2 =
+    I."""
     bias = bool(parts.connector.options["bias"])
     if parts.connector.name == "mlp":
         out = {f"linear_1.{k[len('mlp.0.') :]}": v for k, v in connector.items() if k.startswith("mlp.0.")}
@@ -105,7 +108,8 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
 
 
 def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str):
-    """``linear`` when the checkpoint's projector is linear_1 then identity, else ``mlp2x`` with its activation."""
+    """``linear`` when the checkpoint's projector is linear_1 then identity, else ``mlp2x`` with its
+    activation."""
     w1, w2 = proj["linear_1.weight"], proj["linear_2.weight"]
     identity = (
         act == "linear"

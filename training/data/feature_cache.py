@@ -223,7 +223,8 @@ def _extract_shard(tower, processor, url, name, out, batch_size, file_samples):
 
 class FeatureCache:
     """Reads a cache made by :func:`extract_shards`; ``load(sample)`` gives a raw sample's features
-    ``(n, N, D)`` and grid in place of its images (the ``images`` of a :class:`~training.data.vlm.VLMBuilder`)."""
+    ``(n, N, D)`` and grid in place of its images (the ``images`` of a
+    :class:`~training.data.vlm.VLMBuilder`)."""
 
     batch_key = "patch_features"
 
@@ -259,8 +260,10 @@ class FeatureCache:
                 theirs = {f: (theirs or {}).get(f) for f in mine}
             shown.append(f"{IDENTITY[k]}: cache {mine}, model {theirs}")
         raise ValueError(
-            f"feature cache {self.folder} was made with another {' and '.join(k.replace('_', ' ') for k in diff)} "
-            f"({'; '.join(shown)}): extract the features again with this model's tower, or drop data.feature_cache"
+            f"feature cache {self.folder} was made with another "
+            f"{' and '.join(k.replace('_', ' ') for k in diff)} "
+            f"({'; '.join(shown)}): extract the features again with this model's tower, or drop "
+            "data.feature_cache"
         )
 
     def check_shards(self, urls: list[str]) -> None:

@@ -101,7 +101,8 @@ def pretrain_tower(
     if fit.fit_share < 1:
         raise RuntimeError(f"the demo tokenizer cuts some captions or prompts: {fit.lines()}")
     print(
-        f"[2/{STEPS}] trained a {tok.vocab_size}-piece sentencepiece tokenizer on the captions -> {tokenizer_dir}; "
+        f"[2/{STEPS}] trained a {tok.vocab_size}-piece sentencepiece tokenizer on the captions -> "
+        f"{tokenizer_dir}; "
         f"every caption and zero-shot prompt fits in {MAX_LENGTH} tokens (longest {fit.longest})",
         flush=True,
     )
@@ -122,7 +123,8 @@ def pretrain_tower(
     _launch(ranks, [*args, *overrides], "pretraining")
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     print(
-        f"[4/{STEPS}] held-out zero-shot accuracy on {len(CLASSES)} shape classes: top-1 {final['zeroshot_top1']:.1%}"
+        f"[4/{STEPS}] held-out zero-shot accuracy on {len(CLASSES)} shape classes: top-1 "
+        f"{final['zeroshot_top1']:.1%}"
         f" (chance {1 / len(CLASSES):.1%}), top-5 {final['zeroshot_top5']:.1%}; retrieval i2t R@1 "
         f"{final.get('i2t_r1', float('nan')):.1%}",
         flush=True,

@@ -46,7 +46,8 @@ def check_equal_batches(shapes: list[list[int]]) -> None:
 
 
 def check_same_scalar(value: torch.Tensor, group: ProcessGroup, message: str) -> None:
-    """Raise `message` on every rank if the scalar `value` is not equal on all ranks (one 2-element all_reduce)."""
+    """Raise `message` on every rank if the scalar `value` is not equal on all ranks (one 2-element
+    all_reduce)."""
     stats = torch.stack([value.detach().reshape(()), -value.detach().reshape(())]).double()
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
     high, low = stats[0].item(), -stats[1].item()

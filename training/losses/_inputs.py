@@ -27,7 +27,8 @@ def check_pair_inputs(
         )
     if img_emb.dtype != txt_emb.dtype or img_emb.device != txt_emb.device:
         raise ValueError(
-            f"{name}: img_emb and txt_emb must share dtype and device, got {img_emb.dtype} on {img_emb.device} "
+            f"{name}: img_emb and txt_emb must share dtype and device, got {img_emb.dtype} on "
+            f"{img_emb.device} "
             f"and {txt_emb.dtype} on {txt_emb.device}"
         )
     if img_emb.shape[0] == 0:

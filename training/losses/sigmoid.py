@@ -41,7 +41,8 @@ def sigmoid_loss(
             at B = 16k it is slower and holds a 1 GiB logit matrix plus its gradient).
         group: process group the batch is split over; None uses the default group when one is
             initialised. With W > 1 ranks each rank passes its local b rows, the text blocks travel
-            around a ring (tiled, `chunk_size` or `DEFAULT_CHUNK_SIZE`), and each rank gets the loss of its rows
+            around a ring (tiled, `chunk_size` or `DEFAULT_CHUNK_SIZE`), and each rank gets the loss of its
+            rows
             divided by b, so the mean over ranks is the loss of the global batch. All ranks must
             pass the same b and backpropagate with the same `grad_output` (as `loss.backward()` and
             DeepSpeed loss scaling do). To get a rank-local loss in a multi-rank job, pass a

@@ -238,7 +238,8 @@ def prune(ckpt_dir: Path, keep: int, current: str) -> None:
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[int, dict[str, Any]]:
-    """Restore engine, optimizer, scheduler, RNG from a verified checkpoint; (step, this rank's data state)."""
+    """Restore engine, optimizer, scheduler, RNG from a verified checkpoint; (step, this rank's data
+    state)."""
     rank, world = _world()
     folder = ckpt_dir / tag
     data_file = folder / f"data_rank{rank}.json"

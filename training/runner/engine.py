@@ -20,7 +20,10 @@ from vision_tower.hardware import choose_precision
 from .config import OptimSection, RunSection, resolve_path
 
 # torch's c10d warns at every call of the collectives DeepSpeed's ZeRO uses (each step, each checkpoint)
-_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated"
+_DEPRECATED_COLLECTIVES = (
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base"
+    r"|_reduce_scatter_base)` is deprecated"
+)
 
 
 def quiet_deepspeed() -> None:
@@ -171,7 +174,8 @@ def deepspeed_config(
         have = ds.get(key, "auto")
         if have != "auto" and have != value:
             raise ValueError(
-                f'{run.deepspeed}: {key}={have} but the run config gives {value}; set it to "auto" in the JSON'
+                f'{run.deepspeed}: {key}={have} but the run config gives {value}; set it to "auto" in the '
+                "JSON"
             )
         ds[key] = value
     mode = training_precision(run, ds).mode

@@ -150,7 +150,8 @@ def _resume_point(ckpt_dir: Path, resume: str | None) -> str | None:
     tag = checkpoints.find_intact(ckpt_dir)
     if tag is None and resume != "auto":
         raise RunDirError(
-            f"--resume: no committed checkpoint in {ckpt_dir} (use --resume auto to start fresh when there is none)"
+            f"--resume: no committed checkpoint in {ckpt_dir} (use --resume auto to start fresh when there "
+            "is none)"
         )
     return tag
 

@@ -1,4 +1,5 @@
-"""Where paths in run configs point, and where the shipped run configs live: ``training/configs`` inside an installed wheel (the repository's
+"""Where paths in run configs point, and where the shipped run configs live: ``training/configs`` inside an
+installed wheel (the repository's
 top-level ``configs/`` folder, mapped there by pyproject.toml), else ``configs/`` of the source tree
 (a checkout or an editable install)."""
 

@@ -74,7 +74,8 @@ class RunLock:
             if owner and owner.get("host") != me["host"]:
                 os.close(fd)
                 raise RunDirError(
-                    f"{self.path.parent} is used by a run on host {owner.get('host')} (pid {owner.get('pid')}); "
+                    f"{self.path.parent} is used by a run on host {owner.get('host')} (pid "
+                    f"{owner.get('pid')}); "
                     f"if that run is gone, delete {self.path}"
                 )
             os.ftruncate(fd, 0)  # a dead owner's record (its lock died with it), or nothing

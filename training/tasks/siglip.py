@@ -174,7 +174,8 @@ class SiglipTask(Task):
             }
 
     def evaluate(self, model: SiglipModel, zero: Zero) -> dict[str, float]:
-        """Zero-shot on ``data.zeroshot_dir`` (``zeroshot_top1``; ``zeroshot_top5`` with 6 classes or more) and
+        """Zero-shot on ``data.zeroshot_dir`` (``zeroshot_top1``; ``zeroshot_top5`` with 6 classes or more)
+        and
         retrieval on ``data.val_shards`` (those that are set)."""
         from ..eval.retrieval import retrieval
         from ..eval.zero_shot import zero_shot

@@ -71,7 +71,8 @@ class VLMModelSection:
         if preset is not None:
             if preset not in DECODER_PRESETS:
                 raise ValueError(
-                    f"model.decoder: unknown decoder preset {preset!r}; known: {', '.join(sorted(DECODER_PRESETS))}"
+                    f"model.decoder: unknown decoder preset {preset!r}; known: "
+                    f"{', '.join(sorted(DECODER_PRESETS))}"
                 )
             if self.tokenizer is None:
                 raise ValueError("model.tokenizer is required with a preset decoder (a tokenizer folder)")
@@ -191,7 +192,8 @@ class VLMConfig:
             )
         if self.data.feature_cache and self.tower_trains:
             raise ValueError(
-                "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop one"
+                "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop "
+                "one"
             )
 
     @property

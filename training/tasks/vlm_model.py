@@ -147,7 +147,8 @@ def lora_scaling(lora: Any) -> float:
 
 
 def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A state dict with LoRA adapters (peft's ``<layer>.base_layer.weight``, ``<layer>.lora_A.<name>.weight``,
+    """A state dict with LoRA adapters (peft's ``<layer>.base_layer.weight``,
+    ``<layer>.lora_A.<name>.weight``,
     ``<layer>.lora_B.<name>.weight``) as plain weights: ``W + scaling * B @ A`` under ``<layer>.weight``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():

@@ -174,7 +174,8 @@ def heads_of(params: dict[str, Tensor], root: str, encoder: str) -> int:
     """Number of heads: the middle axis of the first block's query kernel (D, H, hd)."""
     for key in (
         f"{root}{encoder}/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
-        f"{root}{encoder}/encoderblock/MultiHeadDotProductAttention_0/query/kernel",  # scan: (depth, D, H, hd)
+        # scan: (depth, D, H, hd)
+        f"{root}{encoder}/encoderblock/MultiHeadDotProductAttention_0/query/kernel",
     ):
         if key in params:
             return int(params[key].shape[-2])

@@ -139,7 +139,8 @@ def text_config(model_cfg: dict[str, Any], sd: dict[str, Tensor], source: str) -
     if cfg.get("pool_type", "argmax") != "last" or not cfg.get("no_causal_mask", False):
         raise ValueError(
             f"{source}: text_cfg pool_type={cfg.get('pool_type', 'argmax')!r}, no_causal_mask="
-            f"{cfg.get('no_causal_mask', False)}: SigLIP's text tower is bidirectional with last-token pooling"
+            f"{cfg.get('no_causal_mask', False)}: SigLIP's text tower is bidirectional with last-token "
+            "pooling"
         )
     if model_cfg.get("quick_gelu"):
         raise ValueError(f"{source}: quick_gelu is not a SigLIP activation")

@@ -79,7 +79,8 @@ def list_formats(*, writable: bool = False) -> tuple[str, ...]:
 
 
 def get_format(name: str, *, writable: bool = False) -> Format:
-    """The format ``name``; an unknown one (or one that cannot be written, if ``writable``) lists the known ones."""
+    """The format ``name``; an unknown one (or one that cannot be written, if ``writable``) lists the known
+    ones."""
     fmt = _FORMATS.get(name)
     if fmt is None or (writable and not fmt.writable):
         raise ValueError(
