@@ -32,6 +32,44 @@ _TOKENIZER_PATTERNS = [
     "chat_template*",
 ]
 
+# every transformers load passes these: no Python from a model folder runs, no pickle is read
+NO_CODE_FROM_FILES: dict[str, Any] = {"trust_remote_code": False}
+
+
+@contextlib.contextmanager
+def no_code_from_files(src: str | os.PathLike) -> Iterator[None]:
+    """Around a transformers load with ``trust_remote_code=False``: a folder whose classes need its own
+    Python code (``auto_map`` naming a class transformers does not ship) is refused in one line, instead of
+    transformers' prompt (on a terminal) or its advice to trust the code."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(
+            f"{src}: the model folder asks to run its own Python code (auto_map) for a class that "
+            "transformers does not ship; vision-tower never runs code from model files: use a model "
+            "transformers supports"
+        ) from None
+
+
+def _refuse_pickled_weights(src: str | os.PathLike, err: OSError) -> None:
+    """transformers found no safetensors weights: name the pickled files it would otherwise have read."""
+    folder = os.fspath(src)
+    pickled = (
+        sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth")))
+        if os.path.isdir(folder)
+        else []
+    )
+    if pickled:
+        raise CheckpointError(
+            f"{folder}: the decoder's weights are pickled ({', '.join(pickled)}), which vision-tower never "
+            "unpickles; save them as safetensors (model.save_pretrained(dir, safe_serialization=True) where "
+            "you trust the file)"
+        ) from None
+    raise err
+
+
 # transformers 5.x renames ``past_key_values`` to ``cache``; use whichever this version takes
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -64,15 +102,23 @@ def load_decoder(
     ``key_mapping`` (regex -> replacement) renames its tensors; every other tensor must start with one of
     ``other_prefixes``. Loading is strict: a missing, mis-shaped or unexplained key is a ``CheckpointError``.
     """
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "output_loading_info": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype if dtype is not None else "auto",
+        "output_loading_info": True,
+        "use_safetensors": True,
+        **NO_CODE_FROM_FILES,
+    }
     if device is not None:
         kwargs["device_map"] = str(device)
     if config is not None:
         kwargs["config"] = config
     if key_mapping is not None:
         kwargs["key_mapping"] = key_mapping
-    with _quiet_transformers() if key_mapping else contextlib.nullcontext():
-        model, info = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+    with _quiet_transformers() if key_mapping else contextlib.nullcontext(), no_code_from_files(src):
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+        except OSError as err:
+            _refuse_pickled_weights(src, err)
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(other_prefixes)]
     problems = {
         "missing": sorted(info.get("missing_keys", ())),
@@ -107,7 +153,8 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
             from transformers import PretrainedConfig
 
             kwargs["config"] = PretrainedConfig()
-    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    with no_code_from_files(path):
+        return AutoTokenizer.from_pretrained(str(path), **kwargs, **NO_CODE_FROM_FILES)
 
 
 def family(decoder: PreTrainedModel) -> str:

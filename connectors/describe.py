@@ -16,6 +16,7 @@ from vision_tower.checkpoint import read_json
 from vision_tower.hub import resolve
 from vision_tower.sources import preset_name
 
+from .decoder import NO_CODE_FROM_FILES, no_code_from_files
 from .formats import checkpoint_format, native
 from .formats.towers import vision_config_fields
 from .registry import ConnectorConfig
@@ -72,10 +73,12 @@ def _parts(
     if fmt == "native":
         config = native.read_config(config, str(path))
         tower = VisionConfig.from_hf(read_json(path / "tower" / "config.json"))
-        text = AutoConfig.from_pretrained(str(path / "decoder"))
+        with no_code_from_files(path / "decoder"):
+            text = AutoConfig.from_pretrained(str(path / "decoder"), **NO_CODE_FROM_FILES)
         connector = ConnectorConfig.from_dict(config["connector"])
         return tower, config["feature_layer"], connector, config["attention"], config["image_token_id"], text
-    hf = AutoConfig.from_pretrained(str(path))
+    with no_code_from_files(path):
+        hf = AutoConfig.from_pretrained(str(path), **NO_CODE_FROM_FILES)
     tower = VisionConfig.from_hf(vision_config_fields(hf.vision_config, str(path)))
     text = hf.get_text_config()
     if fmt == "paligemma":

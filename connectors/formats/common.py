@@ -19,7 +19,7 @@ from vision_tower.checkpoint import read_checkpoint
 from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
 
-from ..decoder import load_decoder, load_tokenizer
+from ..decoder import NO_CODE_FROM_FILES, load_decoder, load_tokenizer, no_code_from_files
 from ..parts import VLMParts
 
 Tensor = torch.Tensor
@@ -155,7 +155,8 @@ def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
     from transformers import AutoConfig
 
     sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
-    return AutoConfig.from_pretrained(str(path)), sd
+    with no_code_from_files(path):
+        return AutoConfig.from_pretrained(str(path), **NO_CODE_FROM_FILES), sd
 
 
 def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTrainedModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
@@ -43,8 +43,25 @@ SKIP_REASONS: tuple[str, ...] = (
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def local_shard(url: str) -> str:
+    """The file path of a shard: a local path (or ``file:PATH``). Anything else is refused: webdataset
+    would run a command to read it (``pipe:CMD`` runs CMD in a shell; ``http://``, ``s3://``, ``gs://``
+    run curl or a cloud tool), and nothing in a config or on the command line runs a command here."""
+    path = url[len("file://") :] if url.startswith("file://") else url.removeprefix("file:")
+    if _SCHEME.match(path):
+        raise ValueError(
+            f"shard {url!r}: only local tar files are read (a {path.split(':', 1)[0]}: shard would run a "
+            "command to fetch it); download or mount the shards and give their paths"
+        )
+    return path
+
+
 def expand_shards(shards: ShardSpec) -> list[str]:
-    """Shard URLs from a brace pattern (`a-{000..009}.tar`, `::`-joined), a directory or a list."""
+    """Shard paths from a brace pattern (`a-{000..009}.tar`, `::`-joined), a directory or a list; a shard
+    that is not a local file (``pipe:``, a URL) is refused (:func:`local_shard`)."""
     items = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
     urls: list[str] = []
     for item in items:
@@ -57,7 +74,7 @@ def expand_shards(shards: ShardSpec) -> list[str]:
         raise FileNotFoundError(
             f"no shards found in {shards!r}: give a brace pattern, a list or a folder of .tar"
         )
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [local_shard(u) for u in urls]
     missing = [u for u in local if not os.path.exists(u)]
     if local and len(missing) == len(local):
         raise FileNotFoundError(
@@ -70,7 +87,7 @@ def expand_shards(shards: ShardSpec) -> list[str]:
             len(urls),
             missing[0],
         )
-    return urls
+    return local
 
 
 def distributed_info() -> tuple[int, int]:
@@ -137,10 +154,11 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
     ("bad_shard"). A tar cut exactly between members ends quietly; its last sample then
     lacks members and is skipped as missing its caption or image.
     """
+    path = local_shard(url)  # before the try: a refused shard is an error, not a bad shard to skip
     current: dict[str, Any] | None = None
     reading = None  # the member whose data is being read
     try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 key, ext = base_plus_ext(info.name)
                 if not info.isreg() or key is None or os.path.basename(info.name).startswith("__"):
