@@ -95,6 +95,43 @@ def test_no_intact_checkpoint_stops_the_resume_and_touches_nothing(finished, sha
     assert _digests(out) == before  # no checkpoint pruned or written, metrics and export as they were
 
 
+class Payload:
+    """Unpickling this writes the marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (shutil.copyfile, (os.devnull, self.marker))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_at_resume(finished, shapes, tmp_path):
+    """A .pt in the run folder that would run code when unpickled, its manifest entry recomputed so the
+    checksums pass: resume reads DeepSpeed's files weights-only and refuses it, naming the file."""
+    import torch
+
+    out = _copy(finished, tmp_path)
+    marker = tmp_path / "ran"
+    for step in (2, 4, 6):
+        folder = out / "checkpoints" / f"step{step:08d}"
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        for rank in (0, 1):
+            name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            state = torch.load(folder / name, weights_only=False)  # the test's own file
+            state["extra"] = Payload(str(marker))
+            torch.save(state, folder / name)
+            data = (folder / name).read_bytes()
+            manifest["files"][name] = [len(data), hashlib.sha256(data).hexdigest()]
+        (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    code, log = _cli(2, _args(out, shapes, **STEPS) + ["--resume"])
+    assert code != 0, log[-3000:]
+    assert not marker.exists()
+    errors = [line for line in log.splitlines() if "pretrain: error:" in line]
+    assert errors, log[-3000:]
+    assert "optim_states.pt holds an object of shutil.copyfile: refused to unpickle it" in errors[0]
+    assert "weights_only=False" not in log
+
+
 def test_truncated_files_are_named_and_skipped(finished, tmp_path, caplog):
     from training.runner.checkpoints import CheckpointDamaged, find_intact
 

@@ -11,16 +11,24 @@ reported (file and fault) and the previous committed one is tried, never silentl
 are pruned only after a newer one is committed, and only those older than it.
 
 Every rank must see the same ``out_dir`` (a shared filesystem across nodes).
+
+Nothing is unpickled on resume: DeepSpeed's own files are read with ``torch.load(weights_only=True)``
+(tensors and plain data, plus DeepSpeed's loss-scaler records), so a crafted ``.pt`` in a run folder,
+even with its manifest recomputed, is refused instead of run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +245,42 @@ def prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoints that ``weights_only`` loading may rebuild: plain
+    records (the loss scaler, a parameter fragment's address: no ``__setstate__`` or ``__reduce__``, their
+    ``__dict__`` is restored) and the ZeRO stage enum (rebuilt from its value)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine) -> Iterator[None]:
+    """While inside, the DeepSpeed engine reads its checkpoint files with ``torch.load(weights_only=True)``
+    (its own checkpoint engine passes ``weights_only=False``)."""
+    checkpoint_engine = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = (
+                f"an object of {found.group(1)}" if found else "an object that is not a tensor or plain data"
+            )
+            raise pickle.UnpicklingError(f"{path} holds {what}: refused to unpickle it") from None
+
+    checkpoint_engine.load = load  # an instance attribute: the class's method is untouched
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[int, dict[str, Any]]:
     """Restore engine, optimizer, scheduler, RNG from a verified checkpoint; (step, this rank's data
     state)."""
@@ -250,9 +294,12 @@ def load(engine, ckpt_dir: Path, tag: str) -> tuple[int, dict[str, Any]]:
             f"with the world size it was saved with, on a filesystem every rank sees"
         )
     try:
-        _, client = engine.load_checkpoint(
-            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with weights_only_loading(engine):
+            _, client = engine.load_checkpoint(
+                str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    except pickle.UnpicklingError as err:
+        raise CheckpointDamaged(f"checkpoint {folder} is not resumed: {err}") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointDamaged(
