@@ -129,3 +129,14 @@ def test_console_script_help():
     for sub in ("info", "extract", "convert", "demo", "pretrain", "train-tokenizer", "make-shapes", "eval"):
         proc = subprocess.run([exe, sub, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and f"usage: vision-tower {sub}" in proc.stdout, proc.stderr
+
+
+def test_convert_refuses_to_write_over_its_source(tmp_path, capsys):
+    src = tmp_path / "tower"
+    assert main(["convert", "preset:tiny", str(src)]) == 0
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    capsys.readouterr()
+    assert main(["convert", str(src), str(src), "--to", "timm", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vision-tower convert: error: ") and "is the checkpoint being converted" in err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -144,3 +144,40 @@ def test_every_caption_names_its_class():
     for i in range(200):
         s = make_sample("train", i, image_size=16)
         assert named_class(s.caption) == s.class_name, s.caption
+
+
+def test_make_shapes_refuses_an_existing_dataset_without_overwrite(tmp_path, capsys):
+    from vision_tower.cli import main
+
+    out = tmp_path / "data"
+    args = ["make-shapes", "--out", str(out), "--n-train", "24", "--n-val", "8", "--shard-size", "8"]
+    assert main(args + ["--image-size", "16"]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (out / "train").iterdir())
+    assert len(before) == 3
+    capsys.readouterr()
+    assert (
+        main(["make-shapes", "--out", str(out), "--n-train", "8", "--n-val", "8", "--shard-size", "8"]) == 2
+    )
+    assert "is a folder that is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "train").iterdir()) == before  # nothing replaced
+    # --overwrite writes a whole new dataset: no stale shard of the old one is left, the user's file stays
+    assert (
+        main(
+            [
+                "make-shapes",
+                "--out",
+                str(out),
+                "--n-train",
+                "8",
+                "--n-val",
+                "8",
+                "--shard-size",
+                "8",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert [p.name for p in (out / "train").iterdir()] == ["shapes-train-000000.tar"]
+    assert (out / "notes.txt").read_text() == "mine"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from vision_tower.cli import add_dtype_option, check_device, check_new_output, positive_int
+from vision_tower.cli import add_dtype_option, check_device, check_new_output, clear_outputs, positive_int
 from vision_tower.extras import require
 
 EXTRA = "train"
@@ -96,7 +97,11 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> None:
-    from .demo.shapes import make_shapes
+    from .demo.shapes import OUTPUTS, make_shapes
+
+    check_new_output(args.out, args.overwrite)
+    if args.overwrite:  # only what make-shapes writes; anything else in the folder stays
+        clear_outputs(Path(args.out), OUTPUTS)
 
     s = make_shapes(
         args.out,
@@ -308,6 +313,11 @@ def add_make_shapes(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=positive_int, default=1024)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset in --out (only what make-shapes writes there is removed)",
+    )
     p.set_defaults(func=cmd_make_shapes, extra=EXTRA)
 
 

@@ -241,6 +241,10 @@ def write_class_folders(out_dir: Path, per_class: int, *, image_size: int, seed:
     return index
 
 
+# what make_shapes writes into its folder (and ``make-shapes --overwrite`` removes before writing again)
+OUTPUTS = ("train", "val", "zeroshot", "classes.json", "classes.txt")
+
+
 def make_shapes(
     out_dir: str | Path,
     *,
