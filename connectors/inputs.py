@@ -103,17 +103,27 @@ def prompt_ids(
 ) -> list[int]:
     """One prompt's ids. A prompt holding ``image_token`` (LLaVA style: ``"USER: <image>\\nWhat is
     this? ASSISTANT:"``) gets it expanded in place to ``num_image_tokens`` placeholders; any other
-    prompt follows PaliGemma's layout: placeholders, then bos, the text and a newline."""
+    prompt follows PaliGemma's layout: placeholders, then bos, the text and a newline. The text around
+    the placeholder is text: special tokens written in it (``<eos>``, ``<bos>``) are not parsed."""
     image = [image_token_id] * num_image_tokens
     if image_token in prompt:
         before, _, after = prompt.partition(image_token)
         if image_token in after:
             raise ValueError(f"prompt holds {image_token!r} more than once; one image per prompt: {prompt!r}")
-        head = tokenizer(before, add_special_tokens=True)["input_ids"] if before else _bos(tokenizer)
-        tail = tokenizer(after, add_special_tokens=False)["input_ids"]
-        return head + image + tail
-    text = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
-    return image + _bos(tokenizer) + text
+        head = (
+            tokenizer(before, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+            if before
+            else _bos(tokenizer)
+        )
+        return head + image + text_ids(tokenizer, after)
+    return image + _bos(tokenizer) + text_ids(tokenizer, prompt + "\n")
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` as plain text: no bos/eos added, and special tokens written in it (``<image>``,
+    ``<eos>``) split into ordinary pieces instead of parsed, so a caption cannot end an answer early or
+    add an image placeholder. Special tokens are inserted by id by the callers."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _bos(tokenizer: Any) -> list[int]:

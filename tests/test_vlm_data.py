@@ -179,3 +179,31 @@ def test_the_loss_is_the_answer_tokens_cross_entropy():
         for j, token in enumerate(answer):
             losses.append(F.cross_entropy(logits[row, start + j - 1], torch.tensor(token)))
     torch.testing.assert_close(out.loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_special_tokens_written_in_text_are_text(tmp_path):
+    """A caption or prompt that spells `<image>` or `<eos>` is ordinary text: it adds no image placeholder
+    and does not end the answer early (the sentencepiece tokenizer of the demo's decoder parses them
+    as special tokens unless told not to)."""
+    from training.tokenizer_train import train_decoder_tokenizer
+
+    tok = train_decoder_tokenizer(["a red circle on a blue square", *WORDS] * 10, tmp_path / "tok")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    img, eos = tok.convert_tokens_to_ids("<image>"), tok.eos_token_id
+    assert (
+        tok("a <eos> b <image>", add_special_tokens=False)["input_ids"].count(eos) == 1
+    )  # parsed by default
+    b = VLMBuilder(
+        tok,
+        image_token_id=img,
+        image_tokens=ImageTokens(SHUFFLE),
+        images=PixelImages(PROCESSOR, patch_size=4),
+        max_length=80,
+        caption_prompt="caption",
+    )
+    item = b.build(
+        raw("k", 0, json={"prompt": "USER: <image> say <eos> ASSISTANT:", "answer": "a <image> <eos> b"})
+    )
+    ids = item.input_ids
+    assert ids.count(img) == 4  # the prompt's one placeholder, expanded; none from the answer's text
+    assert ids.count(eos) == 1 and ids[-1] == eos  # only the answer's own end

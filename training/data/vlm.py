@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from connectors.base import ConnectorConfig, Grid
-from connectors.inputs import IGNORE_INDEX, prompt_ids
+from connectors.inputs import IGNORE_INDEX, prompt_ids, text_ids
 
 from .shards import SkipSample, default_decode_image, read_caption, read_image, read_json_member
 
@@ -139,7 +139,7 @@ class VLMBuilder:
         prompt, answer = read_prompt_answer(sample, self.caption_prompt)
         images, grid = self.images.load(sample)  # (n, ...)
         prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
-        suffix = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        suffix = text_ids(self.tokenizer, answer) + [self.tokenizer.eos_token_id]
         room = self.max_length - len(prefix)
         if room < 1:
             raise SkipSample(
