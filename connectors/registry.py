@@ -73,11 +73,38 @@ def option_names(cls: type[nn.Module]) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+class ConnectorOptionError(TypeError, ValueError):
+    """An unknown connector option, or a value of the wrong type: a ``TypeError`` as Python raises for a
+    bad keyword, and a ``ValueError`` (one line on the command line) as it usually comes from a config."""
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the type of the option's default (an int is a float; a bool is no number)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
 def _check_options(cls: type[nn.Module], name: str, options: dict[str, Any]) -> None:
     known = option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for connector {name!r}; known options: {known}")
+        raise ConnectorOptionError(
+            f"unknown option(s) {unknown} for connector {name!r}; known options: {known}"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        default = params[key].default
+        if default is inspect.Parameter.empty or default is None or _fits(value, default):
+            continue
+        raise ConnectorOptionError(
+            f"connector {name!r} option {key}={value!r}: expected {type(default).__name__} "
+            f"(default {default!r})"
+        )
 
 
 def build_connector(name: str, in_dim: int, out_dim: int, **options: Any) -> nn.Module:

@@ -236,3 +236,21 @@ def test_connectors_are_trainable_end_to_end():
         assert isinstance(c, Connector)
         c(_features(), (4, 4)).square().mean().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters()), name
+
+
+@pytest.mark.parametrize(
+    "name, options, problem",
+    [
+        ("linear", {"bias": "no"}, "bias='no': expected bool"),
+        ("mlp", {"depth": 2.0}, "depth=2.0: expected int"),
+        ("avg_pool", {"tokens_per_side": True}, "tokens_per_side=True: expected int"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_refused(name, options, problem):
+    with pytest.raises(ValueError, match=problem):  # a config's mistake: one line on the command line
+        build_connector(name, 16, 16, **options)
+
+
+def test_options_of_the_right_type_are_taken():
+    assert build_connector("linear", 16, 8, bias=False).proj.bias is None
+    assert build_connector("avg_pool", 16, 8, tokens_per_side=2, eps=1).norm.eps == 1  # an int is a float
