@@ -46,10 +46,29 @@ def decoder_config(name: str, tokenizer: Any, **overrides: Any) -> PretrainedCon
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
+    known = AutoConfig.for_model(model_type).to_dict()
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:  # transformers would keep them as attributes nobody reads
+        raise ValueError(
+            f"decoder preset {name!r}: unknown option(s) {unknown} for a {model_type} config; "
+            f"its fields: {', '.join(sorted(k for k in known if not k.startswith('_')))}"
+        )
     try:
-        return AutoConfig.for_model(model_type, **{**fields, **ids, **overrides})
+        config = AutoConfig.for_model(model_type, **{**fields, **ids, **overrides})
     except (TypeError, ValueError) as err:
         raise ValueError(f"decoder preset {name!r} with overrides {overrides}: {err}") from err
+    heads, width = config.num_attention_heads, config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "head_dim", None) is None and width % heads:
+        raise ValueError(
+            f"decoder preset {name!r}: hidden_size {width} is not divisible by num_attention_heads {heads}"
+        )
+    if heads % kv_heads:
+        raise ValueError(
+            f"decoder preset {name!r}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads} (grouped-query attention shares each key/value head)"
+        )
+    return config
 
 
 def build_decoder(

@@ -254,3 +254,19 @@ def test_an_option_of_the_wrong_type_is_refused(name, options, problem):
 def test_options_of_the_right_type_are_taken():
     assert build_connector("linear", 16, 8, bias=False).proj.bias is None
     assert build_connector("avg_pool", 16, 8, tokens_per_side=2, eps=1).norm.eps == 1  # an int is a float
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ({"num_hidden_layer": 4}, r"unknown option\(s\) \['num_hidden_layer'\] for a gemma config"),
+        ({"num_attention_heads": 3}, "num_attention_heads 3 is not a multiple of num_key_value_heads 2"),
+    ],
+)
+def test_decoder_preset_options_are_checked(options, problem):
+    from connectors.decoder_presets import decoder_config
+    from tests.helpers import vlm_reference as R
+
+    with pytest.raises(ValueError, match=problem):
+        decoder_config("tiny_gemma", R.tokenizer(), **options)
+    assert decoder_config("tiny_gemma", R.tokenizer(), num_hidden_layers=1).num_hidden_layers == 1
