@@ -295,14 +295,7 @@ def _unavailable(args: argparse.Namespace) -> None:
 
 def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportError) -> None:
     """A command whose module cannot be imported: it is listed, and running it names what is missing."""
-    extra = extra_providing(err.name or "")
-    if extra is not None:
-        why = MissingExtraError(
-            f"needs the [{extra}] extra (missing module {err.name}); install it with: "
-            f'pip install "vision-tower[{extra}]"'
-        )
-    else:
-        why = MissingExtraError(f"cannot be loaded: {one_line(err)}")
+    why = MissingExtraError(missing_extra_message(err) or f"cannot be loaded: {one_line(err)}")
     p = sub.add_parser(name, help=f"(unavailable: {why})", add_help=False)
     p.set_defaults(func=_unavailable, load_error=why, accepts_any=True)
 
