@@ -37,6 +37,14 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("vlm"))
 
 
+def _eval_vlm(model: Path, assets: dict) -> int:
+    """``vision-tower eval vlm`` of a saved VLM on the held-out shards, with the training run's settings."""
+    args = ["--max-samples", "11", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40"]
+    return main(
+        ["eval", "vlm", "--model", str(model), "--shards", assets["val"], *args, "--dtype", "float32"]
+    )
+
+
 def settings(assets: dict, out: Path, stage: str, **extra) -> list[str]:
     base = {
         "data.train_shards": assets["train"],
@@ -180,26 +188,7 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
     assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
     # the saved model evaluates from the command line as it did at the end of training
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    code = main(
-        [
-            "eval",
-            "vlm",
-            "--model",
-            str(native),
-            "--shards",
-            assets["val"],
-            "--max-samples",
-            "11",
-            "--batch-size",
-            "5",
-            "--max-new-tokens",
-            "5",
-            "--max-length",
-            "40",
-            "--dtype",
-            "float32",
-        ]
-    )
+    code = _eval_vlm(native, assets)
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval_samples"] == final["eval_samples"] == 11
@@ -285,26 +274,7 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     assert_same(weights(native / "decoder"), weights(Path(assets["decoder"])))
     # in-training evaluation on 2 ranks (padded shares, fixed-length generation) equals the command's on 1
     final = r["finetune"]["final"]
-    code = main(
-        [
-            "eval",
-            "vlm",
-            "--model",
-            str(f / "export" / "native"),
-            "--shards",
-            assets["val"],
-            "--max-samples",
-            "11",
-            "--batch-size",
-            "5",
-            "--max-new-tokens",
-            "5",
-            "--max-length",
-            "40",
-            "--dtype",
-            "float32",
-        ]
-    )
+    code = _eval_vlm(f / "export" / "native", assets)
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
