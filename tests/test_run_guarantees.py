@@ -312,3 +312,23 @@ def test_resume_with_dropout_gives_the_uninterrupted_losses(shapes, tmp_path):
     before, after = _losses(full), _losses(resumed)
     assert sorted(after) == [1, 2, 3, 4]
     assert [after[s] for s in (3, 4)] == pytest.approx([before[s] for s in (3, 4)], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "command, config", [("pretrain", "pretrain/demo_tiny.yaml"), ("train-vlm", "vlm/tiny_align.yaml")]
+)
+def test_missing_validation_shards_stop_the_run_before_it_starts(tmp_path, capsys, command, config):
+    """Found at the start, not at the final evaluation after the last step (when nothing is exported)."""
+    from tests.helpers.shards import write_tar
+    from vision_tower.cli import main
+
+    train = write_tar(tmp_path / "train-0.tar", [("a.txt", b"a red circle")])
+    out = tmp_path / "run"
+    missing = tmp_path / "val-{000..001}.tar"
+    args = [f"data.train_shards={train}", f"data.val_shards={missing}", f"run.out_dir={out}"]
+    assert main([command, "--config", f"configs/{config}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"vision-tower {command}: error: data.val_shards: none of the 2 shards exist"
+    ), err
+    assert not out.exists()  # no lock, no config.json, nothing

@@ -90,6 +90,17 @@ def expand_shards(shards: ShardSpec) -> list[str]:
     return local
 
 
+def check_shard_specs(**specs: str | None) -> None:
+    """Fail now, naming the config key, when a shard set that a run will read is absent or refused (a
+    missing ``data.val_shards`` used to surface only at the final evaluation, after the last step)."""
+    for key, spec in specs.items():
+        if spec:
+            try:
+                expand_shards(spec)
+            except (OSError, ValueError) as err:
+                raise type(err)(f"data.{key}: {err}") from None
+
+
 def distributed_info() -> tuple[int, int]:
     """(rank, world_size) from torch.distributed if initialised, else RANK/WORLD_SIZE, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -127,6 +127,7 @@ def _data_counts(loader: Loader) -> dict[str, float | int]:
 def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run ``task`` (or resume it: ``resume="latest"`` needs a checkpoint, ``"auto"`` starts fresh without
     one); returns the final metrics on every rank. One run per ``run.out_dir`` at a time."""
+    task.check_inputs()  # before the process group, the lock or the engine
     rank, world = init_distributed()
     out = Path(task.run.out_dir)
     lock = RunLock(out)

@@ -66,6 +66,11 @@ class Task(abc.ABC):
     run: RunSection
     micro_batch_size: int  # per rank and micro-step
 
+    def check_inputs(self) -> None:
+        """Check what the run will read (data files, shards) before any set-up, raising a ``ValueError`` or
+        ``OSError`` that names the config key. By default nothing."""
+        return None
+
     def config_dict(self) -> dict[str, Any]:
         """The whole config, written to ``out_dir/config.json``."""
         return {"optim": vars(self.optim), "run": vars(self.run)}

@@ -15,6 +15,7 @@ from vision_tower.loading import read_siglip_weights
 from vision_tower.text import TextTower
 from vision_tower.vision import VisionTower
 
+from ..data import check_shard_specs
 from ..losses import clamp_logit_scale, get_loss
 from ..runner.paths import resolve_path
 from ..runner.task import ExportContext, Task
@@ -132,6 +133,14 @@ class SiglipTask(Task):
         self.tokenizer: Tokenizer | None = None
         self.model_config: SiglipConfig | None = None
         self._loss_fn = None
+
+    def check_inputs(self) -> None:
+        """Missing or refused shards fail before any set-up, not at the final evaluation."""
+        data = self.cfg.data
+        check_shard_specs(
+            train_shards=resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
 
     def config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict()

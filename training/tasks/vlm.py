@@ -15,7 +15,7 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, expand_shards, shard_dataset
+from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
@@ -53,6 +53,14 @@ class VLMTask(Task):
         self.stage: StageModel | None = None
         self.loader = None
         self._eval: tuple[VLMBuilder, list] | None = None
+
+    def check_inputs(self) -> None:
+        """Missing or refused shards fail before any set-up, not at the final evaluation."""
+        data = self.cfg.data
+        check_shard_specs(
+            train_shards=resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
 
     def config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict()
