@@ -169,12 +169,12 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    check_new_output(args.out, args.overwrite)
     if os.path.exists(args.src) and Path(args.src).resolve() == Path(args.out).resolve():
         raise ValueError(
             f"{args.out} is the checkpoint being converted; write the conversion to another folder "
             "(--overwrite never replaces the source)"
         )
-    check_new_output(args.out, args.overwrite)
     done = convert(
         args.src,
         args.out,
