@@ -110,6 +110,8 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_at_resume(finished, shapes,
     checksums pass: resume reads DeepSpeed's files weights-only and refuses it, naming the file."""
     import torch
 
+    from training.runner.checkpoints import _deepspeed_safe_globals
+
     out = _copy(finished, tmp_path)
     marker = tmp_path / "ran"
     for step in (2, 4, 6):
@@ -117,7 +119,10 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_at_resume(finished, shapes,
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         for rank in (0, 1):
             name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-            state = torch.load(folder / name, weights_only=False)  # the test's own file
+            with torch.serialization.safe_globals(
+                _deepspeed_safe_globals()
+            ):  # a real file reads weights-only
+                state = torch.load(folder / name, weights_only=True)
             state["extra"] = Payload(str(marker))
             torch.save(state, folder / name)
             data = (folder / name).read_bytes()
