@@ -198,49 +198,63 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-def _run_all(
-    cases: dict[str, tuple[list[str], list[str]]], parallel: int = 4
-) -> dict[str, subprocess.CompletedProcess]:
-    """Run the installed command for every case, a few at a time (each start imports torch)."""
+# Cases also run through the installed console script (each start imports torch, so the rest run in this
+# process through the same `main` the script calls): an error of each kind (a file, an argument that
+# argparse refuses, a training command's config).
+THROUGH_THE_SCRIPT = ("truncated safetensors", "batch size 0", "corrupt yaml")
+
+
+def _run_script(args: list[str]) -> tuple[int, str]:
     exe = shutil.which("vision-tower")
     assert exe, "the vision-tower console script is not on PATH: install the package (pip install -e .)"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done, pending = {}, list(cases.items())
-    running: list[tuple[str, subprocess.Popen]] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, (args, _) = pending.pop(0)
-            proc = subprocess.Popen(
-                [exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-            )
-            running.append((name, proc))
-        name, proc = running.pop(0)
-        out, err = proc.communicate(timeout=300)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
+    return proc.returncode, proc.stderr
 
 
-def test_every_expected_failure_is_one_line_with_exit_code_2(cases):
+def _run_here(args: list[str], capsys) -> tuple[int, str]:
+    """`main(args)` as the console script runs it: its return value or argparse's SystemExit is the exit
+    code; an exception escaping `main` would be the script's traceback."""
+    from vision_tower.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as exit_:
+        rc = exit_.code
+    except Exception:  # noqa: BLE001 - the script would print a traceback: report it as one
+        import traceback
+
+        return 1, capsys.readouterr().err + "Traceback (in process)\n" + traceback.format_exc()
+    return rc, capsys.readouterr().err
+
+
+def _is_one_line_error(command: str, rc: int, stderr: str, wanted: list[str]) -> bool:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(STATUS_LINES)]
+    last = lines[-1] if lines else ""
+    usage = any(line.startswith("usage: vision-tower") for line in lines)  # argparse's own errors
+    return (
+        rc == 2
+        and "Traceback" not in stderr
+        and last.startswith(f"vision-tower {command}: error: ")
+        and all(w in last for w in wanted)
+        and (usage or len(lines) == 1)
+        and "weights_only=False" not in stderr
+    )
+
+
+def test_every_expected_failure_is_one_line_with_exit_code_2(cases, capsys):
     if torch.cuda.is_available():
         cases = {k: v for k, v in cases.items() if k != "cuda without cuda"}
-    results = _run_all(cases)
     failures = []
     for name, (args, wanted) in cases.items():
-        proc = results[name]
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith(STATUS_LINES)]
-        last = lines[-1] if lines else ""
-        usage = any(line.startswith("usage: vision-tower") for line in lines)  # argparse's own errors
-        ok = (
-            proc.returncode == 2
-            and "Traceback" not in proc.stderr
-            and last.startswith(f"vision-tower {args[0]}: error: ")
-            and all(w in last for w in wanted)
-            and (usage or len(lines) == 1)
-            and "weights_only=False" not in proc.stderr
-        )
-        if not ok:
-            failures.append(f"{name}: exit {proc.returncode}, stderr:\n{proc.stderr[-1500:]}")
+        runs = [("in process", *_run_here(args, capsys))]
+        if name in THROUGH_THE_SCRIPT:
+            runs.append(("console script", *_run_script(args)))
+        for how, rc, stderr in runs:
+            if not _is_one_line_error(args[0], rc, stderr, wanted):
+                failures.append(f"{name} ({how}): exit {rc}, stderr:\n{stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
 
 
