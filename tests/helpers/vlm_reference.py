@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from connectors.decoder_presets import DECODER_PRESETS
 from tests.helpers.hf_reference import randomize_
 from vision_tower import VisionConfig, VisionTower
 
@@ -45,19 +46,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def decoder_config(family: str, **overrides):
     from transformers import AutoConfig
 
-    base = dict(
-        vocab_size=VOCAB + 4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    _, tiny = DECODER_PRESETS["tiny_gemma"]  # the shape of the decoder preset the tests train
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # those of tokenizer()
+    base = {**tiny, "vocab_size": VOCAB + 4, "max_position_embeddings": 256, **ids}
     extra = {
         "gemma2": dict(
             sliding_window=8,
