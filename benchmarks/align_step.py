@@ -16,12 +16,12 @@ resolution. The one-time cost of writing the cache is printed beside.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_result import print_result, run_for_result  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,12 +117,10 @@ def worker(args: argparse.Namespace) -> None:
             "steps_per_s": args.steps / seconds,
             "samples_per_s": args.steps * args.batch * world / seconds,
         }
-        print("RESULT " + json.dumps(record), flush=True)
+        print_result(record)
 
 
 def launch(args: argparse.Namespace, root: Path, tokens: int, cache: bool) -> dict:
-    from training.runner.launch import launch_env, torchrun_command
-
     target = [
         __file__,
         "--worker",
@@ -147,20 +145,7 @@ def launch(args: argparse.Namespace, root: Path, tokens: int, cache: bool) -> di
         "--zero",
         str(args.zero),
     ] + (["--cache"] if cache else [])
-    out = subprocess.run(
-        torchrun_command(args.ranks, target),
-        env=launch_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=7200,
-    )
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(
-        f"{'cache' if cache else 'images'} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    )
+    return run_for_result(args.ranks, target, timeout=7200, what="cache" if cache else "images")
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from worker_result import print_result, run_for_result  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -145,14 +145,12 @@ def worker(args: argparse.Namespace) -> None:
             "step_peak_rss_mib": [round(g[1].item()) for g in gathered],
             "step_rise_mib": [round(g[2].item()) for g in gathered],
         }
-        print("RESULT " + json.dumps(record), flush=True)
+        print_result(record)
 
 
 def launch(
     preset: str, stage: int, ranks: int, steps: int, warmup: int, precision: str, compile: bool
 ) -> dict:
-    from training.runner.launch import launch_env, torchrun_command
-
     target = [
         __file__,
         "--worker",
@@ -170,18 +168,7 @@ def launch(
         precision,
     ]
     target += ["--compile"] if compile else []
-    out = subprocess.run(
-        torchrun_command(ranks, target),
-        env=launch_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{preset} zero{stage} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return run_for_result(ranks, target, timeout=1800, what=f"{preset} zero{stage}")
 
 
 def main() -> None:

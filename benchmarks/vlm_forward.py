@@ -35,30 +35,30 @@ sys.path.insert(0, str(ROOT))
 PROMPT = 32  # text tokens after the image: bos + 31
 
 
+# size -> (tower preset, gemma decoder of one key/value head: the numbers of _GEMMA_FIELDS)
+_GEMMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+)
+_SIZES = {
+    "tiny": ("tiny", (300, 64, 128, 2, 4, 16)),
+    # ~300M in all: B/16 tower at 224 px (86M, 196 tokens) + a 12-layer Gemma of width 1024 (212M)
+    "300m": ("b16_224", (32000, 1024, 4096, 12, 8, 128)),
+}
+
+
 def _sizes() -> dict:
     """size -> (tower preset, decoder config of the gemma family)."""
     from transformers import GemmaConfig
 
-    tiny = GemmaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-    )
-    # ~300M in all: B/16 tower at 224 px (86M, 196 tokens) + a 12-layer Gemma of width 1024 (212M)
-    mid = GemmaConfig(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=128,
-    )
-    return {"tiny": ("tiny", tiny), "300m": ("b16_224", mid)}
+    return {
+        size: (preset, GemmaConfig(**dict(zip(_GEMMA_FIELDS, shape, strict=True)), num_key_value_heads=1))
+        for size, (preset, shape) in _SIZES.items()
+    }
 
 
 def export(size: str, work: Path) -> dict[str, Path]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers.shards import encode, pil_decode, write_tar
+from tests.helpers.shards import ONE_PASS, encode, pil_decode, write_tar
 from training.data import (
     ShardLoader,
     TokenizeOne,
@@ -45,21 +45,18 @@ def good(key: str, index: int, ext: str = "png") -> list[tuple[str, bytes]]:
     return [(f"{key}.{ext}", encode(sample.image, fmt)), (f"{key}.txt", sample.caption.encode())]
 
 
+def stream(shards, **options):
+    """``build_dataset`` with this file's transforms and decoder on a single rank, ``options`` overriding."""
+    defaults = dict(
+        image_transform=image_tf, text_transform=text_tf, decode_image=pil_decode, rank=0, world_size=1
+    )
+    return build_dataset(shards, **{**defaults, **options})
+
+
 def load_all(
     shards, num_workers: int, image_transform=image_tf, **kwargs
 ) -> tuple[list[str], dict[str, int]]:
-    options = {
-        "rank": 0,
-        "world_size": 1,
-        "resampled": False,
-        "shuffle": False,
-        "drop_last": False,
-        "decode_image": pil_decode,
-        **kwargs,
-    }
-    dataset = build_dataset(
-        shards, image_transform=image_transform, text_transform=text_tf, batch_size=3, **options
-    )
+    dataset = stream(shards, image_transform=image_transform, batch_size=3, **{**ONE_PASS, **kwargs})
     loader = ShardLoader(dataset, num_workers=num_workers)
     keys = []
     for batch in loader:
@@ -151,16 +148,7 @@ def test_too_many_skips_in_a_row_is_an_error(tmp_path):
     shard = write_tar(
         tmp_path / "bad.tar", [m for i in range(6) for m in [(f"k{i}.jpg", b"xx"), (f"k{i}.txt", b"t")]]
     )
-    dataset = build_dataset(
-        str(shard),
-        image_transform=image_tf,
-        text_transform=text_tf,
-        batch_size=2,
-        rank=0,
-        world_size=1,
-        decode_image=pil_decode,
-        max_consecutive_skips=4,
-    )
+    dataset = stream(str(shard), batch_size=2, max_consecutive_skips=4)
     with pytest.raises(RuntimeError, match="5 samples in a row were skipped"):
         next(iter(ShardLoader(dataset, num_workers=0)))
 
@@ -183,15 +171,12 @@ def test_tokenize_one_and_batched_transforms(tmp_path):
     def batch_tokenizer(texts: list[str]) -> torch.Tensor:
         return torch.stack([text_tf(t) for t in texts])  # (B, L)
 
-    dataset = build_dataset(
+    dataset = stream(
         str(shard),
         image_transform=lambda im: image_tf(im)[None],  # (1, 3, H, W)
         text_transform=TokenizeOne(batch_tokenizer),
         batch_size=2,
-        rank=0,
-        world_size=1,
         resampled=False,
-        decode_image=pil_decode,
     )
     batch = next(iter(ShardLoader(dataset, num_workers=0)))
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["input_ids"].shape == (2, L)
@@ -228,16 +213,7 @@ def test_one_pass_split_by_worker_covers_each_sample_once(many_shards):
 
 def test_resampled_streams_differ_by_rank(many_shards):
     def first_keys(rank: int) -> list[str]:
-        dataset = build_dataset(
-            many_shards,
-            image_transform=image_tf,
-            text_transform=text_tf,
-            batch_size=4,
-            rank=rank,
-            world_size=2,
-            shuffle_buffer=8,
-            decode_image=pil_decode,
-        )
+        dataset = stream(many_shards, batch_size=4, rank=rank, world_size=2, shuffle_buffer=8)
         it = iter(ShardLoader(dataset, num_workers=0))
         return [k for _ in range(5) for k in next(it)["__key__"]]
 
@@ -264,16 +240,8 @@ class CountingDecoder:
 
 
 def resume_dataset(shards: list[str], decoder=pil_decode):
-    return build_dataset(
-        shards,
-        image_transform=image_tf,
-        text_transform=text_tf,
-        batch_size=4,
-        seed=11,
-        rank=1,
-        world_size=2,
-        shuffle_buffer=10,
-        decode_image=decoder,
+    return stream(
+        shards, batch_size=4, seed=11, rank=1, world_size=2, shuffle_buffer=10, decode_image=decoder
     )
 
 
@@ -359,16 +327,8 @@ def expected_cut(tokenizer, captions: list[str]) -> int:
     return int(((full != tokenizer.pad_token_id).sum(dim=1) + 1 > tokenizer.max_length).sum())
 
 
-def truncation_dataset(shard, text_transform, **kwargs):
-    options = {"rank": 0, "world_size": 1, "resampled": False, "shuffle": False, "drop_last": False}
-    return build_dataset(
-        shard,
-        image_transform=image_tf,
-        text_transform=text_transform,
-        batch_size=8,
-        decode_image=pil_decode,
-        **{**options, **kwargs},
-    )
+def truncation_dataset(shard, text_transform):
+    return stream(shard, text_transform=text_transform, batch_size=8, **ONE_PASS)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

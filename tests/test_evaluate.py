@@ -42,6 +42,11 @@ def color_tokenize(texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def zero_shot_pngs(model, folder, *args, **options) -> dict:
+    """``zero_shot`` on the PNG folders of these tests: decoded by PIL, pixels as they are."""
+    return zero_shot(model, folder, *args, image_transform=to_tensor, decode_image=pil_decode, **options)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255  # (1, 3, H, W)
 
@@ -63,14 +68,12 @@ def color_folder(tmp_path) -> Path:
 
 def test_zero_shot_known_accuracy(color_folder):
     model = ColorModel().train()
-    result = zero_shot(
+    result = zero_shot_pngs(
         model,
         color_folder,
         templates=["a photo of {}", "a {} thing"],
-        image_transform=to_tensor,
         tokenize=color_tokenize,
         batch_size=5,
-        decode_image=pil_decode,
     )
     # 3 classes: no top-5 (it would be 1 by construction); no truncation report from this tokenizer
     assert result == {"top1": 10 / 12, "n": 12, "n_classes": 3, "skipped": 0}
@@ -117,13 +120,11 @@ def test_zero_shot_top1_and_top5_on_a_known_ranking(tmp_path):
             Image.new("RGB", (4, 4), (level,) * 3).save(folder / f"{i}.png")
         if folder.name in odd:
             Image.new("RGB", (4, 4), (odd[folder.name],) * 3).save(folder / "odd.png")
-    result = zero_shot(
+    result = zero_shot_pngs(
         GreyModel(),
         tmp_path,
         templates=["a photo of {}", "{} again"],
-        image_transform=to_tensor,
         tokenize=grey_tokenize,
-        decode_image=pil_decode,
     )
     # top-1: the 14 own-level images; top-5: those and the odd ones ranked 2nd and 4th
     assert result == {"top1": 14 / 18, "top5": 16 / 18, "n": 18, "n_classes": 7, "skipped": 0}
@@ -131,46 +132,40 @@ def test_zero_shot_top1_and_top5_on_a_known_ranking(tmp_path):
 
 def test_zero_shot_counts_unreadable_images_and_checks_names(color_folder):
     (color_folder / "red" / "broken.png").write_bytes(b"not a png")
-    result = zero_shot(
+    result = zero_shot_pngs(
         ColorModel(),
         color_folder,
-        image_transform=to_tensor,
         tokenize=color_tokenize,
-        decode_image=pil_decode,
     )
     assert result["n"] == 12 and result["skipped"] == 1
     with pytest.raises(ValueError, match="2 class names for 3 class folders"):
-        zero_shot(
+        zero_shot_pngs(
             ColorModel(),
             color_folder,
             ["red", "green"],
-            image_transform=to_tensor,
             tokenize=color_tokenize,
-            decode_image=pil_decode,
         )
     with pytest.raises(ValueError, match=r"must hold exactly one \{\} for the class name \(it has none\)"):
-        zero_shot(
+        zero_shot_pngs(
             ColorModel(),
             color_folder,
             templates=["no placeholder"],
-            image_transform=to_tensor,
             tokenize=color_tokenize,
-            decode_image=pil_decode,
         )
 
 
 def test_zero_shot_refuses_one_class_and_classes_without_images(color_folder, tmp_path):
-    options = {"image_transform": to_tensor, "tokenize": color_tokenize, "decode_image": pil_decode}
+    options = {"tokenize": color_tokenize}
     (color_folder / "dark_red").mkdir()  # a name the test's tokenizer reads: only the refusal can stop it
     (color_folder / "dark_red" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"class folder\(s\) without images .*\['dark_red'\]"):
-        zero_shot(ColorModel(), color_folder, **options)
+        zero_shot_pngs(ColorModel(), color_folder, **options)
     (tmp_path / "one" / "red").mkdir(parents=True)
     Image.new("RGB", (6, 6), RGB["red"]).save(tmp_path / "one" / "red" / "0.png")
     with pytest.raises(
         ValueError, match=r"1 class folder\(s\) \['red'\]; zero-shot classification needs at least two"
     ):
-        zero_shot(ColorModel(), tmp_path / "one", **options)
+        zero_shot_pngs(ColorModel(), tmp_path / "one", **options)
 
 
 def test_classes_whose_prompts_tokenize_alike_are_an_error(color_folder):
@@ -178,13 +173,13 @@ def test_classes_whose_prompts_tokenize_alike_are_an_error(color_folder):
         return torch.zeros(len(texts), 2, dtype=torch.long)
 
     cut_tokenize.is_truncated = lambda text: True
-    options = {"image_transform": to_tensor, "decode_image": pil_decode, "templates": ["a {}"]}
+    options = {"templates": ["a {}"]}
     with pytest.raises(
         ValueError, match=r"classes \['blue', 'green', 'red'\] get identical token ids .* cut at"
     ):
-        zero_shot(ColorModel(), color_folder, tokenize=cut_tokenize, **options)
+        zero_shot_pngs(ColorModel(), color_folder, tokenize=cut_tokenize, **options)
     with pytest.raises(ValueError, match=r"\['blue', 'green'\] .* maps their names to the same ids"):
-        zero_shot(
+        zero_shot_pngs(
             ColorModel(),
             color_folder,
             tokenize=lambda t: color_tokenize([x.replace("blue", "green") for x in t]),
@@ -198,13 +193,11 @@ def test_zero_shot_counts_and_names_cut_prompts(color_folder, caplog):
 
     tokenize.is_truncated = lambda text: text.startswith("a long")  # one of the two templates
     with caplog.at_level("WARNING", logger="training.eval.prompts"):
-        result = zero_shot(
+        result = zero_shot_pngs(
             ColorModel(),
             color_folder,
             templates=["a {}", "a long {} template"],
-            image_transform=to_tensor,
             tokenize=tokenize,
-            decode_image=pil_decode,
         )
     assert result["truncated_prompts"] == 3 and result["top1"] == 10 / 12
     assert (
@@ -221,9 +214,7 @@ def test_zero_shot_uses_classes_json_of_make_shapes(tmp_path):
         classes = [next(i for i, c in enumerate(CLASSES) if t.endswith(c)) for t in texts]
         return torch.tensor([[c % 3, c] for c in classes])
 
-    result = zero_shot(
-        ColorModel(), summary.zeroshot, image_transform=to_tensor, tokenize=tokenize, decode_image=pil_decode
-    )
+    result = zero_shot_pngs(ColorModel(), summary.zeroshot, tokenize=tokenize)
     assert result["n"] == 24 and result["n_classes"] == 24 and "top5" in result  # more than 5 classes
     assert "a photo of a red circle" in seen and len(seen) == 24 * len(summary.templates)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.helpers.hf_reference import hf_siglip, randomize_
+from tests.helpers.hf_reference import hf_naflex, hf_siglip
 from vision_tower import CheckpointError, NaFlexVisionTower, SiglipModel, VisionTower
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -155,19 +155,8 @@ def test_the_tree_is_what_timm_reads_from_big_vision_files(tmp_path):
 
 
 def test_big_vision_naflex_tower(tmp_path):
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
-
-    cfg = Siglip2VisionConfig(
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        patch_size=4,
-        num_patches=16,
-    )
-    torch.manual_seed(0)
-    ref = randomize_(Siglip2VisionModel(cfg).eval())
-    np.savez(tmp_path / "naflex.npz", **vision_tree(ref.state_dict(), "", cfg, naflex=True))
+    ref = hf_naflex(num_hidden_layers=2, patch_size=4)
+    np.savez(tmp_path / "naflex.npz", **vision_tree(ref.state_dict(), "", ref.config, naflex=True))
     ours = NaFlexVisionTower.from_pretrained(tmp_path / "naflex.npz").eval()
     assert (ours.config.patch_size, ours.config.num_patches, ours.config.num_attention_heads) == (4, 16, 4)
     shapes = torch.tensor([[3, 5], [6, 2]])

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from tests.helpers import vlm_reference as R
 from tests.helpers.hf_reference import hf_siglip, hf_vision
 from tests.helpers.hub import hub_cache
 from vision_tower import CheckpointError, SiglipModel, VisionConfig, VisionTower
@@ -27,36 +28,17 @@ def _pixels(n=2, size=32):
 
 
 def _tiny_paligemma():
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    from tests.helpers.hf_reference import randomize_
-
-    cfg = PaliGemmaConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=48,
-            vision_use_head=False,
-        ),
-        text_config=dict(
-            model_type="gemma",
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=24,
-            vocab_size=300,
-        ),
-        image_token_index=299,
-        projection_dim=48,
+    text = dict(
+        model_type="gemma",
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        vocab_size=300,
     )
-    torch.manual_seed(0)
-    return randomize_(PaliGemmaForConditionalGeneration(cfg).eval())
+    return R.hf_paligemma(text, image_token_index=299, projection_dim=48)
 
 
 def _paligemma_reference(model, x):

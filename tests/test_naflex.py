@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from tests.helpers.hf_reference import randomize_
+from tests.helpers.hf_reference import hf_naflex, naflex_config, randomize_
 from tests.helpers.photos import make_photo, shipped_photo
 from vision_tower import (
     CheckpointError,
@@ -31,18 +31,6 @@ def photos() -> list[Image.Image]:
     path = shipped_photo()
     real = [Image.open(path).convert("RGB")] if path else []
     return real + [make_photo(h, w, seed=h + w) for h, w in SIZES]
-
-
-def vision_config(**kw):
-    base = dict(
-        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, patch_size=8
-    )
-    return transformers.Siglip2VisionConfig(**{**base, "num_patches": 16, **kw})
-
-
-def hf_naflex(seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return randomize_(transformers.Siglip2VisionModel(vision_config(**kw)).eval(), seed)
 
 
 def reference_processor(backend: str, **kw):
@@ -153,7 +141,7 @@ def test_two_tower_siglip2_checkpoint(tmp_path):
     text = dict(
         hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50
     )
-    cfg = transformers.Siglip2Config(vision_config=vision_config().to_dict(), text_config=text)
+    cfg = transformers.Siglip2Config(vision_config=naflex_config().to_dict(), text_config=text)
     torch.manual_seed(0)
     ref = randomize_(transformers.Siglip2Model(cfg).eval())
     ref.save_pretrained(tmp_path)
@@ -226,14 +214,7 @@ def test_mask_follows_the_inputs_device():
     ``extract_features`` does): the tower puts it beside them. ``meta`` stands in for an accelerator."""
     from vision_tower import NaFlexVisionConfig
 
-    cfg = NaFlexVisionConfig(
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        patch_size=8,
-        num_patches=16,
-    )
+    cfg = NaFlexVisionConfig.from_hf(naflex_config(num_hidden_layers=2).to_dict())
     tower = NaFlexVisionTower(cfg).to("meta")
     pixels = torch.randn(2, 16, cfg.patch_dim, device="meta")
     mask = torch.zeros(2, 16, dtype=torch.long)

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from tests.helpers.hf_reference import hf_siglip, hf_text, hf_vision
 from vision_tower import SiglipModel, TextTower, VisionTower
 from vision_tower.formats import transformers as hf_format
+from vision_tower.presets import get_preset
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -140,16 +141,10 @@ def test_siglip_gradients_match(tmp_path):
 
 @pytest.mark.slow
 def test_so400m_patch14_384_full_shape():
-    """One image through the full So400m/14 shape at 384 px (27x27 = 729 tokens)."""
+    """One image through the full So400m/14 shape (the registered preset's) at 384 px (27x27 = 729 tokens)."""
     torch.manual_seed(0)
-    cfg = dict(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        image_size=384,
-        patch_size=14,
-    )
+    cfg = get_preset("so400m_p14_384").vision.to_hf()
+    del cfg["model_type"]
     ref = hf_vision(seed=6, **cfg)
     ours = VisionTower.from_state_dict(ref.state_dict(), ref.config.to_dict(), source="so400m").eval()
     x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.helpers.distributed import kill_at_checkpoint
+from tests.helpers.distributed import kill_at_checkpoint, small_run, start_run
 from training.demo import caption_corpus
 from training.demo.shapes import make_shapes
-from training.runner.launch import launch_env, torchrun_command
+from training.runner.launch import torchrun_command
 from training.runner.paths import ROOT
 from training.tokenizer_train import train_tokenizer
 
@@ -39,12 +39,7 @@ def shapes(tmp_path_factory):
 def _args(out: Path, shapes: dict, **extra) -> list[str]:
     base = {
         **shapes,
-        "run.out_dir": str(out),
-        "data.batch_size": 8,
-        "data.num_workers": 1,
-        "data.shuffle_buffer": 32,
-        "run.log_every": 1,
-        "run.eval_every": 0,
+        **small_run(out),
         "optim.warmup_steps": 2,
         "loss.chunk_size": 4,
         **extra,
@@ -54,15 +49,7 @@ def _args(out: Path, shapes: dict, **extra) -> list[str]:
 
 def _launch(ranks: int, args: list[str], *, wait: bool = True, timeout: float = 240):
     cmd = torchrun_command(ranks, ["-m", "vision_tower.cli", *args])
-    proc = subprocess.Popen(
-        cmd,
-        env=launch_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_run(cmd)
     if not wait:
         return proc
     try:

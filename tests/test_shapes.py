@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers.shards import pil_decode
+from tests.helpers.shards import ONE_PASS, pil_decode
 from training.data import ShardLoader, build_dataset, expand_shards
 from training.demo.shapes import (
     CLASSES,
@@ -105,11 +105,8 @@ def test_readable_by_the_pipeline(shapes):
         image_transform=_image_tf,
         text_transform=_text_tf,
         batch_size=8,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        shuffle=False,
         decode_image=pil_decode,
+        **ONE_PASS,
     )
     loader = ShardLoader(dataset, num_workers=0)
     batches = list(loader)

@@ -11,7 +11,7 @@ import torch
 
 import training.data.feature_cache as fc
 from connectors import ConnectorConfig
-from tests.helpers.shards import write_tar
+from tests.helpers.shards import ONE_PASS, write_tar
 from tests.helpers.vlm_data import png
 from training.data import ShardLoader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
@@ -106,9 +106,7 @@ def vlm_builder(images):
 
 
 def batches(builder, shards):
-    dataset = shard_dataset(
-        shards, builder, batch_size=4, rank=0, world_size=1, resampled=False, shuffle=False, drop_last=False
-    )
+    dataset = shard_dataset(shards, builder, batch_size=4, **ONE_PASS)
     loader = ShardLoader(dataset, num_workers=0)
     return list(loader), loader.skip_counts
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from connectors import ConnectorConfig, VisionLanguageModel
 from tests.helpers import vlm_reference as R
-from tests.helpers.shards import write_tar
+from tests.helpers.shards import ONE_PASS, write_tar
 from tests.helpers.vlm_data import png
 from training.data import ShardLoader, shard_dataset
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
@@ -121,16 +121,7 @@ def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers)
     tok = word_tokenizer(WORDS)
     v = tok.get_vocab()
     b = builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
-    dataset = shard_dataset(
-        long_shard(tmp_path),
-        b,
-        batch_size=8,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        shuffle=False,
-        drop_last=False,
-    )
+    dataset = shard_dataset(long_shard(tmp_path), b, batch_size=8, **ONE_PASS)
     loader = ShardLoader(dataset, num_workers=num_workers)
     (batch,) = list(loader)
     assert batch["__key__"] == ["k0", "k1", "k2"]

@@ -119,23 +119,8 @@ def test_llava_export_loads_in_transformers_and_back(family, connector, layer, d
 
 
 def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_path, monkeypatch):
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=False,
-    )
     text = R.decoder_config("gemma2").to_dict()
-    cfg = PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=R.VOCAB + 1, projection_dim=64
-    )
-    torch.manual_seed(0)
-    hf = R.randomize_(PaliGemmaForConditionalGeneration(cfg).eval(), seed=3)
+    hf = R.hf_paligemma(text, image_token_index=R.VOCAB + 1, projection_dim=64, seed=3)
     hf.save_pretrained(tmp_path / "src")
     hub_cache(tmp_path / "hub", "google/paligemma-tiny-test", tmp_path / "src")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -149,18 +134,8 @@ def test_paligemma_checkpoint_made_by_transformers_loads_from_the_hub_cache(tmp_
 def test_llava_checkpoint_made_by_transformers_loads(tmp_path):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=False,
-    )
     cfg = LlavaConfig(
-        vision_config=vision,
+        vision_config=R.hf_tower_config(model_type="siglip_vision_model", num_hidden_layers=3),
         text_config=R.decoder_config("llama").to_dict(),
         image_token_index=R.VOCAB,
         vision_feature_layer=-1,  # the last block's raw output (before the post-layernorm)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.distributed import kill_at_checkpoint, run_ranks
+from tests.helpers.distributed import kill_at_checkpoint, run_ranks, small_run, start_run
 from tests.helpers.vlm_data import make_assets
 from tests.helpers.vlm_workers import losses, stages_worker
 from training.runner.launch import launch_env
@@ -49,12 +49,7 @@ def settings(assets: dict, out: Path, stage: str, **extra) -> list[str]:
     base = {
         "data.train_shards": assets["train"],
         "data.val_shards": assets["val"],
-        "run.out_dir": str(out),
-        "data.batch_size": 8,
-        "data.num_workers": 1,
-        "data.shuffle_buffer": 32,
-        "run.log_every": 1,
-        "run.eval_every": 0,
+        **small_run(out),
         "run.save_every": 0,
         "optim.warmup_steps": 0,
         "optim.min_lr_ratio": 1.0,
@@ -108,6 +103,15 @@ LEAN = ["data.num_workers=0", "export.formats=[native]"]  # 2 ranks on 2 cores: 
 ALIGN_STEPS = {"run.steps": 16, "run.save_every": 4, "run.keep_checkpoints": 8}
 
 
+def two_stages(assets: dict, a: Path, f: Path, align: dict, finetune: dict, *extra: str):
+    """Settings of a 6-step align into ``a``, then a 6-step finetune into ``f`` from align's native export,
+    each lean on 2 cores and ending in ``extra``."""
+    first = settings(assets, a, "align", **{"run.steps": 6, **align})
+    init = a / "export" / "native"
+    second = settings(assets, f, "finetune", **{"run.steps": 6, "model.init_from": init, **finetune})
+    return [*first, *LEAN, *extra], [*second, *LEAN, *extra]
+
+
 @pytest.fixture(scope="module")
 def align_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "run"
@@ -146,15 +150,7 @@ def test_align_trains_the_connector_and_leaves_tower_and_decoder_bit_for_bit(ass
 def test_killed_align_run_resumes_to_the_same_losses(assets, align_run, tmp_path):
     out = tmp_path / "killed"
     cmd = command("align", settings(assets, out, "align", **ALIGN_STEPS))
-    proc = subprocess.Popen(
-        cmd,
-        env=launch_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_run(cmd)
     kill_at_checkpoint(proc, out, "step00000004")
     assert len(losses(str(out))) < 16, "the run finished before it was killed"
     run([*cmd, "--resume"])
@@ -198,20 +194,8 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
 
 def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate(assets, tmp_path):
     a, f = tmp_path / "align", tmp_path / "finetune"
-    align = settings(assets, a, "align", **{"run.steps": 6, "run.deepspeed": "configs/deepspeed/zero2.json"})
-    finetune = settings(
-        assets,
-        f,
-        "finetune",
-        **{
-            "run.steps": 6,
-            "model.init_from": a / "export" / "native",
-            "finetune.tower": "true",
-            "finetune.tower_lr": 1e-4,
-            "model.gradient_checkpointing": "true",
-        },
-    )
-    align, finetune = [*align, *LEAN], [*finetune, *LEAN]
+    tower = {"finetune.tower": "true", "finetune.tower_lr": 1e-4, "model.gradient_checkpointing": "true"}
+    align, finetune = two_stages(assets, a, f, {"run.deepspeed": "configs/deepspeed/zero2.json"}, tower)
     results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
     r = results[0]
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
@@ -247,21 +231,11 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     assert "wrote the feature cache" in capsys.readouterr().out
     a, f = tmp_path / "align", tmp_path / "finetune"
     zero3 = {"run.deepspeed": "configs/deepspeed/zero3.json", "model.gradient_checkpointing": "true"}
-    align = settings(assets, a, "align", **{"run.steps": 6, "data.feature_cache": cache, **zero3})
-    finetune = settings(
-        assets,
-        f,
-        "finetune",
-        **{
-            "run.steps": 6,
-            "model.init_from": a / "export" / "native",
-            "finetune.decoder": "lora",
-            "run.deepspeed": zero3["run.deepspeed"],
-        },
-    )
+    lora = {"finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"]}
     # fp32, not auto: the in-training evaluation is compared with `eval vlm --dtype float32` below, and auto
     # trains and evaluates under bf16 autocast on a CPU with bf16 matmul
-    align, finetune = [*align, *LEAN, "run.precision=fp32"], [*finetune, *LEAN, "run.precision=fp32"]
+    from_cache = {"data.feature_cache": cache, **zero3}
+    align, finetune = two_stages(assets, a, f, from_cache, lora, "run.precision=fp32")
     results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
     r = results[0]
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r

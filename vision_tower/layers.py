@@ -122,6 +122,19 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_dim, act, eps, dropout) for _ in range(depth))
         self.gradient_checkpointing = False
 
+    @classmethod
+    def from_config(cls, config) -> Encoder:
+        """The blocks of a tower config (image or text: the fields they share)."""
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.hidden_act,
+            config.layer_norm_eps,
+            config.attention_dropout,
+        )
+
     def forward(
         self,
         x: torch.Tensor,

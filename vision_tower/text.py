@@ -31,15 +31,7 @@ class TextTower(nn.Module):
         dim = config.hidden_size
         self.token_embed = nn.Embedding(config.vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(config.max_position_embeddings, dim))
-        self.encoder = Encoder(
-            config.num_hidden_layers,
-            dim,
-            config.num_attention_heads,
-            config.intermediate_size,
-            config.hidden_act,
-            config.layer_norm_eps,
-            config.attention_dropout,
-        )
+        self.encoder = Encoder.from_config(config)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.head = nn.Linear(dim, config.projection_size)
         self.reset_parameters()

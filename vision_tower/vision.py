@@ -54,15 +54,7 @@ def add_trunk(tower: nn.Module, config: VisionConfig | NaFlexVisionConfig) -> No
     """What every SigLIP image tower has after its patch and position embeddings: the pre-norm blocks
     (``encoder``), the post-layernorm (``norm``) and the attention-pooling ``head`` (None without one)."""
     dim = config.hidden_size
-    tower.encoder = Encoder(
-        config.num_hidden_layers,
-        dim,
-        config.num_attention_heads,
-        config.intermediate_size,
-        config.hidden_act,
-        config.layer_norm_eps,
-        config.attention_dropout,
-    )
+    tower.encoder = Encoder.from_config(config)
     tower.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
     tower.head = (
         AttentionPoolHead(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,8 +100,38 @@ def run_ranks(
         ]
 
 
+def small_run(out_dir) -> dict:
+    """The config overrides every training run of the tests shares: output in ``out_dir``, batches of 8,
+    one loader process, a short shuffle buffer, a log line per step, no evaluation before the last step."""
+    return {
+        "run.out_dir": str(out_dir),
+        "data.batch_size": 8,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 32,
+        "run.log_every": 1,
+        "run.eval_every": 0,
+    }
+
+
+def start_run(cmd: list[str]) -> subprocess.Popen:
+    """Start the command ``cmd`` as a user's run starts (the launch environment, from the repository root),
+    in a session of its own with its output piped: what :func:`kill_at_checkpoint` kills with its ranks."""
+    from training.runner.launch import launch_env
+    from training.runner.paths import ROOT
+
+    return subprocess.Popen(
+        cmd,
+        env=launch_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def kill_at_checkpoint(proc, out_dir, tag: str, timeout: float = 180.0) -> None:
-    """SIGKILL the run ``proc`` (started with ``start_new_session=True``, output piped) and its ranks as
+    """SIGKILL the run ``proc`` (started by :func:`start_run`) and its ranks as
     soon as ``out_dir`` has committed checkpoint ``tag`` (``step00000010``): the kill -9 of a
     kill-then-resume test. Fails when the run ends first or no such checkpoint comes within ``timeout``."""
     import signal

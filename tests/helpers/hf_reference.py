@@ -6,6 +6,8 @@ import logging
 
 import torch
 from transformers import (
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipConfig,
     SiglipModel,
     SiglipTextConfig,
@@ -81,3 +83,16 @@ def hf_siglip(seed: int = 0, vision: dict | None = None, text: dict | None = Non
         model.logit_scale.fill_(2.3)
         model.logit_bias.fill_(-9.5)
     return model
+
+
+def naflex_config(**kw) -> Siglip2VisionConfig:
+    """A SigLIP 2 NaFlex tower: 8 px patches, a 4x4 table of positions, width 48, 3 blocks."""
+    base = dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, patch_size=8
+    )
+    return Siglip2VisionConfig(**{**base, "num_patches": 16, **kw})
+
+
+def hf_naflex(seed: int = 0, **kw) -> Siglip2VisionModel:
+    torch.manual_seed(seed)
+    return randomize_(Siglip2VisionModel(naflex_config(**kw)).eval(), seed)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
+# One unshuffled pass over the shards on one rank, every sample kept: an order a test can predict.
+ONE_PASS = dict(rank=0, world_size=1, resampled=False, shuffle=False, drop_last=False)
+
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A tar shard at ``path`` (parent folders made) holding ``(member name, bytes)`` in order."""

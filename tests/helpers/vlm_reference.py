@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from connectors.decoder_presets import DECODER_PRESETS
 from tests.helpers.hf_reference import randomize_
 from vision_tower import VisionConfig, VisionTower
 
@@ -45,19 +46,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def decoder_config(family: str, **overrides):
     from transformers import AutoConfig
 
-    base = dict(
-        vocab_size=VOCAB + 4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    _, tiny = DECODER_PRESETS["tiny_gemma"]  # the shape of the decoder preset the tests train
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # those of tokenizer()
+    base = {**tiny, "vocab_size": VOCAB + 4, "max_position_embeddings": 256, **ids}
     extra = {
         "gemma2": dict(
             sliding_window=8,
@@ -84,19 +75,41 @@ def decoder_folder(family: str, folder: Path, seed: int = 0, **overrides) -> Pat
     return folder
 
 
-def tower(seed: int = 0, **overrides) -> VisionTower:
-    """A random tower: 32 px images in 8 px patches (4x4 tokens), width 32, 2 blocks, no head."""
-    cfg = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        use_head=False,
+# The VLM tests' tower: 32 px images in 8 px patches (4x4 tokens), width 32, 2 blocks, no head.
+TOWER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def hf_tower_config(**overrides) -> dict:
+    """:data:`TOWER` as transformers' ``SiglipVisionConfig`` fields, for a VLM config built in a test."""
+    return {**TOWER, "vision_use_head": False, **overrides}
+
+
+def hf_paligemma(text_config: dict, *, image_token_index: int, projection_dim: int, seed: int = 0, **vision):
+    """A random transformers ``PaliGemmaForConditionalGeneration``: the tower of :func:`hf_tower_config`
+    (``vision``: its overrides) before the decoder of ``text_config``."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(
+        vision_config=hf_tower_config(**vision),
+        text_config=text_config,
+        image_token_index=image_token_index,
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
-    t = VisionTower(VisionConfig(**{**cfg, **overrides}))
+    return randomize_(PaliGemmaForConditionalGeneration(cfg).eval(), seed)
+
+
+def tower(seed: int = 0, **overrides) -> VisionTower:
+    """A random tower of :data:`TOWER`'s shape."""
+    torch.manual_seed(seed)
+    t = VisionTower(VisionConfig(**{**TOWER, "use_head": False, **overrides}))
     return randomize_(t.eval(), seed)
 
 

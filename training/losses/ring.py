@@ -17,7 +17,14 @@ import torch
 import torch.distributed as dist
 
 from ._dist import ProcessGroup, check_equal_batches, check_same_scalar, gather_shapes, global_rank
-from .tiled import GradNeeds, accumulate_block, accumulation_dtype, make_state, scalar_params, scaled_grads
+from .tiled import (
+    GradNeeds,
+    accumulate_block,
+    accumulation_dtype,
+    keep_for_backward,
+    scalar_params,
+    scaled_grads,
+)
 
 _TAG_TEXT = 7301  # text blocks
 _TAG_GRAD = 7302  # text-gradient sums
@@ -105,11 +112,10 @@ class RingSigmoidLoss(torch.autograd.Function):
             img_acc=img_acc,
             carry_txt_grads=any(flag for _, _, flag in shapes),
         )
-        ctx.needs, ctx.group, ctx.state = needs, group, None
-        if needs.any:
-            ctx.state = make_state(
-                img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum, needs
-            )
+        ctx.group = group
+        keep_for_backward(
+            ctx, needs, img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum
+        )
         return loss_sum / rows
 
     @staticmethod

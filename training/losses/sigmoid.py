@@ -80,7 +80,33 @@ def clamp_logit_scale(logit_scale: torch.Tensor, logit_scale_max: float | None) 
 
 
 class ScalarParamsInFp32(nn.Module):
-    """Base for losses with learnable scalars that stay fp32 when the model is cast to bf16/fp16."""
+    """Base for losses with learnable scalars that stay fp32 when the model is cast to bf16/fp16: t'
+    (and b where the loss ``learns_bias``) as fp32 parameters shaped (1,), and a forward that feeds them
+    to the subclass's ``loss_function``."""
+
+    learns_bias: bool
+
+    def __init__(
+        self,
+        logit_scale_init: float,
+        logit_bias_init: float | None,
+        logit_scale_max: float | None,
+        chunk_size: int | str | None,
+        group: ProcessGroup | None,
+    ) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init), dtype=torch.float32))
+        if self.learns_bias:
+            self.logit_bias = nn.Parameter(torch.full((1,), float(logit_bias_init), dtype=torch.float32))
+        self.logit_scale_max = logit_scale_max
+        self.chunk_size = chunk_size
+        self.group = group
+
+    def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+        bias = self.logit_bias if self.learns_bias else None
+        return self.loss_function(
+            img_emb, txt_emb, self.clamped_logit_scale(), bias, chunk_size=self.chunk_size, group=self.group
+        )
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -121,22 +147,7 @@ class SigmoidLoss(ScalarParamsInFp32):
         chunk_size: int | str | None = "auto",
         group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init), dtype=torch.float32))
-        self.logit_bias = nn.Parameter(torch.full((1,), float(logit_bias_init), dtype=torch.float32))
-        self.logit_scale_max = logit_scale_max
-        self.chunk_size = chunk_size
-        self.group = group
-
-    def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-        return sigmoid_loss(
-            img_emb,
-            txt_emb,
-            self.clamped_logit_scale(),
-            self.logit_bias,
-            chunk_size=self.chunk_size,
-            group=self.group,
-        )
+        super().__init__(logit_scale_init, logit_bias_init, logit_scale_max, chunk_size, group)
 
     def extra_repr(self) -> str:
         return f"logit_scale_max={self.logit_scale_max}, chunk_size={self.chunk_size}"

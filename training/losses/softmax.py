@@ -7,7 +7,6 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from ._dist import ProcessGroup, all_gather_with_grad, check_equal_batches, gather_shapes, resolve_group
 from ._inputs import check_pair_inputs
@@ -74,16 +73,7 @@ class SoftmaxLoss(ScalarParamsInFp32):
         chunk_size: int | None = None,
         group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init), dtype=torch.float32))
-        self.logit_scale_max = logit_scale_max
-        self.chunk_size = chunk_size
-        self.group = group
-
-    def forward(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-        return softmax_loss(
-            img_emb, txt_emb, self.clamped_logit_scale(), None, chunk_size=self.chunk_size, group=self.group
-        )
+        super().__init__(logit_scale_init, None, logit_scale_max, chunk_size, group)
 
     def extra_repr(self) -> str:
         return f"logit_scale_max={self.logit_scale_max}"

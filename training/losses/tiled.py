@@ -203,17 +203,26 @@ class TiledSigmoidLoss(torch.autograd.Function):
             img_acc=img_acc,
             txt_acc=txt_acc,
         )
-        ctx.needs = needs
-        ctx.state = None
-        if needs.any:
-            ctx.state = make_state(
-                img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum, needs
-            )
+        keep_for_backward(
+            ctx, needs, img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum
+        )
         return loss_sum / rows
 
     @staticmethod
     def backward(ctx, grad_output):
         return (*scaled_grads(ctx, grad_output), None, None)
+
+
+def keep_for_backward(
+    ctx, needs: GradNeeds, img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum
+) -> None:
+    """``ctx.needs``, and ``ctx.state`` for :func:`scaled_grads` (None when no gradient is needed)."""
+    ctx.needs = needs
+    ctx.state = (
+        make_state(img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum, needs)
+        if needs.any
+        else None
+    )
 
 
 def make_state(img, txt, logit_scale, logit_bias, scale, rows, img_acc, txt_acc, grad_sum, needs) -> dict:

@@ -15,11 +15,11 @@ from vision_tower.loading import read_siglip_weights
 from vision_tower.text import TextTower
 from vision_tower.vision import VisionTower
 
-from ..data import check_shard_specs
 from ..losses import clamp_logit_scale, get_loss
 from ..runner.paths import resolve_path
-from ..runner.task import ExportContext, Task
+from ..runner.task import ExportContext
 from ..runner.zero import Zero
+from .shard_task import ShardTask
 from .siglip_config import PretrainConfig
 
 
@@ -119,31 +119,19 @@ def make_loss_fn(cfg: PretrainConfig, world: int):
 
 
 # ----------------------------------------------------------------------------- the task
-class SiglipTask(Task):
+class SiglipTask(ShardTask):
     """``vision-tower pretrain``: the two towers, t' and b trained with the sigmoid (or softmax) loss."""
 
     name = "pretrain"
     sample_unit = "images"
 
     def __init__(self, cfg: PretrainConfig) -> None:
-        self.cfg, self.optim, self.run = cfg, cfg.optim, cfg.run
-        self.micro_batch_size = cfg.data.batch_size
+        super().__init__(cfg)
         self.loss_label = f"{cfg.loss.kind} loss"
         self.processor: ImageProcessor | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_config: SiglipConfig | None = None
         self._loss_fn = None
-
-    def check_inputs(self) -> None:
-        """Missing or refused shards fail before any set-up, not at the final evaluation."""
-        data = self.cfg.data
-        check_shard_specs(
-            train_shards=resolve_path(data.train_shards),
-            val_shards=data.val_shards and resolve_path(data.val_shards),
-        )
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
 
     def build_model(self, zero: Zero) -> SiglipModel:
         model = build_model(self.cfg, zero)

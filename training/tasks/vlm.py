@@ -15,11 +15,12 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset
+from ..data import ShardLoader, expand_shards, shard_dataset
 from ..data.vlm import VLMBuilder, builder_for
-from ..runner import ExportContext, Task, train
+from ..runner import ExportContext, train
 from ..runner.config import resolve_path
 from ..runner.zero import Zero
+from .shard_task import ShardTask
 from .vlm_config import VLMConfig
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
 
@@ -36,15 +37,14 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class VLMTask(Task):
+class VLMTask(ShardTask):
     """One stage of VLM training; ``cfg.stage`` says which parts train."""
 
     sample_unit = "samples"
     loss_label = "next-token loss (answer tokens)"
 
     def __init__(self, cfg: VLMConfig) -> None:
-        self.cfg, self.optim, self.run = cfg, cfg.optim, cfg.run
-        self.micro_batch_size = cfg.data.batch_size
+        super().__init__(cfg)
         self.name = f"vlm {cfg.stage}"
         if cfg.data.feature_cache:  # a missing or unreadable cache fails before any set-up
             from ..data.feature_cache import FeatureCache
@@ -53,17 +53,6 @@ class VLMTask(Task):
         self.stage: StageModel | None = None
         self.loader = None
         self._eval: tuple[VLMBuilder, list] | None = None
-
-    def check_inputs(self) -> None:
-        """Missing or refused shards fail before any set-up, not at the final evaluation."""
-        data = self.cfg.data
-        check_shard_specs(
-            train_shards=resolve_path(data.train_shards),
-            val_shards=data.val_shards and resolve_path(data.val_shards),
-        )
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
 
     @property
     def vlm(self) -> VisionLanguageModel:

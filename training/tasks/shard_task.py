@@ -1,0 +1,29 @@
+"""What the tasks that train on shards share: their config's sections and the input check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data import check_shard_specs
+from ..runner.paths import resolve_path
+from ..runner.task import Task
+
+
+class ShardTask(Task):
+    """A task run from a config with ``optim``, ``run`` and ``data`` sections (``data``: ``batch_size``,
+    ``train_shards``, ``val_shards``) that writes itself out with ``to_dict``."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg, self.optim, self.run = cfg, cfg.optim, cfg.run
+        self.micro_batch_size = cfg.data.batch_size
+
+    def check_inputs(self) -> None:
+        """Missing or refused shards fail before any set-up, not at the final evaluation."""
+        data = self.cfg.data
+        check_shard_specs(
+            train_shards=resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
