@@ -135,6 +135,25 @@ def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers)
     assert batch["answer"][1] == ("a red circle " * 4).strip()  # the reference stays whole
 
 
+def test_a_caption_of_megabytes_is_cut_before_the_tokenizer_reads_it():
+    tok = word_tokenizer(WORDS)
+    v = tok.get_vocab()
+    read: list[int] = []  # the length of every text the tokenizer is given
+
+    class Recording(type(tok)):
+        def __call__(self, text, *args, **kwargs):
+            read.append(len(text))
+            return super().__call__(text, *args, **kwargs)
+
+    tok.__class__ = Recording
+    b = builder(tok, max_length=12)  # 6 answer tokens after the image and the prompt
+    huge = "a red circle " * 200_000  # 2.6 MB
+    item = b.build(raw("huge", 0, txt=huge.encode()))
+    assert item.input_ids[6:] == [v[w] for w in ("a red circle " * 2).split()] and item.truncated
+    assert max(read) < 10_000, read  # not the 2.6 MB: 2 x (6 + 1) x the longest word ("background")
+    assert item.text == huge.strip()  # the reference stays whole
+
+
 def test_the_loss_is_the_answer_tokens_cross_entropy():
     """The VLM's loss on a collated batch equals cross-entropy over the answer tokens alone, by hand."""
     tok = R.tokenizer()

@@ -11,6 +11,7 @@ token grid and image count, so tiled images (several crops per sample) fit the s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,11 @@ class VLMBuilder:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """Characters of the tokenizer's longest vocabulary entry."""
+        return max(map(len, self.tokenizer.get_vocab()))
+
     def prefix_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
         """Image placeholders and prompt, as the VLM's ``generate`` lays them out."""
         return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens)
@@ -139,8 +145,12 @@ class VLMBuilder:
         prompt, answer = read_prompt_answer(sample, self.caption_prompt)
         images, grid = self.images.load(sample)  # (n, ...)
         prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
-        suffix = text_ids(self.tokenizer, answer) + [self.tokenizer.eos_token_id]
         room = self.max_length - len(prefix)
+        # no token covers more characters than the vocabulary's longest piece, so only the first
+        # (room + 1) x that many characters can reach the row (twice that, for the merges at the cut): a
+        # caption of megabytes is cut before the tokenizer reads it, and counted as truncated
+        keep = 2 * (max(room, 0) + 1) * self.longest_piece
+        suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
         if room < 1:
             raise SkipSample(
                 "too_long",
@@ -154,7 +164,7 @@ class VLMBuilder:
             len(prefix),
             prompt,
             answer,
-            len(suffix) > room,
+            len(suffix) > room or len(answer) > keep,
         )
 
     def collate(self, items: list[VLMItem]) -> dict[str, Any]:

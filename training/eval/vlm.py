@@ -45,12 +45,17 @@ def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int) -> list[
         for sample in iter_tar_samples(url, counter):
             try:
                 items.append(builder.build(sample))
-            except SkipSample:
+            except SkipSample as skip:
+                counter.skip(skip.reason, sample["__key__"], url, skip.detail)
                 continue
             if len(items) >= limit:
                 return items
     if not items:
-        raise ValueError(f"no usable held-out sample in {shards!r} (skipped: {dict(counter.counts)})")
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counter.counts.items()))
+        raise ValueError(
+            f"no usable held-out sample in {shards!r}: "
+            + (f"every sample was skipped ({skipped})" if skipped else "the shards hold no samples")
+        )
     return items
 
 
