@@ -167,7 +167,10 @@ def test_resume_may_extend_the_run_without_the_flag(finished, tmp_path):
     data, run = copy_run(finished, tmp_path)
     code, out, err = cli(pretrain_args(data, run, "run.steps=3", "run.log_every=3", "--resume"))
     assert code == 0, (out + err)[-3000:]
-    assert sorted(lrs(run)) == [1, 2, 3]
+    logged = lrs(run)
+    assert sorted(logged) == [1, 2, 3]
+    # step 3 at the rate of the schedule stretched to 3 steps (the 2-step schedule had ended at 0)
+    assert logged[3] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * 2 / 3)), rel=1e-9)
     saved = json.loads((run / "config.json").read_text())
     assert saved["run"]["steps"] == 3 and saved["run"]["log_every"] == 3 and saved["optim"]["lr"] == LR
 

@@ -203,9 +203,9 @@ def _train(
     # the new config's optimizer settings, taken before the checkpoint restores the old ones
     fresh = resume_check.optimizer_settings(engine) if applied else None
     step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)
-    if fresh is not None:
-        resume_check.apply_optimizer_settings(engine, fresh)
-        if rank == 0:
+    if tag:
+        resume_check.restore_schedule(engine, fresh)
+        if rank == 0 and applied:
             log.warning("resumed at step %d with the new %s", step, ", ".join(applied))
     if rank == 0:  # the config as used: written once the checkpoint it continues has loaded
         (out / "config.json").write_text(json.dumps(task.config_dict(), indent=2, default=list))

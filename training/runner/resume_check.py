@@ -136,18 +136,24 @@ def optimizer_settings(engine: Engine) -> tuple[list[dict[str, Any]], list[float
     return [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in groups], list(engine.scheduler.base_lrs)
 
 
-def apply_optimizer_settings(engine: Engine, settings: tuple[list[dict[str, Any]], list[float]]) -> None:
-    """Set the new config's group settings and base rates on the restored optimizer and schedule, and the
-    rate of the next step from the schedule at the resumed step. The moments (Adam's state) stay."""
-    groups, base_lrs = settings
+def restore_schedule(
+    engine: Engine, settings: tuple[list[dict[str, Any]], list[float]] | None = None
+) -> None:
+    """After a checkpoint has loaded: the rate of the next step from this run's schedule at the resumed step
+    (the checkpoint holds the rate its own schedule gave, which for a run made longer is the old end's), and
+    with ``settings`` (:func:`optimizer_settings` of the new config) first the new group settings and base
+    rates. The moments (Adam's state) stay. Unchanged settings give the checkpoint's rate to the bit."""
     scheduler = engine.scheduler
     current = scheduler.optimizer.param_groups  # after loading: the checkpoint's groups
-    if len(current) != len(groups):
-        raise ResumeConfigChanged(
-            f"the checkpoint's optimizer has {len(current)} parameter groups, this run {len(groups)}"
-        )
-    scheduler.base_lrs = list(base_lrs)
-    for group, fresh, base, factor in zip(current, groups, base_lrs, scheduler.lr_lambdas):
-        group.update(fresh)
+    if settings is not None:
+        groups, base_lrs = settings
+        if len(current) != len(groups):
+            raise ResumeConfigChanged(
+                f"the checkpoint's optimizer has {len(current)} parameter groups, this run {len(groups)}"
+            )
+        scheduler.base_lrs = list(base_lrs)
+        for group, fresh in zip(current, groups):
+            group.update(fresh)
+    for group, base, factor in zip(current, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in current]
