@@ -48,7 +48,10 @@ def _train(args: argparse.Namespace, load_config, make_task) -> None:
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
     cfg = load_config(args.config, [*getattr(args, "leading_overrides", []), *args.overrides])
-    _print_on_rank0(train(make_task(cfg), resume=args.resume, overwrite=args.overwrite))
+    task = make_task(cfg)
+    _print_on_rank0(
+        train(task, resume=args.resume, overwrite=args.overwrite, allow_changes=args.resume_with_changes)
+    )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -254,6 +257,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace the previous run in run.out_dir (its checkpoints, metrics and export)",
+    )
+    p.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="with --resume: continue from the checkpoint with changed optimizer and schedule settings "
+        "(optim.lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, grad_clip), set at the resumed "
+        "step. Without it a resumed run whose config differs from the checkpoint's is refused; run.steps, "
+        "logging, evaluation and checkpoint cadence may always change; model, data, loss and the rest never",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
 

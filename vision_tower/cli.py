@@ -356,9 +356,17 @@ def missing_extra_message(err: ImportError) -> str | None:
     return None
 
 
+def _is_override(arg: str) -> bool:
+    return not arg.startswith("-") and "=" in arg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if unknown and isinstance(overrides, list) and all(_is_override(u) for u in unknown):
+        args.overrides += unknown  # key=value after an option (--resume a=1 b=2): argparse leaves them over
+        unknown = []
     if unknown and not getattr(args, "accepts_any", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

@@ -3,11 +3,16 @@
 not train (stage ``align``: ``data.feature_cache: DIR``).
 
 Layout of ``DIR``: ``<shard>-<part>.safetensors`` files holding one ``(n_images, N, D)`` tensor per
-sample, named by its key, at most ``FILE_SAMPLES`` samples a file; ``cache.json`` (written last) says
-what made them (a fingerprint of the tower's weights, its feature layer, the image size and
-preprocessing), the token grid, and per shard its files, size and the samples whose image could not
-be used (with the reason, so a run reading the cache skips and counts them as a run reading images).
-A cache is refused by a model whose tower, feature layer, resolution or preprocessing differ.
+sample, named by its key, at most ``FILE_SAMPLES`` samples a file, with a digest of each sample's image
+bytes in the file's metadata; ``cache.json`` (written last) says what made them (a fingerprint of the
+tower's weights, its feature layer, the image size and preprocessing), the token grid, and per shard its
+files with their sizes, the shard's size and the samples whose image could not be used (with the reason,
+so a run reading the cache skips and counts them as a run reading images).
+
+A cache is refused by a model whose tower, feature layer, resolution or preprocessing differ. A sample is
+identified by its content: its features are given only to a sample whose image bytes have the digest
+recorded with them (a shard whose images were swapped or replaced is refused, naming the sample), and
+``cache.json`` and the size of every file it lists are checked when the cache is opened.
 """
 
 from __future__ import annotations
@@ -27,18 +32,19 @@ from tqdm.auto import tqdm
 
 from vision_tower import ImageProcessor, VisionTower
 
+from .cache_index import AGAIN, INDEX, VERSION, read_index
 from .shards import (
     ShardSpec,
     SkipCounter,
     SkipSample,
     default_decode_image,
     expand_shards,
+    image_member,
     iter_tar_samples,
     read_image,
 )
 
-INDEX = "cache.json"
-VERSION = 1
+DIGESTS = "image_blake2b"  # the metadata entry of each file: {key: digest of the sample's image bytes}
 FILE_SAMPLES = 256  # samples per safetensors file
 # what each identity field means, for the refusal
 IDENTITY = {
@@ -68,6 +74,11 @@ def cache_identity(tower: VisionTower, processor: ImageProcessor) -> dict[str, A
         "image_size": tower.config.image_size,
         "preprocessing": {**processor.to_dict(), "backend": processor.backend},
     }
+
+
+def image_digest(sample: dict[str, Any]) -> str:
+    """The digest of a raw sample's image bytes (the member features are computed from)."""
+    return hashlib.blake2b(sample[image_member(sample)], digest_size=16).hexdigest()
 
 
 def shard_name(url: str) -> str:
@@ -101,14 +112,16 @@ class _ShardWriter:
         self.param = next(tower.parameters())
         self.pending: list[tuple[str, torch.Tensor]] = []
         self.done: dict[str, torch.Tensor] = {}
-        self.files: list[str] = []
+        self.digests: dict[str, str] = {}  # key -> image digest, of the samples in `pending` and `done`
+        self.files: dict[str, int] = {}  # file name -> bytes
         self.keys: set[str] = set()
         self.grid: tuple[int, int] | None = None
 
-    def add(self, key: str, pixels: torch.Tensor) -> None:
+    def add(self, key: str, pixels: torch.Tensor, digest: str) -> None:
         if key in self.keys:
             raise ValueError(f"shard {self.name} holds two samples with key {key!r}: keys must be unique")
         self.keys.add(key)
+        self.digests[key] = digest
         self.pending.append((key, pixels))
         if len(self.pending) == self.batch_size:
             self.flush()
@@ -129,8 +142,9 @@ class _ShardWriter:
     def write(self) -> None:
         if self.done:
             name = f"{self.name}-{len(self.files):05d}.safetensors"
-            save_file(self.done, self.out / name)
-            self.files.append(name)
+            digests = {key: self.digests.pop(key) for key in self.done}
+            save_file(self.done, self.out / name, metadata={DIGESTS: json.dumps(digests)})
+            self.files[name] = (self.out / name).stat().st_size
             self.done = {}
 
 
@@ -204,7 +218,7 @@ def _extract_shard(tower, processor, url, name, out, batch_size, file_samples):
         except SkipSample as skip:
             skipped[key] = skip.reason
             continue
-        writer.add(key, pixels)
+        writer.add(key, pixels, image_digest(sample))
     writer.flush()
     writer.write()
     entry = {
@@ -230,18 +244,10 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        file = self.folder / INDEX
-        if not file.exists():
-            raise FileNotFoundError(
-                f"{self.folder} is not a feature cache (no {INDEX}): make one with "
-                f"vision-tower extract --model TOWER --shards SHARDS --out {self.folder}"
-            )
-        index = json.loads(file.read_text(encoding="utf-8"))
-        if index.get("version") != VERSION:
-            raise ValueError(f"{file}: cache version {index.get('version')} is not {VERSION}: extract again")
+        index = read_index(self.folder)
         self.identity, self.shards = index["identity"], index["shards"]
         self.grid, self.dim = tuple(index["grid"]), int(index["dim"])
-        self._keys: dict[str, dict[str, Any]] = {}  # shard -> key -> open file (per worker)
+        self._keys: dict[str, dict[str, Any]] = {}  # shard -> key -> (open file, digest) (per worker)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_keys": {}}  # open files stay in the process that opened them
@@ -282,6 +288,25 @@ class FeatureCache:
                     f"{self.folder} was made: extract it again"
                 )
 
+    def _open(self, name: str) -> dict[str, tuple[Any, str]]:
+        """Key -> (open file, image digest) of the samples of shard ``name``."""
+        files = {}
+        for file in self.shards[name]["files"]:
+            path = self.folder / file
+            try:
+                handle = safe_open(path, framework="pt")
+                digests = json.loads((handle.metadata() or {})[DIGESTS])
+            except Exception as err:  # safetensors' own error type, or metadata that is not ours
+                what = " ".join(str(err).split()) or type(err).__name__
+                raise ValueError(f"feature cache file {path} cannot be read ({what}): {AGAIN}") from None
+            keys = set(handle.keys())
+            if not isinstance(digests, dict) or set(digests) != keys:
+                raise ValueError(
+                    f"feature cache file {path}: its metadata {DIGESTS} does not list its samples"
+                )
+            files.update((key, (handle, digests[key])) for key in keys)
+        return files
+
     def load(self, sample: dict[str, Any]) -> tuple[torch.Tensor, tuple[int, int]]:
         name, key = shard_name(sample["__url__"]), sample["__key__"]
         entry = self.shards.get(name)
@@ -291,17 +316,19 @@ class FeatureCache:
             raise SkipSample(entry["skipped"][key], "its image could not be used when the cache was made")
         files = self._keys.get(name)
         if files is None:
-            files = {}
-            for file in entry["files"]:
-                handle = safe_open(self.folder / file, framework="pt")
-                files.update(dict.fromkeys(handle.keys(), handle))
-            self._keys[name] = files
+            files = self._keys[name] = self._open(name)
         if key not in files:
             raise ValueError(
                 f"sample {key} of {sample['__url__']} is not in the feature cache {self.folder}: the shard "
                 "changed since the cache was made; extract it again"
             )
-        return files[key].get_tensor(key), self.grid  # (n, N, D)
+        handle, digest = files[key]
+        if image_digest(sample) != digest:
+            raise ValueError(
+                f"sample {key} of {sample['__url__']} has another image than the one the feature cache "
+                f"{self.folder} holds features of (the shard changed since the cache was made): {AGAIN}"
+            )
+        return handle.get_tensor(key), self.grid  # (n, N, D)
 
 
 def extract_to_cache(

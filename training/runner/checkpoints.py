@@ -39,6 +39,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
 MANIFEST = "MANIFEST.json"
+CONFIG_RECORD = "run_config.json"  # the run's config as trained up to the checkpoint
 
 
 class CheckpointDamaged(ValueError):
@@ -208,8 +209,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint of ``step`` on every rank, hash and commit it, then prune older ones."""
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    data_state: dict[str, Any],
+    keep: int,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` on every rank, hash and commit it, then prune older ones. ``config``
+    (the run's, as trained) is recorded in it as ``run_config.json``, for ``--resume`` to compare with."""
     rank, world = _world()
     tag = tag_for(step)
     folder = ckpt_dir / tag
@@ -221,6 +230,8 @@ def save(engine, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: in
     )
     (folder / f"data_rank{rank}.json").write_text(json.dumps(data_state))
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    if rank == 0 and config is not None:
+        (folder / CONFIG_RECORD).write_text(json.dumps(config, indent=2, default=list))
     _barrier()
     write_manifest(folder, world)
     if rank == 0:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import checkpoints
+from . import checkpoints, resume_check
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
 from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
 from .run_dir import RunDirError, RunLock, prepare
@@ -124,9 +124,17 @@ def _data_counts(loader: Loader) -> dict[str, float | int]:
     return {**total, "truncated_share": round(total["truncated_captions"] / seen, 6) if seen else 0.0}
 
 
-def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def train(
+    task: Task, *, resume: str | None = None, overwrite: bool = False, allow_changes: bool = False
+) -> dict[str, Any]:
     """Run ``task`` (or resume it: ``resume="latest"`` needs a checkpoint, ``"auto"`` starts fresh without
-    one); returns the final metrics on every rank. One run per ``run.out_dir`` at a time."""
+    one); returns the final metrics on every rank. One run per ``run.out_dir`` at a time. A resumed run
+    whose config differs from the checkpoint's is refused (see :mod:`.resume_check`); ``allow_changes``
+    sets changed optimizer and schedule settings on the restored optimizer instead."""
+    if allow_changes and not resume:
+        raise RunDirError(
+            f"{resume_check.FLAG} goes with --resume (it says which changes a resumed run may apply)"
+        )
     task.check_inputs()  # before the process group, the lock or the engine
     rank, world = init_distributed()
     out = Path(task.run.out_dir)
@@ -134,7 +142,7 @@ def train(task: Task, *, resume: str | None = None, overwrite: bool = False) -> 
     try:
         _agree(lock.acquire, rank)
         _agree(lambda: prepare(out, resume=resume, overwrite=overwrite), rank)
-        return _train(task, rank, world, out, resume)
+        return _train(task, rank, world, out, resume, allow_changes)
     except BaseException:
         # a refused or failed run leaves the process group now: gloo's threads torn down at interpreter
         # exit were seen to abort the process (SIGABRT) instead of letting it exit with its error code
@@ -157,16 +165,50 @@ def _resume_point(ckpt_dir: Path, resume: str | None) -> str | None:
     return tag
 
 
-def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> dict[str, Any]:
+def _check_resumed_config(task: Task, out: Path, folder: Path, allow_changes: bool, rank: int) -> list[str]:
+    """Refuse (on every rank) a config that differs from the checkpoint's where it may not; the changed keys
+    to set on the restored optimizer (with ``allow_changes``)."""
+    applied: list[str] = []
+
+    def check() -> None:
+        found = resume_check.saved_config(folder, out)
+        if found is None:
+            log.warning("%s records no config (nor does %s/config.json): not compared", folder, out)
+            return
+        applied.extend(
+            resume_check.check_resume_config(
+                found[0],
+                task.config_dict(),
+                source=found[1],
+                free=task.resume_free_keys,
+                allow_changes=allow_changes,
+            )
+        )
+
+    _agree(check, rank)
+    return checkpoints._from_rank0(applied)
+
+
+def _train(
+    task: Task, rank: int, world: int, out: Path, resume: str | None, allow_changes: bool = False
+) -> dict[str, Any]:
     run = task.run
     torch.manual_seed(run.seed)
     ckpt_dir = out / "checkpoints"
     tag = _resume_point(ckpt_dir, resume)
+    applied = _check_resumed_config(task, out, ckpt_dir / tag, allow_changes, rank) if tag else []
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(task.config_dict(), indent=2, default=list))
     engine, zero = build_task_engine(task, rank, world)
+    # the new config's optimizer settings, taken before the checkpoint restores the old ones
+    fresh = resume_check.optimizer_settings(engine) if applied else None
     step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)
+    if tag:
+        resume_check.restore_schedule(engine, fresh)
+        if rank == 0 and applied:
+            log.warning("resumed at step %d with the new %s", step, ", ".join(applied))
+    if rank == 0:  # the config as used: written once the checkpoint it continues has loaded
+        (out / "config.json").write_text(json.dumps(task.config_dict(), indent=2, default=list))
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
     metrics.truncate(step)
     metrics.write({"step": step, **engine.record()})
@@ -176,7 +218,9 @@ def _train(task: Task, rank: int, world: int, out: Path, resume: str | None) -> 
     step, last = _loop(task, engine, zero, loader, metrics, step, ckpt_dir)
     final = ckpt_dir / checkpoints.tag_for(step)
     if tag != final.name:  # a resumed run that had already finished holds its final checkpoint
-        final = checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
+        final = checkpoints.save(
+            engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints, task.config_dict()
+        )
     result = {**last, "skip_counts": sum_over_ranks(loader.skip_counts)}  # every rank's skips
     result.update(task.evaluate(engine.engine.module, zero))
     where = task.export(engine.engine.module, ExportContext(out, final, zero))
@@ -238,7 +282,14 @@ def _loop(task: Task, engine: Engine, zero: Zero, loader, metrics: MetricsLog, s
                 if rank == 0:
                     log.warning("step %d: not saving a checkpoint after a bad step", step)
             else:
-                checkpoints.save(engine.engine, ckpt_dir, step, loader.state_dict(), run.keep_checkpoints)
+                checkpoints.save(
+                    engine.engine,
+                    ckpt_dir,
+                    step,
+                    loader.state_dict(),
+                    run.keep_checkpoints,
+                    task.config_dict(),
+                )
             window = (step, time.perf_counter())
     bar.close()
     if bad:

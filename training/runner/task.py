@@ -65,6 +65,9 @@ class Task(abc.ABC):
     optim: OptimSection
     run: RunSection
     micro_batch_size: int  # per rank and micro-step
+    # config keys (dotted, or a section's prefix) that only steer evaluation or export: they may change when
+    # the run is resumed. The runner's own: run length and cadence (``resume_check.FREE_KEYS``)
+    resume_free_keys: tuple[str, ...] = ()
 
     def check_inputs(self) -> None:
         """Check what the run will read (data files, shards) before any set-up, raising a ``ValueError`` or

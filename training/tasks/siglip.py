@@ -124,6 +124,7 @@ class SiglipTask(ShardTask):
 
     name = "pretrain"
     sample_unit = "images"
+    resume_free_keys = ("data.val_shards", "data.zeroshot_dir", "model.gradient_checkpointing")
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)

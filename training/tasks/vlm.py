@@ -42,6 +42,14 @@ class VLMTask(ShardTask):
 
     sample_unit = "samples"
     loss_label = "next-token loss (answer tokens)"
+    resume_free_keys = (
+        "data.val_shards",
+        "data.eval_samples",
+        "data.eval_batch_size",
+        "data.eval_max_new_tokens",
+        "model.gradient_checkpointing",
+        "export",
+    )
 
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__(cfg)
