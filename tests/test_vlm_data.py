@@ -217,3 +217,15 @@ def test_special_tokens_written_in_text_are_text(tmp_path):
     ids = item.input_ids
     assert ids.count(img) == 4  # the prompt's one placeholder, expanded; none from the answer's text
     assert ids.count(eos) == 1 and ids[-1] == eos  # only the answer's own end
+
+
+def test_eval_names_why_no_held_out_sample_was_usable(tmp_path):
+    from training.eval.vlm import read_eval_items
+
+    tok = word_tokenizer(WORDS)
+    shard = long_shard(tmp_path)  # 4 samples: their image and prompt take 6 tokens or more
+    with pytest.raises(ValueError, match=r"every sample was skipped \(4 too_long\)"):
+        read_eval_items(builder(tok, max_length=5), str(shard), limit=8)
+    empty = write_tar(tmp_path / "empty.tar", [])
+    with pytest.raises(ValueError, match="the shards hold no samples"):
+        read_eval_items(builder(tok), str(empty), limit=8)
