@@ -162,6 +162,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
             [*extract, "--out", out, "--device", "cuda"],
             ["--device cuda: CUDA is not available"],
         ),
+        "unknown device": ([*extract, "--out", out, "--device", "tpu"], ["--device tpu: not a device torch"]),
         "demo over a previous demo": (
             ["demo", "--out", str(root / "previous")],
             [f"{root / 'previous'} already holds a demo (shapes)", "--overwrite"],

@@ -41,6 +41,13 @@ def test_every_run_config_loads_and_its_deepspeed_config_resolves(path):
     assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
 
 
+def test_a_shipped_config_is_found_from_any_folder(tmp_path, monkeypatch):
+    """`pretrain --config configs/pretrain/...` as the README writes it, run outside the checkout."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/pretrain/demo_tiny.yaml")
+    assert cfg == load_config(ROOT / "configs" / "pretrain" / "demo_tiny.yaml")
+
+
 @pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
 def test_every_deepspeed_json_fills_in(path):
     cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [f"run.deepspeed={path}"])

@@ -77,11 +77,19 @@ def clear_outputs(folder: Path, names: tuple[str, ...]) -> None:
 
 
 def check_device(device: str | None) -> None:
-    """A CUDA device needs CUDA: say so instead of failing deep inside torch."""
-    if device is None or not device.startswith("cuda"):
+    """A device torch knows, and a CUDA device needs CUDA: say so instead of failing deep inside torch."""
+    if device is None:
         return
     import torch
 
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device}: not a device torch knows (cpu, cuda, cuda:N, mps, ...)"
+        ) from None
+    if not device.startswith("cuda"):
+        return
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (no GPU or no CUDA build of torch)")
     index = device.partition(":")[2]

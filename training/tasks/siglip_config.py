@@ -124,5 +124,6 @@ class PretrainConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainConfig:
-    """Read a YAML run config, apply overrides, validate every key and value."""
-    return load_sections(PretrainConfig, path, overrides)
+    """Read a YAML run config (``configs/pretrain/...`` also from the repository root or the installed
+    package), apply overrides, validate every key and value."""
+    return load_sections(PretrainConfig, None if path is None else resolve_path(str(path)), overrides)
