@@ -21,7 +21,14 @@ from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
 from ..runner.zero import Zero
 from .vlm_config import VLMConfig
-from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
+from .vlm_model import (
+    StageModel,
+    build_stage_model,
+    check_vocabulary,
+    load_plain,
+    lora_scaling,
+    merge_lora,
+)
 
 __all__ = ["VLMTask", "model_inputs", "train_vlm"]
 log = logging.getLogger(__name__)
@@ -55,12 +62,14 @@ class VLMTask(Task):
         self._eval: tuple[VLMBuilder, list] | None = None
 
     def check_inputs(self) -> None:
-        """Missing or refused shards fail before any set-up, not at the final evaluation."""
+        """Missing or refused shards fail before any set-up, not at the final evaluation; a tokenizer with
+        ids past the decoder's embedding table fails before DeepSpeed starts."""
         data = self.cfg.data
         check_shard_specs(
             train_shards=resolve_path(data.train_shards),
             val_shards=data.val_shards and resolve_path(data.val_shards),
         )
+        check_vocabulary(self.cfg.model)
 
     def config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict()
