@@ -107,7 +107,7 @@ def test_a_truncated_decoder_file_is_one_line_naming_it(folders, tmp_path):
     proc = generate_cli(model, folders / "image.png")
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert f"{file}: not a valid safetensors file" in line and "(truncated)" in line
+    assert f"{file}: not a readable safetensors file" in line and "(truncated)" in line
 
 
 def test_f32_data_declared_i32_is_refused_naming_tensor_and_dtype(folders, tmp_path):
@@ -148,7 +148,7 @@ def test_a_tokenizer_larger_than_the_decoder_table_is_refused_by_generate(folder
 def _truncate_connector(model: Path) -> str:
     file = model / "connector.safetensors"
     file.write_bytes(file.read_bytes()[:-16])
-    return f"{file}: not a valid safetensors file: the header describes"
+    return f"{file}: not a readable safetensors file: the header describes"
 
 
 def _shift_offsets(model: Path) -> str:
@@ -165,7 +165,7 @@ def _header_not_json(model: Path) -> str:
     raw = bytearray(file.read_bytes())
     raw[8] = ord("[")  # the header's opening brace
     file.write_bytes(bytes(raw))
-    return f"{file}: not a valid safetensors file: the header is not JSON"
+    return f"{file}: not a readable safetensors file: the header is not JSON"
 
 
 def _connector_i32(model: Path) -> str:

@@ -54,7 +54,7 @@ class TensorEntry:
 def _refuse(path: Path, why: str) -> ValueError:
     from .checkpoint import CheckpointError
 
-    return CheckpointError(f"{path}: not a valid safetensors file: {why}")
+    return CheckpointError(f"{path}: not a readable safetensors file: {why}")
 
 
 def _ints(value: object) -> bool:
