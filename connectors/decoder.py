@@ -6,9 +6,11 @@ import contextlib
 import inspect
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import logging as hf_logging
 from transformers.cache_utils import DynamicCache
@@ -16,6 +18,7 @@ from transformers.masking_utils import create_causal_mask
 
 from vision_tower import CheckpointError
 
+from .decoder_files import check_decoder_folder, read_transformers_config
 from .parts import NATIVE_MODEL_TYPE
 
 # decoder families tested end to end (forward, generate, every export format that can hold them)
@@ -115,10 +118,14 @@ def load_decoder(
     if key_mapping is not None:
         kwargs["key_mapping"] = key_mapping
     with _quiet_transformers() if key_mapping else contextlib.nullcontext(), no_code_from_files(src):
+        # config.json and the safetensors headers (dtypes, shapes) first: one line naming the file
+        check_decoder_folder(src, config=config, key_mapping=key_mapping, other_prefixes=other_prefixes)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
         except OSError as err:
             _refuse_pickled_weights(src, err)
+        except SafetensorError as err:  # a hub id's files, which the check above does not see
+            raise CheckpointError(f"{src}: a decoder weight file is not valid safetensors ({err})") from err
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(other_prefixes)]
     problems = {
         "missing": sorted(info.get("missing_keys", ())),
@@ -157,6 +164,20 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
         return AutoTokenizer.from_pretrained(str(path), **kwargs, **NO_CODE_FROM_FILES)
 
 
+def config_rows(src: str | os.PathLike) -> int:
+    """Rows of the input embedding table a decoder folder or hub id will have (its config's
+    ``vocab_size``), read without building the model: what training checks the tokenizer against before
+    any set-up."""
+    from transformers import AutoConfig
+
+    with no_code_from_files(src):
+        if os.path.isdir(src):
+            config = read_transformers_config(Path(src))
+        else:
+            config = AutoConfig.from_pretrained(str(src), **NO_CODE_FROM_FILES)
+    return int(config.get_text_config().vocab_size)
+
+
 def family(decoder: PreTrainedModel) -> str:
     """The decoder's ``model_type`` (``gemma2``, ``qwen3``, ...)."""
     return str(decoder.config.model_type)
@@ -167,16 +188,43 @@ def num_embeddings(decoder: PreTrainedModel) -> int:
     return int(decoder.get_input_embeddings().num_embeddings)
 
 
+def check_tokenizer_fits(
+    tokenizer: Any, rows: int, *, grows_image_token: bool = True, name: str = ""
+) -> None:
+    """Every id the tokenizer can produce must be a row of the decoder's input embedding table (``rows``).
+    A smaller tokenizer is fine (the rows past it are never fed); ``<image>`` may be the one id past the
+    table when ``grows_image_token`` (a tokenizer without it gets it added as a new row, and one saved with
+    it, one id past its decoder's table, is the same case); any other id past the table is refused in one
+    line: silently growing the table would train random rows for a tokenizer the decoder never saw."""
+    vocab = tokenizer.get_vocab()
+    image = vocab.get(IMAGE_TOKEN)
+    text_ids = [i for token, i in vocab.items() if token != IMAGE_TOKEN]
+    top = max(text_ids, default=-1)
+    image_limit = rows if grows_image_token else rows - 1
+    if top < rows and (image is None or image <= image_limit):
+        return
+    where = f" ({name})" if name else ""
+    has = f"ids up to {top}" + ("" if image is None else f" and {IMAGE_TOKEN} = {image}")
+    raise ValueError(
+        f"the tokenizer{where} has {len(tokenizer)} tokens ({has}) but the decoder's input embedding table "
+        f"has {rows} rows: every id the tokenizer produces must be a row of the table (a smaller tokenizer "
+        f"is fine, and a missing {IMAGE_TOKEN} gets one new row); use the decoder's own tokenizer, or grow "
+        "and train the table first (decoder.resize_token_embeddings) and save the decoder with it"
+    )
+
+
 def ensure_image_token(decoder: PreTrainedModel, tokenizer: Any | None, image_token_id: int | None) -> int:
     """The image placeholder id. Without one, ``<image>`` is added to the tokenizer (if any) as a
     special token and the embedding table grows to hold it (its row is never read: the connector's
-    outputs take its place).
+    outputs take its place). The tokenizer must fit the table (:func:`check_tokenizer_fits`).
 
     A given ``image_token_id`` must be a row of the decoder's input embedding table (as LLaVA's
     ``image_token_index``, a token of the vocabulary: generation masks its logit, the tokenizer names it);
     one past the table is refused rather than grown into silently: add the token to the tokenizer and
     ``decoder.resize_token_embeddings`` first, or pass none to have ``<image>`` added."""
     rows = num_embeddings(decoder)
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, rows, grows_image_token=image_token_id is None)
     if image_token_id is not None:
         if not isinstance(image_token_id, int) or image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")

@@ -34,6 +34,43 @@ def read_json(path: Path) -> Any:
             raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+# JSON types by the Python type a field's value must have (``float`` takes ints too)
+JSON_TYPE_NAMES = {
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def json_type_fits(value: Any, kind: type) -> bool:
+    """``value`` parsed from JSON is of ``kind`` (a bool is no number, an int is a float)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def read_json_object(path: Path, fields: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """The parsed JSON file, which must be an object (``{...}``); each of ``fields`` it holds must be of its
+    type (or one of its types; ``None`` passes). A wrong type is a ValueError naming file and field."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found a JSON {type(data).__name__}")
+    for key, kinds in (fields or {}).items():
+        value = data.get(key)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is not None and not any(json_type_fits(value, k) for k in kinds):
+            want = " or ".join(JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise ValueError(f"{path}: field {key!r} must be {want}, found {json.dumps(value)[:80]}")
+    return data
+
+
 def _refused_pickle(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
     """The weights-only unpickler's refusal, without torch's advice to load the file unsafely."""
     found = re.search(r"GLOBAL (\S+)", str(err))  # "unsupported GLOBAL posix.system" (torch 2.x)
@@ -48,7 +85,7 @@ KeyFilter = Callable[[str], bool]
 
 
 def _read_sharded(index: Path, keep: KeyFilter) -> dict[str, Tensor]:
-    weight_map = read_json(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index} has no 'weight_map'")
     wanted = {k: f for k, f in weight_map.items() if keep(k)}
@@ -64,6 +101,9 @@ def _read_sharded(index: Path, keep: KeyFilter) -> dict[str, Tensor]:
 def _read_file(path: Path, keep: KeyFilter) -> dict[str, Tensor]:
     name = path.name
     if name.endswith(".safetensors"):
+        from .safetensors_header import read_header
+
+        read_header(path)  # a truncated or inconsistent file is refused before safetensors reads it
         try:
             with safe_open(path, framework="pt") as f:
                 # safe_open is no dict: keys() is its API
@@ -84,6 +124,12 @@ def _read_file(path: Path, keep: KeyFilter) -> dict[str, Tensor]:
             raise CheckpointError(f"{path} does not hold a state dict")
         return {k: v for k, v in sd.items() if keep(k)}
     raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors, .index.json, .bin/.pt)")
+
+
+def read_weights(path: Path, keep: KeyFilter = lambda key: True) -> dict[str, Tensor]:
+    """The tensors ``keep`` accepts of one weight file (``.safetensors`` with its header checked first, a
+    sharded ``.index.json``, or a weights-only ``.bin``/``.pt``)."""
+    return _read_file(Path(path), keep)
 
 
 def find_weights(folder: Path) -> Path:
@@ -113,7 +159,7 @@ def read_checkpoint(
     folder = path if path.is_dir() else path.parent
     weights = find_weights(path) if path.is_dir() else path
     config_file = folder / "config.json"
-    config = read_json(config_file) if config_file.exists() else None
+    config = read_json_object(config_file) if config_file.exists() else None
     return _read_file(weights, keep), config
 
 
@@ -129,7 +175,12 @@ def check_keys(
         for k, v in expected.items()
         if k in sd and sd[k].shape != v.shape
     ]
-    if missing or unexpected or shapes:
+    dtypes = [
+        f"{k}: {str(sd[k].dtype).removeprefix('torch.')}"
+        for k, v in expected.items()
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point()
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:30]}")
@@ -137,6 +188,10 @@ def check_keys(
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:30]}")
         if shapes:
             parts.append(f"mis-shaped keys ({len(shapes)}): {shapes[:30]}")
+        if dtypes:
+            parts.append(
+                f"non-floating-point tensors for floating-point weights ({len(dtypes)}): {dtypes[:30]}"
+            )
         raise CheckpointError(
             f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(parts)
         )

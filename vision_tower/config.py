@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import JSON_TYPE_NAMES, json_type_fits
+
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 
 # Keys transformers writes into every config.json that carry no architecture information.
@@ -71,6 +73,20 @@ def _check_known(cls: type, data: dict[str, Any], where: str) -> None:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
 
 
+def _check_types(cls: type, data: dict[str, Any], where: str) -> None:
+    """Each value has its field's type (that of the default; image and patch sizes may be pairs)."""
+    for f in dataclasses.fields(cls):
+        value, default = data.get(f.name), f.default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue
+        if f.name in ("image_size", "patch_size") and isinstance(value, list | tuple):
+            continue
+        if not json_type_fits(value, type(default)):
+            raise ValueError(
+                f"{where}: field {f.name!r} must be {JSON_TYPE_NAMES.get(type(default))}, found {value!r}"
+            )
+
+
 def _as_int(value: Any, name: str) -> int:
     """transformers allows ``image_size``/``patch_size`` as a pair; SigLIP towers are square."""
     if isinstance(value, (list, tuple)):
@@ -115,8 +131,9 @@ class _TowerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        """Strict: an unknown key is an error that names it."""
+        """Strict: an unknown key, or a value not of its field's type, is an error that names it."""
         _check_known(cls, data, f"{cls.__name__}")
+        _check_types(cls, data, f"{cls.__name__}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

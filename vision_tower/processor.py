@@ -35,6 +35,7 @@ import torch
 
 from . import backends
 from .backends import resample_code, resample_name
+from .checkpoint import read_json_object
 from .hub import resolve
 from .images import DEFAULT, DefaultLimit
 
@@ -249,6 +250,25 @@ def common_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+# the JSON type of each transformers image-processor field these processors read
+CONFIG_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "image_processor_type": str,
+    "image_mean": (float, list),
+    "image_std": (float, list),
+    "rescale_factor": float,
+    "resample": (int, str),
+    "size": (int, dict),
+    "do_resize": bool,
+    "do_rescale": bool,
+    "do_normalize": bool,
+    "do_convert_rgb": bool,
+    "do_center_crop": bool,
+    "do_pad": bool,
+    "patch_size": int,
+    "max_num_patches": int,
+}
+
+
 def read_config(
     src: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> tuple[Path, dict[str, Any]]:
@@ -257,8 +277,7 @@ def read_config(
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}")
-    with open(file, encoding="utf-8") as handle:
-        return file, json.load(handle)
+    return file, read_json_object(file, CONFIG_FIELD_TYPES)
 
 
 def _size_from_config(size: Any) -> tuple[int, int]:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from vision_tower.checkpoint import read_json
+from vision_tower.checkpoint import read_json_object
 from vision_tower.hub import resolve
 
+from ..decoder import config_rows, no_code_from_files
+from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
 from . import llava, native, paligemma
 from .common import FormatError
@@ -58,9 +60,20 @@ def load(
     path = resolve(src, revision=revision, cache_dir=cache_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{src}: no config.json")
-    config = read_json(path / "config.json")
+    config = read_json_object(path / "config.json", {"model_type": str})
     fmt = checkpoint_format(config, str(src))
     return FORMATS[fmt].load(path, config, dtype=dtype, device=device)
 
 
-__all__ = ["FORMATS", "FormatError", "VLMParts", "checkpoint_format", "load", "save"]
+def decoder_rows(src: str | os.PathLike) -> int:
+    """Rows of the decoder's input embedding table in the VLM checkpoint ``src``, from its configs (no
+    weights read)."""
+    path = resolve(src)
+    config = read_json_object(path / "config.json", {"model_type": str})
+    if checkpoint_format(config, str(src)) == "native":
+        return config_rows(path / "decoder")
+    with no_code_from_files(path):
+        return int(read_transformers_config(path).get_text_config().vocab_size)
+
+
+__all__ = ["FORMATS", "FormatError", "VLMParts", "checkpoint_format", "decoder_rows", "load", "save"]

@@ -19,7 +19,8 @@ from vision_tower.checkpoint import read_checkpoint
 from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
 
-from ..decoder import NO_CODE_FROM_FILES, load_decoder, load_tokenizer, no_code_from_files
+from ..decoder import load_decoder, load_tokenizer, no_code_from_files
+from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
 
 Tensor = torch.Tensor
@@ -152,11 +153,10 @@ def write_multimodal(
 def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
     """A PaliGemma / LLaVA checkpoint's transformers config (with the defaults that hub configs leave out)
     and its tower and projector tensors (the decoder's are not read here)."""
-    from transformers import AutoConfig
-
-    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
     with no_code_from_files(path):
-        return AutoConfig.from_pretrained(str(path), **NO_CODE_FROM_FILES), sd
+        config = read_transformers_config(path)
+    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
+    return config, sd
 
 
 def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTrainedModel:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vision_tower import CheckpointError
+from vision_tower.checkpoint import strict_load
 
 from ..decoder import FAMILIES, family
 from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
@@ -127,7 +128,7 @@ def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str)
             )
         connector = MLPConnector(w1.shape[1], w2.shape[0], depth=2, act=act, bias=bias)
         target = {k.replace("linear_1.", "mlp.0.").replace("linear_2.", "mlp.2."): v for k, v in proj.items()}
-    connector.load_state_dict(target, strict=True)
+    strict_load(connector, target, source=f"{source} (multi_modal_projector)")
     return connector
 
 

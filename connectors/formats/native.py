@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vision_tower import VisionTower
-from vision_tower.checkpoint import strict_load
+from vision_tower.checkpoint import JSON_TYPE_NAMES, json_type_fits, read_weights, strict_load
 from vision_tower.saving import write_vision_weights
 
 from ..decoder import load_decoder
@@ -27,14 +27,15 @@ from .common import MAX_SHARD_SIZE, check_plain_decoder, folder_parts, split_wei
 
 MODEL_TYPE = NATIVE_MODEL_TYPE
 FORMAT_VERSION = 1
+# config.json keys and the JSON type of each
 _KEYS = {
-    "model_type",
-    "format_version",
-    "attention",
-    "image_token_id",
-    "feature_layer",
-    "connector",
-    "decoder",
+    "model_type": str,
+    "format_version": int,
+    "attention": str,
+    "image_token_id": int,
+    "feature_layer": int,
+    "connector": dict,
+    "decoder": str,
 }
 
 
@@ -62,10 +63,16 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
 
 
 def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(config) - _KEYS)
-    missing = sorted(_KEYS - set(config))
+    unknown = sorted(set(config) - set(_KEYS))
+    missing = sorted(set(_KEYS) - set(config))
     if unknown or missing:
         raise ValueError(f"{source}/config.json: unknown keys {unknown}, missing keys {missing}")
+    for key, kind in _KEYS.items():
+        if not json_type_fits(config[key], kind):
+            raise ValueError(
+                f"{source}/config.json: field {key!r} must be {JSON_TYPE_NAMES[kind]}, found "
+                f"{json.dumps(config[key])[:80]}"
+            )
     if config["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{source}: format_version {config['format_version']} is not {FORMAT_VERSION}")
     return config
@@ -77,9 +84,8 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
         path / "tower", feature_layer=config["feature_layer"], use_head=False, dtype=dtype
     )
     connector = ConnectorConfig.from_dict(config["connector"]).build()
-    strict_load(
-        connector, load_file(path / "connector.safetensors"), source=str(path / "connector.safetensors")
-    )
+    file = path / "connector.safetensors"
+    strict_load(connector, read_weights(file), source=str(file))  # header, names, shapes and dtypes checked
     decoder = load_decoder(path / "decoder", dtype=dtype, device=device)
     return folder_parts(
         path,

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from vision_tower.checkpoint import strict_load
+
 from ..decoder import family
 from ..mlp import LinearConnector
 from ..parts import VLMParts
@@ -85,7 +87,8 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     proj = projector_tensors(sd, str(path))
     expect_keys(proj, {"linear.weight", "linear.bias"}, str(path))
     connector = LinearConnector(tower.config.hidden_size, proj["linear.weight"].shape[0])
-    connector.load_state_dict({"proj.weight": proj["linear.weight"], "proj.bias": proj["linear.bias"]})
+    tensors = {"proj.weight": proj["linear.weight"], "proj.bias": proj["linear.bias"]}
+    strict_load(connector, tensors, source=f"{path} (multi_modal_projector)")
     text = hf.text_config
     if getattr(text, "use_bidirectional_attention", None):
         text.use_bidirectional_attention = False  # the VLM passes its prefix mask itself

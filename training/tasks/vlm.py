@@ -22,7 +22,14 @@ from ..runner.config import resolve_path
 from ..runner.zero import Zero
 from .shard_task import ShardTask
 from .vlm_config import VLMConfig
-from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
+from .vlm_model import (
+    StageModel,
+    build_stage_model,
+    check_vocabulary,
+    load_plain,
+    lora_scaling,
+    merge_lora,
+)
 
 __all__ = ["VLMTask", "model_inputs", "train_vlm"]
 log = logging.getLogger(__name__)
@@ -61,6 +68,12 @@ class VLMTask(ShardTask):
         self.stage: StageModel | None = None
         self.loader = None
         self._eval: tuple[VLMBuilder, list] | None = None
+
+    def check_inputs(self) -> None:
+        """The shards (ShardTask), then a tokenizer with ids past the decoder's embedding table: both fail
+        before DeepSpeed starts."""
+        super().check_inputs()
+        check_vocabulary(self.cfg.model)
 
     @property
     def vlm(self) -> VisionLanguageModel:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from connectors import VisionLanguageModel
-from connectors.decoder import load_decoder, load_tokenizer
+from connectors.decoder import check_tokenizer_fits, config_rows, load_decoder, load_tokenizer
 from connectors.decoder_presets import build_decoder, preset_decoder_name
-from connectors.formats import FORMATS, FormatError
+from connectors.formats import FORMATS, FormatError, decoder_rows
 from vision_tower import VisionTower
 from vision_tower.sources import load_tower, processor_for
 
@@ -73,6 +73,23 @@ def assemble(m: VLMModelSection, dtype: torch.dtype) -> VisionLanguageModel:
         tokenizer=tokenizer,
         processor=processor,
     )
+
+
+def check_vocabulary(m: VLMModelSection) -> None:
+    """The tokenizer against the decoder's input embedding table, from their files (before any set-up):
+    every id the tokenizer produces must be a row (:func:`connectors.decoder.check_tokenizer_fits`). A
+    preset decoder is sized to the tokenizer; a missing tokenizer is reported where the model is built."""
+    if m.init_from:
+        src = resolve_path(m.init_from)
+        tokenizer, rows, key = load_tokenizer(src), decoder_rows(src), f"model.init_from {m.init_from}"
+    elif preset_decoder_name(m.decoder) is None:
+        tokenizer_src = resolve_path(m.tokenizer or m.decoder)
+        tokenizer, rows = load_tokenizer(tokenizer_src), config_rows(resolve_path(m.decoder))
+        key = f"model.tokenizer {m.tokenizer}" if m.tokenizer else f"model.decoder {m.decoder}"
+    else:
+        return
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, rows, name=key)
 
 
 def _add_image_token(tokenizer: Any) -> None:

@@ -231,7 +231,11 @@ def read_vision(files: Files, source: str) -> Read:
     if cfg_dict is None:
         return native, _infer_vision_config(native, source), leftover
     cfg_dict = {**cfg_dict, "vision_use_head": "head.probe" in native}
-    return native, (NaFlexVisionConfig if naflex else VisionConfig).from_hf(cfg_dict), leftover
+    try:
+        config = (NaFlexVisionConfig if naflex else VisionConfig).from_hf(cfg_dict)
+    except ValueError as err:  # a field of the wrong type or value: name the file it came from
+        raise CheckpointError(f"{source} (config.json): {err}") from None
+    return native, config, leftover
 
 
 def read_siglip(files: Files, source: str) -> Read:
