@@ -15,9 +15,9 @@ from vision_tower.loading import read_siglip_weights
 from vision_tower.text import TextTower
 from vision_tower.vision import VisionTower
 
-from ..data import check_shard_specs
+from ..data import check_shard_specs, shard_paths
 from ..losses import clamp_logit_scale, get_loss
-from ..runner.paths import resolve_path
+from ..runner.paths import local_paths, resolve_path
 from ..runner.task import ExportContext, Task
 from ..runner.zero import Zero
 from .siglip_config import PretrainConfig
@@ -142,6 +142,14 @@ class SiglipTask(Task):
             val_shards=data.val_shards and resolve_path(data.val_shards),
         )
 
+    def input_paths(self) -> list[tuple[str, str]]:
+        m, data = self.cfg.model, self.cfg.data
+        keys = {"model.init_from": m.init_from, "data.tokenizer": data.tokenizer}
+        return local_paths({**keys, "data.zeroshot_dir": data.zeroshot_dir}) + shard_paths(
+            train_shards=data.train_shards and resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
+
     def config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
@@ -223,9 +231,11 @@ class SiglipTask(Task):
             {k: v.float() for k, v in state.items()},
             source=f"consolidated weights of {ctx.checkpoint}",
         )
-        out = Path(ctx.out_dir) / "export"
         for folder, part in (("siglip", full), ("vision", full.vision)):
-            part.save_pretrained(out / folder)
-            self.processor.save_pretrained(out / folder)
-        self.tokenizer.save_pretrained(out / "siglip")
-        return str(out)
+            needed = sum(t.numel() * t.element_size() for t in part.state_dict().values())
+            with ctx.folder(folder, needed) as tmp:
+                part.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+                if folder == "siglip":
+                    self.tokenizer.save_pretrained(tmp)
+        return str(Path(ctx.out_dir) / "export")

@@ -15,10 +15,11 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset
+from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset, shard_paths
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, Task, train
 from ..runner.config import resolve_path
+from ..runner.paths import local_paths
 from ..runner.zero import Zero
 from .vlm_config import VLMConfig
 from .vlm_model import StageModel, build_stage_model, load_plain, lora_scaling, merge_lora
@@ -58,6 +59,14 @@ class VLMTask(Task):
         """Missing or refused shards fail before any set-up, not at the final evaluation."""
         data = self.cfg.data
         check_shard_specs(
+            train_shards=resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        m, data = self.cfg.model, self.cfg.data
+        parts = {f"model.{k}": getattr(m, k) for k in ("init_from", "tower", "decoder", "tokenizer")}
+        return local_paths({**parts, "data.feature_cache": data.feature_cache}) + shard_paths(
             train_shards=resolve_path(data.train_shards),
             val_shards=data.val_shards and resolve_path(data.val_shards),
         )
@@ -157,8 +166,10 @@ class VLMTask(Task):
             state = merge_lora(state, lora_scaling(self.cfg.finetune.lora))
         plain = load_plain(self.vlm, state)
         out = Path(ctx.out_dir) / "export"
+        needed = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
         for fmt in self.stage.formats:
-            plain.save_pretrained(out / fmt, format=fmt)
+            with ctx.folder(fmt, needed) as tmp:
+                plain.save_pretrained(tmp, format=fmt)
         log.info("exported %s to %s", ", ".join(self.stage.formats), out)
         return str(out)
 
