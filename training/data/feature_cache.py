@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vision_tower import ImageProcessor, VisionTower
+from vision_tower.checkpoint import save_safetensors
 
 from .shards import (
     ShardSpec,
@@ -129,7 +129,7 @@ class _ShardWriter:
     def write(self) -> None:
         if self.done:
             name = f"{self.name}-{len(self.files):05d}.safetensors"
-            save_file(self.done, self.out / name)
+            save_safetensors(self.done, self.out / name)
             self.files.append(name)
             self.done = {}
 
