@@ -233,6 +233,22 @@ def test_a_failed_export_keeps_the_earlier_one_and_a_good_one_replaces_it(tmp_pa
     assert (target / "config.json").read_text() == "earlier"
     with atomic_folder(target, "export native") as tmp:
         (tmp / "config.json").write_text("new")
+        os.close(os.open(tmp / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors does
         assert (target / "config.json").read_text() == "earlier"  # not yet in place
     assert [p.name for p in (tmp_path / "export").iterdir()] == ["native"]
     assert (target / "config.json").read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saved_weights_are_as_readable_as_the_umask_allows(tmp_path):
+    """safetensors' writer creates its files 0600; a tower saved from Python gets the umask's mode."""
+    from vision_tower import SiglipModel, get_preset
+
+    umask = os.umask(0o027)  # a group-readable umask, unlike the default
+    try:
+        SiglipModel(get_preset("tiny")).vision.save_pretrained(tmp_path / "tower")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "tower" / "model.safetensors").stat().st_mode & 0o777 == 0o640
