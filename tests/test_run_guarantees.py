@@ -245,7 +245,7 @@ def test_a_previous_run_is_not_replaced_without_resume_or_overwrite(finished, sh
     out = _copy(finished, tmp_path)
     before = _digests(out)
     code, log = _cli(1, _args(out, shapes, **STEPS))
-    assert code == 2 and "holds a previous run (step00000002, step00000004, step00000006" in log, log[-2000:]
+    assert code == 2 and "holds a run's outputs (step00000002, step00000004, step00000006" in log, log[-2000:]
     assert "--overwrite" in log and _digests(out) == before
     empty = tmp_path / "empty"
     code, log = _cli(1, _args(empty, shapes, **STEPS) + ["--resume"])

@@ -233,11 +233,33 @@ def build_and_load(
     return module
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, the file then given the mode the user's umask allows (the writer
+    creates it 0600, unreadable to the other users of a shared machine)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_safetensors(sd: dict[str, Tensor], out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
+    save_safetensors(
         {k: v.detach().contiguous().cpu() for k, v in sd.items()},
         out / "model.safetensors",
         metadata={"format": "pt"},

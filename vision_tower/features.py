@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import save_safetensors
 from .hardware import Precision, choose_precision, compile_support
 from .images import ImageLoadError, load_image
 from .naflex import NaFlexVisionTower
@@ -83,7 +83,7 @@ class Features:
             meta["grid"] = json.dumps(list(self.grid))
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, out, metadata=meta)
+        save_safetensors(tensors, out, metadata=meta)
         return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vision_tower.checkpoint import read_json_object
+from vision_tower.checkpoint import current_umask, read_json_object
 from vision_tower.hub import resolve
 
 from ..decoder import config_rows, no_code_from_files
@@ -32,7 +32,11 @@ def save(
     ``decoder.*``) in ``format``."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-    FORMATS[format].save(parts, Path(out_dir), state_dict)
+    out = Path(out_dir)
+    FORMATS[format].save(parts, out, state_dict)
+    mode = 0o666 & ~current_umask()
+    for weights in out.rglob("*.safetensors"):  # transformers' writer creates them 0600
+        os.chmod(weights, mode)
 
 
 def checkpoint_format(config: dict, source: str) -> str:

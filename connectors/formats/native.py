@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vision_tower import VisionTower
-from vision_tower.checkpoint import JSON_TYPE_NAMES, json_type_fits, read_weights, strict_load
+from vision_tower.checkpoint import (
+    JSON_TYPE_NAMES,
+    json_type_fits,
+    read_weights,
+    save_safetensors,
+    strict_load,
+)
 from vision_tower.saving import write_vision_weights
 
 from ..decoder import load_decoder
@@ -44,7 +49,7 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
     split = split_weights(parts.decoder, state_dict)
     out.mkdir(parents=True, exist_ok=True)
     write_vision_weights(parts.tower.config, split["tower"], out / "tower")
-    save_file(
+    save_safetensors(
         {k: v.detach().contiguous().cpu() for k, v in split["connector"].items()},
         out / "connector.safetensors",
     )

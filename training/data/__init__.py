@@ -18,6 +18,7 @@ from .shards import (
     iter_tar_samples,
     read_caption,
     read_image,
+    shard_paths,
 )
 from .stream import (
     TRUNCATION_WARN_SHARE,
@@ -53,4 +54,5 @@ __all__ = [
     "read_caption",
     "read_image",
     "shard_dataset",
+    "shard_paths",
 ]

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vision_tower import ImageProcessor, VisionTower
+from vision_tower.checkpoint import save_safetensors
 
 from .cache_index import AGAIN, INDEX, VERSION, read_index
 from .shards import (
@@ -143,7 +143,7 @@ class _ShardWriter:
         if self.done:
             name = f"{self.name}-{len(self.files):05d}.safetensors"
             digests = {key: self.digests.pop(key) for key in self.done}
-            save_file(self.done, self.out / name, metadata={DIGESTS: json.dumps(digests)})
+            save_safetensors(self.done, self.out / name, metadata={DIGESTS: json.dumps(digests)})
             self.files[name] = (self.out / name).stat().st_size
             self.done = {}
 

@@ -8,6 +8,7 @@ missing caption, missing image, a tar member cut off) are skipped with a reason 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,6 +100,17 @@ def check_shard_specs(**specs: str | None) -> None:
                 expand_shards(spec)
             except (OSError, ValueError) as err:
                 raise type(err)(f"data.{key}: {err}") from None
+
+
+def shard_paths(**specs: str | None) -> list[tuple[str, str]]:
+    """(``data.<key>``, shard file) for each local shard of the shard sets given (those that cannot be
+    expanded are left out: :func:`check_shard_specs` reports them)."""
+    found = []
+    for key, spec in specs.items():
+        if spec:
+            with contextlib.suppress(OSError, ValueError):
+                found += [(f"data.{key}", path) for path in expand_shards(spec)]
+    return found
 
 
 def distributed_info() -> tuple[int, int]:

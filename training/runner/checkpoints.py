@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .writes import SaveFailed, failure_line, is_write_error
+
 log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
 MANIFEST = "MANIFEST.json"
@@ -218,27 +220,88 @@ def save(
     config: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` on every rank, hash and commit it, then prune older ones. ``config``
-    (the run's, as trained) is recorded in it as ``run_config.json``, for ``--resume`` to compare with."""
+    (the run's, as trained) is recorded in it as ``run_config.json``, for ``--resume`` to compare with. If a
+    rank's write fails (a full disk), the partial checkpoint is removed, the last committed one stays the
+    one to resume, and every rank raises :class:`~training.runner.writes.SaveFailed` with one line."""
     rank, world = _world()
     tag = tag_for(step)
     folder = ckpt_dir / tag
     if rank == 0 and folder.exists():  # left by an interrupted write, or a timeline given up on resume
         shutil.rmtree(folder)
     _barrier()
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world}, save_latest=False
-    )
-    (folder / f"data_rank{rank}.json").write_text(json.dumps(data_state))
-    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
-    if rank == 0 and config is not None:
-        (folder / CONFIG_RECORD).write_text(json.dumps(config, indent=2, default=list))
-    _barrier()
+    failed = None
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world}, save_latest=False
+        )
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        failed = err
+        _barrier()  # the one DeepSpeed ends its save with, which the ranks whose writes succeeded reach
+    if failed is None:
+        try:
+            (folder / f"data_rank{rank}.json").write_text(json.dumps(data_state))
+            torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+            if rank == 0 and config is not None:
+                (folder / CONFIG_RECORD).write_text(json.dumps(config, indent=2, default=list))
+        except Exception as err:
+            if not is_write_error(err):
+                raise
+            failed = err
+    _check_written(ckpt_dir, folder, failed)
     write_manifest(folder, world)
     if rank == 0:
         _write_atomic(ckpt_dir / COMMITTED, tag)
         prune(ckpt_dir, keep, tag)
     _barrier()
     return folder
+
+
+def committed_size(ckpt_dir: Path) -> int | None:
+    """Bytes of the checkpoint ``COMMITTED`` names, from its manifest (what the next save needs, about)."""
+    marker = ckpt_dir / COMMITTED
+    try:
+        files = json.loads((ckpt_dir / marker.read_text().strip() / MANIFEST).read_text())["files"]
+        return sum(size for size, _ in files.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_written(ckpt_dir: Path, folder: Path, failed: BaseException | None) -> None:
+    """Every rank says whether its writes succeeded; if one failed, rank 0 words the failure (before the
+    partial folder is removed: its room left is the disk's state at the failure) and removes the partial
+    folder, and every rank raises the same line. Collective."""
+    rank, _ = _world()
+    errors = [
+        (r, err) for r, err in enumerate(_gather(None if failed is None else _picklable(failed))) if err
+    ]
+    if not errors:
+        return
+    line = None
+    if rank == 0:
+        first_rank, err = errors[0]
+        marker = ckpt_dir / COMMITTED
+        last = marker.read_text().strip() if marker.is_file() else None
+        kept = (
+            f"the last committed checkpoint {last} is intact (--resume continues from it)"
+            if last
+            else "no checkpoint was committed before it"
+        )
+        who = f"rank {first_rank}: " if _world()[1] > 1 else ""
+        line = who + failure_line(
+            f"checkpoint {folder.name}", folder, err, committed_size(ckpt_dir), f"removed {folder}; {kept}"
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+    raise SaveFailed(_from_rank0(line))
+
+
+def _picklable(err: BaseException) -> BaseException:
+    """``err`` as an exception every rank can unpickle (torch's and safetensors' may not be)."""
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror or str(err)) if err.errno else OSError(str(err))
+    name = type(err).__name__
+    return RuntimeError(str(err) if name == "RuntimeError" else f"{name}: {err}")
 
 
 def prune(ckpt_dir: Path, keep: int, current: str) -> None:

@@ -141,7 +141,7 @@ def train(
     lock = RunLock(out)
     try:
         _agree(lock.acquire, rank)
-        _agree(lambda: prepare(out, resume=resume, overwrite=overwrite), rank)
+        _agree(lambda: prepare(out, resume=resume, overwrite=overwrite, inputs=task.input_paths()), rank)
         return _train(task, rank, world, out, resume, allow_changes)
     except BaseException:
         # a refused or failed run leaves the process group now: gloo's threads torn down at interpreter

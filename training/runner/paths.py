@@ -35,3 +35,15 @@ def resolve_path(path: str) -> str:
     if (ROOT / p).exists():
         return str(ROOT / p)
     return str(shipped_config(p) or p)
+
+
+def local_paths(values: dict[str, str | None]) -> list[tuple[str, str]]:
+    """(config key, path) of the values that name an existing local file or folder (as :func:`resolve_path`
+    finds it); presets, hub ids and unset keys are left out."""
+    found = []
+    for key, value in values.items():
+        if value and not str(value).startswith("preset:"):
+            path = resolve_path(str(value))
+            if Path(path).exists():
+                found.append((key, path))
+    return found

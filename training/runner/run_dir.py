@@ -32,7 +32,8 @@ class RunLock:
     """``out_dir/LOCK``: an exclusive ``flock`` held for the run's life, the file naming the owner (host,
     pid, start time). The kernel drops the lock when its owner dies however it dies, so a dead run's lock
     is taken over with no guessing from pids; a live owner is refused with its pid. A file naming another
-    host is refused too (its liveness cannot be checked from here): delete it once that run is gone."""
+    host is refused too (its liveness cannot be checked from here): delete it once that run is gone. A
+    ``LOCK`` holding anything but such a record is not a run's: refused, never truncated or deleted."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / LOCK
@@ -42,12 +43,18 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def _owner(self, fd: int) -> dict[str, Any]:
+    def _owner(self, fd: int) -> dict[str, Any] | None:
+        """The record a run wrote into the file ({} while it is empty), or None when the file holds
+        something else (not a lock of ours: it is never taken over or deleted)."""
         os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            return json.loads(os.read(fd, 1 << 16).decode() or "{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = os.read(fd, 1 << 16)
+        if not raw.strip():
             return {}
+        try:
+            record = json.loads(raw.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) and {"host", "pid"} <= record.keys() else None
 
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
@@ -57,7 +64,7 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = self._owner(fd)
+                owner = self._owner(fd) or {}
                 os.close(fd)
                 raise RunDirError(
                     f"{self.path.parent} is used by another run (pid {owner.get('pid', '?')} on "
@@ -71,6 +78,12 @@ class RunLock:
                 os.close(fd)
                 continue
             owner = self._owner(fd)
+            if owner is None:
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.path} is not a run's lock (it holds other data): left as it is; move it away "
+                    f"or choose another run.out_dir"
+                )
             if owner and owner.get("host") != me["host"]:
                 os.close(fd)
                 raise RunDirError(
@@ -94,24 +107,56 @@ class RunLock:
 
 
 def previous_run(out_dir: Path) -> list[str]:
-    """What an earlier run left in ``out_dir`` (checkpoints, metrics, export), by name."""
+    """What of a run's outputs ``out_dir`` holds, by name (checkpoints by step): whatever wrote them, a
+    fresh run would replace them."""
     ckpt = out_dir / "checkpoints"
-    found = sorted(p.name for p in ckpt.glob("step*")) if ckpt.is_dir() else []
-    return found + [name for name in ("metrics.jsonl", "export") if (out_dir / name).exists()]
+    steps = sorted(p.name for p in ckpt.glob("step*")) if ckpt.is_dir() else []
+    found = steps or (["checkpoints/"] if ckpt.exists() else [])
+    for name in RUN_OUTPUTS:
+        if name != "checkpoints" and (out_dir / name).exists():
+            found.append(name + "/" if (out_dir / name).is_dir() else name)
+    return found
 
 
-def prepare(out_dir: Path, *, resume: str | None, overwrite: bool) -> None:
-    """Refuse a fresh run into a folder holding a previous run unless ``overwrite`` (which removes it)."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def inputs_removed(out_dir: Path, inputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (config key, path) of ``inputs`` that lie inside what ``--overwrite`` removes from ``out_dir``
+    (its :data:`RUN_OUTPUTS`), symbolic links followed."""
+    removed = [(out_dir / name).resolve() for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    found = []
+    for key, path in inputs:
+        real = Path(path).resolve()
+        if any(_inside(real, r) for r in removed):
+            found.append((key, path))
+    return found
+
+
+def prepare(
+    out_dir: Path, *, resume: str | None, overwrite: bool, inputs: list[tuple[str, str]] = ()
+) -> None:
+    """Refuse a fresh run into a folder holding any of a run's outputs unless ``overwrite`` (which removes
+    them), and an ``overwrite`` that would remove one of the run's ``inputs`` (config key, path)."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: choose one")
     left = previous_run(out_dir)
     if not left or resume:
         return
     if not overwrite:
-        shown = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
+        shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
         raise RunDirError(
-            f"{out_dir} holds a previous run ({shown}): pass --resume to continue it, "
-            f"--overwrite to replace it, or choose another run.out_dir"
+            f"{out_dir} holds a run's outputs ({shown}): --overwrite replaces them, --resume continues "
+            f"that run; or choose another run.out_dir"
+        )
+    doomed = inputs_removed(out_dir, list(inputs))
+    if doomed:
+        key, path = doomed[0]
+        more = f" (and {', '.join(k for k, _ in doomed[1:])})" if len(doomed) > 1 else ""
+        raise RunDirError(
+            f"{key} {path} lies inside what --overwrite would remove from {out_dir}{more}: nothing was "
+            f"removed; write this run to another run.out_dir, or move the input out first"
         )
     for name in RUN_OUTPUTS:
         path = out_dir / name

@@ -5,6 +5,7 @@ owns its model, its batches, its step's loss, its extra metrics, its evaluation 
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 
 from .config import OptimSection, RunSection
 from .engine import param_groups
+from .writes import atomic_folder
 from .zero import Zero
 
 
@@ -46,6 +48,14 @@ class ExportContext:
     checkpoint: Path | None  # the final committed checkpoint folder
     zero: Zero
 
+    def folder(self, name: str, needed: int | None = None) -> contextlib.AbstractContextManager[Path]:
+        """``with ctx.folder("native") as tmp:`` write the export into ``tmp``; once the block ends it is
+        renamed to ``out_dir/export/<name>`` (replacing an earlier one), its files given the user's umask.
+        If writing fails (a full disk), the partial folder is removed, any earlier export is kept, and a
+        one-line :class:`~training.runner.writes.SaveFailed` names the folder, the room left and
+        ``needed`` (bytes, an estimate)."""
+        return atomic_folder(Path(self.out_dir) / "export" / name, f"export {name}", needed)
+
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The consolidated weights (fp32 master copies where ZeRO keeps them), on rank 0; None elsewhere.
         Call on every rank."""
@@ -73,6 +83,11 @@ class Task(abc.ABC):
         """Check what the run will read (data files, shards) before any set-up, raising a ``ValueError`` or
         ``OSError`` that names the config key. By default nothing."""
         return None
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        """(config key, local path) of every file or folder the run reads (checkpoints, tokenizers, shards,
+        caches), so that ``--overwrite`` refuses to remove one of them. By default none."""
+        return []
 
     def config_dict(self) -> dict[str, Any]:
         """The whole config, written to ``out_dir/config.json``."""

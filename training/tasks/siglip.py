@@ -15,8 +15,9 @@ from vision_tower.loading import read_siglip_weights
 from vision_tower.text import TextTower
 from vision_tower.vision import VisionTower
 
+from ..data import shard_paths
 from ..losses import clamp_logit_scale, get_loss
-from ..runner.paths import resolve_path
+from ..runner.paths import local_paths, resolve_path
 from ..runner.task import ExportContext
 from ..runner.zero import Zero
 from .shard_task import ShardTask
@@ -134,6 +135,14 @@ class SiglipTask(ShardTask):
         self.model_config: SiglipConfig | None = None
         self._loss_fn = None
 
+    def input_paths(self) -> list[tuple[str, str]]:
+        m, data = self.cfg.model, self.cfg.data
+        keys = {"model.init_from": m.init_from, "data.tokenizer": data.tokenizer}
+        return local_paths({**keys, "data.zeroshot_dir": data.zeroshot_dir}) + shard_paths(
+            train_shards=data.train_shards and resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
+
     def build_model(self, zero: Zero) -> SiglipModel:
         model = build_model(self.cfg, zero)
         self.model_config = model.config
@@ -212,9 +221,11 @@ class SiglipTask(ShardTask):
             {k: v.float() for k, v in state.items()},
             source=f"consolidated weights of {ctx.checkpoint}",
         )
-        out = Path(ctx.out_dir) / "export"
         for folder, part in (("siglip", full), ("vision", full.vision)):
-            part.save_pretrained(out / folder)
-            self.processor.save_pretrained(out / folder)
-        self.tokenizer.save_pretrained(out / "siglip")
-        return str(out)
+            needed = sum(t.numel() * t.element_size() for t in part.state_dict().values())
+            with ctx.folder(folder, needed) as tmp:
+                part.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+                if folder == "siglip":
+                    self.tokenizer.save_pretrained(tmp)
+        return str(Path(ctx.out_dir) / "export")

@@ -15,10 +15,11 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, expand_shards, shard_dataset
+from ..data import ShardLoader, expand_shards, shard_dataset, shard_paths
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, train
 from ..runner.config import resolve_path
+from ..runner.paths import local_paths
 from ..runner.zero import Zero
 from .shard_task import ShardTask
 from .vlm_config import VLMConfig
@@ -74,6 +75,14 @@ class VLMTask(ShardTask):
         before DeepSpeed starts."""
         super().check_inputs()
         check_vocabulary(self.cfg.model)
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        m, data = self.cfg.model, self.cfg.data
+        parts = {f"model.{k}": getattr(m, k) for k in ("init_from", "tower", "decoder", "tokenizer")}
+        return local_paths({**parts, "data.feature_cache": data.feature_cache}) + shard_paths(
+            train_shards=resolve_path(data.train_shards),
+            val_shards=data.val_shards and resolve_path(data.val_shards),
+        )
 
     @property
     def vlm(self) -> VisionLanguageModel:
@@ -167,8 +176,10 @@ class VLMTask(ShardTask):
             state = merge_lora(state, lora_scaling(self.cfg.finetune.lora))
         plain = load_plain(self.vlm, state)
         out = Path(ctx.out_dir) / "export"
+        needed = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
         for fmt in self.stage.formats:
-            plain.save_pretrained(out / fmt, format=fmt)
+            with ctx.folder(fmt, needed) as tmp:
+                plain.save_pretrained(tmp, format=fmt)
         log.info("exported %s to %s", ", ".join(self.stage.formats), out)
         return str(out)
 

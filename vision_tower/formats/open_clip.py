@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, save_safetensors
 from ..config import SiglipConfig, TextConfig, VisionConfig
 from . import timm
 from .keys import OUR_BLOCK, part, rename, text_shape
@@ -272,7 +271,7 @@ def write_siglip(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in from_native(sd).items()}
-    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_safetensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return out
 
