@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import checkpoints, resume_check
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
 from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
-from .run_dir import RunDirError, RunLock, prepare
+from .run_dir import RunDirError, RunLock, prepare, refuse_removing_inputs
 from .task import ExportContext, Loader, Task
 from .zero import Zero, barrier
 
@@ -135,6 +135,8 @@ def train(
         raise RunDirError(
             f"{resume_check.FLAG} goes with --resume (it says which changes a resumed run may apply)"
         )
+    if overwrite and not resume:  # a path check, before any input is read
+        refuse_removing_inputs(Path(task.run.out_dir), task.input_paths())
     task.check_inputs()  # before the process group, the lock or the engine
     rank, world = init_distributed()
     out = Path(task.run.out_dir)

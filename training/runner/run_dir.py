@@ -134,6 +134,18 @@ def inputs_removed(out_dir: Path, inputs: list[tuple[str, str]]) -> list[tuple[s
     return found
 
 
+def refuse_removing_inputs(out_dir: Path, inputs: list[tuple[str, str]]) -> None:
+    """An ``--overwrite`` must not remove one of the run's ``inputs`` (config key, path)."""
+    doomed = inputs_removed(out_dir, list(inputs))
+    if doomed:
+        key, path = doomed[0]
+        more = f" (and {', '.join(k for k, _ in doomed[1:])})" if len(doomed) > 1 else ""
+        raise RunDirError(
+            f"{key} {path} lies inside what --overwrite would remove from {out_dir}{more}: nothing was "
+            f"removed; write this run to another run.out_dir, or move the input out first"
+        )
+
+
 def prepare(
     out_dir: Path, *, resume: str | None, overwrite: bool, inputs: list[tuple[str, str]] = ()
 ) -> None:
@@ -150,14 +162,7 @@ def prepare(
             f"{out_dir} holds a run's outputs ({shown}): --overwrite replaces them, --resume continues "
             f"that run; or choose another run.out_dir"
         )
-    doomed = inputs_removed(out_dir, list(inputs))
-    if doomed:
-        key, path = doomed[0]
-        more = f" (and {', '.join(k for k, _ in doomed[1:])})" if len(doomed) > 1 else ""
-        raise RunDirError(
-            f"{key} {path} lies inside what --overwrite would remove from {out_dir}{more}: nothing was "
-            f"removed; write this run to another run.out_dir, or move the input out first"
-        )
+    refuse_removing_inputs(out_dir, inputs)
     for name in RUN_OUTPUTS:
         path = out_dir / name
         if path.is_dir():
