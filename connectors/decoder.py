@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from vision_tower import CheckpointError
+from vision_tower.hub import check_local_or_repo_id
 
 from .decoder_files import check_decoder_folder, read_transformers_config
 from .parts import NATIVE_MODEL_TYPE
@@ -105,6 +106,7 @@ def load_decoder(
     ``key_mapping`` (regex -> replacement) renames its tensors; every other tensor must start with one of
     ``other_prefixes``. Loading is strict: a missing, mis-shaped or unexplained key is a ``CheckpointError``.
     """
+    check_local_or_repo_id(src)
     kwargs: dict[str, Any] = {
         "dtype": dtype if dtype is not None else "auto",
         "output_loading_info": True,
@@ -170,6 +172,7 @@ def config_rows(src: str | os.PathLike) -> int:
     any set-up."""
     from transformers import AutoConfig
 
+    check_local_or_repo_id(src)
     with no_code_from_files(src):
         if os.path.isdir(src):
             config = read_transformers_config(Path(src))

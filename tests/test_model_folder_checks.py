@@ -343,3 +343,13 @@ def test_a_decoder_smaller_than_its_tokenizer_in_a_training_config_passes_the_ch
         check_vocabulary(
             VLMModelSection(tower="preset:tiny", decoder=str(decoder), tokenizer=str(tmp_path / "big"))
         )
+
+
+@pytest.mark.parametrize("reader", ["load_decoder", "config_rows", "load_tokenizer"])
+def test_a_missing_decoder_folder_is_named_as_a_missing_path(tmp_path, reader):
+    """Not huggingface_hub's advice on how repo ids are written."""
+    import connectors.decoder
+
+    missing = tmp_path / "stage1" / "decoder"
+    with pytest.raises(FileNotFoundError, match=f"'{missing}' is neither an existing local path nor a hub"):
+        getattr(connectors.decoder, reader)(missing)

@@ -18,6 +18,17 @@ DEFAULT_PATTERNS = (
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+def check_local_or_repo_id(src: str | os.PathLike) -> None:
+    """``src`` must be an existing local path or be written as a hub repo id (``name`` or
+    ``namespace/name``): a missing folder such as ``/runs/x/decoder`` is named as such, before a hub client
+    says how repo ids are written."""
+    text = str(src)
+    if Path(os.path.expanduser(text)).exists():
+        return
+    if not _REPO_ID.match(text) or text.startswith((".", "/")):
+        raise FileNotFoundError(f"{text!r} is neither an existing local path nor a hub repo id")
+
+
 def resolve(
     src: str | os.PathLike,
     *,
@@ -34,9 +45,8 @@ def resolve(
     path = Path(os.path.expanduser(str(src)))
     if path.exists():
         return path
+    check_local_or_repo_id(src)
     text = str(src)
-    if not _REPO_ID.match(text) or text.startswith((".", "/")):
-        raise FileNotFoundError(f"{text!r} is neither an existing local path nor a hub repo id")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
