@@ -96,6 +96,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
     badtok = _copy(cut, root / "badtok")
     (badtok / "tokenizer_config.json").write_text('{\n  "model_max_length": 4,\n  oops\n}\n')
 
+    (root / "notatar.tar").write_bytes(b"these bytes are not a tar archive" * 40)
     (root / "previous" / "shapes").mkdir(parents=True)  # a demo ran here before
     extract = ["extract", "--model", str(good), "--images", str(images)]
     zs = ["eval", "zero-shot", "--model", str(cut), "--images"]
@@ -166,6 +167,16 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
         "demo over a previous demo": (
             ["demo", "--out", str(root / "previous")],
             [f"{root / 'previous'} already holds a demo (shapes)", "--overwrite"],
+        ),
+        "no shard is a tar": (
+            [
+                "pretrain",
+                "--config",
+                "configs/pretrain/demo_tiny.yaml",
+                f"data.train_shards={root / 'notatar.tar'}",
+                f"run.out_dir={root / 'run'}",
+            ],
+            [f"data.train_shards: no shard holds a sample: {root / 'notatar.tar'} is not a tar archive"],
         ),
         "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f"{bad_yaml} line 3: not valid YAML"]),
         "template {x}": (

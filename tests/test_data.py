@@ -372,3 +372,20 @@ def test_truncation_counts_survive_resume(tmp_path, short_tokenizer):
     assert resumed.truncated_captions == first.truncated_captions  # carried over before any batch
     list(resumed)
     assert resumed.samples_seen == n and resumed.truncated_captions == want
+
+
+def test_a_shard_set_without_a_readable_shard_is_refused_before_the_run(tmp_path):
+    from training.data.shards import check_shard_specs
+
+    good = write_tar(tmp_path / "good.tar", [("k0.txt", b"a red circle")])
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    members = write_tar(tmp_path / "members.tar", [])
+    check_shard_specs(train_shards=f"{good}::{junk}")  # one bad shard among good ones: skipped, counted
+    for bad, why in ((empty, "not a tar archive"), (junk, "not a tar archive"), (members, "without members")):
+        with pytest.raises(ValueError, match=f"data.val_shards: no shard holds a sample: {bad} is .*{why}"):
+            check_shard_specs(train_shards=str(good), val_shards=str(bad))
+    with pytest.raises(ValueError, match=r"\(and the 2 other shard\(s\) likewise\)"):
+        check_shard_specs(train_shards=f"{empty}::{junk}::{members}")

@@ -97,9 +97,30 @@ def check_shard_specs(**specs: str | None) -> None:
     for key, spec in specs.items():
         if spec:
             try:
-                expand_shards(spec)
+                paths = expand_shards(spec)
             except (OSError, ValueError) as err:
                 raise type(err)(f"data.{key}: {err}") from None
+            problems = [(path, why) for path in paths if (why := unreadable_shard(path))]
+            if problems and len(problems) == len(paths):  # one bad shard among good ones is skipped, counted
+                (path, why), more = problems[0], len(problems) - 1
+                raise ValueError(
+                    f"data.{key}: no shard holds a sample: {path} is {why}"
+                    + (f" (and the {more} other shard(s) likewise)" if more else "")
+                )
+
+
+def unreadable_shard(path: str) -> str | None:
+    """Why ``path`` cannot give a sample (an empty file, not a tar archive), from its first header only;
+    None when it starts as a tar with a member."""
+    try:
+        with open(local_shard(path), "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            if tar.next() is None:
+                return "a tar archive without members"
+    except tarfile.TarError as err:
+        return f"not a tar archive ({err})"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    return None
 
 
 def shard_paths(**specs: str | None) -> list[tuple[str, str]]:
