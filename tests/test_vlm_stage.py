@@ -249,3 +249,16 @@ def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, mo
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
     assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err
+
+
+def test_max_length_must_leave_room_for_a_caption_after_the_image_and_the_prompt(assets):
+    from training.data.vlm import builder_for
+
+    vlm = build(assets).vlm
+    tok = vlm.tokenizer
+    # counted independently: the placeholders, bos, then the prompt and its newline as plain text
+    prompt = len(tok("look\n", add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    prefix = vlm.num_image_tokens + (tok.bos_token_id is not None) + prompt
+    with pytest.raises(ValueError, match=f"take {prefix} tokens .* raise data.max_length above {prefix}"):
+        builder_for(vlm, max_length=prefix, caption_prompt="look")
+    assert builder_for(vlm, max_length=prefix + 1, caption_prompt="look").max_length == prefix + 1

@@ -210,7 +210,7 @@ def builder_for(vlm: Any, *, max_length: int, caption_prompt: str = "", images: 
         )
     if images is None:
         images = PixelImages(vlm.image_processor(), vlm.tower.config.patch_size)
-    return VLMBuilder(
+    builder = VLMBuilder(
         vlm.tokenizer,
         image_token_id=vlm.image_token_id,
         image_tokens=ImageTokens(vlm.connector.config),
@@ -218,3 +218,11 @@ def builder_for(vlm: Any, *, max_length: int, caption_prompt: str = "", images: 
         max_length=max_length,
         caption_prompt=caption_prompt,
     )
+    prefix = len(builder.prefix_ids(caption_prompt, per_image))  # image tokens, bos, prompt, newline
+    if max_length <= prefix:
+        raise ValueError(
+            f"data.max_length {max_length} leaves no room for a caption: one image and the caption prompt "
+            f"take {prefix} tokens ({per_image} image tokens), so every caption sample would be skipped; "
+            f"raise data.max_length above {prefix}"
+        )
+    return builder
