@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from tests.helpers import vlm_reference as R
 from tests.helpers.hf_reference import hf_siglip, hf_vision
 from tests.helpers.hub import hub_cache
-from vision_tower import CheckpointError, SiglipModel, VisionConfig, VisionTower
+from vision_tower import CheckpointError, SiglipModel, VisionConfig, VisionTower, get_preset
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +298,14 @@ def test_a_tower_from_a_state_dict_does_not_share_its_tensors():
     with torch.no_grad():
         next(v for k, v in sd.items() if k.endswith("position_embedding.weight")).add_(1.0)
     assert torch.equal(tower.pos_embed, before)
+
+
+def test_a_vision_language_model_folder_points_to_its_tower(tmp_path):
+    """A native VLM folder (tower/, decoder/, connector weights beside a config) given where a tower goes."""
+    vlm = tmp_path / "vlm"
+    VisionTower(get_preset("tiny").vision).save_pretrained(vlm / "tower")
+    save_file({"proj.weight": torch.zeros(4, 4)}, vlm / "connector.safetensors")
+    (vlm / "config.json").write_text(json.dumps({"model_type": "vision_tower_vlm"}))
+    with pytest.raises(CheckpointError, match=f"its vision tower is the folder {vlm / 'tower'}$"):
+        VisionTower.from_pretrained(vlm)
+    assert VisionTower.from_pretrained(vlm / "tower").config.hidden_size > 0  # the folder it names loads

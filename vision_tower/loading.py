@@ -55,6 +55,12 @@ def _read(path: Path, keep_vision_only: bool) -> Files:
             sd = fmt.open_weights(path, keep_vision_only)
             if sd is not None:
                 return Files(sd, None, extra)
+    tower = folder / "tower"
+    if path.is_dir() and (tower / "config.json").is_file() and not list(path.glob("model*.safetensors*")):
+        raise CheckpointError(
+            f"{path} holds a vision-language model (its parts in sub-folders), not a SigLIP checkpoint: "
+            f"its vision tower is the folder {tower}"
+        )
     not_vision = tuple(p for fmt in _formats() for p in fmt.non_vision_prefixes)
     keep = (lambda key: not key.startswith(not_vision)) if keep_vision_only else (lambda key: True)
     sd, config = read_checkpoint(path, keep=keep)
