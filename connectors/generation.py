@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -89,6 +90,13 @@ def generate(
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         token_type_ids = batch.token_type_ids.to(device)
     B = input_ids.shape[0]
+    limit = getattr(vlm.decoder.config.get_text_config(), "max_position_embeddings", None)
+    if limit and input_ids.shape[1] + max_new_tokens > limit:
+        warnings.warn(
+            f"prompt ({input_ids.shape[1]} tokens with the image's) + max_new_tokens ({max_new_tokens}) go "
+            f"past the decoder's {limit} positions: the tokens past position {limit} are unreliable",
+            stacklevel=2,
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if token_type_ids is None:

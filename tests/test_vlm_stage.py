@@ -4,6 +4,8 @@ hand loop."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +264,16 @@ def test_max_length_must_leave_room_for_a_caption_after_the_image_and_the_prompt
     with pytest.raises(ValueError, match=f"take {prefix} tokens .* raise data.max_length above {prefix}"):
         builder_for(vlm, max_length=prefix, caption_prompt="look")
     assert builder_for(vlm, max_length=prefix + 1, caption_prompt="look").max_length == prefix + 1
+
+
+def test_generation_past_the_decoders_positions_warns():
+    from connectors import VisionLanguageModel
+    from tests.helpers import vlm_reference as R
+
+    vlm = VisionLanguageModel(R.tower(), "pixel_shuffle", R.decoder("gemma"), tokenizer=R.tokenizer()).eval()
+    limit = vlm.decoder.config.max_position_embeddings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the positions: no warning
+        vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=2)
+    with pytest.warns(UserWarning, match=f"past the decoder's {limit} positions"):
+        vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=limit)
