@@ -124,6 +124,13 @@ def load_decoder(
         check_decoder_folder(src, config=config, key_mapping=key_mapping, other_prefixes=other_prefixes)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(str(src), **kwargs)
+        except ValueError as err:
+            if "Unrecognized configuration class" not in str(err):
+                raise
+            kind = getattr(config, "model_type", None)
+            if kind is None and os.path.isdir(src):
+                kind = read_transformers_config(Path(src)).model_type
+            raise ValueError(_not_a_decoder(src, kind or "non-decoder")) from None
         except OSError as err:
             _refuse_pickled_weights(src, err)
         except SafetensorError as err:  # a hub id's files, which the check above does not see
@@ -178,7 +185,19 @@ def config_rows(src: str | os.PathLike) -> int:
             config = read_transformers_config(Path(src))
         else:
             config = AutoConfig.from_pretrained(str(src), **NO_CODE_FROM_FILES)
-    return int(config.get_text_config().vocab_size)
+    text = config.get_text_config()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if text.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not hasattr(text, "vocab_size"):
+        raise ValueError(_not_a_decoder(src, text.model_type))
+    return int(text.vocab_size)
+
+
+def _not_a_decoder(src: str | os.PathLike, kind: str) -> str:
+    return (
+        f"{src} holds a {kind!r} model, not a causal language model: a decoder is a folder or hub id of "
+        "a transformers causal LM (Gemma, Qwen, Llama, ...)"
+    )
 
 
 def family(decoder: PreTrainedModel) -> str:

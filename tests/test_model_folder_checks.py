@@ -353,3 +353,16 @@ def test_a_missing_decoder_folder_is_named_as_a_missing_path(tmp_path, reader):
     missing = tmp_path / "stage1" / "decoder"
     with pytest.raises(FileNotFoundError, match=f"'{missing}' is neither an existing local path nor a hub"):
         getattr(connectors.decoder, reader)(missing)
+
+
+@pytest.mark.parametrize("reader", ["load_decoder", "config_rows"])
+def test_a_tower_folder_given_as_the_decoder_is_named_as_not_a_language_model(tmp_path, reader):
+    import connectors.decoder
+    from vision_tower import VisionTower, get_preset
+
+    VisionTower(get_preset("tiny").vision).save_pretrained(tmp_path / "tower")
+    with pytest.raises(
+        ValueError, match="holds a 'siglip_vision_model' model, not a causal language model"
+    ) as e:
+        getattr(connectors.decoder, reader)(tmp_path / "tower")
+    assert "\n" not in str(e.value) and "Config," not in str(e.value)  # not transformers' list of classes
