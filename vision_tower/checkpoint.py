@@ -14,11 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
+
 Tensor = torch.Tensor
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the keys that are missing, unexpected or mis-shaped."""
 
 
 def read_json(path: Path) -> Any:

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CheckpointError
+
 # bytes per element of each safetensors dtype
 ITEM_SIZE = {
     "BOOL": 1,
@@ -52,7 +54,6 @@ class TensorEntry:
 
 
 def _refuse(path: Path, why: str) -> ValueError:
-    from .checkpoint import CheckpointError
 
     return CheckpointError(f"{path}: not a readable safetensors file: {why}")
 
@@ -160,6 +161,4 @@ def check_tensors(
             "the config beside them"
         )
     if problems:
-        from .checkpoint import CheckpointError
-
         raise CheckpointError(f"{file}: " + "; ".join(problems))
