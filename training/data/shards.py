@@ -144,6 +144,11 @@ def distributed_info() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- skips
 
 
+class TooManySkips(RuntimeError, ValueError):
+    """More samples in a row were unusable than ``max_consecutive_skips`` allows: the data, not the code
+    (a ValueError, so the command line says it in one line)."""
+
+
 class SkipCounter:
     """Counts skipped samples by reason in one worker; warns once per reason, then logs at debug."""
 
@@ -170,7 +175,7 @@ class SkipCounter:
                 "" if level == logging.DEBUG else f"; further {reason!r} skips are counted, not logged",
             )
         if self.consecutive > self.max_consecutive:
-            raise RuntimeError(
+            raise TooManySkips(
                 f"{self.consecutive} samples in a row were skipped, the last one {key} in {url}: {reason} "
                 f"({detail[:200]}); check the shards, the image decoder and the transforms"
             )

@@ -202,6 +202,24 @@ class ShardDataset(IterableDataset):
 # ----------------------------------------------------------------------------- loader
 
 
+def from_worker(err: Exception) -> Exception:
+    """The error a DataLoader worker raised, with its own message: torch re-raises it as ``Caught X in
+    DataLoader worker process N`` followed by the worker's traceback, all in the message, which the command
+    line would print as its one line. The worker's traceback stays as the cause."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return err
+    name = type(err).__name__
+    for line in reversed(text.rstrip().splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and (head == name or head.endswith(f".{name}")):
+            try:
+                return type(err)(message)
+            except Exception:  # noqa: BLE001 - a class that cannot be built from its message alone
+                return err
+    return err
+
+
 class ShardLoader:
     """DataLoader over a ShardDataset that collects skip counts and the stream position.
 
@@ -259,7 +277,14 @@ class ShardLoader:
         # the global torch RNG, which a resumed run has just restored for dropout (the data order never
         # depends on that seed: the shard and shuffle RNGs are seeded by position)
         generator = torch.Generator().manual_seed(self.dataset.seed * 65_537 + self.dataset.rank)
-        for batch in DataLoader(self.dataset, generator=generator, **self._loader_kwargs):
+        batches = iter(DataLoader(self.dataset, generator=generator, **self._loader_kwargs))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as err:  # noqa: BLE001 - re-raised, unwrapped when a worker raised it
+                raise from_worker(err) from err
             state = batch.pop("__state__")
             self._workers[state["worker"]] = {
                 k: state[k] for k in ("raw", "batches", "skips", "samples", "truncated")
