@@ -242,3 +242,33 @@ def test_replace_tower_keeps_the_decoder_and_builds_a_connector_of_the_new_width
         40,
         1,
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path):
+    """transformers' AutoProcessor from the exported folder builds the ids our generate builds for the same
+    prompt, and LlavaForConditionalGeneration continues it as we do."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    vlm = _vlm(decoders, family, "mlp2x_gelu", "causal", -2, processor=ImageProcessor(image_size=32))
+    out = tmp_path / "llava"
+    vlm.save_pretrained(out, format="llava")
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "LlavaProcessor"
+    prompt = "USER: <image>\nwhat is it? ASSISTANT:"
+    image = Image.new("RGB", (40, 30), (200, 30, 60))
+    batch = processor(images=[image], text=[prompt], return_tensors="pt")
+    ours = build_prompts(
+        vlm.tokenizer,
+        [prompt],
+        image_token_id=vlm.image_token_id,
+        num_image_tokens=vlm.num_image_tokens,
+        pad_token_id=0,
+    ).input_ids
+    assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    hf.generation_config.eos_token_id = None
+    theirs = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[vlm.image_token_id])
+    mine = vlm.generate(batch["pixel_values"], [prompt], max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)

@@ -108,11 +108,18 @@ def _own_storage(t: Tensor) -> Tensor:
     return t if whole else t.clone(memory_format=torch.contiguous_format)
 
 
-def write_extras(parts: VLMParts, out: Path, **processor_fields: Any) -> None:
+def write_extras(
+    parts: VLMParts, out: Path, processor_config: dict[str, Any] | None = None, **processor_fields: Any
+) -> None:
     """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has
-    them."""
+    them, and ``processor_config.json`` (the multimodal processor's own arguments, which transformers'
+    ``AutoProcessor`` reads) when both are there."""
     if parts.tokenizer is not None:
         parts.tokenizer.save_pretrained(str(out))
+    if processor_config and parts.tokenizer is not None and parts.processor is not None:
+        (out / "processor_config.json").write_text(
+            json.dumps(processor_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
     if parts.processor is not None:
         file = parts.processor.with_image_size(parts.tower.config.image_size).save_pretrained(out)
         if processor_fields:
@@ -134,6 +141,7 @@ def write_multimodal(
     text: dict[str, Any],
     fields: dict[str, Any],
     processor_fields: dict[str, Any] | None = None,
+    processor_config: dict[str, Any] | None = None,
 ) -> None:
     """A PaliGemma / LLaVA folder: config.json (the keys both share, then ``fields``), the tower, projector
     and decoder tensors in transformers' layout, and the tokenizer and processor files."""
@@ -147,7 +155,7 @@ def write_multimodal(
         "tie_word_embeddings": is_tied(parts.decoder),
     }
     write_weights(multimodal_tensors(weights["tower"], projector, weights["decoder"]), out, config)
-    write_extras(parts, out, **(processor_fields or {}))
+    write_extras(parts, out, processor_config, **(processor_fields or {}))
 
 
 def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:

@@ -11,7 +11,7 @@ import torch
 from vision_tower import CheckpointError
 from vision_tower.checkpoint import strict_load
 
-from ..decoder import FAMILIES, family
+from ..decoder import FAMILIES, IMAGE_TOKEN, family
 from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
 from ..parts import VLMParts
 from .common import (
@@ -105,7 +105,20 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
             "multimodal_projector_bias": bias,
             "image_seq_length": parts.num_image_tokens,
         },
+        # LlavaProcessor expands each <image> of a prompt into one placeholder per patch from these
+        processor_config={
+            "processor_class": "LlavaProcessor",
+            "patch_size": parts.tower.config.patch_size,
+            "vision_feature_select_strategy": "full",
+            "num_additional_image_tokens": 0,
+            "image_token": _image_token(parts),
+        },
     )
+
+
+def _image_token(parts: VLMParts) -> str:
+    tokenizer = parts.tokenizer
+    return IMAGE_TOKEN if tokenizer is None else str(tokenizer.convert_ids_to_tokens(parts.image_token_id))
 
 
 def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str):
