@@ -345,6 +345,20 @@ def test_a_decoder_smaller_than_its_tokenizer_in_a_training_config_passes_the_ch
         )
 
 
+def test_a_tokenizer_without_eos_is_refused_before_training_saying_how_to_fix_it(tmp_path):
+    from training.tasks.vlm_config import VLMModelSection
+    from training.tasks.vlm_model import check_vocabulary
+
+    decoder = R.decoder_folder("gemma", tmp_path / "decoder", vocab_size=258)
+    tokenizer = word_tokenizer(128)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "no-eos")
+    with pytest.raises(ValueError, match='has no eos token, .*set "eos_token" in its tokenizer_config.json'):
+        check_vocabulary(
+            VLMModelSection(tower="preset:tiny", decoder=str(decoder), tokenizer=str(tmp_path / "no-eos"))
+        )
+
+
 @pytest.mark.parametrize("reader", ["load_decoder", "config_rows", "load_tokenizer"])
 def test_a_missing_decoder_folder_is_named_as_a_missing_path(tmp_path, reader):
     """Not huggingface_hub's advice on how repo ids are written."""

@@ -90,6 +90,12 @@ def check_vocabulary(m: VLMModelSection) -> None:
         return
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, rows, name=key)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f'the tokenizer of {key} has no eos token, and answers need one to end: set "eos_token" '
+                'in its tokenizer_config.json to the decoder\'s end-of-turn token (e.g. "<eos>", '
+                '"</s>", "<|im_end|>"), or give model.tokenizer a folder whose tokenizer has one'
+            )
 
 
 def _add_image_token(tokenizer: Any) -> None:
