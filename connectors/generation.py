@@ -85,6 +85,7 @@ def generate(
             image_token_id=vlm.image_token_id,
             num_image_tokens=vlm.connector.num_tokens(grid_),
             pad_token_id=pad,
+            causal=vlm.attention == "causal",
         )
         device = next(vlm.decoder.parameters()).device
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)

@@ -99,13 +99,22 @@ class PromptBatch:
 
 
 def prompt_ids(
-    tokenizer: Any, prompt: str, image_token: str, image_token_id: int, num_image_tokens: int
+    tokenizer: Any,
+    prompt: str,
+    image_token: str,
+    image_token_id: int,
+    num_image_tokens: int,
+    causal: bool = False,
 ) -> list[int]:
     """One prompt's ids. A prompt holding ``image_token`` (LLaVA style: ``"USER: <image>\\nWhat is
-    this? ASSISTANT:"``) gets it expanded in place to ``num_image_tokens`` placeholders; any other
-    prompt follows PaliGemma's layout: placeholders, then bos, the text and a newline. The text around
-    the placeholder is text: special tokens written in it (``<eos>``, ``<bos>``) are not parsed."""
+    this? ASSISTANT:"``) gets it expanded in place to ``num_image_tokens`` placeholders. Any other
+    prompt follows PaliGemma's layout (placeholders, then bos, the text and a newline), or, for a
+    ``causal`` model (LLaVA's), is read as ``image_token + prompt``: bos, placeholders, the text, as
+    ``LlavaProcessor`` lays out ``"<image>" + prompt``. The text around the placeholder is text: special
+    tokens written in it (``<eos>``, ``<bos>``) are not parsed."""
     image = [image_token_id] * num_image_tokens
+    if causal and image_token not in prompt:
+        prompt = image_token + prompt
     if image_token in prompt:
         before, _, after = prompt.partition(image_token)
         if image_token in after:
@@ -137,10 +146,12 @@ def build_prompts(
     image_token_id: int,
     num_image_tokens: int,
     pad_token_id: int,
+    causal: bool = False,
 ) -> PromptBatch:
-    """Tokenize ``prompts`` (one image each) and left-pad them into a batch."""
+    """Tokenize ``prompts`` (one image each, laid out by :func:`prompt_ids`) and left-pad them into a
+    batch."""
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    rows = [prompt_ids(tokenizer, p, image_token, image_token_id, num_image_tokens) for p in prompts]
+    rows = [prompt_ids(tokenizer, p, image_token, image_token_id, num_image_tokens, causal) for p in prompts]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -93,6 +93,24 @@ def test_rows_put_image_and_prompt_in_the_prefix_and_the_answer_with_eos_in_the_
     assert again.input_ids == items[0].input_ids
 
 
+def test_a_causal_model_reads_a_prompt_without_image_token_as_llava_does():
+    """bos, placeholders, prompt (as LlavaProcessor lays out "<image>" + prompt), not PaliGemma's order."""
+    tok = word_tokenizer(WORDS)
+    v = tok.get_vocab()
+    img, bos, eos = v["<image>"], v["<bos>"], v["<eos>"]
+    b = builder(tok)
+    b.causal = True
+    cap = b.build(raw("cap", 0, txt=b"a red circle"))
+    qa = b.build(raw("qa", 1, json={"prompt": "what colour", "answer": "red"}))
+    llava = b.build(raw("llava", 2, json={"prompt": "USER: <image> what colour ASSISTANT:", "answer": "red"}))
+    assert cap.input_ids == [bos] + [img] * 4 + [v["caption"], v["a"], v["red"], v["circle"], eos]
+    assert qa.input_ids == [bos] + [img] * 4 + [v["what"], v["colour"], v["red"], eos]
+    assert llava.input_ids == [bos, v["USER:"]] + [img] * 4 + [v["what"], v["colour"], v["ASSISTANT:"]] + [
+        v["red"],
+        eos,
+    ]  # a prompt holding <image> is laid out where it says, as before
+
+
 def test_image_tokens_follow_each_samples_grid_and_image_count():
     tok = word_tokenizer(WORDS)
     b = builder(tok, connector=ConnectorConfig("linear", 8, 16))  # one token per patch

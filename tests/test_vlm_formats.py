@@ -272,3 +272,18 @@ def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path)
     theirs = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[vlm.image_token_id])
     mine = vlm.generate(batch["pixel_values"], [prompt], max_new_tokens=5, eos_token_id=[])
     assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)
+    # a prompt without <image> (a caption prompt, as training lays it out): what transformers users write,
+    # "<image>" + prompt, gives the same ids and the same continuation
+    batch = processor(images=[image], text=["<image>caption en"], return_tensors="pt")
+    ours = build_prompts(
+        vlm.tokenizer,
+        ["caption en"],
+        image_token_id=vlm.image_token_id,
+        num_image_tokens=vlm.num_image_tokens,
+        pad_token_id=0,
+        causal=True,
+    ).input_ids
+    assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
+    theirs = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[vlm.image_token_id])
+    mine = vlm.generate(batch["pixel_values"], ["caption en"], max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)

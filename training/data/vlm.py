@@ -108,7 +108,9 @@ class VLMBuilder:
     (B_img, N, D) with ``grid``, and the texts (``prompt``, ``answer``, ``__key__``).
 
     ``images`` gives each sample's images (:class:`PixelImages`, or a feature cache's reader);
-    ``image_tokens(grid)`` the decoder tokens per image; ``caption_prompt`` the prompt of captions."""
+    ``image_tokens(grid)`` the decoder tokens per image; ``caption_prompt`` the prompt of captions;
+    ``causal``: a prompt without the image token is laid out as LLaVA's (bos, image, text), else as
+    PaliGemma's (image, bos, text, newline)."""
 
     truncation_advice = (
         "image tokens, prompt and answer exceed data.max_length, so the answer was cut: raise data.max_length"
@@ -123,11 +125,13 @@ class VLMBuilder:
         images: Any,
         max_length: int,
         caption_prompt: str = "",
+        causal: bool = False,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the decoder's tokenizer has no eos token: answers need one to end")
         self.tokenizer, self.image_token_id, self.image_tokens = tokenizer, image_token_id, image_tokens
         self.images, self.max_length, self.caption_prompt = images, max_length, caption_prompt
+        self.causal = causal  # a prompt without the image token: LLaVA's layout, not PaliGemma's
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
@@ -139,7 +143,9 @@ class VLMBuilder:
 
     def prefix_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
         """Image placeholders and prompt, as the VLM's ``generate`` lays them out."""
-        return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens)
+        return prompt_ids(
+            self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens, self.causal
+        )
 
     def build(self, sample: dict[str, Any]) -> VLMItem:
         prompt, answer = read_prompt_answer(sample, self.caption_prompt)
@@ -217,6 +223,7 @@ def builder_for(vlm: Any, *, max_length: int, caption_prompt: str = "", images: 
         images=images,
         max_length=max_length,
         caption_prompt=caption_prompt,
+        causal=vlm.attention == "causal",
     )
     prefix = len(builder.prefix_ids(caption_prompt, per_image))  # image tokens, bos, prompt, newline
     if max_length <= prefix:
