@@ -248,6 +248,7 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         num_items_in_batch: float | torch.Tensor | None = None,
+        targets_only: bool = False,
     ) -> VLMOutput:
         """``input_ids`` (B, L) with image placeholders; ``pixel_values`` (B_img, 3, H, W) or precomputed
         ``patch_features`` (B_img, N, D) on ``grid``; ``attention_mask`` (B, past + L), 0 on padding;
@@ -256,7 +257,10 @@ class VisionLanguageModel(nn.Module):
         under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
         is the sum over the kept labels divided by it instead of their mean, so that micro-batches and
         ranks holding different numbers of targets add up to the mean over the global batch (count them
-        with :meth:`count_targets`)."""
+        with :meth:`count_targets`). ``targets_only`` (with ``labels``; what training uses): ``lm_head`` (and
+        the family's final soft-capping) runs only on the positions whose next token is a target, not on the
+        image tokens, the prompt and the padding; the loss is the same, and ``logits`` holds those positions
+        only, flattened to (targets, V) in row order."""
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
@@ -283,6 +287,12 @@ class VisionLanguageModel(nn.Module):
             position_ids,
             self._prefix(token_type_ids, labels, past, embeds),
         )
+        targets = None
+        if targets_only and labels is not None:
+            mask = attention_mask[:, -L:]
+            kept = ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, mask)
+            targets = kept[:, 1:]  # (B, L-1): the token each position predicts
+            logits_to_keep = F.pad(targets != IGNORE_INDEX, (0, 1))  # (B, L) bool: transformers keeps those
         out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=masks,
@@ -294,9 +304,14 @@ class VisionLanguageModel(nn.Module):
         loss = None
         if labels is not None:
             reduction = "mean" if num_items_in_batch is None else "sum"
-            loss = self._loss(
-                out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:], reduction
-            )
+            if targets is not None:  # logits (targets, V), in the order of the True positions
+                loss = F.cross_entropy(
+                    out.logits.float(), targets[targets != IGNORE_INDEX], reduction=reduction
+                )
+            else:
+                loss = self._loss(
+                    out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:], reduction
+                )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
         return VLMOutput(loss=loss, logits=out.logits, cache=output_cache(out), image_tokens=image_tokens)

@@ -227,3 +227,34 @@ def test_both_ways_of_building_the_prefix_mask_agree(decoders, monkeypatch):
         with torch.no_grad():
             logits[block_ids] = vlm(ids, R.pixels(), mask, types).logits
     assert_close(logits[True], logits[False], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["prefix", "causal"])
+@pytest.mark.parametrize("family", R.FAMILIES)
+def test_logits_only_at_targets_give_the_same_loss_and_gradients(family, attention, decoders):
+    """Training's targets_only: lm_head (and Gemma 2's soft-capping) on the positions whose next token is
+    a target only; loss and every gradient equal the full-logits path, the sum reduction too."""
+    vlm = VisionLanguageModel(R.tower(), "mlp2x_gelu", decoders[family], attention=attention)
+    R.randomize_(vlm.connector, seed=8, scale=0.3)
+    ids, mask, types, labels = R.prompt_batch(vlm.image_token_id, vlm.num_image_tokens)
+    mask[1, -2:] = 0  # the second row ends in padding: its targets differ from the first row's
+    px = R.pixels()
+
+    def run(**kw):
+        vlm.zero_grad(set_to_none=True)
+        out = vlm(ids, px, mask, types, labels, **kw)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+        return out, grads
+
+    full, full_grads = run()
+    mine, grads = run(targets_only=True)
+    if attention == "prefix":  # the suffix tokens are the targets: 4 in the first row, 2 in the padded one
+        assert mine.logits.shape == (4 + 2, full.logits.shape[-1])
+        assert ((types == 1) & (mask == 1)).sum() == 4 + 2
+    assert_close(mine.loss, full.loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == full_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    summed = vlm(ids, px, mask, types, labels, num_items_in_batch=7, targets_only=True).loss
+    assert_close(summed, vlm(ids, px, mask, types, labels, num_items_in_batch=7).loss, atol=1e-5, rtol=1e-5)

@@ -137,7 +137,8 @@ class VLMTask(ShardTask):
     def loss(
         self, engine: nn.Module, batch: dict[str, Any], num_items_in_batch: float | None = None
     ) -> torch.Tensor:
-        return engine(**model_inputs(batch), num_items_in_batch=num_items_in_batch).loss
+        # lm_head only where a target is: not on the image tokens, the prompt and the padding
+        return engine(**model_inputs(batch), num_items_in_batch=num_items_in_batch, targets_only=True).loss
 
     def loss_items(self, batch: dict[str, Any]) -> int:
         """The answer tokens the batch's loss is over (the runner normalises by their global count)."""
