@@ -1,0 +1,148 @@
+"""One VLM training step (forward and backward of a caption batch): logits only where the loss is
+(``targets_only``, what ``train-vlm`` runs) against logits everywhere (ours, ``targets_only=False``) and
+against transformers' ``PaliGemmaForConditionalGeneration`` given ``labels`` (which projects every position
+of every row, image tokens and prompt included, onto the vocabulary).
+
+All three load the same PaliGemma export (random weights, see ``vlm_forward.py`` for the sizes) and run the
+same batch: ``--batch`` rows of one image, bos, an 8-token prompt and a ``--answer``-token answer, the loss on
+the answer. The step time is the median of ``--repeats`` after a warm-up, the three timed alternately; the
+peak is the RSS growth of one step in a fresh process holding only that model (CPU) or
+``max_memory_allocated`` (CUDA). The losses of the three are printed too (they must agree).
+
+    python benchmarks/vlm_train_step.py                       # tiny and ~300M, float32, CPU
+    python benchmarks/vlm_train_step.py --sizes tiny --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.vlm_forward import _status_mb, export  # noqa: E402
+
+PROMPT = 8
+IMPLS = ("ours, logits at targets", "ours, logits everywhere", "transformers PaliGemma")
+
+
+def batch_for(folder: Path, rows: int, answer: int, device: str) -> dict[str, torch.Tensor]:
+    cfg = json.loads((folder / "config.json").read_text())
+    vision = cfg["vision_config"]
+    side = vision["image_size"] // vision["patch_size"]
+    vocab = cfg["text_config"]["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(3, vocab - 1, (rows, PROMPT + answer), generator=gen)
+    image = torch.full((rows, side * side), cfg["image_token_index"])
+    ids = torch.cat([image, torch.full((rows, 1), 2), text], 1)  # (B, L)
+    types = torch.zeros_like(ids)
+    types[:, -answer:] = 1
+    labels = ids.masked_fill(types == 0, -100)  # the loss on the answer only, for transformers too
+    pixels = torch.randn(rows, 3, vision["image_size"], vision["image_size"], generator=gen)
+    tensors = {"input_ids": ids, "token_type_ids": types, "labels": labels, "pixel_values": pixels}
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def load(impl: str, folder: Path, device: str):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from connectors import VisionLanguageModel
+
+    if impl.startswith("ours"):
+        return VisionLanguageModel.from_pretrained(folder, dtype=torch.float32, device=device).train()
+    return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device).train()
+
+
+def step(model, impl: str, batch: dict) -> float:
+    """Forward and backward; returns the loss."""
+    if impl.startswith("ours"):
+        out = model(
+            batch["input_ids"],
+            batch["pixel_values"],
+            torch.ones_like(batch["input_ids"]),
+            batch["token_type_ids"],
+            batch["labels"],
+            targets_only=impl == IMPLS[0],
+        )
+    else:
+        out = model(**batch)
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+
+def peak_child(impl: str, folder: Path, rows: int, answer: int) -> float:
+    """CPU: the peak RSS growth (MiB) of one step, in this (fresh) process."""
+    model = load(impl, folder, "cpu")
+    batch = batch_for(folder, rows, answer, "cpu")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+    before = _status_mb("VmRSS")
+    step(model, impl, batch)
+    return _status_mb("VmHWM") - before
+
+
+def peak_mb(impl: str, folder: Path, args, model, batch) -> float:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(model, impl, batch)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from benchmarks.vlm_train_step import peak_child; "
+        "print(peak_child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))"
+    )
+    cmd = [sys.executable, "-c", code, str(ROOT), impl, str(folder), str(args.batch), str(args.answer)]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "300m"], choices=["tiny", "300m"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--answer", type=int, default=24, help="answer tokens per row (the loss is on them)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32")
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as work:
+            folder = export(size, Path(work))["paligemma"]
+            models = {impl: load(impl, folder, args.device) for impl in IMPLS}
+            batch = batch_for(folder, args.batch, args.answer, args.device)
+            losses = {impl: step(models[impl], impl, batch) for impl in IMPLS}  # warm-up
+            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            for _ in range(args.repeats):
+                for impl in IMPLS:
+                    start = time.perf_counter()
+                    step(models[impl], impl, batch)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times[impl].append(time.perf_counter() - start)
+            peaks = {impl: peak_mb(impl, folder, args, models[impl], batch) for impl in IMPLS}
+            rows, length = batch["input_ids"].shape
+            print(f"\n{size}: {rows} rows of {length} tokens, {args.answer} of them answer tokens")
+            ref = IMPLS[-1]
+            for impl in IMPLS:
+                t = statistics.median(times[impl])
+                print(
+                    f"  {impl:<26} step {t * 1e3:8.1f} ms ({t / statistics.median(times[ref]):.2f}x "
+                    f"transformers)  peak +{peaks[impl]:8.1f} MiB ({peaks[impl] / peaks[ref]:.2f}x)  "
+                    f"loss {losses[impl]:.6f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
