@@ -275,5 +275,6 @@ def test_generation_past_the_decoders_positions_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within the positions: no warning
         vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=2)
-    with pytest.warns(UserWarning, match=f"past the decoder's {limit} positions"):
+    with pytest.warns(UserWarning, match=f"past the decoder's {limit} positions") as record:
         vlm.generate(R.pixels(1), prompts=["caption en"], max_new_tokens=limit)
+    assert len([w for w in record if "past the decoder's" in str(w.message)]) == 1  # once per call
