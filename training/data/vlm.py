@@ -152,16 +152,16 @@ class VLMBuilder:
         images, grid = self.images.load(sample)  # (n, ...)
         prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
         room = self.max_length - len(prefix)
-        # no token covers more characters than the vocabulary's longest piece, so only the first
-        # (room + 1) x that many characters can reach the row (twice that, for the merges at the cut): a
-        # caption of megabytes is cut before the tokenizer reads it, and counted as truncated
-        keep = 2 * (max(room, 0) + 1) * self.longest_piece
-        suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
-        if room < 1:
+        if room < 1:  # before the answer is tokenized: it could not be used
             raise SkipSample(
                 "too_long",
                 f"image tokens and prompt take {len(prefix)} tokens, data.max_length is {self.max_length}",
             )
+        # no token covers more characters than the vocabulary's longest piece, so only the first
+        # (room + 1) x that many characters can reach the row (twice that, for the merges at the cut): a
+        # caption of megabytes is cut before the tokenizer reads it, and counted as truncated
+        keep = 2 * (room + 1) * self.longest_piece
+        suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
         return VLMItem(
             sample["__key__"],
             images,
