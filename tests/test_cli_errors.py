@@ -297,3 +297,35 @@ def test_a_bare_key_error_is_a_bug_and_keeps_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", command_raising(KeyError("top5")))
     with pytest.raises(KeyError, match="top5"):
         cli.main([])
+
+
+@pytest.mark.parametrize(
+    "rank, diverged, agreed, wanted",
+    [
+        ("0", False, False, "vision-tower info: error: bad shard x.tar"),
+        ("1", False, False, ""),  # the same input on every rank: rank 0 says it
+        ("1", True, False, "vision-tower info: error: rank 1: bad shard x.tar"),  # this rank's own data
+        ("1", True, True, ""),  # agreed over the ranks: rank 0 says it
+        ("0", True, True, "vision-tower info: error: bad shard x.tar"),
+    ],
+)
+def test_under_a_launcher_one_rank_says_an_error_every_rank_meets(
+    monkeypatch, capsys, rank, diverged, agreed, wanted
+):
+    import argparse
+
+    from vision_tower import cli, errors
+
+    def run(args):
+        err = ValueError("bad shard x.tar")
+        raise errors.agreed(err) if agreed else err
+
+    class Parser:
+        def parse_known_args(self, argv):
+            return argparse.Namespace(command="info", func=run), []
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setitem(errors._state, "diverged", diverged)
+    assert cli.main([]) == 2  # every rank exits with 2, whichever says the line
+    assert capsys.readouterr().err.strip() == wanted

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from . import list_presets
+from .errors import speaker_prefix
 from .extras import MissingExtraError, extra_providing, require
 from .features import COMPILE_MIN_BATCHES, extract_to_file
 from .saving import DEFAULT_FORMAT, writable_formats
@@ -384,14 +385,21 @@ def main(argv: list[str] | None = None) -> int:
         message = missing_extra_message(err)
         if message is None:
             raise
-        print(f"vision-tower {args.command}: error: {message}", file=sys.stderr)
+        _say(args.command, err, message)
         return 2
     except EXPECTED_ERRORS as err:
         if not is_expected(err):
             raise
-        print(f"vision-tower {args.command}: error: {one_line(err)}", file=sys.stderr)
+        _say(args.command, err, one_line(err))
         return 2
     return 0
+
+
+def _say(command: str, err: BaseException, line: str) -> None:
+    """One line on stderr; under a launcher, from rank 0 alone unless the error may be this rank's own."""
+    prefix = speaker_prefix(err)
+    if prefix is not None:
+        print(f"vision-tower {command}: error: {prefix}{line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

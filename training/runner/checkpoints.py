@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vision_tower.errors import agreed
+
 from .writes import SaveFailed, failure_line, is_write_error
 
 log = logging.getLogger(__name__)
@@ -293,7 +295,7 @@ def _check_written(ckpt_dir: Path, folder: Path, failed: BaseException | None) -
             f"checkpoint {folder.name}", folder, err, committed_size(ckpt_dir), f"removed {folder}; {kept}"
         )
         shutil.rmtree(folder, ignore_errors=True)
-    raise SaveFailed(_from_rank0(line))
+    raise agreed(SaveFailed(_from_rank0(line)))
 
 
 def _picklable(err: BaseException) -> BaseException:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from vision_tower.errors import agreed, ranks_diverge
+
 from . import checkpoints, resume_check
 from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
 from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
@@ -106,7 +108,7 @@ def _agree(fn: Callable[[], None], rank: int) -> None:
         dist.broadcast_object_list(box, src=0)
         message = box[0]
     if message is not None:
-        raise message[0](message[1])
+        raise agreed(message[0](message[1]))
 
 
 def _data_counts(loader: Loader) -> dict[str, float | int]:
@@ -216,6 +218,7 @@ def _train(
     metrics.write({"step": step, **engine.record()})
     if rank == 0:
         print(engine.describe(), flush=True)
+    ranks_diverge()  # each rank reads its own shards from here: its errors may be its own
     loader = task.build_loader(rank, world, data_state)
     step, last = _loop(task, engine, zero, loader, metrics, step, ckpt_dir)
     final = ckpt_dir / checkpoints.tag_for(step)
