@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vision_tower.cli import add_dtype_option, check_device, check_new_output, clear_outputs, positive_int
@@ -269,24 +270,55 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=200")
 
 
-def add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pretrain", help="SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)"
-    )
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/pretrain/demo_tiny.yaml")
+_EVAL_HELP = (
+    "zero-shot classification or image-text retrieval of a SiglipModel; held-out loss and exact match of a "
+    "vision-language model (vlm)"
+)
+_DEMO_HELP = (
+    "shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune -> "
+    "held-out captions"
+)
+
+
+def _counts(p: argparse.ArgumentParser, *options: tuple[str, int | None, str | None]) -> None:
+    """Options that take a positive integer: (flag, default, help) each."""
+    for flag, default, text in options:
+        p.add_argument(flag, type=positive_int, default=default, help=text)
+
+
+def _add_training_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    example: str,
+    func: Callable[[argparse.Namespace], None],
+) -> None:
+    """A command that runs one training task from a YAML config (launched under torchrun/deepspeed)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help=f"YAML run config, e.g. {example}")
     _add_run_options(p)
-    p.set_defaults(func=cmd_pretrain, extra=EXTRA)
+    p.set_defaults(func=func, extra=EXTRA)
+
+
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    _add_training_command(
+        sub,
+        "pretrain",
+        "SigLIP pretraining under DeepSpeed ZeRO (launch with torchrun/deepspeed)",
+        "configs/pretrain/demo_tiny.yaml",
+        cmd_pretrain,
+    )
 
 
 def add_train_vlm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    _add_training_command(
+        sub,
         "train-vlm",
-        help="one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
+        "one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
         "(connector and decoder, in full or LoRA); launch with torchrun/deepspeed",
+        "configs/vlm/tiny_align.yaml",
+        cmd_train_vlm,
     )
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/vlm/tiny_align.yaml")
-    _add_run_options(p)
-    p.set_defaults(func=cmd_train_vlm, extra=EXTRA)
 
 
 def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
@@ -333,11 +365,7 @@ def add_make_shapes(sub: argparse._SubParsersAction) -> None:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="zero-shot classification or image-text retrieval of a SiglipModel; held-out loss and exact "
-        "match of a vision-language model (vlm)",
-    )
+    p = sub.add_parser("eval", help=_EVAL_HELP)
     p.add_argument("task", choices=["zero-shot", "retrieval", "vlm"])
     p.add_argument(
         "--model", required=True, help="SiglipModel folder or hub id (with its tokenizer); vlm: a VLM folder"
@@ -346,50 +374,35 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="zero-shot: ImageFolder root (one sub-folder per class)")
     p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
     p.add_argument("--shards", help="retrieval, vlm: WebDataset shards (brace pattern or folder)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument(
-        "--max-samples", type=positive_int, default=256, help="vlm: evaluate the first N usable samples"
-    )
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=32, help="vlm: longest generated answer, in tokens"
-    )
-    p.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=512,
-        help="vlm: tokens per row (data.max_length of training)",
+    _counts(
+        p,
+        ("--batch-size", 64, None),
+        ("--max-samples", 256, "vlm: evaluate the first N usable samples"),
+        ("--max-new-tokens", 32, "vlm: longest generated answer, in tokens"),
+        ("--max-length", 512, "vlm: tokens per row (data.max_length of training)"),
+        ("--predictions", 0, "vlm: also print the first N answers"),
     )
     p.add_argument(
         "--caption-prompt", default="", help="vlm: the prompt of caption samples (data.caption_prompt)"
     )
-    p.add_argument("--predictions", type=positive_int, default=0, help="vlm: also print the first N answers")
     add_dtype_option(p)
     p.set_defaults(func=cmd_eval, extra=EXTRA)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune "
-        "-> held-out captions",
-    )
+    p = sub.add_parser("demo", help=_DEMO_HELP)
     p.add_argument("--out", default=None, help="output folder (default: ./vision-tower-demo)")
-    p.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="pretraining steps (default: configs/pretrain/demo_tiny.yaml's)",
-    )
-    p.add_argument(
-        "--vlm-steps",
-        type=positive_int,
-        default=None,
-        help="steps of each VLM stage, align and finetune (default: configs/vlm/tiny_align.yaml's and "
-        "tiny_finetune.yaml's)",
-    )
-    p.add_argument("--ranks", type=positive_int, default=2, help="CPU ranks (processes) to train on")
-    p.add_argument(
-        "--train-samples", type=positive_int, default=8192, help="image-text pairs in the training shards"
+    _counts(
+        p,
+        ("--steps", None, "pretraining steps (default: configs/pretrain/demo_tiny.yaml's)"),
+        (
+            "--vlm-steps",
+            None,
+            "steps of each VLM stage, align and finetune (default: configs/vlm/tiny_align.yaml's and "
+            "tiny_finetune.yaml's)",
+        ),
+        ("--ranks", 2, "CPU ranks (processes) to train on"),
+        ("--train-samples", 8192, "image-text pairs in the training shards"),
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in the output folder")
     p.set_defaults(func=cmd_demo, extra=EXTRA)

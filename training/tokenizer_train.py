@@ -83,6 +83,13 @@ def _sentencepiece(sentences: list[str], vocab_size: int, model_type: str, **opt
     return model.getvalue()
 
 
+# Gemma's special pieces, ids in this order: <pad> 0, <eos> 1, <bos> 2, <unk> 3
+_GEMMA_SPECIALS = {
+    **{f"{name}_id": i for i, name in enumerate(("pad", "eos", "bos", "unk"))},
+    **{f"{name}_piece": f"<{name}>" for name in ("pad", "eos", "bos", "unk")},
+}
+
+
 def train_decoder_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 256
 ) -> Any:
@@ -100,14 +107,7 @@ def train_decoder_tokenizer(
         sentences,
         vocab_size,
         "bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
+        **_GEMMA_SPECIALS,
         user_defined_symbols=["\n"],
         add_dummy_prefix=False,  # as Gemma: no space is put before the text
         normalization_rule_name="identity",

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
 
 from . import backends
-from .images import DEFAULT, DefaultLimit
 from .processor import NAFLEX_TYPES, Preprocessing, common_kwargs
 
 
@@ -57,16 +55,7 @@ class NaFlexImageProcessor(Preprocessing):
 
     patch_size: int = 16
     max_num_patches: int = 256
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
-    resample: str | int = "bilinear"
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True  # transformers' Siglip2 processors leave RGBA/L inputs unconverted
-    max_pixels: int | None | DefaultLimit = DEFAULT
-    backend: str | None = None
+    resample: str | int = dataclasses.field(default="bilinear", kw_only=True)
 
     def __post_init__(self) -> None:
         self.backend = backends.check_backend(self.backend)
@@ -105,19 +94,9 @@ class NaFlexImageProcessor(Preprocessing):
     # ------------------------------------------------------------------ config files
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessor_config.json`` content, in transformers' Siglip2ImageProcessor fields."""
-        return {
-            "do_convert_rgb": self.do_convert_rgb,
-            "do_normalize": self.do_normalize,
-            "do_rescale": self.do_rescale,
-            "do_resize": self.do_resize,
-            "image_mean": list(self.mean),
-            "image_processor_type": "Siglip2ImageProcessor",
-            "image_std": list(self.std),
-            "max_num_patches": self.max_num_patches,
-            "patch_size": self.patch_size,
-            "resample": backends.resample_code(self.resample),
-            "rescale_factor": self.rescale_factor,
-        }
+        return self._config_fields(
+            "Siglip2ImageProcessor", max_num_patches=self.max_num_patches, patch_size=self.patch_size
+        )
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> NaFlexImageProcessor:

@@ -92,10 +92,37 @@ class ConfigFile:
         return file
 
 
+@dataclasses.dataclass(kw_only=True)
 class Preprocessing(ConfigFile):
-    """What both image processors share: per-channel statistics, filter and switches (the fields ``mean``,
-    ``std``, ``resample``, ``rescale_factor``, ``do_*``, ``max_pixels``, ``backend``), decoding an image to
-    RGB and resizing, rescaling and normalizing it with the backend's numerics."""
+    """What both image processors share: per-channel statistics, filter and switches (keyword fields, after
+    each processor's own), decoding an image to RGB and resizing, rescaling and normalizing it with the
+    backend's numerics."""
+
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    resample: str | int = "bicubic"
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True  # transformers' Siglip2 processors leave RGBA/L inputs unconverted
+    max_pixels: int | None | DefaultLimit = DEFAULT
+    backend: str | None = None  # "torchvision" or "pil"; None: what AutoImageProcessor picks here
+
+    def _config_fields(self, kind: str, **own: Any) -> dict[str, Any]:
+        """``preprocessor_config.json``: the shared fields in transformers' names, ``kind`` and ``own``."""
+        return {
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.mean),
+            "image_processor_type": kind,
+            "image_std": list(self.std),
+            "resample": resample_code(self.resample),
+            "rescale_factor": self.rescale_factor,
+            **own,
+        }
 
     def _check_pixels(self) -> None:
         self.mean = triple(self.mean, "mean")
@@ -151,16 +178,6 @@ class ImageProcessor(Preprocessing):
     """
 
     image_size: int | tuple[int, int] = 224
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
-    resample: str | int = "bicubic"
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
-    max_pixels: int | None | DefaultLimit = DEFAULT
-    backend: str | None = None  # "torchvision" or "pil"; None: what AutoImageProcessor picks here
 
     def __post_init__(self) -> None:
         self.backend = backends.check_backend(self.backend)
@@ -198,18 +215,7 @@ class ImageProcessor(Preprocessing):
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessor_config.json`` content, in transformers' SiglipImageProcessor fields."""
         height, width = self.size
-        return {
-            "do_convert_rgb": self.do_convert_rgb,
-            "do_normalize": self.do_normalize,
-            "do_rescale": self.do_rescale,
-            "do_resize": self.do_resize,
-            "image_mean": list(self.mean),
-            "image_processor_type": "SiglipImageProcessor",
-            "image_std": list(self.std),
-            "resample": resample_code(self.resample),
-            "rescale_factor": self.rescale_factor,
-            "size": {"height": height, "width": width},
-        }
+        return self._config_fields("SiglipImageProcessor", size={"height": height, "width": width})
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ImageProcessor:

@@ -31,26 +31,23 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> t
     return module
 
 
-def vision_config(**kw) -> SiglipVisionConfig:
-    base = dict(
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=True,
+def tiny_encoder(width: int, mlp: int, **fields) -> dict:
+    """The fields of a 2-block, 4-head encoder config (transformers' names) of the given widths."""
+    return dict(
+        hidden_size=width, intermediate_size=mlp, num_hidden_layers=2, num_attention_heads=4, **fields
     )
-    base.update(kw)
-    return SiglipVisionConfig(**base)
+
+
+def vision_config(**kw) -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        **{**tiny_encoder(48, 80, image_size=32, patch_size=8, vision_use_head=True), **kw}
+    )
 
 
 def text_config(**kw) -> SiglipTextConfig:
-    base = dict(
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    base = tiny_encoder(
+        40,
+        72,
         vocab_size=97,
         max_position_embeddings=12,
         projection_size=40,

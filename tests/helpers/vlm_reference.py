@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from connectors.decoder_presets import DECODER_PRESETS
-from tests.helpers.hf_reference import randomize_
+from tests.helpers.hf_reference import randomize_, tiny_encoder
 from vision_tower import VisionConfig, VisionTower
 
 FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
@@ -76,14 +76,7 @@ def decoder_folder(family: str, folder: Path, seed: int = 0, **overrides) -> Pat
 
 
 # The VLM tests' tower: 32 px images in 8 px patches (4x4 tokens), width 32, 2 blocks, no head.
-TOWER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
+TOWER = tiny_encoder(32, 64, image_size=32, patch_size=8)
 
 
 def hf_tower_config(**overrides) -> dict:

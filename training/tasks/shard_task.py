@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import check_shard_specs
+from ..data import SampleBuilder, ShardLoader, check_shard_specs, shard_dataset
 from ..runner.paths import resolve_path
 from ..runner.task import Task
 
@@ -27,3 +27,20 @@ class ShardTask(Task):
 
     def config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict()
+
+    def shard_loader(
+        self, builder: SampleBuilder, rank: int, world: int, resume_state: dict[str, Any] | None
+    ) -> ShardLoader:
+        """The endless, resumable stream of ``builder``'s batches over ``data.train_shards`` for this rank."""
+        data = self.cfg.data
+        dataset = shard_dataset(
+            resolve_path(data.train_shards),
+            builder,
+            batch_size=data.batch_size,
+            seed=self.run.seed,
+            rank=rank,
+            world_size=world,
+            resampled=True,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+        return ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)

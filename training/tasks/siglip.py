@@ -151,22 +151,12 @@ class SiglipTask(ShardTask):
     def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None):
         """The training shards through the tower's image processor and the tokenizer (also kept for
         evaluation and export)."""
-        from ..data import ShardLoader, TokenizeOne, build_dataset
+        from ..data import PairBuilder, TokenizeOne
 
         self.processor, self.tokenizer = build_preprocessing(self.cfg, self.model_config)
-        data = self.cfg.data
-        dataset = build_dataset(
-            resolve_path(data.train_shards),
-            image_transform=self.processor,
-            text_transform=TokenizeOne(self.tokenizer),
-            batch_size=data.batch_size,
-            seed=self.run.seed,
-            rank=rank,
-            world_size=world,
-            resampled=True,
-            shuffle_buffer=data.shuffle_buffer,
+        return self.shard_loader(
+            PairBuilder(self.processor, TokenizeOne(self.tokenizer)), rank, world, resume_state
         )
-        return ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)
 
     def loss(self, engine: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self._loss_fn is None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, expand_shards, shard_dataset, shard_paths
+from ..data import expand_shards, shard_paths
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, train
 from ..runner.config import resolve_path
@@ -121,17 +121,7 @@ class VLMTask(ShardTask):
         builder = builder_for(
             self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt, images=images
         )
-        dataset = shard_dataset(
-            shards,
-            builder,
-            batch_size=data.batch_size,
-            seed=self.run.seed,
-            rank=rank,
-            world_size=world,
-            resampled=True,
-            shuffle_buffer=data.shuffle_buffer,
-        )
-        self.loader = ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)
+        self.loader = self.shard_loader(builder, rank, world, resume_state)
         return self.loader
 
     def loss(
