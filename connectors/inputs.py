@@ -76,16 +76,9 @@ def ignored_labels(
     return labels.masked_fill(drop, IGNORE_INDEX)
 
 
-def count_targets(
-    labels: torch.Tensor,
-    input_ids: torch.Tensor,
-    image_token_id: int,
-    token_type_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-) -> int:
+def count_targets(kept: torch.Tensor) -> int:
     """How many next-token targets the loss of a batch averages over: the labels :func:`ignored_labels`
-    keeps, the first position of each row excepted (nothing predicts it)."""
-    kept = ignored_labels(labels, input_ids, image_token_id, token_type_ids, attention_mask)  # (B, L)
+    keeps (``kept``, (B, L)), the first position of each row excepted (nothing predicts it)."""
     return int((kept[:, 1:] != IGNORE_INDEX).sum())
 
 

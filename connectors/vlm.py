@@ -368,7 +368,9 @@ class VisionLanguageModel(nn.Module):
     ) -> int:
         """How many next-token targets ``forward``'s loss averages over for these inputs (what to sum over
         micro-batches and ranks for ``num_items_in_batch``)."""
-        return count_targets(labels, input_ids, self.image_token_id, token_type_ids, attention_mask)
+        return count_targets(
+            ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, attention_mask)
+        )
 
     # ----------------------------------------------------------------- generation, parts, checkpoints
     def generate(

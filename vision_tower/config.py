@@ -96,38 +96,46 @@ def _as_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _check_encoder(config: Any) -> None:
-    """What every tower config checks: whole heads and a supported GELU."""
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
-            f"{config.num_attention_heads}"
-        )
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
-
-
 @dataclass
-class _TowerConfig:
-    """What both image-tower configs share: the ViT's shape, strict dicts and transformers' ``config.json``
-    fields."""
-
-    MODEL_TYPE = ""
+class _EncoderConfig:
+    """What every transformer encoder config here has (image towers and the text tower), and checks:
+    whole heads and a supported GELU."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    patch_size: int = 16
-    num_channels: int = 3
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     attention_dropout: float = 0.0
+
+    def _check_encoder(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _TowerConfig(_EncoderConfig):
+    """What both image-tower configs share: the ViT's shape, strict dicts and transformers' ``config.json``
+    fields."""
+
+    MODEL_TYPE = ""
+
+    patch_size: int = 16
+    num_channels: int = 3
     use_head: bool = True
 
     def _check(self) -> None:
         self.patch_size = _as_int(self.patch_size, "patch_size")
-        _check_encoder(self)
+        self._check_encoder()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -135,9 +143,6 @@ class _TowerConfig:
         _check_known(cls, data, f"{cls.__name__}")
         _check_types(cls, data, f"{cls.__name__}")
         return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]):
@@ -204,18 +209,11 @@ class NaFlexVisionConfig(_TowerConfig):
 
 
 @dataclass
-class TextConfig:
+class TextConfig(_EncoderConfig):
     """The SigLIP text encoder (last-token pooling and a linear head)."""
 
     vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
     max_position_embeddings: int = 64
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    attention_dropout: float = 0.0
     projection_size: int | None = None
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
@@ -224,15 +222,12 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.projection_size is None:
             self.projection_size = self.hidden_size
-        _check_encoder(self)
+        self._check_encoder()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextConfig:
         _check_known(cls, data, "text config")
         return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> TextConfig:

@@ -178,25 +178,14 @@ class SiglipTask(ShardTask):
         from ..eval.zero_shot import zero_shot
 
         data, out = self.cfg.data, {}
+        images = {"image_transform": self.processor, "batch_size": 128}
         with zero.gathered([model.logit_scale, model.logit_bias]):
             if data.zeroshot_dir:
-                zs = zero_shot(
-                    model,
-                    resolve_path(data.zeroshot_dir),
-                    image_transform=self.processor,
-                    tokenize=self.tokenizer,
-                    batch_size=128,
-                )
+                zs = zero_shot(model, resolve_path(data.zeroshot_dir), tokenize=self.tokenizer, **images)
                 # top-5 only with enough classes for it to mean something (see zero_shot)
                 out.update({f"zeroshot_{k}": zs[k] for k in ("top1", "top5") if k in zs})
             if data.val_shards:
-                r = retrieval(
-                    model,
-                    resolve_path(data.val_shards),
-                    image_transform=self.processor,
-                    text_transform=self.tokenizer,
-                    batch_size=128,
-                )
+                r = retrieval(model, resolve_path(data.val_shards), text_transform=self.tokenizer, **images)
                 out.update({k: v for k, v in r.items() if isinstance(v, float)})
         return out
 
