@@ -28,16 +28,16 @@ def _pixels(n=2, size=32):
 
 
 def _tiny_paligemma():
-    text = dict(
+    text = R.tiny_encoder(
+        48,
+        64,
         model_type="gemma",
-        hidden_size=48,
-        intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=24,
-        vocab_size=300,
     )
+    text["vocab_size"] = 300
     return R.hf_paligemma(text, image_token_index=299, projection_dim=48)
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -177,49 +178,44 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int], resample: str) -> t
     return y.round_().to(torch.uint8)[0]
 
 
-def torchvision_pixels(
-    rgb: np.ndarray,
-    size: tuple[int, int] | None,
-    resample: str,
-    rescale_factor: float | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, h, w) float32 with the torchvision backend's numerics.
+@dataclass(frozen=True)
+class PixelSteps:
+    """What turns decoded RGB into model input: ``size`` (h, w) to resize to (None: kept), the filter,
+    ``rescale_factor`` (None: no rescale) and per-channel ``mean``/``std`` (None: no normalize)."""
 
-    ``size=None`` skips the resize, ``rescale_factor=None`` the rescale, ``mean=None`` the normalize."""
+    size: tuple[int, int] | None
+    resample: str
+    rescale_factor: float | None
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+
+
+def pixels(backend: str, rgb: np.ndarray, steps: PixelSteps) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float32 with the numerics of transformers' ``backend``: torchvision
+    (uint8 resize, rescale fused into the normalize) or PIL (PIL resize, rescale in float64)."""
+    return (_torchvision_pixels if backend == "torchvision" else _pil_pixels)(rgb, steps)
+
+
+def _torchvision_pixels(rgb: np.ndarray, s: PixelSteps) -> torch.Tensor:
     x = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-    if size is not None:
-        x = resize_uint8(x, size, resample)
-    if mean is not None:
-        mean_t, std_t = torch.tensor(list(mean)), torch.tensor(list(std))
-        if rescale_factor is not None:  # fused, as transformers' TorchvisionBackend
-            mean_t, std_t = mean_t * (1.0 / rescale_factor), std_t * (1.0 / rescale_factor)
+    if s.size is not None:
+        x = resize_uint8(x, s.size, s.resample)
+    if s.mean is not None:
+        mean_t, std_t = torch.tensor(list(s.mean)), torch.tensor(list(s.std))
+        if s.rescale_factor is not None:  # fused, as transformers' TorchvisionBackend
+            mean_t, std_t = mean_t * (1.0 / s.rescale_factor), std_t * (1.0 / s.rescale_factor)
         return x.to(torch.float32).sub_(mean_t.view(-1, 1, 1)).div_(std_t.view(-1, 1, 1))
-    if rescale_factor is not None:
-        return x * rescale_factor
+    if s.rescale_factor is not None:
+        return x * s.rescale_factor
     return x.to(torch.float32)
 
 
-def pil_pixels(
-    rgb: np.ndarray,
-    size: tuple[int, int] | None,
-    resample: str,
-    rescale_factor: float | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, h, w) float32 with the PIL backend's numerics (rescale in float64)."""
-    if size is not None:
-        height, width = size
-        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample_code(resample)))
-    values = rgb.astype(np.float64) * rescale_factor if rescale_factor is not None else rgb
+def _pil_pixels(rgb: np.ndarray, s: PixelSteps) -> torch.Tensor:
+    if s.size is not None:
+        height, width = s.size
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample_code(s.resample)))
+    values = rgb.astype(np.float64) * s.rescale_factor if s.rescale_factor is not None else rgb
     values = values.astype(np.float32)
-    if mean is not None:
-        values = (values - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    if s.mean is not None:
+        values = (values - np.asarray(s.mean, dtype=np.float32)) / np.asarray(s.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1)
-
-
-def pixels(backend: str, *args: Any) -> torch.Tensor:
-    """:func:`torchvision_pixels` or :func:`pil_pixels` by ``backend`` name."""
-    return (torchvision_pixels if backend == "torchvision" else pil_pixels)(*args)

@@ -147,15 +147,14 @@ class Preprocessing(ConfigFile):
 
     def _float_pixels(self, rgb: Any, size: tuple[int, int] | None) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, h, w) float32: resized to ``size`` (None: kept), rescaled, normalized."""
-        return backends.pixels(
-            self.backend,
-            rgb,
+        steps = backends.PixelSteps(
             size,
             self.resample,
             self.rescale_factor if self.do_rescale else None,
             self.mean if self.do_normalize else None,
             self.std if self.do_normalize else None,
         )
+        return backends.pixels(self.backend, rgb, steps)
 
     @classmethod
     def _with_overrides(cls, kwargs: dict[str, Any], overrides: dict[str, Any]):

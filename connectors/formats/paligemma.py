@@ -13,16 +13,8 @@ from vision_tower.checkpoint import strict_load
 from ..decoder import family
 from ..mlp import LinearConnector
 from ..parts import VLMParts
-from .common import (
-    FormatError,
-    check_plain_decoder,
-    folder_parts,
-    multimodal_decoder,
-    read_multimodal,
-    split_weights,
-    text_config,
-    write_multimodal,
-)
+from . import common
+from .common import FormatError
 from .towers import expect_keys, projector_tensors, tower_from_tensors
 
 # text model types transformers 5.x accepts in PaliGemma (PaliGemma 1: Gemma, PaliGemma 2: Gemma 2)
@@ -32,7 +24,7 @@ DECODERS = ("gemma", "gemma2")
 def check(vlm: VLMParts) -> None:
     """Refuse what PaliGemma cannot express, saying which format can hold it (``vlm``: the parts, or the
     VisionLanguageModel, which has the same attributes)."""
-    check_plain_decoder(vlm.decoder, "paligemma")
+    common.check_plain_decoder(vlm.decoder, "paligemma")
     fam = family(vlm.decoder)
     if fam not in DECODERS:
         raise FormatError(
@@ -58,13 +50,13 @@ def check(vlm: VLMParts) -> None:
 
 def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
     check(parts)
-    split = split_weights(parts.decoder, state_dict)
+    split = common.split_weights(parts.decoder, state_dict)
     hidden = parts.connector.out_dim
     projector = {f"linear.{k.removeprefix('proj.')}": v for k, v in split["connector"].items()}
     if "linear.bias" not in projector:  # a bias-free linear connector: PaliGemma's bias is zero
         projector["linear.bias"] = torch.zeros(hidden, dtype=projector["linear.weight"].dtype)
-    text = {**text_config(parts.decoder), "use_bidirectional_attention": True}
-    write_multimodal(
+    text = {**common.text_config(parts.decoder), "use_bidirectional_attention": True}
+    common.write_multimodal(
         parts,
         split,
         projector,
@@ -82,7 +74,7 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
 
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
-    hf, sd = read_multimodal(path)
+    hf, sd = common.read_multimodal(path)
     tower = tower_from_tensors(sd, hf.vision_config, source=str(path), feature_layer=-1, dtype=dtype)
     proj = projector_tensors(sd, str(path))
     expect_keys(proj, {"linear.weight", "linear.bias"}, str(path))
@@ -92,7 +84,7 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     text = hf.text_config
     if getattr(text, "use_bidirectional_attention", None):
         text.use_bidirectional_attention = False  # the VLM passes its prefix mask itself
-    decoder = multimodal_decoder(path, text, dtype=dtype, device=device)
-    return folder_parts(
+    decoder = common.multimodal_decoder(path, text, dtype=dtype, device=device)
+    return common.folder_parts(
         path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="prefix"
     )

@@ -32,10 +32,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> t
 
 
 def tiny_encoder(width: int, mlp: int, **fields) -> dict:
-    """The fields of a 2-block, 4-head encoder config (transformers' names) of the given widths."""
-    return dict(
-        hidden_size=width, intermediate_size=mlp, num_hidden_layers=2, num_attention_heads=4, **fields
-    )
+    """The fields of an encoder config (transformers' names) of the given widths: 2 blocks of 4 heads
+    unless ``fields`` say otherwise."""
+    return {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        **fields,
+        "hidden_size": width,
+        "intermediate_size": mlp,
+    }
 
 
 def vision_config(**kw) -> SiglipVisionConfig:
