@@ -21,6 +21,7 @@ from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokeniz
 from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
 from .parts import VLMParts, tower_grid
 from .registry import build_connector
+from .target_loss import target_loss_sum
 
 PathLike = str | os.PathLike
 
@@ -257,10 +258,11 @@ class VisionLanguageModel(nn.Module):
         under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
         is the sum over the kept labels divided by it instead of their mean, so that micro-batches and
         ranks holding different numbers of targets add up to the mean over the global batch (count them
-        with :meth:`count_targets`). ``targets_only`` (with ``labels``; what training uses): ``lm_head`` (and
-        the family's final soft-capping) runs only on the positions whose next token is a target, not on the
-        image tokens, the prompt and the padding; the loss is the same, and ``logits`` holds those positions
-        only, flattened to (targets, V) in row order."""
+        with :meth:`count_targets`). ``targets_only`` (with ``labels``; what training and evaluation use):
+        ``lm_head`` (and the family's final soft-capping) runs only on the positions whose next token is a
+        target, not on the image tokens, the prompt and the padding, and the cross-entropy is taken in
+        chunks of positions recomputed in the backward pass (:mod:`connectors.target_loss`); the loss is the
+        same, and no ``logits`` are returned."""
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
@@ -287,31 +289,29 @@ class VisionLanguageModel(nn.Module):
             position_ids,
             self._prefix(token_type_ids, labels, past, embeds),
         )
-        targets = None
-        if targets_only and labels is not None:
-            mask = attention_mask[:, -L:]
-            kept = ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, mask)
-            targets = kept[:, 1:]  # (B, L-1): the token each position predicts
-            logits_to_keep = F.pad(targets != IGNORE_INDEX, (0, 1))  # (B, L) bool: transformers keeps those
-        out = self.decoder(
+        decoder_inputs = dict(
             inputs_embeds=embeds,
             attention_mask=masks,
             position_ids=position_ids,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             **{CACHE_KWARG: cache},
         )
+        if targets_only and labels is not None:  # the decoder body, then the loss at the targets only
+            out = self.decoder.get_decoder()(**decoder_inputs)
+            mask = attention_mask[:, -L:]
+            kept = ignored_labels(labels, input_ids, self.image_token_id, token_type_ids, mask)
+            targets = kept[:, 1:]  # (B, L-1): the token each position predicts
+            at = targets != IGNORE_INDEX
+            loss = target_loss_sum(self.decoder, out.last_hidden_state[:, :-1][at], targets[at])
+            loss = loss / (at.sum() if num_items_in_batch is None else num_items_in_batch)
+            return VLMOutput(loss=loss, cache=output_cache(out), image_tokens=image_tokens)
+        out = self.decoder(**decoder_inputs, logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             reduction = "mean" if num_items_in_batch is None else "sum"
-            if targets is not None:  # logits (targets, V), in the order of the True positions
-                loss = F.cross_entropy(
-                    out.logits.float(), targets[targets != IGNORE_INDEX], reduction=reduction
-                )
-            else:
-                loss = self._loss(
-                    out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:], reduction
-                )
+            loss = self._loss(
+                out.logits, labels, input_ids, token_type_ids, attention_mask[:, -L:], reduction
+            )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
         return VLMOutput(loss=loss, logits=out.logits, cache=output_cache(out), image_tokens=image_tokens)

@@ -1,5 +1,7 @@
 """The VLM under DeepSpeed ZeRO-3 on 2 gloo ranks: built while an HfDeepSpeedConfig is alive (the decoder's
-weights partitioned as they load), each rank's loss equal to the single-process one, a training step runs."""
+weights partitioned as they load), each rank's loss equal to the single-process one, and a training step
+whose loss is taken at the answer tokens only, in chunks recomputed in the backward pass (the tied,
+partitioned ``lm_head`` gathered each time), moves the weights as the full-logits step does."""
 
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ def _batch():
     return ids, mask, types, labels, R.pixels()
 
 
-def zero3_worker(rank: int, world: int, decoder_dir: str, tower_sd: dict, connector_sd: dict) -> list[float]:
+def zero3_worker(
+    rank: int, world: int, decoder_dir: str, tower_sd: dict, connector_sd: dict, targets_only: bool
+) -> list[float]:
+    from connectors import target_loss
     from training.runner.engine import init_distributed
 
     init_distributed()  # gloo, without the shared-memory op build
@@ -42,8 +47,11 @@ def zero3_worker(rank: int, world: int, decoder_dir: str, tower_sd: dict, connec
     ids, mask, types, labels, px = _batch()
     rows = slice(rank, rank + 1)
     losses = []
+    target_loss.CHUNK_VALUES = R.VOCAB  # one target position per chunk
     for _ in range(2):
-        loss = engine(ids[rows], px[rows], mask[rows], types[rows], labels[rows]).loss
+        loss = engine(
+            ids[rows], px[rows], mask[rows], types[rows], labels[rows], targets_only=targets_only
+        ).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -62,21 +70,25 @@ def test_zero3_forward_equals_single_process_and_steps(tmp_path):
     tower = R.tower()
     vlm = VisionLanguageModel(tower, "pixel_shuffle", folder, attention="prefix")
     ids, mask, types, labels, px = _batch()
+    tower_sd = tower.state_dict()
+    connector_sd = {k: v.clone() for k, v in vlm.connector.state_dict().items()}
     with torch.no_grad():
-        expected = [
-            vlm(ids[r : r + 1], px[r : r + 1], mask[r : r + 1], types[r : r + 1], labels[r : r + 1]).loss
-            for r in (0, 1)
-        ]
-    results = run_ranks(
-        zero3_worker,
-        2,
-        str(folder),
-        tower.state_dict(),
-        vlm.connector.state_dict(),
-        timeout=240,
-        backend=None,
-    )
-    for rank, (first, second, partitioned, names) in enumerate(results):
+        expected = [vlm(*(t[r : r + 1] for t in (ids, px, mask, types, labels))).loss for r in (0, 1)]
+    runs = {}
+    for targets_only in (False, True):
+        runs[targets_only] = run_ranks(
+            zero3_worker,
+            2,
+            str(folder),
+            tower_sd,
+            connector_sd,
+            targets_only,
+            timeout=240,
+            backend=None,
+        )
+    for rank, (first, second, partitioned, names) in enumerate(runs[True]):
         assert partitioned == 1.0 and names == 1.0
         assert abs(first - expected[rank].item()) < 1e-5, (rank, first, expected[rank])
-        assert second < first  # the step moved the weights along the averaged gradient
+        full_second = runs[False][rank][1]  # after a step on the gradients of the full-logits loss
+        assert abs(second - full_second) < 1e-5, (rank, second, full_second)
+        assert abs(second - first) > 1e-3  # the step moved the weights

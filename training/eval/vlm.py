@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from connectors.inputs import IGNORE_INDEX
@@ -130,21 +129,19 @@ def _images(batch: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
 
 
 def _loss_sums(vlm, batch: dict[str, Any], keep: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """(sum of the answer tokens' cross-entropy, their count) over the rows ``keep`` marks."""
+    """(sum of the answer tokens' cross-entropy, their count) over the rows ``keep`` marks; logits only at
+    the answer tokens, as in training."""
     device = param.device
-    labels = batch["labels"].to(device)
-    out = vlm(
-        batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        token_type_ids=batch["token_type_ids"].to(device),
-        **_images(batch, param),
-    )
-    target = labels[:, 1:]  # (B, L-1): token t is predicted at t-1
-    per_token = F.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, L-1)
-    counted = (target != IGNORE_INDEX) & keep.to(device)[:, None]
-    return torch.tensor([float(per_token[counted].sum()), float(counted.sum())], dtype=torch.float64)
+    labels = batch["labels"].to(device).masked_fill(~keep.to(device)[:, None], IGNORE_INDEX)
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "token_type_ids": batch["token_type_ids"].to(device),
+        "labels": labels,
+    }
+    count = vlm.count_targets(**inputs)
+    loss = vlm(**inputs, **_images(batch, param), num_items_in_batch=1, targets_only=True).loss
+    return torch.tensor([float(loss), float(count)], dtype=torch.float64)
 
 
 def _answers(vlm, batch, builder: VLMBuilder, param, max_new_tokens: int, fixed_length: bool) -> list[str]:
