@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from connectors import VisionLanguageModel
+from connectors import FormatError, VisionLanguageModel
 from tests.helpers.vlm_data import QA_PROMPT, TOWER_B, make_swap_assets
 from tests.test_vlm_train import assert_same, command, run, weights
+from training.data.shards import SkipCounter, iter_tar_samples
+from training.data.vlm import builder_for
 from training.runner import Zero
 from training.runner.paths import ROOT
 from training.tasks.vlm import VLMTask
@@ -252,6 +254,12 @@ def test_a_connector_is_kept_where_the_widths_allow_and_another_kind_is_built_on
     assert vlm.tower_swap["connector"] == "kept" and vlm.num_image_tokens == 36
     assert all(torch.equal(v, saved[k]) for k, v in vlm.connector.state_dict().items())
     assert vlm.tower_swap["now"]["tokens_per_image"] == 36
+    # prompts and the data.max_length checks follow the new tokens per image (16 before the swap)
+    with pytest.raises(ValueError, match="data.max_length 24 leaves no room for text: one image takes 36"):
+        builder_for(vlm, max_length=24)
+    shard = str(next(Path(assets["val"]).glob("*.tar")))
+    item = builder_for(vlm, max_length=68).build(next(iter_tar_samples(shard, SkipCounter(1))))
+    assert item.images.shape == (1, 3, 48, 48) and item.input_ids.count(vlm.image_token_id) == 36
     cfg = load_vlm_config(SWAP, swap_settings(assets, original, out, **{"model.keep_connector": "true"}))
     with pytest.raises(
         ValueError, match="the saved connector takes 64-wide features, model.tower .* gives 48"
@@ -261,3 +269,9 @@ def test_a_connector_is_kept_where_the_widths_allow_and_another_kind_is_built_on
     vlm = VLMTask(load_vlm_config(SWAP, swap_settings(assets, original, out, **mlp))).build_model(FP32)
     assert (vlm.connector.name, vlm.connector.in_dim, vlm.connector.options["act"]) == ("mlp", 48, "gelu")
     assert vlm.tower.feature_layer == -2 and vlm.tower_swap["now"]["feature_layer"] == -2
+    # what a format cannot hold after the swap is refused before training
+    cfg = load_vlm_config(
+        SWAP, swap_settings(assets, original, out, **mlp, **{"export.formats": "[paligemma]"})
+    )
+    with pytest.raises(FormatError, match="export.formats lists 'paligemma': PaliGemma's projector is one"):
+        VLMTask(cfg).build_model(FP32)
