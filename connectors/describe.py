@@ -1,5 +1,6 @@
-"""What a VLM checkpoint holds (tower, feature layer, connector, tokens per image, decoder), read from its
-config files alone: the weights are neither read nor downloaded; shapes are built on the meta device."""
+"""What a VLM checkpoint holds (tower, feature layer, connector, tokens per image, decoder, the tower swap
+that made it), read from its config files alone: the weights are neither read nor downloaded; shapes are
+built on the meta device."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .decoder import NO_CODE_FROM_FILES, no_code_from_files
 from .formats import checkpoint_format, native
 from .formats.towers import vision_config_fields
 from .registry import ConnectorConfig
+from .swap import read_swap, swap_lines
 
 
 @dataclass
@@ -34,6 +36,7 @@ class VLMDescription:
     image_token_id: int
     decoder: dict[str, Any]
     params: dict[str, int] = field(default_factory=dict)
+    tower_swap: dict[str, Any] | None = None  # the record of the tower swap that made it (connectors.swap)
 
     def lines(self) -> list[str]:
         """A short human-readable report."""
@@ -45,8 +48,10 @@ class VLMDescription:
             else f"block output hidden_states[{self.feature_layer}]"
         )
         opts = ", ".join(f"{k}={v}" for k, v in c["options"].items() if v is not None)
+        swap = [] if self.tower_swap is None else swap_lines(self.tower_swap)
         return [
             f"source: {self.source} (vision-language model, {self.format} layout)",
+            *swap,
             f"tower: SigLIP width {t['hidden_size']}, {t['num_hidden_layers']} blocks, patch "
             f"{t['patch_size']}, "
             f"{t['image_size']} px -> {side}x{side} tokens; {self.params['tower'] / 1e6:.2f}M parameters",
@@ -133,4 +138,5 @@ def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
             "vocab_size": text.vocab_size,
         },
         params={"tower": _count(tower), "connector": _count(connector), "decoder": _count(decoder)},
+        tower_swap=read_swap(folder),
     )

@@ -26,7 +26,8 @@ def tower_grid(tower: VisionTower) -> Grid:
 @dataclass
 class VLMParts:
     """A VLM's tower, connector, decoder, tokenizer and processor (each None when absent) and the two
-    settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix or causal).
+    settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix or causal);
+    ``tower_swap``: the record of the tower swap that made it, if one did (:mod:`connectors.swap`).
     A :class:`~connectors.VisionLanguageModel` has the same attributes."""
 
     tower: VisionTower
@@ -36,6 +37,7 @@ class VLMParts:
     attention: str
     tokenizer: Any | None = None
     processor: ImageProcessor | None = None
+    tower_swap: dict[str, Any] | None = None
 
     @property
     def num_image_tokens(self) -> int:

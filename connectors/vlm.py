@@ -21,6 +21,7 @@ from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokeniz
 from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
 from .parts import VLMParts, tower_grid
 from .registry import build_connector
+from .swap import swap_record, tower_facts
 from .target_loss import target_loss_sum
 
 PathLike = str | os.PathLike
@@ -79,7 +80,9 @@ class VisionLanguageModel(nn.Module):
     ``connector_options`` go to a connector given by name. ``dtype`` loads a decoder given by name in it and
     casts tower and connector. ``tokenizer`` (a transformers tokenizer; loaded with a decoder given by name)
     and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
-    checkpoints. The pooling head of the tower is dropped: only patch features are read.
+    checkpoints. The pooling head of the tower is dropped: only patch features are read. ``tower_swap``:
+    the record of the tower swap that made this model (:meth:`replace_tower` writes it; saved and loaded
+    with the checkpoints); ``source``: the checkpoint it was loaded from, if any.
 
     A NaFlex (variable-resolution) tower is refused: connectors and prompts expect a fixed token grid.
 
@@ -99,6 +102,7 @@ class VisionLanguageModel(nn.Module):
         tokenizer: Any | None = None,
         processor: ImageProcessor | None = None,
         dtype: torch.dtype | None = None,
+        tower_swap: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if attention not in ATTENTION:
@@ -124,6 +128,8 @@ class VisionLanguageModel(nn.Module):
         self.attention = attention
         self.tokenizer = tokenizer
         self.processor = processor
+        self.tower_swap = tower_swap
+        self.source: str | None = None
         self.image_token_id = ensure_image_token(decoder, tokenizer, image_token_id)
         if dtype is not None:
             self.tower.to(dtype)
@@ -382,25 +388,55 @@ class VisionLanguageModel(nn.Module):
         return generation.generate(self, pixel_values, prompts, **options)
 
     def replace_tower(
-        self, tower: VisionTower, connector: Connector | str | None = None, **options: Any
+        self,
+        tower: VisionTower,
+        connector: Connector | str | None = None,
+        *,
+        processor: ImageProcessor | None = None,
+        source: str | None = None,
+        **options: Any,
     ) -> VisionLanguageModel:
-        """Swap the image tower, keep the decoder, and put a freshly initialised connector of the new input
-        width in front of it: ``connector`` by name (with ``options``), or the current kind and options."""
+        """Swap the image tower, keep the decoder (its tokenizer, image token id and attention), and put a
+        freshly initialised connector of the new input width in front of it: ``connector`` by name (with
+        ``options``), or the current kind and options; a :class:`Connector` is used as given (e.g.
+        ``vlm.connector`` to keep the trained one when the widths allow). ``processor``: the new tower's
+        preprocessing (default: the current one at the new tower's image size). ``source`` (where the new
+        tower came from) goes into ``tower_swap``, the record of which tower replaced which, saved with
+        the checkpoints."""
         tower = _fixed_grid(tower)
         width = self.decoder.get_input_embeddings().embedding_dim
+        kept = connector is self.connector
         if connector is None:
-            kept = {**self.connector.options, **options}
-            connector = build_connector(self.connector.name, tower.config.hidden_size, width, **kept)
+            merged = {**self.connector.options, **options}
+            connector = build_connector(self.connector.name, tower.config.hidden_size, width, **merged)
         elif isinstance(connector, str):
             connector = build_connector(connector, tower.config.hidden_size, width, **options)
         elif options:
             raise ValueError("options apply to a connector given by name")
+        if (connector.in_dim, connector.out_dim) != (tower.config.hidden_size, width):
+            raise ValueError(
+                f"connector {connector.name!r} maps {connector.in_dim} -> {connector.out_dim}; the new tower "
+                f"gives {tower.config.hidden_size}-wide features and the decoder embeds in {width}: let "
+                "replace_tower build a fresh one (connector=None or a name)"
+            )
+        before = tower_facts(self.tower, self.connector)
+        previous = self.tower_swap["tower"] if self.tower_swap else None
         ref = next(self.connector.parameters())
         self.tower = _drop_head(tower)
         self.connector = connector.to(device=ref.device, dtype=ref.dtype)
         self._check_widths()
-        if self.processor is not None:
+        if processor is not None:
+            self.processor = processor.with_image_size(tower.config.image_size)
+        elif self.processor is not None:
             self.processor = self.processor.with_image_size(tower.config.image_size)
+        self.tower_swap = swap_record(
+            before,
+            tower_facts(self.tower, self.connector),
+            source=source,
+            replaced_source=previous,
+            checkpoint=self.source,
+            connector="kept" if kept else "fresh",
+        )
         return self
 
     def save_pretrained(
@@ -423,6 +459,7 @@ class VisionLanguageModel(nn.Module):
             self.attention,
             self.tokenizer,
             self.processor,
+            self.tower_swap,
         )
 
     @classmethod
@@ -448,5 +485,7 @@ class VisionLanguageModel(nn.Module):
             tokenizer=parts.tokenizer,
             processor=parts.processor,
             dtype=dtype,
+            tower_swap=parts.tower_swap,
         )
+        vlm.source = str(src)
         return vlm.to(device=device) if device is not None else vlm

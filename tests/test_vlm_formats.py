@@ -287,3 +287,55 @@ def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path)
     theirs = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[vlm.image_token_id])
     mine = vlm.generate(batch["pixel_values"], ["caption en"], max_new_tokens=5, eos_token_id=[])
     assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)
+
+
+@pytest.mark.parametrize(
+    "fmt, family, connector, attention, layer",
+    [("paligemma", "gemma", "linear", "prefix", -1), ("llava", "qwen2", "mlp2x_gelu", "causal", -2)],
+)
+def test_a_saved_vlm_with_its_tower_swapped_for_another_width_loads_in_transformers_as_saved(
+    fmt, family, connector, attention, layer, decoders, tmp_path
+):
+    """A PaliGemma / LLaVA folder, loaded, its tower replaced by one of another width and patch size (2x2
+    tokens instead of 4x4), saved again: transformers' model and AutoProcessor read it as saved, the decoder
+    is the saved one, and the swap record comes back."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, PaliGemmaForConditionalGeneration
+
+    hf_class = PaliGemmaForConditionalGeneration if fmt == "paligemma" else LlavaForConditionalGeneration
+    first = tmp_path / "first"
+    _vlm(
+        decoders, family, connector, attention, layer, processor=ImageProcessor(image_size=32)
+    ).save_pretrained(first, format=fmt)
+    vlm = VisionLanguageModel.from_pretrained(first)
+    new = R.tower(seed=11, hidden_size=48, intermediate_size=96, patch_size=16)
+    new.feature_layer = layer
+    vlm.replace_tower(new, processor=ImageProcessor(image_size=32, mean=(0.4, 0.4, 0.4)), source="tower-b")
+    R.randomize_(vlm.connector, seed=9, scale=0.3)
+    assert (vlm.connector.in_dim, vlm.num_image_tokens, vlm.tower_swap["replaced"]["tokens_per_image"]) == (
+        48,
+        4,
+        16,
+    )
+    out = tmp_path / "swapped"
+    vlm.save_pretrained(out, format=fmt)
+    hf = hf_class.from_pretrained(out).eval()
+    _same_as_transformers(vlm, hf, 32, paligemma=fmt == "paligemma")
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = "<image>caption en"
+    batch = processor(images=[Image.new("RGB", (40, 30), (200, 30, 60))], text=[prompt], return_tensors="pt")
+    ours = build_prompts(
+        vlm.tokenizer,
+        ["caption en"],
+        image_token_id=vlm.image_token_id,
+        num_image_tokens=4,
+        pad_token_id=0,
+        causal=attention == "causal",
+    ).input_ids
+    assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
+    pixels = vlm.image_processor()(Image.new("RGB", (40, 30), (200, 30, 60)))  # the new tower's statistics
+    assert_close(batch["pixel_values"], pixels.reshape(batch["pixel_values"].shape))
+    back = VisionLanguageModel.from_pretrained(out)
+    assert back.tower_swap == vlm.tower_swap and back.tower_swap["tower"] == "tower-b"
+    assert tuple(back.processor.mean) == (0.4, 0.4, 0.4)  # the processor given with the new tower
+    saved = VisionLanguageModel.from_pretrained(first).decoder.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in back.decoder.state_dict().items())

@@ -61,7 +61,9 @@ def test_configs_exist_and_load():
         cfg = load_vlm_config(path)
         ds = deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 8)
         assert ds["train_batch_size"] == cfg.data.batch_size * 8 * cfg.optim.grad_accum
-        assert (cfg.stage == "finetune") == (cfg.model.init_from is not None), path.name
+        swap = cfg.model.swaps_tower  # a saved VLM with a new tower: its connector aligns first
+        assert (cfg.stage == "finetune") == (cfg.model.init_from is not None and not swap), path.name
+        assert not swap or cfg.stage == "align", path.name
 
 
 @pytest.mark.parametrize(
@@ -72,7 +74,28 @@ def test_configs_exist_and_load():
         (["stage=finetune", "finetune.decoder=half"], "finetune.decoder must be one of"),
         (["stage=finetune", "finetune.tower_lr=1e-5"], "set finetune.tower: true"),
         (["stage=finetune", "finetune.tower=true", "data.feature_cache=x"], "drop one"),
-        (["model.init_from=x"], "drop model.tower, model.decoder, model.tokenizer"),
+        (["model.init_from=x"], "a swap keeps them): drop model.decoder, model.tokenizer"),
+        (
+            [
+                "model.init_from=x",
+                "model.tower=null",
+                "model.decoder=null",
+                "model.tokenizer=null",
+                "model.connector=mlp",
+            ],
+            "model.connector apply to a tower swap: set model.tower",
+        ),
+        (
+            [
+                "model.init_from=x",
+                "model.decoder=null",
+                "model.tokenizer=null",
+                "model.keep_connector=true",
+                "model.connector=mlp",
+            ],
+            "model.keep_connector keeps the saved connector: drop model.connector",
+        ),
+        (["model.keep_connector=true"], "model.keep_connector applies to a tower swap"),
         (["model.decoder=preset:huge"], "unknown decoder preset 'huge'"),
         (["model.tokenizer=null"], "model.tokenizer is required with a preset decoder"),
         (["model.connector=mlp3"], "model.connector 'mlp3' is unknown"),

@@ -1,5 +1,6 @@
 """VLM training end to end under DeepSpeed: stage align then stage finetune, single-process from the
-command line and on 2 gloo ranks under ZeRO-2 and ZeRO-3; losses go down, frozen parts stay bit for bit,
+command line and on 2 gloo ranks under ZeRO-2 and ZeRO-3 (each followed by a tower swap,
+configs/vlm/swap_tower.yaml); losses go down, frozen parts stay bit for bit,
 the optimizer holds only what trains, a killed align run resumes to the same losses, and the exported
 model evaluates from the command line as it did at the end of training."""
 
@@ -15,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.distributed import kill_at_checkpoint, run_ranks, small_run, start_run
-from tests.helpers.vlm_data import make_assets
+from tests.helpers.vlm_data import TOWER_B, make_assets
 from tests.helpers.vlm_workers import losses, stages_worker
 from training.runner.launch import launch_env
 from training.runner.paths import ROOT
+from vision_tower import VisionTower
 from vision_tower.cli import main
 
 pytestmark = pytest.mark.distributed
@@ -112,6 +114,28 @@ def two_stages(assets: dict, a: Path, f: Path, align: dict, finetune: dict, *ext
     return [*first, *LEAN, *extra], [*second, *LEAN, *extra]
 
 
+def swap_stage(assets: dict, f: Path, s: Path, deepspeed: str, *extra: str) -> list[str]:
+    """Settings of configs/vlm/swap_tower.yaml: a 6-step align into ``s`` of a fresh connector between
+    finetune's decoder (from its native export) and a tower of another width and patch size (48 wide, 16 px
+    patches at 48 px: 3x3 tokens instead of 4x4)."""
+    tower = s.parent / "tower_b"
+    VisionTower.from_preset("tiny", use_head=False, **TOWER_B).save_pretrained(tower)
+    values = {"run.steps": 6, "model.init_from": f / "export" / "native", "model.tower": tower}
+    swap = settings(assets, s, "finetune", **values, **{"optim.lr": 3e-2, "run.deepspeed": deepspeed})
+    return [*swap, *LEAN, *extra]
+
+
+def assert_swapped(r: dict, f: Path, s: Path) -> None:
+    """The swap stage trained its connector alone, kept finetune's decoder bit for bit, and recorded it."""
+    assert decreasing(r["swap"]["losses"]), r["swap"]
+    assert r["swap"]["held"] and all(k.startswith("connector.") for k in r["swap"]["held"])
+    native = s / "export" / "native"
+    assert_same(weights(native / "decoder"), weights(f / "export" / "native" / "decoder"))
+    record = json.loads((native / "tower_swap.json").read_text())
+    assert (record["replaced"]["tokens_per_image"], record["now"]["tokens_per_image"]) == (16, 9)
+    assert load_file(native / "connector.safetensors")["proj.weight"].shape == (64, TOWER_B["hidden_size"])
+
+
 @pytest.fixture(scope="module")
 def align_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("align") / "run"
@@ -192,12 +216,17 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
     assert result["exact_match"] == final["exact_match"]
 
 
-def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate(assets, tmp_path):
-    a, f = tmp_path / "align", tmp_path / "finetune"
+def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate_then_a_swap(
+    assets, tmp_path
+):
+    a, f, s = tmp_path / "align", tmp_path / "finetune", tmp_path / "swap"
     tower = {"finetune.tower": "true", "finetune.tower_lr": 1e-4, "model.gradient_checkpointing": "true"}
-    align, finetune = two_stages(assets, a, f, {"run.deepspeed": "configs/deepspeed/zero2.json"}, tower)
-    results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
+    zero2 = "configs/deepspeed/zero2.json"
+    align, finetune = two_stages(assets, a, f, {"run.deepspeed": zero2}, tower)
+    swap = swap_stage(assets, f, s, zero2)
+    results = run_ranks(stages_worker, 2, align, finetune, swap, timeout=400, backend=None)
     r = results[0]
+    assert_swapped(r, f, s)
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     connector = {k for k in r["align"]["held"]}
     assert connector and all(k.startswith("connector.") for k in connector)
@@ -211,7 +240,9 @@ def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate
     assert all(not torch.equal(tower_after[k], tower_before[k]) for k in tower_before if "weight" in k)
 
 
-def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets, tmp_path, capsys):
+def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune_then_a_swap(
+    assets, tmp_path, capsys
+):
     cache = tmp_path / "cache"
     assert (
         main(
@@ -236,8 +267,12 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune(assets,
     # trains and evaluates under bf16 autocast on a CPU with bf16 matmul
     from_cache = {"data.feature_cache": cache, **zero3}
     align, finetune = two_stages(assets, a, f, from_cache, lora, "run.precision=fp32")
-    results = run_ranks(stages_worker, 2, align, finetune, timeout=300, backend=None)
+    s = tmp_path / "swap"
+    swap = swap_stage(assets, f, s, zero3["run.deepspeed"], "run.precision=fp32")
+    results = run_ranks(stages_worker, 2, align, finetune, swap, timeout=400, backend=None)
     r = results[0]
+    assert_swapped(r, f, s)
+    assert r["swap"]["partitioned"]  # the kept decoder never whole on a rank
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     assert all(k.startswith("connector.") for k in r["align"]["held"])
     assert r["align"]["partitioned"] and r["finetune"]["partitioned"]  # the decoder never whole on a rank

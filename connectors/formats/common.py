@@ -22,6 +22,7 @@ from vision_tower.formats.transformers import vision_state_dict_hf
 from ..decoder import load_decoder, load_tokenizer, no_code_from_files
 from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
+from ..swap import read_swap, write_swap
 
 Tensor = torch.Tensor
 MAX_SHARD_SIZE = "5GB"
@@ -112,8 +113,9 @@ def write_extras(
     parts: VLMParts, out: Path, processor_config: dict[str, Any] | None = None, **processor_fields: Any
 ) -> None:
     """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has
-    them, and ``processor_config.json`` (the multimodal processor's own arguments, which transformers'
-    ``AutoProcessor`` reads) when both are there."""
+    them, ``processor_config.json`` (the multimodal processor's own arguments, which transformers'
+    ``AutoProcessor`` reads) when both are there, and the tower swap record when a swap made the VLM."""
+    write_swap(parts.tower_swap, out)
     if parts.tokenizer is not None:
         parts.tokenizer.save_pretrained(str(out))
     if processor_config and parts.tokenizer is not None and parts.processor is not None:
@@ -182,9 +184,12 @@ def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTra
 def folder_parts(
     path: Path, tower: Any, connector: Any, decoder: PreTrainedModel, *, image_token_id: int, attention: str
 ) -> VLMParts:
-    """The parts read from a checkpoint folder, with the tokenizer and processor saved in it."""
+    """The parts read from a checkpoint folder, with the tokenizer, processor and tower swap record saved
+    in it."""
     tokenizer, processor = read_extras(path)
-    return VLMParts(tower, connector, decoder, image_token_id, attention, tokenizer, processor)
+    return VLMParts(
+        tower, connector, decoder, image_token_id, attention, tokenizer, processor, read_swap(path)
+    )
 
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:

@@ -5,6 +5,7 @@ tower/                   the image tower, transformers SiglipVisionModel layout
 connector.safetensors    the connector's weights (its names)
 decoder/                 the causal LM as transformers saves it (AutoModelForCausalLM loads it alone)
 tokenizer files, preprocessor_config.json   when the VLM has them
+tower_swap.json          which tower replaced which, when a tower swap made the VLM (every format writes it)
 """
 
 from __future__ import annotations

@@ -65,3 +65,26 @@ def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str,
         "decoder": str(root / "decoder"),
         "tower": str(root / "tower"),
     }
+
+
+# the swap tests' second tower: another width and patch size than the tiny preset's (64 wide, 8 px patches)
+TOWER_B = {"hidden_size": 48, "intermediate_size": 96, "patch_size": 16}
+
+
+def make_swap_assets(root: Path, *, n_train: int = 256, n_val: int = 48) -> dict[str, str]:
+    """Prompt/answer shards only (``train/``, held-out ``val/``: what colour is the shape), the word
+    tokenizer, and two random towers: ``tower_a`` of the tiny preset and ``tower_b`` of :data:`TOWER_B`."""
+    write_tar(root / "train" / "qa-000.tar", qa_members(n_train))
+    write_tar(root / "val" / "qa-000.tar", qa_members(n_val, split="val"))
+    word_tokenizer(texts()).save_pretrained(root / "tokenizer")
+    torch.manual_seed(8)
+    VisionTower.from_preset("tiny", use_head=False).save_pretrained(root / "tower_a")
+    torch.manual_seed(9)
+    VisionTower.from_preset("tiny", use_head=False, **TOWER_B).save_pretrained(root / "tower_b")
+    return {
+        "train": str(root / "train"),
+        "val": str(root / "val"),
+        "tokenizer": str(root / "tokenizer"),
+        "tower_a": str(root / "tower_a"),
+        "tower_b": str(root / "tower_b"),
+    }

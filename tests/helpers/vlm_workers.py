@@ -35,8 +35,11 @@ def held_by_optimizer(task, rank: int, world: int) -> tuple[dict[str, float], bo
     return held, built_partitioned
 
 
-def stages_worker(rank: int, world: int, align: list[str], finetune: list[str]) -> dict:
-    """Stage align, then stage finetune from its export; per stage the losses, the final metrics and the
+def stages_worker(
+    rank: int, world: int, align: list[str], finetune: list[str], swap: list[str] | None = None
+) -> dict:
+    """Stage align, then stage finetune from its export, then (``swap`` given) ``swap_tower.yaml``: a new
+    tower in a saved VLM, its connector aligned; per stage the losses, the final metrics and the
     parameters the optimizer holds (with their learning rates)."""
     from training.runner import init_distributed, train
     from training.tasks.vlm import VLMTask
@@ -44,10 +47,8 @@ def stages_worker(rank: int, world: int, align: list[str], finetune: list[str]) 
 
     init_distributed()
     out = {}
-    for name, path, overrides in (
-        ("align", "tiny_align.yaml", align),
-        ("finetune", "tiny_finetune.yaml", finetune),
-    ):
+    stages = [("align", "tiny_align.yaml", align), ("finetune", "tiny_finetune.yaml", finetune)]
+    for name, path, overrides in stages + ([("swap", "swap_tower.yaml", swap)] if swap else []):
         cfg = load_vlm_config(CONFIGS / path, overrides)
         held, partitioned = held_by_optimizer(VLMTask(cfg), rank, world)
         final = train(VLMTask(cfg))

@@ -15,26 +15,33 @@ STAGES = ("align", "finetune")
 DECODER_TRAINING = ("full", "lora")
 EXPORT_FORMATS = ("native", "paligemma", "llava")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_PARTS = ("tower", "image_size", "connector", "connector_options", "decoder", "decoder_options", "tokenizer")
+# what a saved VLM (model.init_from) keeps, and what a tower swap (init_from with tower) may set
+_KEPT = ("decoder", "decoder_options", "tokenizer", "attention")
+_SWAP = ("image_size", "feature_layer", "connector", "connector_options", "keep_connector")
 
 
 @dataclass
 class VLMModelSection:
     """What to train: a saved VLM (``init_from``: any of the native, PaliGemma or LLaVA layouts, e.g. the
-    previous stage's ``export/native``), or a tower, a connector and a decoder put together.
+    previous stage's ``export/native``), a saved VLM with its tower swapped (``init_from`` and ``tower``),
+    or a tower, a connector and a decoder put together.
 
     ``tower``: a folder, file, hub id or ``preset:NAME``, resized to ``image_size``, read at
-    ``feature_layer``. ``connector`` (registered name) with ``connector_options``. ``decoder``: a causal LM
-    folder or hub id, or ``preset:NAME`` (random weights of a registered shape, ``decoder_options``
-    overriding its config, sized to the tokenizer); ``tokenizer``: a folder (default: the decoder's).
+    ``feature_layer`` (default -1; in a swap, the saved VLM's). ``connector`` (registered name; default
+    ``linear``, in a swap the saved VLM's kind rebuilt for the new width) with ``connector_options``; in a
+    swap ``keep_connector`` keeps the saved connector's weights instead (the new tower must be as wide).
+    ``decoder``: a causal LM folder or hub id, or ``preset:NAME`` (random weights of a registered shape,
+    ``decoder_options`` overriding its config, sized to the tokenizer); ``tokenizer``: a folder (default:
+    the decoder's). A swap keeps the saved decoder, tokenizer, image token and attention.
     """
 
     init_from: str | None = None
     tower: str | None = None
     image_size: int | None = None
-    feature_layer: int = -1
-    connector: str = "linear"
+    feature_layer: int | None = None
+    connector: str | None = None
     connector_options: dict[str, Any] = field(default_factory=dict)
+    keep_connector: bool = False
     decoder: str | None = None
     decoder_options: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
@@ -47,26 +54,40 @@ class VLMModelSection:
         from connectors.inputs import ATTENTION
 
         defaults = VLMModelSection.__dataclass_fields__
-        if self.init_from is not None:
-            given = [
-                k
-                for k in (*_PARTS, "feature_layer", "attention")
-                if getattr(self, k) != _default(defaults[k])
-            ]
-            if given:
-                raise ValueError(
-                    f"model.init_from holds tower, connector and decoder; drop model.{', model.'.join(given)}"
-                )
-            return
-        if not self.tower or not self.decoder:
-            raise ValueError("model: set init_from (a saved VLM), or tower and decoder (to build one)")
-        if self.connector not in list_connectors():
+        if self.connector is not None and self.connector not in list_connectors():
             raise ValueError(
                 f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}"
             )
+        check_range("model.image_size", self.image_size, lo=1)
+        if self.init_from is not None:
+            kept = [k for k in _KEPT if getattr(self, k) != _default(defaults[k])]
+            if kept:
+                raise ValueError(
+                    "model.init_from holds the decoder, its tokenizer and attention (a swap keeps them): "
+                    f"drop model.{', model.'.join(kept)}"
+                )
+            swap = [k for k in _SWAP if getattr(self, k) != _default(defaults[k])]
+            if swap and not self.tower:
+                raise ValueError(
+                    f"model.{', model.'.join(swap)} apply to a tower swap: set model.tower (the new tower) "
+                    "or drop them (model.init_from holds tower and connector)"
+                )
+            if self.keep_connector and (self.connector is not None or self.connector_options):
+                raise ValueError(
+                    "model.keep_connector keeps the saved connector: drop model.connector and "
+                    "model.connector_options"
+                )
+            return
+        if self.keep_connector:
+            raise ValueError(
+                "model.keep_connector applies to a tower swap (model.init_from with model.tower)"
+            )
+        if not self.tower or not self.decoder:
+            raise ValueError("model: set init_from (a saved VLM), or tower and decoder (to build one)")
+        self.connector = self.connector or "linear"
+        self.feature_layer = -1 if self.feature_layer is None else self.feature_layer
         if self.attention not in ATTENTION:
             raise ValueError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
-        check_range("model.image_size", self.image_size, lo=1)
         preset = preset_decoder_name(self.decoder)
         if preset is not None:
             if preset not in DECODER_PRESETS:
@@ -80,6 +101,11 @@ class VLMModelSection:
             raise ValueError(
                 "model.decoder_options override a preset decoder's config; this decoder is loaded"
             )
+
+    @property
+    def swaps_tower(self) -> bool:
+        """A saved VLM with its tower replaced (``init_from`` and ``tower``)."""
+        return bool(self.init_from and self.tower)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -75,6 +75,44 @@ def assemble(m: VLMModelSection, dtype: torch.dtype) -> VisionLanguageModel:
     )
 
 
+def swap_tower(vlm: VisionLanguageModel, m: VLMModelSection, dtype: torch.dtype) -> None:
+    """``model.tower`` in place of the saved VLM's tower (at ``image_size``, read at ``feature_layer``,
+    default the saved one's), with the saved connector's kind rebuilt for its width (or ``model.connector``
+    with its options, or the saved connector kept); the processor follows the new tower. Decoder,
+    tokenizer, image token and attention stay; ``vlm.tower_swap`` records what changed."""
+    tower_src = resolve_path(m.tower)
+    layer = vlm.tower.feature_layer if m.feature_layer is None else m.feature_layer
+    tower = load_tower(tower_src, image_size=m.image_size, feature_layer=layer, use_head=False)
+    if not isinstance(tower, VisionTower):
+        raise ValueError(f"model.tower {m.tower}: a NaFlex tower cannot be put in a VisionLanguageModel")
+    if m.keep_connector and tower.config.hidden_size != vlm.connector.in_dim:
+        raise ValueError(
+            f"model.keep_connector: the saved connector takes {vlm.connector.in_dim}-wide features, "
+            f"model.tower {m.tower} gives {tower.config.hidden_size}: drop model.keep_connector (a fresh "
+            "connector of the new width is fitted)"
+        )
+    connector = vlm.connector if m.keep_connector else m.connector
+    before = vlm.num_image_tokens
+    vlm.replace_tower(
+        tower.to(dtype),
+        connector,
+        processor=processor_for(tower_src, tower.config.image_size),
+        source=m.tower,
+        **m.connector_options,
+    )
+    log.info(
+        "model.tower %s replaces the tower of %s: %s connector %d -> %d (%s), %d -> %d tokens per image",
+        m.tower,
+        m.init_from,
+        vlm.connector.name,
+        vlm.connector.in_dim,
+        vlm.connector.out_dim,
+        vlm.tower_swap["connector"],
+        before,
+        vlm.num_image_tokens,
+    )
+
+
 def check_vocabulary(m: VLMModelSection) -> None:
     """The tokenizer against the decoder's input embedding table, from their files (before any set-up):
     every id the tokenizer produces must be a row (:func:`connectors.decoder.check_tokenizer_fits`). A
@@ -115,6 +153,8 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
     keep_alive = zero3_context(zero)
     if cfg.model.init_from:
         vlm = VisionLanguageModel.from_pretrained(resolve_path(cfg.model.init_from), dtype=dtype)
+        if cfg.model.swaps_tower:
+            swap_tower(vlm, cfg.model, dtype)
     else:
         vlm = assemble(cfg.model, dtype)
     if zero.stage == 3 and not all(hasattr(p, "ds_id") for p in vlm.decoder.parameters()):
@@ -229,6 +269,7 @@ def plain_model(vlm: VisionLanguageModel) -> VisionLanguageModel:
         attention=vlm.attention,
         tokenizer=vlm.tokenizer,
         processor=vlm.processor,
+        tower_swap=vlm.tower_swap,
     )
 
 
