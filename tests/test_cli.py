@@ -147,3 +147,21 @@ def test_convert_refuses_to_write_over_its_source(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vision-tower convert: error: ") and "is the checkpoint being converted" in err
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_launch_lines_in_configs_and_readme_name_modules_that_exist():
+    """``-m MODULE`` / ``--module MODULE`` in the shipped configs' comments and the README: a user copies
+    them, so each module must import (``training.cli`` was once left there after it moved)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *sorted((root / "configs").rglob("*.yaml"))]
+    found = {}
+    for path in files:
+        for module in re.findall(r"(?:\s-m|--module)\s+([A-Za-z_][\w.]*)", path.read_text()):
+            found.setdefault(module, path.name)
+    assert "vision_tower.cli" in found
+    missing = {m: where for m, where in found.items() if importlib.util.find_spec(m) is None}
+    assert not missing, missing
