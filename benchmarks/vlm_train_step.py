@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "300m"], choices=["tiny", "300m"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "300m"], choices=["tiny", "300m", "256k"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer", type=int, default=24, help="answer tokens per row (the loss is on them)")
     parser.add_argument("--repeats", type=int, default=5)
