@@ -19,6 +19,18 @@ from vision_tower import ImageProcessor, VisionTower
 LOGITS = dict(atol=1e-4, rtol=1e-4)
 
 
+def _our_prompt_ids(vlm, prompts: list[str], num_image_tokens: int, causal: bool = False) -> torch.Tensor:
+    """The ids ``generate(prompts=...)`` lays out for ``prompts`` (pad 0), to compare a processor's with."""
+    return build_prompts(
+        vlm.tokenizer,
+        prompts,
+        image_token_id=vlm.image_token_id,
+        num_image_tokens=num_image_tokens,
+        pad_token_id=0,
+        causal=causal,
+    ).input_ids
+
+
 def _vlm(decoders, family, connector, attention, feature_layer=-1, size=32, **kw):
     tower = R.tower(seed=7)
     tower.feature_layer = feature_layer
@@ -84,13 +96,7 @@ def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_p
     # transformers' PaliGemmaProcessor reads the files and lays a prompt out as generate(prompts=...) does
     processor = AutoProcessor.from_pretrained(out)
     batch = processor(images=[Image.new("RGB", (40, 30))], text=["<image>caption en"], return_tensors="pt")
-    ours_ids = build_prompts(
-        back.tokenizer,
-        ["caption en"],
-        image_token_id=back.image_token_id,
-        num_image_tokens=36,
-        pad_token_id=0,
-    ).input_ids
+    ours_ids = _our_prompt_ids(back, ["caption en"], 36)
     assert torch.equal(batch["input_ids"], ours_ids) and batch["pixel_values"].shape == (1, 3, 48, 48)
 
 
@@ -258,13 +264,7 @@ def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path)
     prompt = "USER: <image>\nwhat is it? ASSISTANT:"
     image = Image.new("RGB", (40, 30), (200, 30, 60))
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
-    ours = build_prompts(
-        vlm.tokenizer,
-        [prompt],
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=vlm.num_image_tokens,
-        pad_token_id=0,
-    ).input_ids
+    ours = _our_prompt_ids(vlm, [prompt], vlm.num_image_tokens)
     assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
@@ -275,14 +275,7 @@ def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path)
     # a prompt without <image> (a caption prompt, as training lays it out): what transformers users write,
     # "<image>" + prompt, gives the same ids and the same continuation
     batch = processor(images=[image], text=["<image>caption en"], return_tensors="pt")
-    ours = build_prompts(
-        vlm.tokenizer,
-        ["caption en"],
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=vlm.num_image_tokens,
-        pad_token_id=0,
-        causal=True,
-    ).input_ids
+    ours = _our_prompt_ids(vlm, ["caption en"], vlm.num_image_tokens, causal=True)
     assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
     theirs = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[vlm.image_token_id])
     mine = vlm.generate(batch["pixel_values"], ["caption en"], max_new_tokens=5, eos_token_id=[])
@@ -323,14 +316,7 @@ def test_a_saved_vlm_with_its_tower_swapped_for_another_width_loads_in_transform
     processor = AutoProcessor.from_pretrained(out)
     prompt = "<image>caption en"
     batch = processor(images=[Image.new("RGB", (40, 30), (200, 30, 60))], text=[prompt], return_tensors="pt")
-    ours = build_prompts(
-        vlm.tokenizer,
-        ["caption en"],
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=4,
-        pad_token_id=0,
-        causal=attention == "causal",
-    ).input_ids
+    ours = _our_prompt_ids(vlm, ["caption en"], 4, causal=attention == "causal")
     assert torch.equal(batch["input_ids"], ours), (batch["input_ids"], ours)
     pixels = vlm.image_processor()(Image.new("RGB", (40, 30), (200, 30, 60)))  # the new tower's statistics
     assert_close(batch["pixel_values"], pixels.reshape(batch["pixel_values"].shape))
