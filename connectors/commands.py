@@ -20,13 +20,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     precision = choose_precision(args.dtype, args.device)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout holds only the generated text
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype, device=args.device).eval()
-    (text,) = generate_text(vlm, [args.image], [args.prompt], max_new_tokens=args.max_new_tokens)
+    (text,) = generate_text(
+        vlm,
+        [args.image],
+        [args.prompt],
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop,
+        seed=args.seed,
+    )
     print(text)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="continue a prompt about an image with a vision-language model (greedy)"
+        "generate", help="continue a prompt about an image with a vision-language model (greedy or sampled)"
     )
     p.add_argument(
         "--model", required=True, help="VLM folder or hub repo id: native, PaliGemma or LLaVA layout"
@@ -39,6 +51,19 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--sample", action="store_true", help="draw each token (default: the most likely)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample: > 0; lower is sharper")
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, help="with --sample: draw from the K likeliest"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=None, help="with --sample: from the likeliest tokens holding this mass"
+    )
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop once the text holds this string (repeatable)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="with --sample: repeatable draws")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
     add_dtype_option(p)
     p.set_defaults(func=cmd_generate, extra="connectors")

@@ -1,4 +1,6 @@
-"""Greedy generation with the decoder's KV cache, and image-plus-prompt to text for the command line.
+"""Generation with the decoder's KV cache (greedy, or sampled through transformers' logits processors:
+temperature, top-k, top-p, repetition penalty; stop strings), and image-plus-prompt to text for the command
+line.
 
 ``vlm`` is a :class:`~connectors.VisionLanguageModel`; this module does not import it (the model's
 ``generate`` calls this one), so it is typed as the ``nn.Module`` it is."""
@@ -8,9 +10,17 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from vision_tower import load_image
 
@@ -61,16 +71,32 @@ def generate(
     grid: Grid | None = None,
     max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding: one prefill of images and prompts into the KV cache, then one token a step.
+    """One prefill of images and prompts into the KV cache, then one token a step: the most likely
+    (greedy), or with ``do_sample`` drawn from the distribution that ``temperature``, ``top_k`` and
+    ``top_p`` shape (transformers' logits warpers; ``seed`` makes the draw repeatable).
+    ``repetition_penalty`` (transformers' processor, over the prompt and what was generated) applies to
+    both. A row ends at eos or once its decoded text holds one of ``stop_strings`` (the string included).
 
     ``prompts`` (strings, tokenized with ``vlm.tokenizer``, left-padded; see
     :func:`connectors.inputs.prompt_ids` for the layout) or ``input_ids`` with their placeholders.
-    Prompt tokens are prefix (``token_type_ids`` 0 unless given), generated tokens suffix. Returns the new
-    ids (B, T <= max_new_tokens); a row that has produced eos continues with the pad id.
+    Prompt tokens are prefix (``token_type_ids`` 0 unless given), generated tokens suffix. The image
+    placeholder and ids past the tokenizer's vocabulary (rows the decoder has beyond it) are never
+    produced. Returns the new ids (B, T <= max_new_tokens); a row that has ended continues with the pad id.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if stop_strings and vlm.tokenizer is None:
+        raise ValueError("stop_strings need the VLM's tokenizer to decode what was generated")
+    processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+    rng = None if seed is None else torch.Generator().manual_seed(seed)
     if (prompts is None) == (input_ids is None):
         raise ValueError("pass prompts (strings) or input_ids, exactly one of them")
     eos = _eos_ids(vlm, eos_token_id)
@@ -115,13 +141,26 @@ def generate(
     )
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    vocab = len(vlm.tokenizer) if vlm.tokenizer is not None else None
+    seen = input_ids  # (B, L + t): what the repetition penalty looks at
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].clone()  # (B, V)
+        logits = out.logits[:, -1].float().clone()  # (B, V)
         logits[:, vlm.image_token_id] = float("-inf")  # a placeholder is never an answer (it needs an image)
-        token = logits.argmax(-1).masked_fill(done, pad)  # (B,)
+        if vocab is not None and vocab < logits.shape[-1]:
+            logits[:, vocab:] = float("-inf")  # rows past the tokenizer decode to nothing
+        logits = processors(seen, logits)
+        if do_sample:
+            probs = logits.softmax(-1)
+            token = torch.multinomial(probs.cpu(), 1, generator=rng)[:, 0].to(logits.device)
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(done, pad)  # (B,)
         new.append(token)
+        seen = torch.cat([seen, token[:, None]], dim=1)
         done |= torch.isin(token, eos_t)
+        if stop_strings:
+            done |= _stopped(vlm.tokenizer, torch.stack(new, dim=1), stop_strings)
         if done.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
@@ -133,15 +172,53 @@ def generate_text(
     vlm: nn.Module,
     images: Sequence[str | os.PathLike],
     prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
+    **options: Any,
 ) -> list[str]:
-    """Load image files, preprocess them with the VLM's processor, continue each prompt, decode the text."""
+    """Load image files, preprocess them with the VLM's processor, continue each prompt, decode the text
+    (cut after the first of ``stop_strings`` it holds). ``options``: those of :func:`generate`."""
     if vlm.tokenizer is None:
         raise ValueError("this VLM has no tokenizer files: it cannot turn prompts into ids or ids into text")
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
     param = next(vlm.tower.parameters())
     pixels = vlm.image_processor()([load_image(f) for f in images]).to(param.device, param.dtype)
-    ids = generate(vlm, pixels, list(prompts), max_new_tokens=max_new_tokens)
-    return vlm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    ids = generate(vlm, pixels, list(prompts), **options)
+    texts = vlm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [_cut(t, options.get("stop_strings", ())) for t in texts]
+
+
+def logits_processors(
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None,
+) -> LogitsProcessorList:
+    """transformers' processors for these settings, in the order its ``generate`` applies them
+    (repetition penalty, then the sampling warpers); each refuses a value out of range."""
+    steps = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        steps.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if not do_sample:
+        if temperature != 1.0 or top_k is not None or top_p is not None:
+            raise ValueError("temperature, top_k and top_p shape sampling: pass do_sample=True (--sample)")
+        return steps
+    if temperature != 1.0:
+        steps.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        steps.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        steps.append(TopPLogitsWarper(top_p))
+    return steps
+
+
+def _stopped(tokenizer: Any, ids: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
+    """(B,) True for the rows whose decoded text holds one of ``stop_strings``."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=ids.device)
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to and including the first stop string in it."""
+    ends = [text.index(s) + len(s) for s in stop_strings if s in text]
+    return text[: min(ends)] if ends else text

@@ -28,6 +28,7 @@ def _vlm(tmp_path, family="gemma", connector="linear", attention="prefix", layer
 def test_generate_prints_the_greedy_continuation_of_image_and_prompt(tmp_path, capsys):
     vlm = _vlm(tmp_path)
     vlm.save_pretrained(tmp_path / "pg", format="paligemma")
+    capsys.readouterr()  # what saving printed (DeepSpeed's import warning) is not the command's
     image = tmp_path / "cat.png"
     Image.new("RGB", (50, 40), (200, 120, 30)).save(image)
     assert (
@@ -56,6 +57,25 @@ def test_generate_prints_the_greedy_continuation_of_image_and_prompt(tmp_path, c
     pixels = ImageProcessor(image_size=32)([Image.open(image)])
     expected = vlm.generate(pixels, input_ids=ids, max_new_tokens=5)
     assert printed == tok.decode(expected[0], skip_special_tokens=True) and printed
+    # the sampling flags reach generate: top-k 1 draws the greedy tokens; a penalty and sampling run
+    base = ["generate", "--model", str(tmp_path / "pg"), "--image", str(image), "--prompt", "caption en"]
+    base += ["--max-new-tokens", "5", "--dtype", "float32"]
+    assert main([*base, "--sample", "--top-k", "1", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == printed
+    flags = [
+        "--sample",
+        "--temperature",
+        "1.5",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.3",
+        "--seed",
+        "4",
+    ]
+    assert main([*base, *flags]) == 0 and capsys.readouterr().out.strip() != ""
+    assert main([*base, "--top-p", "0.9"]) == 2  # shaping a draw without --sample
+    assert "pass do_sample=True (--sample)" in capsys.readouterr().err
 
 
 def test_generate_without_tokenizer_files_says_so(tmp_path, capsys):

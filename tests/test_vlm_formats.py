@@ -282,6 +282,57 @@ def test_llava_export_is_driven_by_its_own_processor(family, decoders, tmp_path)
     assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)
 
 
+def test_repetition_penalty_sampling_and_stop_strings(decoders, tmp_path):
+    """Greedy with a repetition penalty continues as transformers' generate with the same penalty; sampling
+    at top-k 1 is greedy, a seed repeats its draw; a stop string ends the text after it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from connectors.generation import generate_text
+
+    vlm = _vlm(decoders, "qwen2", "mlp2x_gelu", "causal", -2, processor=ImageProcessor(image_size=32))
+    out = tmp_path / "llava"
+    vlm.save_pretrained(out, format="llava")
+    prompt = "USER: <image>\nwhat is it? ASSISTANT:"
+    image = Image.new("RGB", (40, 30), (200, 30, 60))
+    batch = AutoProcessor.from_pretrained(out)(images=[image], text=[prompt], return_tensors="pt")
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    hf.generation_config.eos_token_id = None
+    px, n = batch["pixel_values"], 12
+
+    def ours(**kw):
+        return vlm.generate(px, [prompt], max_new_tokens=n, eos_token_id=[], **kw)
+
+    greedy = ours()
+    penalised = ours(repetition_penalty=1.8)
+    theirs = hf.generate(
+        **batch,
+        max_new_tokens=n,
+        do_sample=False,
+        repetition_penalty=1.8,
+        suppress_tokens=[vlm.image_token_id],
+    )
+    assert torch.equal(penalised, theirs[:, batch["input_ids"].shape[1] :])
+    assert not torch.equal(penalised, greedy)  # the penalty changed the continuation
+    assert len(set(penalised[0].tolist())) > len(set(greedy[0].tolist()))
+    assert torch.equal(ours(do_sample=True, top_k=1, seed=3), greedy)
+    assert torch.equal(
+        ours(do_sample=True, temperature=5.0, seed=1), ours(do_sample=True, temperature=5.0, seed=1)
+    )
+    assert not torch.equal(
+        ours(do_sample=True, temperature=5.0, seed=1), ours(do_sample=True, temperature=5.0, seed=2)
+    )
+    with pytest.raises(ValueError, match="do_sample=True"):
+        ours(top_p=0.9)
+    with pytest.raises(ValueError, match="temperature"):
+        ours(do_sample=True, temperature=0.0)
+    file = tmp_path / "red.png"
+    image.save(file)
+    (full,) = generate_text(vlm, [file], [prompt], max_new_tokens=n, eos_token_id=[])
+    stop = full[len(full) // 3 : len(full) // 3 + 2]
+    (cut,) = generate_text(vlm, [file], [prompt], max_new_tokens=n, eos_token_id=[], stop_strings=[stop])
+    assert cut == full[: full.index(stop) + len(stop)] and len(cut) < len(full), (full, stop, cut)
+
+
 @pytest.mark.parametrize(
     "fmt, family, connector, attention, layer",
     [("paligemma", "gemma", "linear", "prefix", -1), ("llava", "qwen2", "mlp2x_gelu", "causal", -2)],
