@@ -37,6 +37,7 @@ SIZES = [
 SIZES += [(5, 17), (29, 28), (85, 250), (169, 170), (400, 101), (257, 769)]
 SIZES += [(49, 49), (98, 147), (47, 188)]  # h * cols / w lands a hair below a whole number (rounded)
 SIZES += [(5, 400), (400, 5), (3, 1000)]  # beyond 1:4: no row (or column) of tile tokens survives unpadding
+SIZES += [(113, 85), (85, 113)]  # anyres_max_9 shrinks one axis by a whole odd factor (taps of weight 0)
 
 
 def _image(size, seed):

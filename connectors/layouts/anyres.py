@@ -210,8 +210,8 @@ class AnyRes(ImageLayout):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Connector outputs of every crop of a batch ``(sum of crops, tokens per crop, D)``, images in order
         and each image's crops in plan order -> the images' tokens ``(sum of tokens, D)`` and their counts
-        ``(num_images,)``: one gather (and, for shrunk grids, a bilinear sum of four) over the whole batch,
-        no loop over images on tensors."""
+        ``(num_images,)``: one gather over the whole batch (and, for the tokens of shrunk grids, a
+        bilinear sum of four), no loop over images on tensors."""
         newline = (learned or {}).get("image_newline")
         if newline is None:
             raise ValueError(
@@ -235,13 +235,20 @@ class AnyRes(ImageLayout):
         weight = np.concatenate([w for _, w in plans])
         lengths = torch.tensor([len(i) for i, _ in plans], dtype=torch.long)
         index_t = torch.from_numpy(index).to(features.device)  # (L, 4)
-        if not weight[:, [1, 3]].any():  # nothing shrunk: a plain gather
-            return table[index_t[:, 0]], lengths
-        w = torch.from_numpy(weight).to(features.device, features.dtype).unsqueeze(-1)  # (L, 4, 1)
-        tap = [table[index_t[:, k]] for k in range(4)]  # each (L, D)
-        top = tap[0] * w[:, 2] + tap[1] * w[:, 3]
-        bottom = tap[2] * w[:, 2] + tap[3] * w[:, 3]
-        return top * w[:, 0] + bottom * w[:, 1], lengths  # (L, D)
+        out = table.index_select(0, index_t[:, 0])  # (L, D): every token taken as it is
+        shrunk = np.flatnonzero(weight[:, 1] + weight[:, 3])  # tokens mixing several grid tokens
+        if shrunk.size == 0:
+            return out, lengths
+        rows = torch.from_numpy(shrunk).to(features.device)
+        taps = index_t[rows]  # (S, 4)
+        w = torch.from_numpy(weight[shrunk]).to(features.device, features.dtype).unsqueeze(-1)  # (S, 4, 1)
+
+        def tap(k: int) -> torch.Tensor:
+            return table.index_select(0, taps[:, k])  # (S, D)
+
+        top = tap(0).mul_(w[:, 2]).add_(tap(1).mul_(w[:, 3]))
+        bottom = tap(2).mul_(w[:, 2]).add_(tap(3).mul_(w[:, 3]))
+        return out.index_copy(0, rows, top.mul_(w[:, 0]).add_(bottom.mul_(w[:, 1]))), lengths  # (L, D)
 
 
 @register_layout("anyres_max", aliases={"anyres_max_9": {"max_tiles": 9}})
@@ -268,15 +275,16 @@ class AnyResMax(AnyRes):
 
 def _linear_taps(size_in: int, size_out: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The two taps (index, weight) per output position of ``torch.nn.functional.interpolate(mode=
-    "bilinear", align_corners=False)`` along one axis from ``size_in`` to ``size_out``, computed in float32
-    as torch's CPU kernel does; equal sizes give the identity (weights 1 and 0)."""
+    "bilinear", align_corners=False)`` shrinking one axis from ``size_in`` to ``size_out``, in float32 as
+    torch computes them; equal sizes give the identity (weights 1 and 0). Shrinking (scale > 1) keeps every
+    source position inside (0, size_in - 1), so torch's clamps at both ends never act here."""
     if size_in == size_out or size_out == 0:
         same = np.arange(size_out)
         return [(same, np.ones(size_out, np.float32)), (same, np.zeros(size_out, np.float32))]
+    if size_out > size_in:
+        raise ValueError(f"bilinear taps only shrink here: {size_in} -> {size_out}")
     scale = np.float32(size_in) / np.float32(size_out)
     src = scale * (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0))
-    first = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
-    frac = np.clip(src - first.astype(np.float32), 0, 1).astype(np.float32)
-    second = first + (first < size_in - 1)
-    return [(first, (np.float32(1) - frac).astype(np.float32)), (second, frac)]
+    first = np.floor(src).astype(np.int64)
+    frac = src - first.astype(np.float32)  # float32
+    return [(first, np.float32(1) - frac), (first + 1, frac)]

@@ -49,15 +49,16 @@ class Crop:
     position: tuple[int, int] | None = None
 
 
-Segment = int | str  # a run of that many image placeholders, or one special token written by name
+Segment = int | str  # a run of that many image placeholders, or text tokenized with special tokens parsed
 
 
 @dataclass(frozen=True)
 class ImagePlan:
     """Everything a layout decides for one image size: the crops in the order the tower sees them, the tile
     grid (rows, cols; (0, 0) when the image is not tiled), the decoder tokens the crops' features become,
-    and the prompt's segments for the image (placeholder runs summing to ``num_tokens``, and special tokens
-    such as ``"<fake_token_around_image>"`` between them)."""
+    and the prompt's segments for the image: placeholder runs (ints) summing to ``num_tokens``, and text
+    between them (strs, tokenized with special tokens parsed: Idefics3's ``"<fake_token_around_image>"``,
+    ``"<row_1_col_1>"`` and ``"\\n"``, Gemma 3's ``"<start_of_image>"``)."""
 
     image_size: Size
     crops: tuple[Crop, ...]
