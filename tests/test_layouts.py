@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+from connectors import build_connector
 from connectors.layouts import (
     CropShape,
     LayoutConfig,
@@ -76,6 +77,25 @@ def test_config_round_trip_and_pickled_layouts_give_the_same_plans():
             assert again.plan(size) == layout.plan(size) == copied.plan(size)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['option'\]"):
         LayoutConfig.from_dict({"name": "anyres", "option": {}})
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "grid"),
+    [
+        ("mlp2x_gelu", {}, (6, 4)),
+        ("pixel_shuffle", {"factor": 2}, (3, 2)),
+        ("avg_pool", {"tokens_per_side": 2}, (2, 2)),
+        ("resampler", {"num_queries": 5, "num_heads": 2}, None),
+    ],
+)
+def test_crop_shape_of_each_connector_is_what_its_forward_gives(name, options, grid):
+    connector = build_connector(name, 16, 8, **options)
+    shape = CropShape.of(connector, (84, 56), (6, 4))  # a 6x4 patch grid (patch 14)
+    out = connector(torch.randn(2, 24, 16), (6, 4))
+    assert shape == CropShape((84, 56), out.shape[1], grid)
+    if grid is None:
+        with pytest.raises(ValueError, match="without one"):
+            build_layout("anyres", CropShape.of(connector, (56, 56), (4, 4)))
 
 
 # ---------------------------------------------------------------------------- fixed

@@ -100,6 +100,13 @@ class CropShape:
                 )
             object.__setattr__(self, "grid", grid)
 
+    @classmethod
+    def of(cls, connector: Any, image_size: Sequence[int], grid: Sequence[int]) -> CropShape:
+        """The crop shape of a tower that takes ``image_size`` (height, width) pixels to a ``grid`` of
+        patch tokens, followed by ``connector`` (a :class:`~connectors.base.Connector`)."""
+        grid = (int(grid[0]), int(grid[1]))
+        return cls(tuple(image_size), connector.num_tokens(grid), connector.output_grid(grid))
+
 
 def _size(value: Any, what: str) -> Size:
     pair = (value, value) if isinstance(value, int) else tuple(value)
