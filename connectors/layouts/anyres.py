@@ -139,6 +139,7 @@ class AnyRes(ImageLayout):
         super().__init__(crop, grid_pinpoints=stored)
 
     def learned(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """``image_newline`` (dim,): transformers initializes it as ``randn(dim) / sqrt(dim)``."""
         return {"image_newline": (dim,)}
 
     def tile_grid(self, image_size: Size) -> Size:

@@ -71,8 +71,7 @@ class ImagePlan:
         if placeholders != self.num_tokens:
             raise ValueError(
                 f"plan for a {self.image_size[0]}x{self.image_size[1]} image holds {placeholders} "
-                f"placeholders "
-                f"in its prompt for {self.num_tokens} image tokens"
+                f"placeholders in its prompt for {self.num_tokens} image tokens"
             )
 
 
@@ -190,9 +189,8 @@ class ImageLayout:
         picks the plan (and which the model's ``pack`` takes again)."""
         if tuple(processor.size) != self.crop.size:
             raise ValueError(
-                f"layout {self.name!r} makes {self.crop.size[0]}x{self.crop.size[1]} crops; "
-                f"the processor makes "
-                f"{processor.size[0]}x{processor.size[1]} images"
+                f"layout {self.name!r} makes {self.crop.size[0]}x{self.crop.size[1]} crops; the processor "
+                f"makes {processor.size[0]}x{processor.size[1]} images"
             )
         rgb = backends.rgb_array(
             image,
