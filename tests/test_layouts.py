@@ -72,6 +72,7 @@ def test_config_round_trip_and_pickled_layouts_give_the_same_plans():
         layout = build_layout(name, CROP, **options)
         config = LayoutConfig.from_dict(layout.config.to_dict())
         again = config.build(CROP)
+        layout.plan((40, 100)), layout.packing((40, 100))  # fill the caches before pickling
         copied = pickle.loads(pickle.dumps(layout))  # a data-loader worker's copy
         for size in ((40, 100), (300, 90)):
             assert again.plan(size) == layout.plan(size) == copied.plan(size)
