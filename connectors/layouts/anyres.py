@@ -9,7 +9,10 @@ Tokens: the base crop's tokens, then the tiles' token grids put back together in
 columns of padding cut off again (back to the image's aspect ratio), for ``anyres_max`` bilinearly shrunk
 when it holds more than ``max_tiles`` tiles' worth of tokens (by more than 10%), and a learned
 ``image_newline`` vector after each row. Every rule and rounding is the one of transformers'
-``LlavaNextProcessor`` / ``LlavaOnevisionProcessor``, their image processors and ``pack_image_features``.
+``LlavaNextProcessor`` / ``LlavaOnevisionProcessor``, their image processors and ``pack_image_features``:
+token counts equal, crops bit for bit with the tower processor's backend (``"torchvision"``: the default
+``LlavaNextImageProcessor`` / ``LlavaOnevisionImageProcessor``; ``"pil"``: their ``*Pil`` classes), packed
+tokens equal (copied tokens exactly, shrunk ones to float rounding; tests/test_layouts.py).
 """
 
 from __future__ import annotations
