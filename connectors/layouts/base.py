@@ -184,9 +184,10 @@ class ImageLayout:
 
     # ---------------------------------------------------------------- pixels (data-loader side)
     def crops(self, image: Any, processor: ImageProcessor) -> tuple[torch.Tensor, Size]:
-        """The crops of one image (any input the processor takes) as ``(num_crops, 3, H, W)`` float32, with
-        ``processor``'s backend, filter and statistics, and the decoded image's (height, width), which
-        picks the plan (and which the model's ``pack`` takes again)."""
+        """The crops of one image (any input the processor takes) as ``(num_crops, 3, H, W)`` float32 (a
+        view of a channel-first buffer: ``torch.cat`` / ``stack`` them in the collate), with ``processor``'s
+        backend, filter and statistics, and the decoded image's (height, width), which picks the plan (and
+        which the model's ``pack`` takes again)."""
         if tuple(processor.size) != self.crop.size:
             raise ValueError(
                 f"layout {self.name!r} makes {self.crop.size[0]}x{self.crop.size[1]} crops; the processor "
@@ -200,7 +201,10 @@ class ImageLayout:
         )  # (H, W, 3) uint8
         plan = self.plan(rgb.shape[:2])
         arrays = run_steps(rgb, [c.steps for c in plan.crops], processor.backend, processor.resample)
-        pixels = dataclasses.replace(processor, do_resize=False)(arrays)  # (num_crops, 3, H, W)
+        # one rescale-normalize over the crops stacked into one tall image (elementwise: the same numbers)
+        tall = dataclasses.replace(processor, do_resize=False)(np.concatenate(arrays))  # (1, 3, n * H, W)
+        height, width = self.crop.size
+        pixels = tall.view(3, len(arrays), height, width).transpose(0, 1)  # (n, 3, H, W), a view
         return pixels, plan.image_size
 
     # ---------------------------------------------------------------- tokens (model side)
@@ -271,5 +275,5 @@ def resize_rgb(rgb: np.ndarray, size: Size, backend: str, resample: str) -> np.n
     if backend == "pil":
         image = Image.fromarray(rgb).resize((size[1], size[0]), resample=backends.resample_code(resample))
         return np.asarray(image)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # (3, H, W)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) channels-last, as torchvision's pil_to_tensor
     return backends.resize_uint8(x, size, resample).permute(1, 2, 0).numpy()
