@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.testing import assert_close
 
@@ -22,6 +23,7 @@ from connectors.layouts import (
     build_layout,
     list_layouts,
 )
+from connectors.layouts.anyres import linear_taps
 from tests.helpers import anyres_reference as R
 from vision_tower import ImageProcessor
 
@@ -198,6 +200,19 @@ def test_pack_equals_transformers_pack_image_features_forward_and_backward(name)
     (ref * weights).sum().backward()
     assert_close(features.grad, ref_features.grad, atol=1e-6, rtol=1e-6)
     assert_close(newline.grad, ref_newline.grad, atol=1e-5, rtol=1e-6)
+
+
+def test_shrinking_taps_are_torch_bilinear_weights_bit_for_bit():
+    """Every (size_in -> size_out) shrink up to 50: the two taps per output position equal the weights
+    ``F.interpolate(mode="bilinear")`` applies (read off by interpolating one-hot rows)."""
+    for size_in in range(2, 50):
+        eye = torch.eye(size_in)[None, :, :, None].expand(1, size_in, size_in, 2).contiguous()  # (1, C, H, 2)
+        for size_out in range(1, size_in):
+            torch_weights = F.interpolate(eye, [size_out, 2], mode="bilinear")[0, :, :, 0]  # (in, out)
+            ours = torch.zeros(size_in, size_out)
+            for index, weight in linear_taps(size_in, size_out):
+                ours[torch.from_numpy(index), torch.arange(size_out)] += torch.from_numpy(weight)
+            assert torch.equal(ours, torch_weights), (size_in, size_out)
 
 
 def test_pack_refuses_features_that_do_not_match_the_plans():

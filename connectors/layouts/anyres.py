@@ -190,7 +190,7 @@ class AnyRes(ImageLayout):
         x = np.arange(left, left + kept_w)[None, :]
         crop = 1 + (y // gh) * cols + x // gw  # crop 0 is the base image
         grid_index = crop * (gh * gw) + (y % gh) * gw + x % gw  # (kept_h, kept_w)
-        taps_y, taps_x = _linear_taps(kept_h, out_h), _linear_taps(kept_w, out_w)
+        taps_y, taps_x = linear_taps(kept_h, out_h), linear_taps(kept_w, out_w)
         index = np.stack(
             [grid_index[iy][:, ix] for iy, _ in taps_y for ix, _ in taps_x], axis=-1
         )  # (out_h, out_w, 4)
@@ -277,18 +277,19 @@ class AnyResMax(AnyRes):
         return box, shrunk_grid(rows, cols, self.crop.tokens, self.max_tiles)
 
 
-def _linear_taps(size_in: int, size_out: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def linear_taps(size_in: int, size_out: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The two taps (index, weight) per output position of ``torch.nn.functional.interpolate(mode=
     "bilinear", align_corners=False)`` shrinking one axis from ``size_in`` to ``size_out``, in float32 as
-    torch computes them; equal sizes give the identity (weights 1 and 0). Shrinking (scale > 1) keeps every
-    source position inside (0, size_in - 1), so torch's clamps at both ends never act here."""
+    torch's CPU kernel computes them; equal sizes give the identity (weights 1 and 0). Shrinking (scale > 1)
+    keeps every source position inside (0, size_in - 1), so torch's clamps at both ends never act here."""
     if size_in == size_out or size_out == 0:
         same = np.arange(size_out)
         return [(same, np.ones(size_out, np.float32)), (same, np.zeros(size_out, np.float32))]
     if size_out > size_in:
         raise ValueError(f"bilinear taps only shrink here: {size_in} -> {size_out}")
     scale = np.float32(size_in) / np.float32(size_out)
-    src = scale * (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    # torch's scale * (dst + 0.5) - 0.5 is one fused multiply-add on the float32 scale: one rounding
+    src = (np.float64(scale) * (np.arange(size_out) + 0.5) - 0.5).astype(np.float32)
     first = np.floor(src).astype(np.int64)
     frac = src - first.astype(np.float32)  # float32
     return [(first, np.float32(1) - frac), (first + 1, frac)]
