@@ -61,6 +61,12 @@ class Connector(nn.Module):
         self.check_grid(grid)
         return grid[0] * grid[1]
 
+    def output_grid(self, grid: Grid) -> Grid | None:
+        """The (rows, cols) grid the ``num_tokens(grid)`` output tokens lie on, row-major (image layouts
+        that re-assemble tiles need it), or None when they lie on none (learned queries)."""
+        self.check_grid(grid)
+        return (int(grid[0]), int(grid[1]))
+
     # ---------------------------------------------------------------- forward
     def forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         """(B, N, in_dim) features on ``grid`` -> (B, num_tokens(grid), out_dim)."""

@@ -55,6 +55,10 @@ class BlockMergingConnector(Connector):
         self.check_grid(grid)
         return grid[0] * grid[1] // self.block**2
 
+    def output_grid(self, grid: Grid) -> Grid:
+        self.check_grid(grid)
+        return grid[0] // self.block, grid[1] // self.block
+
 
 @register_connector("pixel_shuffle")
 class PixelShuffleConnector(BlockMergingConnector):

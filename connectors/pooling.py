@@ -51,6 +51,10 @@ class AvgPoolConnector(Connector):
         self.check_grid(grid)
         return self.tokens_per_side**2
 
+    def output_grid(self, grid: Grid) -> Grid:
+        self.check_grid(grid)
+        return self.tokens_per_side, self.tokens_per_side
+
     def _forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         B, _, D = features.shape
         k = self.tokens_per_side

@@ -91,6 +91,10 @@ class ResamplerConnector(Connector):
         self.check_grid(grid)
         return self.options["num_queries"]  # not the parameter's shape: ZeRO-3 empties it
 
+    def output_grid(self, grid: Grid) -> None:
+        self.check_grid(grid)
+        return None  # learned queries: no grid
+
     def _forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         kv = self.norm_kv(self.kv_proj(features))  # (B, N, E)
         q = self.queries.to(kv.dtype).unsqueeze(0).expand(kv.shape[0], -1, -1)  # (B, T, E)
