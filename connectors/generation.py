@@ -88,8 +88,9 @@ def generate(
     ``prompts`` (strings, tokenized with ``vlm.tokenizer``, left-padded; see
     :func:`connectors.inputs.prompt_ids` for the layout) or ``input_ids`` with their placeholders.
     Prompt tokens are prefix (``token_type_ids`` 0 unless given), generated tokens suffix. The image
-    placeholder and ids past the tokenizer's vocabulary (rows the decoder has beyond it) are never
-    produced. Returns the new ids (B, T <= max_new_tokens); a row that has ended continues with the pad id.
+    placeholder is never produced; rows of the decoder past the tokenizer's vocabulary are left as
+    transformers leaves them (a trained model gives them no mass). Returns the new ids
+    (B, T <= max_new_tokens); a row that has ended continues with the pad id.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -141,14 +142,11 @@ def generate(
     )
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-    vocab = len(vlm.tokenizer) if vlm.tokenizer is not None else None
     seen = input_ids  # (B, L + t): what the repetition penalty looks at
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float().clone()  # (B, V)
         logits[:, vlm.image_token_id] = float("-inf")  # a placeholder is never an answer (it needs an image)
-        if vocab is not None and vocab < logits.shape[-1]:
-            logits[:, vocab:] = float("-inf")  # rows past the tokenizer decode to nothing
         logits = processors(seen, logits)
         if do_sample:
             probs = logits.softmax(-1)

@@ -6,25 +6,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from training.tasks.decoders import word_tokenizer
 
 IMAGE = "<image>"
 
 
 def image_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with ``<image>`` as a special token (id 4)."""
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", IMAGE, "hi"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        additional_special_tokens=[IMAGE],
-    )
+    """A word-level tokenizer with ``<image>`` as a special token."""
+    return word_tokenizer(["hi"], extra_tokens=[IMAGE])
 
 
 def _image_processor(cls_name: str, backend: str, tile: int, pinpoints: list[list[int]]):
