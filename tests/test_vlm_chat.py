@@ -15,7 +15,7 @@ from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
 from tests.helpers.vlm_data import png
 from training.data import ShardLoader, SkipSample, shard_dataset
-from training.data.chat import GENERATION_TAG, ChatEncoder, TemplateMismatch
+from training.data.chat import GENERATION_TAG, ChatEncoder, TemplateMismatch, resolve_chat_template
 from training.data.json_source import JsonSource
 from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
@@ -311,3 +311,44 @@ def test_bad_conversations_are_skipped_with_a_reason(tmp_path):
     no_template = builder(chat_tokenizer("qwen"), template=None)
     with pytest.raises(ValueError, match="set model.chat_template"):
         no_template.build({**sample, "json": json.dumps(records()[2]).encode()})
+
+
+def test_llava_builtin_templates_render_as_llava_does(tmp_path):
+    """``v1``: LLaVA's conv_vicuna_v1 prompt (system, ``USER: ... ASSISTANT: reply</s>``), the replies and
+    their eos trained; ``plain``: the image then the caption and a newline, the caption trained."""
+    tok = chat_tokenizer("llama")
+    image = tok.convert_tokens_to_ids("<image>")
+    messages = [m for m in CONVERSATION if m["role"] != "system"]
+    system = (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions."
+    )
+    llava = f"<s>{system} USER: <image>\nwhat colour is it ASSISTANT: red</s>"
+    llava += "USER: and now ASSISTANT: blue and red</s>"
+    v1 = ChatEncoder(tok, resolve_chat_template("v1", tok), "<image>")
+    assert v1.render(messages) == llava
+    assert v1.render(messages[:1], prompt=True) == llava.split(" red</s>")[0]
+    enc = v1.encode("v", messages, lambda k: [image])
+    assert tok.convert_ids_to_tokens([i for i, t in zip(enc.ids, enc.targets) if t]) == [
+        "red",
+        "</s>",
+        "blue",
+        "and",
+        "red",
+        "</s>",
+    ]
+    plain = ChatEncoder(tok, resolve_chat_template("plain", tok), "<image>")
+    caption = [
+        {"role": "user", "content": "<image>\nwhat colour"},
+        {"role": "assistant", "content": "a red shape"},
+    ]
+    assert plain.render(caption) == "<s><image>a red shape\n"
+    enc = plain.encode("p", caption, lambda k: [image] * 3)
+    v = tok.get_vocab()
+    assert enc.ids == [tok.bos_token_id, image, image, image, v["a"], v["red"], v["shape"]]
+    assert enc.targets == [False] * 4 + [True] * 3
+    # a Jinja file names a template too; an unknown name is refused
+    (tmp_path / "t.jinja").write_text(QWEN)
+    assert resolve_chat_template(str(tmp_path / "t.jinja"), tok) == QWEN
+    with pytest.raises(ValueError, match="neither a built-in"):
+        resolve_chat_template("v2", tok)

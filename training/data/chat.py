@@ -28,9 +28,10 @@ from .shards import SkipSample
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# private-use characters: a message's content stands between them while its place is looked for
+# private-use characters: they mark a message's text in a rendering while its place is looked for
 _OPEN, _CLOSE = "\ue000", "\ue001"
-_MARK = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_END = _OPEN + _CLOSE
+_MARKS = re.compile(f"{_OPEN}(\\d+)?{_CLOSE}")  # a message's start (with its index) or end
 
 # LLaVA's pretraining layout (conv_llava_plain): the images, then the caption and a newline; the user's
 # words are dropped, only the reply trains
@@ -241,20 +242,24 @@ class ChatEncoder:
         return Encoded(ids, targets)
 
     def _text_spans(self, key: str, messages: list[dict[str, str]], whole: str) -> list[tuple[int, int]]:
-        """Where the messages' own text lies in ``whole`` (to be tokenized as text). A message is marked by a
-        placeholder rendered in its place; the template must write each as given (or stripped)."""
-        marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
-        skeleton = self.render(marked)
+        """Where the messages' own text lies in ``whole`` (to be tokenized as text): each message's text is
+        rendered between markers, which are then taken out; the template must write the text as given (or
+        stripped), or leave it out."""
         for strip in (False, True):
-            spans, out, pos = [], [], 0
-            for match in _MARK.finditer(skeleton):
+            marked = [
+                {**m, "content": f"{_OPEN}{i}{_CLOSE}{m['content'].strip() if strip else m['content']}{_END}"}
+                for i, m in enumerate(messages)
+            ]
+            skeleton = self.render(marked)
+            spans, out, pos, start = [], [], 0, None
+            for match in _MARKS.finditer(skeleton):
                 out.append(skeleton[pos : match.start()])
-                text = messages[int(match.group(1))]["content"]
-                text = text.strip() if strip else text
-                start = sum(map(len, out))
-                out.append(text)
-                spans.append((start, start + len(text)))
                 pos = match.end()
+                if match.group(1) is not None:
+                    start = sum(map(len, out))
+                elif start is not None:
+                    spans.append((start, sum(map(len, out))))
+                    start = None
             out.append(skeleton[pos:])
             if "".join(out) == whole:
                 return spans

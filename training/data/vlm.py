@@ -299,7 +299,11 @@ class VLMBuilder:
             "__key__": [it.key for it in items],
         }
         if any(it.targets is not None for it in items):
-            batch["prompt_ids"] = [it.prompt_ids for it in items]
+            # what evaluation continues: a conversation's ids up to its first reply, a single-turn sample's
+            # prefix (the ids its prompt string gives)
+            batch["prompt_ids"] = [
+                it.input_ids[: it.num_prefix] if it.targets is None else it.prompt_ids for it in items
+            ]
         return batch
 
 
