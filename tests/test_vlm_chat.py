@@ -352,3 +352,32 @@ def test_llava_builtin_templates_render_as_llava_does(tmp_path):
     assert resolve_chat_template(str(tmp_path / "t.jinja"), tok) == QWEN
     with pytest.raises(ValueError, match="neither a built-in"):
         resolve_chat_template("v2", tok)
+
+
+def test_the_readme_configs_of_each_data_format_load(tmp_path):
+    """Each YAML block of the README's "Train on conversations", put into the shipped conversation config."""
+    import re
+
+    import yaml
+
+    from training.runner.paths import ROOT
+    from training.tasks.vlm_config import load_vlm_config
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Train on conversations")[1].split("\n## ")[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    base = yaml.safe_load((ROOT / "configs" / "vlm" / "tiny_conversations.yaml").read_text())
+    for key in ("train_json", "image_folder"):
+        base["data"].pop(key)
+    for i, block in enumerate(blocks):
+        part = yaml.safe_load(block)
+        config = {**base, **{k: {**base.get(k, {}), **v} for k, v in part.items()}}
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cfg = load_vlm_config(path)
+        assert (cfg.data.train_shards, cfg.data.train_json) == (
+            part["data"].get("train_shards", ""),
+            part["data"].get("train_json"),
+        )
+        assert cfg.model.chat_template == part["model"]["chat_template"]
