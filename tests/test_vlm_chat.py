@@ -119,23 +119,30 @@ def test_text_in_the_messages_is_never_parsed_for_special_tokens():
     assert enc.targets == [False] * 8 + [True, True]
 
 
-def test_a_template_whose_turns_do_not_add_up_is_caught_and_named():
-    """Earlier replies end in another token than the last one: the rendering of the first exchange (as one
-    generates) ends "red<|im_end|>" where the whole conversation has "red<|endoftext|>"."""
+@pytest.mark.parametrize("spans", ["generation", "turn_by_turn"])
+def test_a_template_whose_turns_do_not_add_up_is_caught_and_named(spans):
+    """The rendering up to a reply (the prompt one generates from) must be the start of the whole
+    conversation's tokens: a generation prompt that opens the reply with a word the whole rendering lacks
+    (as Qwen3's empty thinking block) differs in its text; one that ends inside the reply's first word
+    differs in its tokens (as a merge across the turn boundary)."""
     tok = chat_tokenizer("qwen")
-    bad = QWEN.replace(
-        "<|im_end|>{% endgeneration %}",
-        "{% if loop.last %}<|im_end|>{% else %}<|endoftext|>{% endif %}{% endgeneration %}",
+    template = (
+        QWEN if spans == "generation" else GENERATION_TAG.sub("", QWEN).replace("{% endgeneration %}", "")
     )
     messages = [m for m in CONVERSATION if m["role"] != "system"]
-    # whole: <|im_start|> user <image>x4 what colour is it <|im_end|> <|im_start|> assistant red | (here)
+    # whole: <|im_start|> user <image>x4 what colour is it <|im_end|> <|im_start|> assistant | red ...
+    extra = template.replace("assistant\n{% endif %}", "assistant\nit {% endif %}")
     with pytest.raises(TemplateMismatch) as err:
-        ChatEncoder(tok, bad, "<image>").encode("s7", messages, lambda k: [0] * IMAGE_TOKENS)
-    assert "sample s7" in str(err.value) and "at token 14 " in str(err.value)
-    assert err.value.reason == "template_mismatch"
-    ChatEncoder(tok, bad, "<image>").encode(
-        "s8", messages[:2], lambda k: [0] * IMAGE_TOKENS
-    )  # one exchange: fine
+        ChatEncoder(tok, extra, "<image>").encode("s7", messages, lambda k: [0] * IMAGE_TOKENS)
+    assert "sample s7: the rendering up to a reply differs" in str(err.value)
+    assert "at token 13 " in str(err.value) and err.value.reason == "template_mismatch"
+    cut = template.replace("assistant\n{% endif %}", "assistant\nbl{% endif %}")
+    reply = [messages[0], {"role": "assistant", "content": "blue and red"}]
+    with pytest.raises(TemplateMismatch) as err:
+        ChatEncoder(tok, cut, "<image>").encode("s8", reply, lambda k: [0] * IMAGE_TOKENS)
+    assert "sample s8: the tokens of the rendering up to a reply differ" in str(err.value)
+    assert "at token 13 " in str(err.value)
+    ChatEncoder(tok, template, "<image>").encode("s9", reply, lambda k: [0] * IMAGE_TOKENS)  # as it should be
 
 
 # ----------------------------------------------------------------------------- sources
@@ -278,7 +285,9 @@ def test_more_bad_samples_than_allowed_stop_the_stream_naming_the_first(tmp_path
         ValueError, match=r"3 samples were skipped as template_mismatch, more than the 2 allowed"
     ):
         list(strict)
-    with pytest.raises(ValueError, match=r"the first: data.jsonl:1 in .*sample llava-1: turn-by-turn"):
+    with pytest.raises(
+        ValueError, match=r"the first: data.jsonl:1 in .*sample llava-1: the rendering up to a reply differs"
+    ):
         list(strict)
 
 

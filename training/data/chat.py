@@ -4,14 +4,15 @@ A conversation (LLaVA's ``conversations`` of ``from``/``value`` or the ``message
 becomes ``role``/``content`` messages, is rendered with the decoder tokenizer's Jinja chat template (or
 ``model.chat_template``: the built-in ``plain`` or ``v1`` of LLaVA, or a Jinja file) and tokenized so that:
 
-- the text the messages hold is tokenized as text (special tokens written in it are split into ordinary
-  pieces, never parsed), and only the template's own text is parsed for special tokens;
+- the rendering is tokenized as a whole, as ``apply_chat_template`` does, except that special tokens are
+  never parsed inside the messages' text (where that would happen, the messages' text is tokenized as
+  text and the template's apart);
 - every ``<image>`` (in a message or written by the template) becomes the image's tokens, by id;
 - the assistant mask comes from the template's ``{% generation %}`` spans when it has them, else from the
-  assistant replies' places found by rendering the conversation turn by turn;
-- the tokens of the turn-by-turn renderings (each prefix of the conversation, with the generation prompt
-  before each reply, as one generates) must equal those of the whole rendering, else the sample is bad
-  (:class:`TemplateMismatch`, naming the sample and the first differing token).
+  replies' places found by rendering the conversation turn by turn;
+- verified: the rendering up to each reply (with the generation prompt, as one generates; and, turn by
+  turn, up to each reply's end) must tokenize to the start of the whole rendering's tokens, else the
+  sample is bad (:class:`TemplateMismatch`, naming the sample and the first differing token).
 """
 
 from __future__ import annotations
@@ -179,8 +180,14 @@ class ChatEncoder:
         specials.setdefault("bos_token", "")  # a tokenizer without bos (Qwen2): templates write it as nothing
         specials.setdefault("eos_token", "")
         self.specials = {k: v for k, v in specials.items() if isinstance(v, str)}
+        # ids that must never come from the messages' text
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        }
 
-    def render(self, messages: list[dict[str, str]], *, prompt: bool = False, spans: bool = False):
+    def render(
+        self, messages: list[dict[str, str]], *, key: str = "", prompt: bool = False, spans: bool = False
+    ):
         try:
             texts, indices = render_jinja_template(
                 conversations=[messages],
@@ -190,56 +197,68 @@ class ChatEncoder:
                 **self.specials,
             )
         except Exception as exn:  # noqa: BLE001 - the template's own error (raise_exception, undefined...)
-            raise SkipSample("template_mismatch", f"the chat template fails on it: {exn}") from exn
+            raise TemplateMismatch(f"sample {key}: the chat template fails on it: {exn}") from exn
         return (texts[0], indices[0]) if spans else texts[0]
 
     def encode(
         self, key: str, messages: list[dict[str, str]], image_ids: Callable[[int], list[int]]
     ) -> Encoded:
-        whole, gen_spans = (
-            self.render(messages, spans=True) if self.generation else (self.render(messages), [])
-        )
-        kinds = self._text_spans(key, messages, whole)
-        ids, offsets = self._tokenize(whole, 0, len(whole), kinds, image_ids)
-        # turn by turn: each prefix of the conversation, the generation prompt before each reply
-        cuts, replies = [], []
+        """Ids and assistant mask of the whole conversation; :class:`TemplateMismatch` when the rendering up
+        to a reply (as one generates it) does not tokenize to the start of the whole rendering's tokens."""
+        if self.generation:
+            whole, gen_spans = self.render(messages, key=key, spans=True)
+        else:
+            whole, gen_spans = self.render(messages, key=key), []
+        texts = self._text_spans(key, messages, whole)
+        ids, offsets = self._tokenize(whole, texts, image_ids)
+        replies = []  # token ranges of the replies, turn by turn
         for k, message in enumerate(messages):
-            if message["role"] == "assistant":
-                start = self.render(messages[:k], prompt=True) if k else ""
-                cuts.append(start)
-            end = self.render(messages[: k + 1])
-            if message["role"] == "assistant":
-                replies.append((len(cuts[-1]), len(end)))
-            cuts.append(end)
-        joined, pos = [], 0
-        for text in cuts:
-            joined.append(text[pos:])
-            pos = len(text)
-        turned = "".join(joined)
-        if turned != whole:
-            d = next(
-                (i for i, (a, b) in enumerate(zip(turned, whole)) if a != b), min(len(turned), len(whole))
-            )
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:k], key=key, prompt=True) if k else ""
+            start = self._prefix(key, prompt, whole, texts, ids, offsets, image_ids)
+            if not self.generation:
+                end = self.render(messages[: k + 1], key=key)
+                replies.append((start, self._prefix(key, end, whole, texts, ids, offsets, image_ids)))
+
+        def target(i: int) -> bool:
+            s, e = offsets[i]
+            if self.generation:  # a token touching a span, as transformers marks them
+                return any(s < hi and e > lo for lo, hi in gen_spans)
+            return any(lo <= i < hi for lo, hi in replies)
+
+        return Encoded(ids, [target(i) for i in range(len(ids))])
+
+    def _prefix(
+        self,
+        key: str,
+        text: str,
+        whole: str,
+        texts: list[tuple[int, int]],
+        ids: list[int],
+        offsets: list[tuple[int, int]],
+        image_ids: Callable[[int], list[int]],
+    ) -> int:
+        """How many of the whole rendering's tokens the rendering ``text`` of the conversation's start is; a
+        :class:`TemplateMismatch` naming the first differing token when its tokens are not the first ones."""
+        if not text:
+            return 0
+        if not whole.startswith(text):
+            d = next((i for i, (a, b) in enumerate(zip(text, whole)) if a != b), min(len(text), len(whole)))
             at = next((i for i, (_, end) in enumerate(offsets) if end > d), len(offsets))
             raise TemplateMismatch(
-                f"sample {key}: turn-by-turn rendering differs from the whole at token {at} (character {d}): "
-                f"{turned[d : d + 40]!r} against {whole[d : d + 40]!r}"
+                f"sample {key}: the rendering up to a reply differs from the whole conversation's at token "
+                f"{at} (character {d}): {text[d : d + 40]!r} against {whole[d : d + 40]!r}"
             )
-        pieces: list[int] = []
-        bounds = sorted({len(t) for t in cuts if 0 < len(t) < len(whole)})
-        for a, b in zip([0, *bounds], [*bounds, len(whole)]):
-            pieces += self._tokenize(
-                whole, a, b, kinds, image_ids, first_image=_images_before(whole, a, self.image_token)
-            )[0]
-        if pieces != ids:
-            at = next((i for i, (a, b) in enumerate(zip(pieces, ids)) if a != b), min(len(pieces), len(ids)))
+        clipped = [(lo, min(hi, len(text))) for lo, hi in texts if lo < len(text)]
+        part, _ = self._tokenize(text, clipped, image_ids)
+        if part != ids[: len(part)]:
+            at = next((i for i, (a, b) in enumerate(zip(part, ids)) if a != b), len(part))
             raise TemplateMismatch(
-                f"sample {key}: turn-by-turn tokens differ from the whole rendering's at token {at} "
-                f"({pieces[at : at + 5]} against {ids[at : at + 5]})"
+                f"sample {key}: the tokens of the rendering up to a reply differ from the whole "
+                f"conversation's at token {at} ({part[at : at + 5]} against {ids[at : at + 5]})"
             )
-        spans = gen_spans if self.generation else replies
-        targets = [any(s < hi and e > lo for lo, hi in spans) for s, e in offsets]  # a token touching a span
-        return Encoded(ids, targets)
+        return len(part)
 
     def _text_spans(self, key: str, messages: list[dict[str, str]], whole: str) -> list[tuple[int, int]]:
         """Where the messages' own text lies in ``whole`` (to be tokenized as text): each message's text is
@@ -269,41 +288,50 @@ class ChatEncoder:
         )
 
     def _tokenize(
-        self,
-        text: str,
-        a: int,
-        b: int,
-        texts: list[tuple[int, int]],
-        image_ids: Callable[[int], list[int]],
-        first_image: int = 0,
+        self, text: str, texts: list[tuple[int, int]], image_ids: Callable[[int], list[int]]
     ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and character spans of ``text[a:b]``: the messages' text (``texts``) as text, the template's
-        with its special tokens parsed, each image token as the image's ids."""
-        cuts = sorted({a, b, *(x for span in texts for x in span if a < x < b)})
+        """Ids and character spans of ``text``: each image token as the image's ids, the rest tokenized as
+        the whole string is (as ``apply_chat_template`` does), except where that would parse a special token
+        inside the messages' text (``texts``): there the messages' text is tokenized as text and the
+        template's apart."""
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        image = first_image
-        for lo, hi in zip(cuts, cuts[1:]):
-            as_text = any(s <= lo and hi <= e for s, e in texts)
-            pos = lo
-            for part in re.split(f"({re.escape(self.image_token)})", text[lo:hi]):
-                if part == self.image_token:
-                    new = image_ids(image)
-                    image += 1
-                    ids += new
-                    offsets += [(pos, pos + len(part))] * len(new)
-                elif part:
-                    enc = self.tokenizer(
-                        part,
-                        add_special_tokens=False,
-                        split_special_tokens=as_text,
-                        return_offsets_mapping=True,
-                    )
-                    ids += enc["input_ids"]
-                    offsets += [(pos + s, pos + e) for s, e in enc["offset_mapping"]]
-                pos += len(part)
+        pos = 0
+        for k, part in enumerate(re.split(re.escape(self.image_token), text)):
+            if k:
+                new = image_ids(k - 1)
+                ids += new
+                offsets += [(pos, pos + len(self.image_token))] * len(new)
+                pos += len(self.image_token)
+            inside = [(max(lo, pos) - pos, min(hi, pos + len(part)) - pos) for lo, hi in texts]
+            inside = [(lo, hi) for lo, hi in inside if lo < hi]
+            run_ids, run_offsets = self._encode(part, False)
+            if any(
+                i in self.special_ids and any(lo < e and s < hi for lo, hi in inside)
+                for i, (s, e) in zip(run_ids, run_offsets)
+            ):
+                run_ids, run_offsets = self._segments(part, inside)
+            ids += run_ids
+            offsets += [(pos + s, pos + e) for s, e in run_offsets]
+            pos += len(part)
         return ids, offsets
 
+    def _segments(self, text: str, inside: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """``text`` with the messages' text (``inside``) tokenized as text, the template's text apart."""
+        cuts = sorted({0, len(text), *(x for span in inside for x in span)})
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            as_text = any(s <= lo and hi <= e for s, e in inside)
+            run_ids, run_offsets = self._encode(text[lo:hi], as_text)
+            ids += run_ids
+            offsets += [(lo + s, lo + e) for s, e in run_offsets]
+        return ids, offsets
 
-def _images_before(text: str, pos: int, image_token: str) -> int:
-    return text[:pos].count(image_token)
+    def _encode(self, text: str, as_text: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        if not text:
+            return [], []
+        enc = self.tokenizer(
+            text, add_special_tokens=False, split_special_tokens=as_text, return_offsets_mapping=True
+        )
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
