@@ -221,8 +221,8 @@ def write_sources(root):
     return folder, jsonl, array, root / "shards"
 
 
-def batches(dataset) -> list[dict]:
-    return list(ShardLoader(dataset, num_workers=0))
+def batches(dataset, workers: int = 0) -> list[dict]:
+    return list(ShardLoader(dataset, num_workers=workers))
 
 
 def one_pass(b, **source) -> dict:
@@ -243,7 +243,7 @@ def test_a_json_lines_file_with_an_image_folder_gives_the_batches_of_shards(tmp_
     tok = chat_tokenizer("qwen")
     b = builder(tok)
     from_shards = batches(one_pass(b, shards=str(shards)))
-    from_jsonl = batches(one_pass(b, source=JsonSource(jsonl, folder)))
+    from_jsonl = batches(one_pass(b, source=JsonSource(jsonl, folder)), workers=1)  # in a loader process
     from_array = batches(one_pass(b, source=JsonSource(array, folder)))
     assert len(from_shards) == len(from_jsonl) == len(from_array) == 1
     for other in (from_jsonl[0], from_array[0]):
@@ -390,3 +390,27 @@ def test_the_readme_configs_of_each_data_format_load(tmp_path):
             part["data"].get("train_json"),
         )
         assert cfg.model.chat_template == part["model"]["chat_template"]
+
+
+def test_missing_json_inputs_fail_before_training_naming_the_key(tmp_path):
+    from training.runner.paths import ROOT
+    from training.tasks.vlm import VLMTask
+    from training.tasks.vlm_config import load_vlm_config
+
+    folder, jsonl, _, _ = write_sources(tmp_path)
+    config = ROOT / "configs" / "vlm" / "tiny_conversations.yaml"
+    cases = [
+        ([f"data.train_json={tmp_path / 'none.jsonl'}"], "data.train_json .*none.jsonl is not a file"),
+        (
+            [f"data.train_json={jsonl}", f"data.image_folder={tmp_path / 'none'}"],
+            "data.image_folder .* folder",
+        ),
+        (
+            [f"data.train_json={jsonl}", f"data.image_folder={folder}", "model.chat_template=none.jinja"],
+            "model.chat_template none.jinja is not a file",
+        ),
+    ]
+    for extra, message in cases:
+        task = VLMTask(load_vlm_config(config, extra))
+        with pytest.raises(FileNotFoundError, match=message):
+            task.check_inputs()

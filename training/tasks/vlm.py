@@ -23,7 +23,7 @@ from ..runner.config import resolve_path
 from ..runner.paths import local_paths
 from ..runner.zero import Zero
 from .shard_task import ShardTask
-from .vlm_config import VLMConfig
+from .vlm_config import VLMConfig, template_file
 from .vlm_model import (
     StageModel,
     build_stage_model,
@@ -73,30 +73,17 @@ class VLMTask(ShardTask):
         self._eval: tuple[VLMBuilder, list] | None = None
 
     def check_inputs(self) -> None:
-        """The shards (ShardTask) or the JSON file and image folder, then a tokenizer with ids past the
-        decoder's embedding table, and the chat template file: all fail before DeepSpeed starts."""
+        """The shards (ShardTask) or the JSON file and image folder, the chat template file, then a tokenizer
+        with ids past the decoder's embedding table: all fail before DeepSpeed starts."""
         data = self.cfg.data
         if data.train_json:
             check_shard_specs(val_shards=data.val_shards and resolve_path(data.val_shards))
-            for key, path, kind in (
-                ("train_json", data.train_json, "file"),
-                ("image_folder", data.image_folder, "folder"),
-            ):
-                if path and not (
-                    Path(resolve_path(path)).is_file()
-                    if kind == "file"
-                    else Path(resolve_path(path)).is_dir()
-                ):
-                    raise FileNotFoundError(f"data.{key} {path} is not a {kind}")
+            _check_path("data.train_json", data.train_json, Path.is_file, "file")
+            _check_path("data.image_folder", data.image_folder, Path.is_dir, "folder")
         else:
             super().check_inputs()
-        template = self.cfg.model.chat_template
-        if (
-            template
-            and template.endswith((".jinja", ".j2", ".txt"))
-            and not Path(resolve_path(template)).is_file()
-        ):
-            raise FileNotFoundError(f"model.chat_template {template} is not a file")
+        if template_file(self.cfg.model.chat_template):
+            _check_path("model.chat_template", self.cfg.model.chat_template, Path.is_file, "file")
         check_vocabulary(self.cfg.model)
 
     def input_paths(self) -> list[tuple[str, str]]:
@@ -167,7 +154,7 @@ class VLMTask(ShardTask):
 
     def builder(self, images: Any = None) -> VLMBuilder:
         data, template = self.cfg.data, self.cfg.model.chat_template
-        if template and template.endswith((".jinja", ".j2", ".txt")):
+        if template_file(template):
             template = resolve_path(template)
         return builder_for(
             self.vlm,
@@ -226,6 +213,11 @@ class VLMTask(ShardTask):
                 plain.save_pretrained(tmp, format=fmt)
         log.info("exported %s to %s", ", ".join(self.stage.formats), out)
         return str(out)
+
+
+def _check_path(key: str, path: str | None, test: Any, kind: str) -> None:
+    if path and not test(Path(resolve_path(path))):
+        raise FileNotFoundError(f"{key} {path} is not a {kind}")
 
 
 def train_vlm(cfg: VLMConfig, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:

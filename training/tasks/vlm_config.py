@@ -67,11 +67,7 @@ class VLMModelSection:
         from ..data.chat import BUILTIN_TEMPLATES
 
         spec = self.chat_template
-        if (
-            spec is not None
-            and spec not in BUILTIN_TEMPLATES
-            and not spec.endswith((".jinja", ".j2", ".txt"))
-        ):
+        if spec is not None and spec not in BUILTIN_TEMPLATES and not template_file(spec):
             raise ValueError(
                 f"model.chat_template {spec!r}: give a built-in ({', '.join(BUILTIN_TEMPLATES)}) or a Jinja "
                 "file (.jinja, .j2)"
@@ -123,6 +119,11 @@ class VLMModelSection:
     def swaps_tower(self) -> bool:
         """A saved VLM with its tower replaced (``init_from`` and ``tower``)."""
         return bool(self.init_from and self.tower)
+
+
+def template_file(spec: str | None) -> bool:
+    """Whether ``model.chat_template`` names a Jinja file (else a built-in, or None)."""
+    return bool(spec) and spec.endswith((".jinja", ".j2", ".txt"))
 
 
 def _default(f: dataclasses.Field) -> Any:
