@@ -13,12 +13,13 @@ from tests.helpers.vlm_data import make_conversation_assets
 from tests.helpers.vlm_workers import losses
 from training.runner.launch import launch_env
 from training.runner.paths import ROOT
+from vision_tower.cli import main
 
 pytestmark = pytest.mark.distributed
 CONFIG = ROOT / "configs" / "vlm" / "tiny_conversations.yaml"
 
 
-def test_train_vlm_on_a_json_lines_conversation_set(tmp_path):
+def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
     assets = make_conversation_assets(tmp_path / "data")
     out = tmp_path / "run"
     values = {
@@ -45,3 +46,10 @@ def test_train_vlm_on_a_json_lines_conversation_set(tmp_path):
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["eval_samples"] == 4 and not final["skip_counts"], final
     assert (out / "export" / "native").is_dir()
+    # `eval vlm` of the export on the held-out conversations, through the same template
+    args = ["eval", "vlm", "--model", str(out / "export" / "native"), "--shards", assets["val"]]
+    args += ["--chat-template", "v1", "--max-samples", "4", "--max-new-tokens", "3", "--max-length", "96"]
+    assert main([*args, "--dtype", "float32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_samples"] == 4
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
