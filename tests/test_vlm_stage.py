@@ -102,6 +102,10 @@ def test_configs_exist_and_load():
         (["model.colour=red"], "unknown key(s) ['colour'] in model"),
         (["export.formats=[gguf]"], "export.formats: unknown ['gguf']"),
         (["data.max_length=0"], "data.max_length must be >= 1"),
+        (["data.train_json=x.jsonl"], "set one of data.train_shards"),
+        (["data.image_folder=images"], "data.image_folder holds the images of data.train_json"),
+        (["data.max_bad_samples=-1"], "data.max_bad_samples must be >= 0"),
+        (["model.chat_template=v9"], "model.chat_template 'v9': give a built-in (plain, v1)"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(extra, message):

@@ -202,7 +202,9 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     precision = choose_precision(args.dtype)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
-    builder = builder_for(vlm, max_length=args.max_length, caption_prompt=args.caption_prompt)
+    builder = builder_for(
+        vlm, max_length=args.max_length, caption_prompt=args.caption_prompt, chat_template=args.chat_template
+    )
     items = read_eval_items(builder, args.shards, args.max_samples)
     result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     out = {**result.metrics(), **precision.metadata(), "predictions": result.predictions[: args.predictions]}
@@ -384,6 +386,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--caption-prompt", default="", help="vlm: the prompt of caption samples (data.caption_prompt)"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="vlm: renders conversation samples: plain, v1 or a Jinja file (model.chat_template); "
+        "default: the tokenizer's own",
     )
     add_dtype_option(p)
     p.set_defaults(func=cmd_eval, extra=EXTRA)

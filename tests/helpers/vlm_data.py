@@ -88,3 +88,47 @@ def make_swap_assets(root: Path, *, n_train: int = 256, n_val: int = 48) -> dict
         "tower_a": str(root / "tower_a"),
         "tower_b": str(root / "tower_b"),
     }
+
+
+def conversation_record(split: str, i: int, image: str) -> dict:
+    """LLaVA's record of a two-turn conversation about shapes sample ``i``: its colour, then its shape."""
+    s = make_sample(split, i, image_size=IMAGE_SIZE)
+    return {
+        "id": f"{split}-{i}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{QA_PROMPT}"},
+            {"from": "gpt", "value": s.color},
+            {"from": "human", "value": "and its shape"},
+            {"from": "gpt", "value": s.shape},
+        ],
+    }
+
+
+def make_conversation_assets(root: Path, *, n_train: int = 48, n_val: int = 8) -> dict[str, str]:
+    """A JSON Lines file of LLaVA conversation records with their images in a folder (``train``,
+    ``images``), held-out shards of the same records (``val``), a word tokenizer that holds LLaVA's v1
+    template's words, a tiny tower and a 2-layer Gemma-shaped decoder, saved as folders."""
+    from training.data.chat import V1
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(n_train):
+            (images / f"{i:05d}.png").write_bytes(png(make_sample("train", i, image_size=IMAGE_SIZE).image))
+            f.write(json.dumps(conversation_record("train", i, f"{i:05d}.png")) + "\n")
+    members = []
+    for i in range(n_val):
+        members.append((f"v{i:05d}.png", png(make_sample("val", i, image_size=IMAGE_SIZE).image)))
+        members.append((f"v{i:05d}.json", json.dumps(conversation_record("val", i, "x.png")).encode()))
+    write_tar(root / "val" / "val-000.tar", members)
+    system = V1.split("{% else %}")[1].split("{%")[0]  # the v1 system prompt's words
+    tok = word_tokenizer([*texts(), system, "USER: ASSISTANT: and its shape"])
+    tok.save_pretrained(root / "tokenizer")
+    torch.manual_seed(7)
+    save_decoder(root / "decoder", "tiny_gemma", tok)
+    torch.manual_seed(8)
+    VisionTower.from_preset("tiny", use_head=False).save_pretrained(root / "tower")
+    return {k: str(root / k) for k in ("images", "val", "tokenizer", "decoder", "tower")} | {
+        "train": str(root / "train.jsonl")
+    }

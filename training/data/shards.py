@@ -40,6 +40,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_shard",
     "transform",
     "too_long",  # VLM: image tokens and prompt alone exceed data.max_length
+    "bad_conversation",  # VLM: a malformed conversation, or placeholders that do not match its images
+    "template_mismatch",  # VLM: the chat template's turn-by-turn tokens differ from the whole rendering's
 )
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -157,12 +159,14 @@ class SkipCounter:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.silent = False  # while fast-forwarding over already counted samples
+        self.examples: dict[str, str] = {}  # reason -> the first skipped sample and why
         self._warned: set[str] = set()
 
     def skip(self, reason: str, key: str, url: str, detail: str) -> None:
         self.consecutive += 1
         if not self.silent:
             self.counts[reason] += 1
+            self.examples.setdefault(reason, f"{key} in {url}: {detail[:200]}")
             level = logging.DEBUG if reason in self._warned else logging.WARNING
             self._warned.add(reason)
             log.log(

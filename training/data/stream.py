@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,8 +91,10 @@ class ShardDataset(IterableDataset):
         epoch: int,
         drop_last: bool,
         max_consecutive_skips: int,
+        reader: Callable[[str, SkipCounter], Iterator[dict[str, Any]]] = iter_tar_samples,
     ) -> None:
         super().__init__()
+        self.reader = reader  # raw samples of one url: a shard's, or a piece of a JSON source's
         self.urls, self.builder, self.batch_size, self.seed = urls, builder, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.resampled, self.shuffle, self.shuffle_buffer = resampled, shuffle, shuffle_buffer
@@ -133,7 +135,7 @@ class ShardDataset(IterableDataset):
 
     def raw_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Undecoded samples of one worker in their final (shuffled) order."""
-        samples = (s for url in self.worker_urls(worker, num_workers) for s in iter_tar_samples(url, counter))
+        samples = (s for url in self.worker_urls(worker, num_workers) for s in self.reader(url, counter))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples|{self.seed}|{self.rank}|{worker}|{self.epoch}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
@@ -182,7 +184,12 @@ class ShardDataset(IterableDataset):
             example = example or next((it.text for it in items if it.truncated), None)
             if state["batches"] > done:  # earlier ones are a replay of batches already seen
                 batch = self.builder.collate(items)
-                batch["__state__"] = {**state, "skips": dict(counter.counts), "truncated_example": example}
+                batch["__state__"] = {
+                    **state,
+                    "skips": dict(counter.counts),
+                    "truncated_example": example,
+                    "skip_examples": dict(counter.examples),
+                }
                 yield batch
         yield {"__state__": {**state, "skips": dict(counter.counts), "final": True}}
 
@@ -241,8 +248,11 @@ class ShardLoader:
         resume_state: dict[str, Any] | None = None,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        skip_limits: dict[str, int] | None = None,
     ) -> None:
         self.dataset, self.num_workers = dataset, num_workers
+        self.skip_limits = dict(skip_limits or {})  # reason -> most skips allowed (on this rank)
+        self._skip_examples: dict[str, str] = {}
         self.step, self._workers = start_step, {}
         self._truncated_example: str | None = None
         self._warned_truncation = False
@@ -290,6 +300,9 @@ class ShardLoader:
                 k: state[k] for k in ("raw", "batches", "skips", "samples", "truncated")
             }
             self._truncated_example = self._truncated_example or state.get("truncated_example")
+            for reason, example in state.get("skip_examples", {}).items():
+                self._skip_examples.setdefault(reason, example)
+            self._check_skip_limits()
             if not state.get("final"):
                 self.step += 1
                 self._warn_truncation()
@@ -298,6 +311,15 @@ class ShardLoader:
             log.info(
                 "data pass done after %d batches; skipped %d: %s", self.step, self.skipped, self.skip_counts
             )
+
+    def _check_skip_limits(self) -> None:
+        counts = self.skip_counts
+        for reason, limit in self.skip_limits.items():
+            if counts.get(reason, 0) > limit:
+                raise ValueError(
+                    f"{counts[reason]} samples were skipped as {reason}, more than the {limit} allowed "
+                    f"(data.max_bad_samples); the first: {self._skip_examples.get(reason, '?')}"
+                )
 
     @property
     def skip_counts(self) -> dict[str, int]:
@@ -361,13 +383,15 @@ def shard_dataset(
     epoch: int = 0,
     drop_last: bool | None = None,
     max_consecutive_skips: int = 1000,
+    source: Any = None,
 ) -> ShardDataset:
     """The per-worker stream of ``builder``'s batches over ``shards`` (brace pattern, list or folder).
 
     ``resampled=True`` draws shards with replacement for endless step-based training;
     ``resampled=False`` is one pass with shards split by rank then by worker (for evaluation use
     ``shuffle=False``). ``drop_last`` defaults to ``resampled``. rank/world_size default to
-    ``distributed_info()``.
+    ``distributed_info()``. ``source`` (a :class:`~training.data.json_source.JsonSource`) replaces the
+    shards: its pieces are drawn and split as shards are.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -376,7 +400,7 @@ def shard_dataset(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     return ShardDataset(
-        expand_shards(shards),
+        expand_shards(shards) if source is None else list(source.urls),
         builder,
         batch_size=batch_size,
         seed=seed,
@@ -388,4 +412,5 @@ def shard_dataset(
         epoch=epoch,
         drop_last=resampled if drop_last is None else drop_last,
         max_consecutive_skips=max_consecutive_skips,
+        **({} if source is None else {"reader": source.read}),
     )

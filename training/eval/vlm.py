@@ -43,7 +43,12 @@ def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int) -> list[
     for url in expand_shards(shards):
         for sample in iter_tar_samples(url, counter):
             try:
-                items.append(builder.build(sample))
+                item = builder.build(sample)
+                if item.targets is not None and item.prompt_ids is None:
+                    raise SkipSample(
+                        "bad_conversation", "an image after the first reply: its answer cannot be asked"
+                    )
+                items.append(item)
             except SkipSample as skip:
                 counter.skip(skip.reason, sample["__key__"], url, skip.detail)
                 continue
@@ -144,11 +149,26 @@ def _loss_sums(vlm, batch: dict[str, Any], keep: torch.Tensor, param: torch.Tens
     return torch.tensor([float(loss), float(count)], dtype=torch.float64)
 
 
+def _prompts(batch: dict[str, Any], pad: int, device: torch.device) -> dict[str, Any]:
+    """The prompts to continue: the strings of single-turn samples, or a conversation's ids up to its first
+    reply (as rendered by the chat template), left-padded."""
+    rows = batch.get("prompt_ids")
+    if rows is None:
+        return {"prompts": batch["prompt"]}
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 def _answers(vlm, batch, builder: VLMBuilder, param, max_new_tokens: int, fixed_length: bool) -> list[str]:
     """Greedy answers to each row's prompt, cut at the first eos, decoded."""
     eos = builder.tokenizer.eos_token_id
     ids = vlm.generate(
-        prompts=batch["prompt"],
+        **_prompts(batch, builder.pad_id, param.device),
         max_new_tokens=max_new_tokens,
         eos_token_id=[] if fixed_length else eos,  # [] never stops early: the same steps on every rank
         **_images(batch, param),

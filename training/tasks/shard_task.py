@@ -29,7 +29,12 @@ class ShardTask(Task):
         return self.cfg.to_dict()
 
     def shard_loader(
-        self, builder: SampleBuilder, rank: int, world: int, resume_state: dict[str, Any] | None
+        self,
+        builder: SampleBuilder,
+        rank: int,
+        world: int,
+        resume_state: dict[str, Any] | None,
+        skip_limits: dict[str, int] | None = None,
     ) -> ShardLoader:
         """The endless, resumable stream of ``builder``'s batches over ``data.train_shards`` for this rank."""
         data = self.cfg.data
@@ -43,4 +48,6 @@ class ShardTask(Task):
             resampled=True,
             shuffle_buffer=data.shuffle_buffer,
         )
-        return ShardLoader(dataset, num_workers=data.num_workers, resume_state=resume_state)
+        return ShardLoader(
+            dataset, num_workers=data.num_workers, resume_state=resume_state, skip_limits=skip_limits
+        )

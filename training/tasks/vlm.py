@@ -15,14 +15,15 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import expand_shards, shard_paths
+from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset, shard_paths
+from ..data.json_source import JsonSource
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, train
 from ..runner.config import resolve_path
 from ..runner.paths import local_paths
 from ..runner.zero import Zero
 from .shard_task import ShardTask
-from .vlm_config import VLMConfig
+from .vlm_config import VLMConfig, template_file
 from .vlm_model import (
     StageModel,
     build_stage_model,
@@ -56,6 +57,7 @@ class VLMTask(ShardTask):
         "data.eval_batch_size",
         "data.eval_max_new_tokens",
         "model.gradient_checkpointing",
+        "data.max_bad_samples",
         "export",
     )
 
@@ -71,16 +73,25 @@ class VLMTask(ShardTask):
         self._eval: tuple[VLMBuilder, list] | None = None
 
     def check_inputs(self) -> None:
-        """The shards (ShardTask), then a tokenizer with ids past the decoder's embedding table: both fail
-        before DeepSpeed starts."""
-        super().check_inputs()
+        """The shards (ShardTask) or the JSON file and image folder, the chat template file, then a tokenizer
+        with ids past the decoder's embedding table: all fail before DeepSpeed starts."""
+        data = self.cfg.data
+        if data.train_json:
+            check_shard_specs(val_shards=data.val_shards and resolve_path(data.val_shards))
+            _check_path("data.train_json", data.train_json, Path.is_file, "file")
+            _check_path("data.image_folder", data.image_folder, Path.is_dir, "folder")
+        else:
+            super().check_inputs()
+        if template_file(self.cfg.model.chat_template):
+            _check_path("model.chat_template", self.cfg.model.chat_template, Path.is_file, "file")
         check_vocabulary(self.cfg.model)
 
     def input_paths(self) -> list[tuple[str, str]]:
         m, data = self.cfg.model, self.cfg.data
         parts = {f"model.{k}": getattr(m, k) for k in ("init_from", "tower", "decoder", "tokenizer")}
-        return local_paths({**parts, "data.feature_cache": data.feature_cache}) + shard_paths(
-            train_shards=resolve_path(data.train_shards),
+        files = {f"data.{k}": getattr(data, k) for k in ("feature_cache", "train_json", "image_folder")}
+        return local_paths({**parts, **files}) + shard_paths(
+            train_shards=data.train_shards and resolve_path(data.train_shards),
             val_shards=data.val_shards and resolve_path(data.val_shards),
         )
 
@@ -111,18 +122,47 @@ class VLMTask(ShardTask):
 
     def build_loader(self, rank: int, world: int, resume_state: dict[str, Any] | None):
         data = self.cfg.data
-        shards = resolve_path(data.train_shards)
         images = None
         if data.feature_cache:
             from ..data.feature_cache import FeatureCache
 
             images = FeatureCache(resolve_path(data.feature_cache))
-            images.check_shards(expand_shards(shards))
-        builder = builder_for(
-            self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt, images=images
+            images.check_shards(expand_shards(resolve_path(data.train_shards)))
+        builder = self.builder(images)
+        limits = {"template_mismatch": data.max_bad_samples}
+        if not data.train_json:
+            self.loader = self.shard_loader(builder, rank, world, resume_state, skip_limits=limits)
+            return self.loader
+        source = JsonSource(
+            resolve_path(data.train_json), data.image_folder and resolve_path(data.image_folder)
         )
-        self.loader = self.shard_loader(builder, rank, world, resume_state)
+        dataset = shard_dataset(
+            (),
+            builder,
+            batch_size=data.batch_size,
+            seed=self.run.seed,
+            rank=rank,
+            world_size=world,
+            resampled=True,
+            shuffle_buffer=data.shuffle_buffer,
+            source=source,
+        )
+        self.loader = ShardLoader(
+            dataset, num_workers=data.num_workers, resume_state=resume_state, skip_limits=limits
+        )
         return self.loader
+
+    def builder(self, images: Any = None) -> VLMBuilder:
+        data, template = self.cfg.data, self.cfg.model.chat_template
+        if template_file(template):
+            template = resolve_path(template)
+        return builder_for(
+            self.vlm,
+            max_length=data.max_length,
+            caption_prompt=data.caption_prompt,
+            images=images,
+            chat_template=template,
+        )
 
     def loss(
         self, engine: nn.Module, batch: dict[str, Any], num_items_in_batch: float | None = None
@@ -144,7 +184,7 @@ class VLMTask(ShardTask):
         if not data.val_shards:
             return {}
         if self._eval is None:
-            builder = builder_for(self.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt)
+            builder = self.builder()
             self._eval = (builder, read_eval_items(builder, resolve_path(data.val_shards), data.eval_samples))
         builder, items = self._eval
         result = evaluate_vlm(
@@ -173,6 +213,11 @@ class VLMTask(ShardTask):
                 plain.save_pretrained(tmp, format=fmt)
         log.info("exported %s to %s", ", ".join(self.stage.formats), out)
         return str(out)
+
+
+def _check_path(key: str, path: str | None, test: Any, kind: str) -> None:
+    if path and not test(Path(resolve_path(path))):
+        raise FileNotFoundError(f"{key} {path} is not a {kind}")
 
 
 def train_vlm(cfg: VLMConfig, *, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:

@@ -33,6 +33,8 @@ class VLMModelSection:
     ``decoder``: a causal LM folder or hub id, or ``preset:NAME`` (random weights of a registered shape,
     ``decoder_options`` overriding its config, sized to the tokenizer); ``tokenizer``: a folder (default:
     the decoder's). A swap keeps the saved decoder, tokenizer, image token and attention.
+    ``chat_template`` renders conversation samples: ``plain`` (LLaVA's pretraining layout), ``v1`` (LLaVA's
+    conversation layout), a Jinja file, or None for the tokenizer's own template.
     """
 
     init_from: str | None = None
@@ -47,6 +49,9 @@ class VLMModelSection:
     tokenizer: str | None = None
     attention: str = "prefix"
     gradient_checkpointing: bool = False  # tower blocks and decoder layers
+    chat_template: str | None = (
+        None  # conversations: plain, v1 (LLaVA's), a Jinja file; None: the tokenizer's
+    )
 
     def __post_init__(self) -> None:
         from connectors import list_connectors
@@ -59,6 +64,14 @@ class VLMModelSection:
                 f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}"
             )
         check_range("model.image_size", self.image_size, lo=1)
+        from ..data.chat import BUILTIN_TEMPLATES
+
+        spec = self.chat_template
+        if spec is not None and spec not in BUILTIN_TEMPLATES and not template_file(spec):
+            raise ValueError(
+                f"model.chat_template {spec!r}: give a built-in ({', '.join(BUILTIN_TEMPLATES)}) or a Jinja "
+                "file (.jinja, .j2)"
+            )
         if self.init_from is not None:
             kept = [k for k in _KEPT if getattr(self, k) != _default(defaults[k])]
             if kept:
@@ -108,6 +121,11 @@ class VLMModelSection:
         return bool(self.init_from and self.tower)
 
 
+def template_file(spec: str | None) -> bool:
+    """Whether ``model.chat_template`` names a Jinja file (else a built-in, or None)."""
+    return bool(spec) and spec.endswith((".jinja", ".j2", ".txt"))
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -151,7 +169,11 @@ class FinetuneSection:
 
 @dataclass
 class VLMDataSection:
-    """Training and held-out shards of image + caption (``txt``) or image + ``json`` {prompt, answer}.
+    """Training and held-out shards of image + caption (``txt``) or image + ``json`` {prompt, answer} or a
+    conversation (LLaVA's or the messages format, rendered by ``model.chat_template``); or, instead of
+    ``train_shards``, ``train_json`` (a JSON Lines file or a JSON array of such records) with the images
+    under ``image_folder``. More than ``max_bad_samples`` conversations whose template rendering fails its
+    check (``template_mismatch``) stop the run.
     ``batch_size`` is per rank and micro-step; rows are padded per batch, cut at ``max_length`` tokens
     (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions.
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
@@ -159,6 +181,9 @@ class VLMDataSection:
     ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples."""
 
     train_shards: str = ""
+    train_json: str | None = None
+    image_folder: str | None = None
+    max_bad_samples: int = 10
     val_shards: str | None = None
     batch_size: int = 8
     num_workers: int = 2
@@ -171,8 +196,20 @@ class VLMDataSection:
     eval_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
-        if not self.train_shards:
-            raise ValueError("data.train_shards is required (a brace pattern, folder or list of .tar shards)")
+        if bool(self.train_shards) == bool(self.train_json):
+            raise ValueError(
+                "set one of data.train_shards (a brace pattern, folder or list of .tar shards) and "
+                "data.train_json (a JSON or JSON Lines file, with data.image_folder)"
+            )
+        if self.image_folder and not self.train_json:
+            raise ValueError(
+                "data.image_folder holds the images of data.train_json: set it, or drop the folder"
+            )
+        if self.train_json and self.feature_cache:
+            raise ValueError(
+                "data.feature_cache holds features of data.train_shards: drop it with data.train_json"
+            )
+        check_range("data.max_bad_samples", self.max_bad_samples, lo=0)
         for name in ("batch_size", "max_length", "eval_samples", "eval_batch_size", "eval_max_new_tokens"):
             check_range(f"data.{name}", getattr(self, name), lo=1)
         check_range("data.num_workers", self.num_workers, lo=0)

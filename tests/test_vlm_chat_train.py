@@ -1,0 +1,55 @@
+"""``vision-tower train-vlm`` on conversations from a JSON Lines file and an image folder (the shipped
+configs/vlm/tiny_conversations.yaml with LLaVA's v1 template), one rank, with held-out conversations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.vlm_data import make_conversation_assets
+from tests.helpers.vlm_workers import losses
+from training.runner.launch import launch_env
+from training.runner.paths import ROOT
+from vision_tower.cli import main
+
+pytestmark = pytest.mark.distributed
+CONFIG = ROOT / "configs" / "vlm" / "tiny_conversations.yaml"
+
+
+def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
+    assets = make_conversation_assets(tmp_path / "data")
+    out = tmp_path / "run"
+    values = {
+        "model.tower": assets["tower"],
+        "model.decoder": assets["decoder"],
+        "model.tokenizer": "null",
+        "data.train_json": assets["train"],
+        "data.image_folder": assets["images"],
+        "data.val_shards": assets["val"],
+        "data.num_workers": 0,
+        "data.eval_samples": 4,
+        "data.eval_max_new_tokens": 3,
+        "run.steps": 6,
+        "run.out_dir": out,
+        "optim.lr": 3e-2,
+        "export.formats": "[native]",
+    }
+    cmd = [sys.executable, "-m", "vision_tower.cli", "train-vlm", "--config", str(CONFIG)]
+    cmd += [f"{k}={v}" for k, v in values.items()]
+    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    steps = losses(str(out))
+    assert len(steps) == 6 and steps[-1] < steps[0], steps
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["eval_samples"] == 4 and not final["skip_counts"], final
+    assert (out / "export" / "native").is_dir()
+    # `eval vlm` of the export on the held-out conversations, through the same template
+    args = ["eval", "vlm", "--model", str(out / "export" / "native"), "--shards", assets["val"]]
+    args += ["--chat-template", "v1", "--max-samples", "4", "--max-new-tokens", "3", "--max-length", "96"]
+    assert main([*args, "--dtype", "float32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_samples"] == 4
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
