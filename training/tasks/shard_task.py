@@ -35,11 +35,13 @@ class ShardTask(Task):
         world: int,
         resume_state: dict[str, Any] | None,
         skip_limits: dict[str, int] | None = None,
+        source: Any = None,
     ) -> ShardLoader:
-        """The endless, resumable stream of ``builder``'s batches over ``data.train_shards`` for this rank."""
+        """The endless, resumable stream of ``builder``'s batches over ``data.train_shards`` (or over
+        ``source``, a JSON source, when given) for this rank."""
         data = self.cfg.data
         dataset = shard_dataset(
-            resolve_path(data.train_shards),
+            () if source is not None else resolve_path(data.train_shards),
             builder,
             batch_size=data.batch_size,
             seed=self.run.seed,
@@ -47,6 +49,7 @@ class ShardTask(Task):
             world_size=world,
             resampled=True,
             shuffle_buffer=data.shuffle_buffer,
+            source=source,
         )
         return ShardLoader(
             dataset, num_workers=data.num_workers, resume_state=resume_state, skip_limits=skip_limits

@@ -15,7 +15,7 @@ from torch import nn
 
 from connectors import VisionLanguageModel
 
-from ..data import ShardLoader, check_shard_specs, expand_shards, shard_dataset, shard_paths
+from ..data import check_shard_specs, expand_shards, shard_paths
 from ..data.json_source import JsonSource
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, train
@@ -130,26 +130,11 @@ class VLMTask(ShardTask):
             images.check_shards(expand_shards(resolve_path(data.train_shards)))
         builder = self.builder(images)
         limits = {"template_mismatch": data.max_bad_samples}
-        if not data.train_json:
-            self.loader = self.shard_loader(builder, rank, world, resume_state, skip_limits=limits)
-            return self.loader
-        source = JsonSource(
-            resolve_path(data.train_json), data.image_folder and resolve_path(data.image_folder)
-        )
-        dataset = shard_dataset(
-            (),
-            builder,
-            batch_size=data.batch_size,
-            seed=self.run.seed,
-            rank=rank,
-            world_size=world,
-            resampled=True,
-            shuffle_buffer=data.shuffle_buffer,
-            source=source,
-        )
-        self.loader = ShardLoader(
-            dataset, num_workers=data.num_workers, resume_state=resume_state, skip_limits=limits
-        )
+        source = None
+        if data.train_json:
+            json_file = resolve_path(data.train_json)
+            source = JsonSource(json_file, data.image_folder and resolve_path(data.image_folder))
+        self.loader = self.shard_loader(builder, rank, world, resume_state, skip_limits=limits, source=source)
         return self.loader
 
     def builder(self, images: Any = None) -> VLMBuilder:
