@@ -199,6 +199,24 @@ def test_an_export_format_that_cannot_hold_the_model_is_refused_before_training(
         build(assets, **{"model.attention": "causal", "export.formats": "[native, paligemma]"})
 
 
+def test_eval_reads_every_held_out_sample_unless_told_otherwise(assets):
+    """``eval vlm`` without ``--max-samples`` evaluates the whole held-out set (counted here from the tar
+    members themselves), and ``--max-samples N`` the first N."""
+    import tarfile
+
+    from training.data import expand_shards
+    from training.data.vlm import builder_for
+
+    task = build(assets)
+    b = builder_for(task.vlm, max_length=40, caption_prompt="")
+    keys = set()
+    for url in expand_shards(assets["val"]):
+        with tarfile.open(url) as tar:
+            keys |= {(url, m.name.split(".")[0]) for m in tar.getmembers()}
+    assert len(read_eval_items(b, assets["val"])) == len(keys) > 7
+    assert len(read_eval_items(b, assets["val"], 7)) == 7
+
+
 def test_evaluation_equals_a_hand_loop(assets):
     task = build(assets, stage="finetune")
     vlm = task.vlm
@@ -262,7 +280,6 @@ def test_generation_never_emits_the_image_placeholder():
     [
         (["train-vlm", "--config", str(TINY), "stage=tune"], "stage must be one of"),
         (["train-vlm", "--config", str(TINY), "data.feature_cache=/nowhere"], "is not a feature cache"),
-        (["eval", "vlm", "--model", "x"], "eval vlm needs --shards SHARDS"),
         (
             ["extract", "--model", "preset:tiny", "--shards", "x", "--out", "o", "--no-head"],
             "--no-head does not apply",
@@ -278,6 +295,16 @@ def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, mo
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
     assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err
+
+
+def test_eval_vlm_without_shards_is_an_argparse_error_of_its_own_command(capsys):
+    from vision_tower.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "vlm", "--model", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err[-1] == "vision-tower eval vlm: error: the following arguments are required: --shards", err
 
 
 def test_max_length_must_leave_room_for_a_caption_after_the_image_and_the_prompt(assets):

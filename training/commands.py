@@ -142,14 +142,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.retrieval import retrieval
     from .eval.zero_shot import list_image_folder, load_templates, zero_shot
 
-    needed = {
-        "zero-shot": ("images", "--images CLASS_DIR"),
-        "retrieval": ("shards", "--shards SHARDS"),
-        "vlm": ("shards", "--shards SHARDS"),
-    }
-    attr, flag = needed[args.task]
-    if getattr(args, attr) is None:
-        raise ValueError(f"eval {args.task} needs {flag}")
     if args.task == "vlm":
         return cmd_eval_vlm(args)
     if args.task == "zero-shot":  # bad templates or class folders fail before the model loads
@@ -207,7 +199,11 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     )
     items = read_eval_items(builder, args.shards, args.max_samples)
     result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    out = {**result.metrics(), **precision.metadata(), "predictions": result.predictions[: args.predictions]}
+    out = {
+        **result.metrics(),
+        **precision.metadata(),
+        "predictions": result.predictions[: args.predictions or 0],
+    }
     print(json.dumps(out, indent=2))
 
 
@@ -283,8 +279,10 @@ _DEMO_HELP = (
 
 
 def _counts(p: argparse.ArgumentParser, *options: tuple[str, int | None, str | None]) -> None:
-    """Options that take a positive integer: (flag, default, help) each."""
+    """Options that take a positive integer: (flag, default, help) each; the help names the default."""
     for flag, default, text in options:
+        if default is not None:
+            text = f"{text} (default: {default})" if text else f"default: {default}"
         p.add_argument(flag, type=positive_int, default=default, help=text)
 
 
@@ -367,34 +365,51 @@ def add_make_shapes(sub: argparse._SubParsersAction) -> None:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help=_EVAL_HELP)
-    p.add_argument("task", choices=["zero-shot", "retrieval", "vlm"])
-    p.add_argument(
-        "--model", required=True, help="SiglipModel folder or hub id (with its tokenizer); vlm: a VLM folder"
+    p = sub.add_parser("eval", help=_EVAL_HELP, description=_EVAL_HELP)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="{zero-shot,retrieval,vlm}")
+
+    def task(name: str, text: str, model: str) -> argparse.ArgumentParser:
+        q = tasks.add_parser(name, help=text, description=text)
+        q.add_argument("--model", required=True, help=model)
+        q.set_defaults(func=cmd_eval, extra=EXTRA)
+        return q
+
+    siglip = "SiglipModel folder or hub id (with its tokenizer)"
+    zs = task("zero-shot", "zero-shot classification of an ImageFolder by its class names", siglip)
+    zs.add_argument("--images", required=True, help="ImageFolder root (one sub-folder per class)")
+    zs.add_argument(
+        "--templates", default=None, help="file of prompt templates with '{}' (default: built-in)"
     )
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder if not beside the model")
-    p.add_argument("--images", help="zero-shot: ImageFolder root (one sub-folder per class)")
-    p.add_argument("--templates", default=None, help="zero-shot: file of prompt templates with '{}'")
-    p.add_argument("--shards", help="retrieval, vlm: WebDataset shards (brace pattern or folder)")
+    rt = task("retrieval", "image-text retrieval (recall@k both ways) over WebDataset shards", siglip)
+    rt.add_argument("--shards", required=True, help="WebDataset shards (brace pattern or folder)")
+    for q in (zs, rt):
+        q.add_argument("--tokenizer", default=None, help="tokenizer folder if not beside the model")
+        _counts(q, ("--batch-size", 64, "images per forward pass"))
+        add_dtype_option(q)
+    vlm = task(
+        "vlm",
+        "held-out loss and exact match of a vision-language model on WebDataset shards",
+        "VLM folder or hub id (native, PaliGemma or LLaVA layout)",
+    )
+    vlm.add_argument("--shards", required=True, help="WebDataset shards (brace pattern or folder)")
     _counts(
-        p,
-        ("--batch-size", 64, None),
-        ("--max-samples", 256, "vlm: evaluate the first N usable samples"),
-        ("--max-new-tokens", 32, "vlm: longest generated answer, in tokens"),
-        ("--max-length", 512, "vlm: tokens per row (data.max_length of training)"),
-        ("--predictions", 0, "vlm: also print the first N answers"),
+        vlm,
+        ("--batch-size", 64, "rows per forward pass"),
+        ("--max-samples", None, "evaluate the first N usable samples (default: every sample)"),
+        ("--max-new-tokens", 32, "longest generated answer, in tokens"),
+        ("--max-length", 512, "tokens per row (data.max_length of training)"),
+        ("--predictions", None, "also print the first N answers (default: none)"),
     )
-    p.add_argument(
-        "--caption-prompt", default="", help="vlm: the prompt of caption samples (data.caption_prompt)"
+    vlm.add_argument(
+        "--caption-prompt", default="", help="the prompt of caption samples (data.caption_prompt)"
     )
-    p.add_argument(
+    vlm.add_argument(
         "--chat-template",
         default=None,
-        help="vlm: renders conversation samples: plain, v1 or a Jinja file (model.chat_template); "
+        help="renders conversation samples: plain, v1 or a Jinja file (model.chat_template); "
         "default: the tokenizer's own",
     )
-    add_dtype_option(p)
-    p.set_defaults(func=cmd_eval, extra=EXTRA)
+    add_dtype_option(vlm)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:

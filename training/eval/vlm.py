@@ -36,8 +36,9 @@ def exact_match(generated: str, reference: str) -> bool:
     return normalize(generated) == normalize(reference)
 
 
-def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int) -> list[VLMItem]:
-    """The first ``limit`` usable samples of ``shards`` in order (one pass; bad samples passed over)."""
+def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int | None = None) -> list[VLMItem]:
+    """The first ``limit`` (None: every) usable samples of ``shards`` in order (one pass; bad samples
+    passed over)."""
     counter = SkipCounter(max_consecutive=1 << 62)
     items: list[VLMItem] = []
     for url in expand_shards(shards):
@@ -52,7 +53,7 @@ def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int) -> list[
             except SkipSample as skip:
                 counter.skip(skip.reason, sample["__key__"], url, skip.detail)
                 continue
-            if len(items) >= limit:
+            if limit is not None and len(items) >= limit:
                 return items
     if not items:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counter.counts.items()))
