@@ -24,7 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Box, Crop, CropShape, ImageLayout, ImagePlan, Pad, Size, Step, check_crops
+from .base import (
+    Box,
+    Crop,
+    CropShape,
+    ImageLayout,
+    ImagePlan,
+    Learned,
+    Packed,
+    Pad,
+    Size,
+    Sizes,
+    Step,
+    check_crops,
+)
 from .registry import register_layout
 
 # grids in tiles (rows, cols): LLaVA-NeXT 1.6's five, and LLaVA-OneVision's 6x6
@@ -206,12 +219,7 @@ class AnyRes(ImageLayout):
         base_weight = np.broadcast_to(IDENTITY, (gh * gw, 4))
         return np.concatenate([base_index, index]), np.concatenate([base_weight, weight]).astype(np.float32)
 
-    def pack(
-        self,
-        features: torch.Tensor,
-        image_sizes: Sequence[Sequence[int]],
-        learned: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pack(self, features: torch.Tensor, image_sizes: Sizes, learned: Learned = None) -> Packed:
         """Connector outputs of every crop of a batch ``(sum of crops, tokens per crop, D)``, images in order
         and each image's crops in plan order -> the images' tokens ``(sum of tokens, D)`` and their counts
         ``(num_images,)``: one gather over the whole batch (and, for the tokens of shrunk grids, a

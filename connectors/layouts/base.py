@@ -49,6 +49,9 @@ class Crop:
     position: tuple[int, int] | None = None
 
 
+Sizes = Sequence[Sequence[int]]  # (height, width) of each image of a batch
+Learned = dict[str, torch.Tensor] | None  # a layout's parameters by name (``image_newline``)
+Packed = tuple[torch.Tensor, torch.Tensor]  # (sum of tokens, D) and each image's count
 Segment = int | str  # a run of that many image placeholders, or text tokenized with special tokens parsed
 
 
@@ -212,12 +215,7 @@ class ImageLayout:
         """Shapes of the parameters the model keeps for this layout, for decoder width ``dim``."""
         return {}
 
-    def pack(
-        self,
-        features: torch.Tensor,
-        image_sizes: Sequence[Sequence[int]],
-        learned: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pack(self, features: torch.Tensor, image_sizes: Sizes, learned: Learned = None) -> Packed:
         """Connector outputs of every crop of a batch, ``(sum of crops, tokens per crop, D)`` in image order,
         -> the images' decoder tokens one after the other ``(sum of tokens, D)`` and each image's count
         ``(num_images,)``. Here: the crops' tokens in crop order."""
