@@ -237,6 +237,30 @@ def test_special_tokens_written_in_text_are_text(tmp_path):
     assert ids.count(eos) == 1 and ids[-1] == eos  # only the answer's own end
 
 
+def test_special_tokens_a_word_level_vocabulary_holds_are_unknown_words_in_text():
+    """The word-level tokenizer of the demo's decoder holds `<image>` and `<eos>` as words of its own
+    vocabulary, so it reads them as those tokens even when told not to parse special tokens: written in
+    a prompt or an answer they become its unknown word, and the image placeholders and eos come by id."""
+    tok = word_tokenizer(WORDS)
+    v, unk = tok.get_vocab(), tok.unk_token_id
+    img, eos, bos = v["<image>"], v["<eos>"], v["<bos>"]
+    b = builder(tok, max_length=80)
+    item = b.build(
+        raw("k", 0, json={"prompt": "USER: <eos> <image> <bos> ASSISTANT:", "answer": "a <image> <eos> red"})
+    )
+    prefix = [bos, v["USER:"], unk, *[img] * 4, unk, v["ASSISTANT:"]]
+    assert item.input_ids == [*prefix, v["a"], unk, unk, v["red"], eos]
+    assert item.num_prefix == len(prefix)
+
+
+def test_a_prompt_with_two_image_tokens_is_a_skipped_sample():
+    from training.data.shards import SkipSample
+
+    b = builder(word_tokenizer(WORDS))
+    with pytest.raises(SkipSample, match="bad_caption: prompt holds '<image>' more than once"):
+        b.build(raw("k", 0, json={"prompt": "<image> and <image>", "answer": "red"}))
+
+
 def test_eval_names_why_no_held_out_sample_was_usable(tmp_path):
     from training.eval.vlm import read_eval_items
 
