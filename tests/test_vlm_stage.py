@@ -230,11 +230,36 @@ def test_generation_never_emits_the_image_placeholder():
     assert vlm.image_token_id not in new.tolist()[0] and new.shape == (1, 4)
 
 
+PRESET = ["model.decoder=preset:tiny_gemma", "model.tokenizer={tokenizer}"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["train-vlm", "--config", str(TINY), "stage=tune"], "stage must be one of"),
         (["train-vlm", "--config", str(TINY), "data.feature_cache=/nowhere"], "is not a feature cache"),
+        # refused while the model is built, before the engine: no run folder content is left behind
+        (
+            ["train-vlm", "--config", str(TINY), "model.connector_options={{colour: red}}"],
+            "unknown option(s) ['colour'] for connector 'linear'; known options: ['bias']",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), *PRESET, "model.decoder_options={{num_attention_heads: 3}}"],
+            "decoder preset 'tiny_gemma': num_attention_heads 3 is not a multiple of num_key_value_heads 2",
+        ),
+        (
+            # image tokens + 2 (16, bos, a one-word caption prompt): it passed, then every sample was skipped
+            ["train-vlm", "--config", str(TINY), "data.max_length=18", "data.caption_prompt=caption"],
+            "data.max_length 18 leaves no room for a caption: one image and the caption prompt take 18",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "model.decoder={tmp}/stage1/decoder"],
+            "/stage1/decoder' is neither an existing local path nor a hub repo id",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "model.decoder={tower}"],
+            "holds a 'siglip_vision_model' model, not a causal language model",
+        ),
         (["eval", "vlm", "--model", "x"], "eval vlm needs --shards SHARDS"),
         (
             ["extract", "--model", "preset:tiny", "--shards", "x", "--out", "o", "--no-head"],
@@ -246,11 +271,13 @@ def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, mo
     from vision_tower.cli import main
 
     monkeypatch.chdir(tmp_path)
-    if argv[0] == "train-vlm":
-        argv = [*argv, *overrides(assets, **{"run.out_dir": tmp_path / "run"})]
+    if argv[0] == "train-vlm":  # the case's own settings after the common ones: the last of a key wins
+        given = [a.format(tmp=tmp_path, **assets) for a in argv[3:]]
+        argv = [*argv[:3], *overrides(assets, **{"run.out_dir": tmp_path / "run"}), *given]
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
     assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # no checkpoints/ left
 
 
 def test_max_length_must_leave_room_for_a_caption_after_the_image_and_the_prompt(assets):
