@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,14 +132,22 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     )
 
 
-def _as_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:
-    """``ids`` of ``text`` without special tokens: a tokenizer whose vocabulary itself holds ``<image>`` or
-    ``<eos>`` (a word-level one) reads them as those tokens even when told not to parse special tokens;
-    they become its unknown token, as any other word it cannot spell."""
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer: Any, size: int) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens but its unknown token, per tokenizer and size (a token
+    added later gives a new size)."""
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
     }
     special.discard(tokenizer.unk_token_id)
+    return frozenset(special)
+
+
+def _as_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """``ids`` of ``text`` without special tokens: a tokenizer whose vocabulary itself holds ``<image>`` or
+    ``<eos>`` (a word-level one) reads them as those tokens even when told not to parse special tokens;
+    they become its unknown token, as any other word it cannot spell."""
+    special = _special_ids(tokenizer, len(tokenizer))
     if special.isdisjoint(ids):
         return ids
     if tokenizer.unk_token_id is None:

@@ -173,3 +173,14 @@ def test_generate_refuses_a_device_torch_does_not_know(demo_vlm, tmp_path, capsy
     assert _error(capsys.readouterr().err, "generate") == (
         "vision-tower generate: error: --device tpu: not a device torch knows (cpu, cuda, cuda:N, mps, ...)"
     )
+
+
+def test_generate_refuses_a_prompt_with_two_image_tokens(demo_vlm, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    args = ["generate", "--model", str(demo_vlm), "--image", str(image), "--prompt", "<image> a <image>"]
+    assert main(args) == 2
+    assert _error(capsys.readouterr().err, "generate") == (
+        "vision-tower generate: error: prompt holds '<image>' more than once; one image per prompt: "
+        "'<image> a <image>'"
+    )

@@ -79,6 +79,14 @@ def test_configs_exist_and_load():
         (["model.colour=red"], "unknown key(s) ['colour'] in model"),
         (["export.formats=[gguf]"], "export.formats: unknown ['gguf']"),
         (["data.max_length=0"], "data.max_length must be >= 1"),
+        (["model.feature_layer=-2.0"], "model.feature_layer: expected an integer, got -2.0 (float)"),
+        (
+            [
+                "model.decoder=my/gemma",
+                "model.decoder_options={num_hidden_layers: 1}",
+            ],  # a folder, not a preset
+            "model.decoder_options override a preset decoder's config; this decoder is loaded",
+        ),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(extra, message):
@@ -242,6 +250,10 @@ PRESET = ["model.decoder=preset:tiny_gemma", "model.tokenizer={tokenizer}"]
         (
             ["train-vlm", "--config", str(TINY), "model.connector_options={{colour: red}}"],
             "unknown option(s) ['colour'] for connector 'linear'; known options: ['bias']",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), *PRESET, "model.decoder_options={{num_hidden_layer: 4}}"],
+            "decoder preset 'tiny_gemma': unknown option(s) ['num_hidden_layer'] for a gemma config",
         ),
         (
             ["train-vlm", "--config", str(TINY), *PRESET, "model.decoder_options={{num_attention_heads: 3}}"],
