@@ -253,6 +253,32 @@ def test_special_tokens_a_word_level_vocabulary_holds_are_unknown_words_in_text(
     assert item.num_prefix == len(prefix)
 
 
+def test_a_special_token_spelled_in_text_without_an_unknown_token_is_a_skipped_sample():
+    """Without an unknown token the text `<eos>` has no reading as text: that sample is skipped and counted
+    (not the run's error), and it never becomes an early eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from training.data.shards import SkipSample
+
+    words = ["<pad>", "<bos>", "<eos>", "caption", "a", "red", "<image>"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        additional_special_tokens=["<image>"],
+    )
+    b = builder(tok)
+    assert b.build(raw("k", 0, txt=b"a red")).input_ids[-3:] == [4, 5, 2]
+    with pytest.raises(
+        SkipSample, match=r"bad_caption: the text 'a <eos> red' spells the special token\(s\) \['<eos>'\]"
+    ):
+        b.build(raw("k", 0, txt=b"a <eos> red"))
+
+
 def test_a_prompt_with_two_image_tokens_is_a_skipped_sample():
     from training.data.shards import SkipSample
 

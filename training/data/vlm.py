@@ -164,7 +164,10 @@ class VLMBuilder:
         # (room + 1) x that many characters can reach the row (twice that, for the merges at the cut): a
         # caption of megabytes is cut before the tokenizer reads it, and counted as truncated
         keep = 2 * (room + 1) * self.longest_piece
-        suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
+        try:  # text spelling a special token that a tokenizer without an unknown token cannot read as text
+            suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
+        except ValueError as err:
+            raise SkipSample("bad_caption", str(err)) from None
         return VLMItem(
             sample["__key__"],
             images,
