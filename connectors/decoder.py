@@ -50,11 +50,14 @@ def no_code_from_files(src: str | os.PathLike) -> Iterator[None]:
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise ValueError(
-            f"{src}: the model folder asks to run its own Python code (auto_map) for a class that "
-            "transformers does not ship; vision-tower never runs code from model files: use a model "
-            "transformers supports"
-        ) from None
+        raise _asks_for_code(src) from None
+
+
+def _asks_for_code(src: str | os.PathLike) -> ValueError:
+    return ValueError(
+        f"{src}: the model folder asks to run its own Python code (auto_map) for a class that transformers "
+        "does not ship; vision-tower never runs code from model files: use a model transformers supports"
+    )
 
 
 def _refuse_pickled_weights(src: str | os.PathLike, err: OSError) -> None:
@@ -170,7 +173,21 @@ def load_tokenizer(src: str | os.PathLike) -> Any | None:
 
             kwargs["config"] = PretrainedConfig()
     with no_code_from_files(path):
-        return AutoTokenizer.from_pretrained(str(path), **kwargs, **NO_CODE_FROM_FILES)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), **kwargs, **NO_CODE_FROM_FILES)
+        except (ValueError, OSError) as err:
+            # a tokenizer only its own code reads fails in transformers' fallbacks (advice to install
+            # sentencepiece or tiktoken): what it asked for is the reason
+            if not _asks_for_own_tokenizer_code(path):
+                raise
+            raise _asks_for_code(path) from err
+
+
+def _asks_for_own_tokenizer_code(path: Path) -> bool:
+    from vision_tower.checkpoint import read_json
+
+    config = path / "tokenizer_config.json"
+    return config.is_file() and "AutoTokenizer" in (read_json(config).get("auto_map") or {})
 
 
 def config_rows(src: str | os.PathLike) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,11 +113,12 @@ def prompt_ids(
         before, _, after = prompt.partition(image_token)
         if image_token in after:
             raise ValueError(f"prompt holds {image_token!r} more than once; one image per prompt: {prompt!r}")
-        head = (
-            tokenizer(before, add_special_tokens=True, split_special_tokens=True)["input_ids"]
-            if before
-            else _bos(tokenizer)
-        )
+        head = _bos(tokenizer)
+        if before:  # the tokenizer's own start (bos, if it adds one), then the text as text
+            head = tokenizer(before, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+            plain = tokenizer(before, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if plain and head[len(head) - len(plain) :] == plain:
+                head = head[: len(head) - len(plain)] + _as_text(tokenizer, plain, before)
         return head + image + text_ids(tokenizer, after)
     return image + _bos(tokenizer) + text_ids(tokenizer, prompt + "\n")
 
@@ -125,7 +127,36 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     """The ids of ``text`` as plain text: no bos/eos added, and special tokens written in it (``<image>``,
     ``<eos>``) split into ordinary pieces instead of parsed, so a caption cannot end an answer early or
     add an image placeholder. Special tokens are inserted by id by the callers."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return _as_text(
+        tokenizer, tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], text
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer: Any, size: int) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens but its unknown token, per tokenizer and size (a token
+    added later gives a new size)."""
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
+    special.discard(tokenizer.unk_token_id)
+    return frozenset(special)
+
+
+def _as_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """``ids`` of ``text`` without special tokens: a tokenizer whose vocabulary itself holds ``<image>`` or
+    ``<eos>`` (a word-level one) reads them as those tokens even when told not to parse special tokens;
+    they become its unknown token, as any other word it cannot spell."""
+    special = _special_ids(tokenizer, len(tokenizer))
+    if special.isdisjoint(ids):
+        return ids
+    if tokenizer.unk_token_id is None:
+        found = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in special})
+        raise ValueError(
+            f"the text {text[:80]!r} spells the special token(s) {found}, which this tokenizer can only read "
+            "as those tokens (it has no unknown token to read them as text)"
+        )
+    return [tokenizer.unk_token_id if i in special else i for i in ids]
 
 
 def _bos(tokenizer: Any) -> list[int]:

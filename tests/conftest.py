@@ -9,6 +9,30 @@ from tests.helpers.hardware import write_cpuinfo
 from vision_tower import hardware
 from vision_tower.hardware import read_cpuinfo_flags
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A training command run in-process joins a process group of one and sets the launcher's variables
+    (``MASTER_PORT`` among them) in ``os.environ``: after the test both are undone, so that a later test's
+    subprocess neither inherits the port (still listened on) nor finds a stale group."""
+    import os
+
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from training.runner.engine import leave_process_group
+
+        leave_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 
 @pytest.fixture
 def cpu(monkeypatch, tmp_path):

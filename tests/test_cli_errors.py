@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.helpers.hf_reference import hf_vision
+from tests.helpers.shards import write_tar
 
 # What a command says it chose before it starts (precision, compilation): status, not part of the error.
 STATUS_LINES = ("precision: ", "compile: ")
@@ -97,6 +98,8 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
     (badtok / "tokenizer_config.json").write_text('{\n  "model_max_length": 4,\n  oops\n}\n')
 
     (root / "notatar.tar").write_bytes(b"these bytes are not a tar archive" * 40)
+    (root / "empty.tar").write_bytes(b"")
+    write_tar(root / "nothing.tar", [])
     (root / "previous" / "shapes").mkdir(parents=True)  # a demo ran here before
     extract = ["extract", "--model", str(good), "--images", str(images)]
     zs = ["eval", "zero-shot", "--model", str(cut), "--images"]
@@ -178,6 +181,40 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], list[str]]]:
             ],
             [f"data.train_shards: no shard holds a sample: {root / 'notatar.tar'} is not a tar archive"],
         ),
+        "empty shard (pretrain)": (
+            [
+                "pretrain",
+                "--config",
+                "configs/pretrain/demo_tiny.yaml",
+                f"data.train_shards={root / 'empty.tar'}",
+                f"run.out_dir={root / 'run'}",
+            ],
+            [f"data.train_shards: no shard holds a sample: {root / 'empty.tar'} is not a tar archive (empty"],
+        ),
+        **{
+            f"{what} (train-vlm)": (
+                [
+                    "train-vlm",
+                    "--config",
+                    "configs/vlm/tiny_align.yaml",
+                    f"data.train_shards={shards}",
+                    "data.val_shards=null",
+                    f"run.out_dir={root / 'run'}",
+                ],
+                [f"data.train_shards: no shard holds a sample: {first} is {why}"],
+            )
+            for what, shards, first, why in [
+                ("no shard is a tar", root / "notatar.tar", root / "notatar.tar", "not a tar archive"),
+                ("empty shard", root / "empty.tar", root / "empty.tar", "not a tar archive (empty file)"),
+                ("tar without members", root / "nothing.tar", root / "nothing.tar", "a tar archive without"),
+                (
+                    "every shard bad",
+                    f"{root / 'notatar.tar'}::{root / 'empty.tar'}",
+                    root / "notatar.tar",
+                    "not a tar archive (invalid header) (and the 1 other shard(s) likewise)",
+                ),
+            ]
+        },
         "corrupt yaml": (["pretrain", "--config", str(bad_yaml)], [f"{bad_yaml} line 3: not valid YAML"]),
         "template {x}": (
             [*zs, str(two), "--templates", str(root / "named.txt")],
@@ -329,3 +366,33 @@ def test_under_a_launcher_one_rank_says_an_error_every_rank_meets(
     monkeypatch.setitem(errors._state, "diverged", diverged)
     assert cli.main([]) == 2  # every rank exits with 2, whichever says the line
     assert capsys.readouterr().err.strip() == wanted
+
+
+@pytest.mark.parametrize("command", ["pretrain", "train-vlm"])
+def test_shards_whose_every_sample_is_bad_stop_the_run_in_one_line(tmp_path, capsys, command):
+    """Readable tars whose every image is broken: found once the run has started (1001 skips in a row), said
+    in one line after the progress bar, not as the DataLoader's traceback."""
+    from tests.helpers import vlm_reference as R
+
+    members = [m for i in range(3) for m in [(f"s{i}.png", b"not a png"), (f"s{i}.txt", b"a red circle")]]
+    shard = write_tar(tmp_path / "bad-0.tar", members)
+    settings = {"data.train_shards": shard, "data.val_shards": "null", "data.num_workers": 0}
+    settings.update({"run.out_dir": tmp_path / "run", "run.steps": 1})
+    if command == "pretrain":
+        from training.demo import caption_corpus
+        from training.tokenizer_train import train_tokenizer
+
+        train_tokenizer(caption_corpus(), tmp_path / "tok", vocab_size=128, max_length=16)
+        settings.update({"data.tokenizer": tmp_path / "tok", "data.zeroshot_dir": "null"})
+        config = "configs/pretrain/demo_tiny.yaml"
+    else:
+        decoder = R.decoder_folder("gemma", tmp_path / "decoder", seed=3)
+        settings.update({"model.tower": "preset:tiny", "model.decoder": decoder, "model.tokenizer": "null"})
+        config = "configs/vlm/tiny_align.yaml"
+    rc, err = _run_here([command, "--config", config, *(f"{k}={v}" for k, v in settings.items())], capsys)
+    head = f"vision-tower {command}: error: "
+    assert rc == 2 and err.count(head) == 1 and "Traceback" not in err, err[-3000:]
+    line = err[err.index(head) :].splitlines()[0]
+    assert line.startswith(f"{head}1001 samples in a row were skipped, the last one s"), line
+    assert f" in {shard}: bad_image " in line, line
+    assert line.endswith("; check the shards, the image decoder and the transforms"), line

@@ -230,6 +230,18 @@ def _decoder_field(model: Path) -> str:
     return f"{model / 'decoder' / 'config.json'}: Field 'hidden_size' expected int, got str"
 
 
+def _connector_option(model: Path) -> str:
+    config = json.loads((model / "config.json").read_text())
+    _edit_json(model / "config.json", connector={**config["connector"], "options": {"colour": "red"}})
+    return f"{model / 'config.json'}: connector: unknown option(s) ['colour'] for connector 'linear'"
+
+
+def _connector_option_type(model: Path) -> str:
+    config = json.loads((model / "config.json").read_text())
+    _edit_json(model / "config.json", connector={**config["connector"], "options": {"bias": "no"}})
+    return f"{model / 'config.json'}: connector: connector 'linear' option bias='no': expected bool"
+
+
 def _tower_field(model: Path) -> str:
     _edit_json(model / "tower" / "config.json", hidden_size="32")
     return (
@@ -255,6 +267,8 @@ DAMAGE = {
         _native_field,
         _decoder_field,
         _tower_field,
+        _connector_option,
+        _connector_option_type,
     ],
     "pg": [
         _shift_offsets,
@@ -380,3 +394,75 @@ def test_a_tower_folder_given_as_the_decoder_is_named_as_not_a_language_model(tm
     ) as e:
         getattr(connectors.decoder, reader)(tmp_path / "tower")
     assert "\n" not in str(e.value) and "Config," not in str(e.value)  # not transformers' list of classes
+
+
+def test_train_vlm_with_a_tokenizer_smaller_than_the_decoder_trains_evaluates_and_exports(tmp_path, capsys):
+    """A 128-id tokenizer with a 258-row decoder: <image> is id 128, inside the table, which keeps its 258
+    rows; once every step trained and the final evaluation crashed (IndexError), with no export."""
+    write_tar(tmp_path / "shards" / "qa-000.tar", qa_members(4))
+    decoder = R.decoder_folder("gemma", tmp_path / "decoder", vocab_size=258)
+    word_tokenizer(128).save_pretrained(tmp_path / "small")
+    out = tmp_path / "run"
+    settings = {
+        "model.tower": "preset:tiny",
+        "model.decoder": decoder,
+        "model.tokenizer": tmp_path / "small",
+        "data.train_shards": tmp_path / "shards",
+        "data.val_shards": tmp_path / "shards",
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.eval_samples": 4,
+        "data.eval_max_new_tokens": 2,
+        "run.out_dir": out,
+        "run.steps": 1,
+        "export.formats": "[native]",
+    }
+    capsys.readouterr()
+    args = [
+        "train-vlm",
+        "--config",
+        "configs/vlm/tiny_align.yaml",
+        *(f"{k}={v}" for k, v in settings.items()),
+    ]
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_samples"] == 4 and result["val_loss"] > 0
+    exported = out / "export" / "native"
+    assert json.loads((exported / "decoder" / "config.json").read_text())["vocab_size"] == 258
+    assert json.loads((exported / "config.json").read_text())["image_token_id"] == 128
+
+
+@pytest.mark.parametrize("command", ["extract", "convert", "train-vlm model.tower"])
+def test_a_vlm_folder_where_a_tower_goes_names_its_tower_folder(folders, tmp_path, capsys, command):
+    native = folders / "native"
+    if command == "extract":
+        args = ["extract", "--model", str(native), "--images", str(folders / "image.png")]
+        args += ["--out", str(tmp_path / "f.safetensors")]
+    elif command == "convert":
+        args = ["convert", str(native), str(tmp_path / "out")]
+    else:
+        write_tar(tmp_path / "shards" / "qa-000.tar", qa_members(2))
+        settings = {
+            "model.tower": native,
+            "model.decoder": native / "decoder",
+            "model.tokenizer": native,
+            "data.train_shards": tmp_path / "shards",
+            "data.val_shards": "null",
+            "run.out_dir": tmp_path / "out",
+        }
+        args = [
+            "train-vlm",
+            "--config",
+            "configs/vlm/tiny_align.yaml",
+            *(f"{k}={v}" for k, v in settings.items()),
+        ]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vision-tower ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0] == (
+        f"vision-tower {args[0]}: error: {native} holds a vision-language model (its parts in sub-folders), "
+        f"not a SigLIP checkpoint: its vision tower is the folder {native / 'tower'}"
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from connectors.decoder import load_decoder, load_tokenizer
 from tests.helpers import vlm_reference as R
@@ -105,8 +106,9 @@ def test_a_tokenizer_asking_for_its_own_code_never_runs_it(decoder, tmp_path):
     # with tokenizer.json beside it, the folder is read as the fast tokenizer transformers ships
     assert load_tokenizer(folder)("a b c")["input_ids"]
     (folder / "tokenizer.json").unlink()  # now only the folder's own class could read it: not loaded
-    with pytest.raises(ValueError):
-        load_tokenizer(folder)
+    with pytest.raises(ValueError, match="asks to run its own Python code") as info:
+        load_tokenizer(folder)  # not transformers' advice to install sentencepiece or tiktoken
+    assert "sentencepiece" not in str(info.value)
     assert not marker.exists()
 
 
@@ -140,3 +142,106 @@ def test_pickled_decoder_weights_are_never_unpickled(decoder, tmp_path):
     ):
         load_decoder(folder)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- through the commands
+@pytest.fixture(scope="module")
+def native(decoder, tmp_path_factory):
+    """A native VLM folder around the qwen2 decoder."""
+    from connectors import VisionLanguageModel
+    from vision_tower import ImageProcessor
+
+    out = tmp_path_factory.mktemp("vlm") / "native"
+    vlm = VisionLanguageModel(
+        R.tower(seed=4), "linear", decoder, attention="causal", processor=ImageProcessor(image_size=32)
+    )
+    vlm.save_pretrained(out)
+    return out
+
+
+def _error_line(err: str, command: str) -> str:
+    """The command's one error line (model loading may print progress before it)."""
+    lines = [line for line in err.splitlines() if line.startswith(f"vision-tower {command}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _train_vlm(tmp_path, **settings) -> list[str]:
+    from tests.helpers.shards import write_tar
+
+    shard = write_tar(tmp_path / "train-0.tar", [("a.txt", b"a red circle")])
+    base = {
+        "model.tower": "preset:tiny",
+        "data.train_shards": shard,
+        "data.val_shards": "null",
+        "model.tokenizer": "null",
+        "run.out_dir": tmp_path / "run",
+        **settings,
+    }
+    return ["train-vlm", "--config", "configs/vlm/tiny_align.yaml", *(f"{k}={v}" for k, v in base.items())]
+
+
+@pytest.mark.parametrize("where", ["data.train_shards", "data.val_shards", "eval vlm --shards"])
+def test_train_vlm_and_eval_vlm_refuse_a_pipe_shard_in_one_line(native, decoder, tmp_path, capsys, where):
+    marker = tmp_path / "ran"
+    spec = f"pipe:touch {marker}; cat a.tar"
+    if where == "eval vlm --shards":
+        command, args = "eval", ["eval", "vlm", "--model", str(native), "--shards", spec]
+    else:
+        command, args = "train-vlm", _train_vlm(tmp_path, **{"model.decoder": decoder, where: spec})
+    capsys.readouterr()
+    assert main(args) == 2
+    line = _error_line(capsys.readouterr().err, command)
+    assert f"shard '{spec}': only local tar files are read" in line, line
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_generate_refuses_a_vlm_whose_decoder_asks_for_its_own_code(native, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    model = tmp_path / "custom"
+    shutil.copytree(native, model)
+    shutil.rmtree(model / "decoder")
+    _custom_code_folder(native / "decoder", model / "decoder", marker, config=True)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--image", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert _error_line(err, "generate") == (
+        f"vision-tower generate: error: {model / 'decoder'}: the model folder asks to run its own Python "
+        "code (auto_map) for a class that transformers does not ship; vision-tower never runs code from "
+        "model files: use a model transformers supports"
+    )
+    assert "trust_remote_code" not in err and not marker.exists()
+
+
+@pytest.mark.parametrize("part", ["model.decoder", "model.tokenizer"])
+def test_train_vlm_refuses_a_folder_asking_for_its_own_code_before_the_run(decoder, tmp_path, capsys, part):
+    marker = tmp_path / "ran"
+    folder = _custom_code_folder(decoder, tmp_path / "custom", marker, config=part == "model.decoder")
+    if part == "model.tokenizer":
+        (folder / "tokenizer.json").unlink()  # only the folder's own class could read it
+    settings = {"model.decoder": decoder, part: folder}
+    capsys.readouterr()
+    assert main(_train_vlm(tmp_path, **settings)) == 2
+    line = _error_line(capsys.readouterr().err, "train-vlm")
+    assert f"{folder}: the model folder asks to run its own Python code (auto_map)" in line, line
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_generate_refuses_a_vlm_whose_decoder_weights_are_pickled(native, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    model = tmp_path / "pickled"
+    shutil.copytree(native, model)
+    (model / "decoder" / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload(str(marker))}, model / "decoder" / "pytorch_model.bin")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--image", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert _error_line(err, "generate").startswith(
+        f"vision-tower generate: error: {model / 'decoder'}: the decoder's weights are pickled "
+        "(pytorch_model.bin), which vision-tower never unpickles"
+    )
+    assert "weights_only=False" not in err and not marker.exists()

@@ -48,6 +48,21 @@ def test_a_shipped_config_is_found_from_any_folder(tmp_path, monkeypatch):
     assert cfg == load_config(ROOT / "configs" / "pretrain" / "demo_tiny.yaml")
 
 
+def test_the_pretrain_command_finds_a_shipped_config_from_any_folder(tmp_path, monkeypatch, capsys):
+    """As train-vlm finds configs/vlm/...: the run goes on to its data (missing here), not "no config"."""
+    from vision_tower.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", "configs/pretrain/demo_tiny.yaml", f"data.train_shards={tmp_path / 'x.tar'}"]
+    for command in ("pretrain", "train-vlm"):
+        config = args[1] if command == "pretrain" else "configs/vlm/tiny_align.yaml"
+        assert main([command, "--config", config, *args[2:]]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"vision-tower {command}: error: data.train_shards: none of the 1 shards exist, e.g. "
+            f"'{tmp_path / 'x.tar'}' (from '{tmp_path / 'x.tar'}')"
+        )
+
+
 @pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
 def test_every_deepspeed_json_fills_in(path):
     cfg = load_config(ROOT / "configs/pretrain/demo_tiny.yaml", [f"run.deepspeed={path}"])

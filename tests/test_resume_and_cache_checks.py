@@ -304,3 +304,28 @@ def test_a_damaged_cache_stops_train_vlm_in_one_line_naming_the_file(cache, tmp_
     assert phrase in line and "extract the features again" in line, line
     assert digests(features) == kept  # the user's cache is left as it was
     assert not out.exists()  # refused before anything was set up
+
+
+# ------------------------------------------------------------------------- resume of train-vlm, in process
+
+
+def test_train_vlm_resume_with_a_changed_tower_is_refused_and_a_longer_run_resumes(cache, tmp_path, capsys):
+    """The command that made the run, with changes written after ``--resume`` (where they win over the same
+    keys before it): a changed tower and rate are refused and nothing is written; then the run is extended
+    in the same process (a refused run leaves no stale process group behind)."""
+    out = tmp_path / "run"
+    args = align_args(cache, out, cache["shard"], "null")
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    before = digests(out)
+    capsys.readouterr()
+    assert main([*args, "--resume", "model.tower=preset:tiny", "optim.lr=0.5"]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if "vision-tower train-vlm: error: " in x]
+    assert len(line) == 1, line
+    assert (
+        f'model.tower: "{cache["tower"]}" -> "preset:tiny"' in line[0] and "optim.lr: 0.003 -> 0.5" in line[0]
+    )
+    assert "model.tower cannot change on resume" in line[0]
+    assert digests(out) == before  # config.json keeps the values the checkpoint was trained with
+    assert main([*args, "--resume", "run.steps=3"]) == 0, capsys.readouterr().err[-3000:]
+    assert sorted(lrs(out)) == [2, 3]  # each run logs its last step (run.log_every is 10)
+    assert json.loads((out / "config.json").read_text())["model"]["tower"] == str(cache["tower"])

@@ -297,6 +297,28 @@ def test_resume_flag_forms():
         assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "argv, used",
+    [
+        (["a.tar", "--resume", "b.tar"], "b.tar"),  # after --resume: later on the line, it wins
+        (["--resume", "b.tar", "a.tar"], "a.tar"),
+        (["a.tar", "--resume", "auto", "b.tar"], "b.tar"),
+    ],
+)
+def test_the_last_override_of_a_key_wins_on_either_side_of_resume(tmp_path, capsys, argv, used):
+    """Once the value right after --resume came first, whatever the line said: `... x=A --resume x=B` ran
+    with A, and the resume check never saw the change."""
+    from vision_tower.cli import main
+
+    args = [a if a.startswith("-") or a == "auto" else f"data.train_shards={tmp_path / a}" for a in argv]
+    assert main(["pretrain", "--config", "configs/pretrain/demo_tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"vision-tower pretrain: error: data.train_shards: none of the 1 shards exist, e.g. "
+        f"'{tmp_path / used}' (from '{tmp_path / used}')"
+    )
+
+
 def test_resume_with_dropout_gives_the_uninterrupted_losses(shapes, tmp_path):
     """Dropout draws from the restored RNG state: nothing between the checkpoint load and the first
     resumed step (such as the data loader's seed) may draw from it first."""

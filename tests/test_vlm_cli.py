@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from PIL import Image
 
 from connectors import VisionLanguageModel
 from tests.helpers import vlm_reference as R
+from tests.helpers.shards import write_tar
+from tests.helpers.vlm_data import make_assets, png
+from training.demo.shapes import make_sample
 from vision_tower import ImageProcessor
 from vision_tower.cli import main
 
@@ -113,3 +120,87 @@ def test_info_describes_vlm_checkpoints_of_every_format(tmp_path, capsys):
     vlm.tower.save_pretrained(tmp_path / "tower")  # a tower alone is still described as before
     assert main(["info", str(tmp_path / "tower")]) == 0
     assert "(image tower)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- eval vlm on awkward shards
+@pytest.fixture(scope="module")
+def demo_vlm(tmp_path_factory) -> Path:
+    """A native VLM folder whose decoder has the demo's word-level tokenizer (it holds `<image>` and
+    `<eos>` as words of its vocabulary)."""
+    root = tmp_path_factory.mktemp("demo-vlm")
+    assets = make_assets(root / "assets", n_train=8, n_val=8)
+    vlm = VisionLanguageModel(
+        R.tower(seed=25), "linear", assets["decoder"], processor=ImageProcessor(image_size=32)
+    )
+    vlm.save_pretrained(root / "native")
+    return root / "native"
+
+
+def _qa_shard(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    members = []
+    for i, (prompt, answer) in enumerate(pairs):
+        members.append((f"s{i}.png", png(make_sample("val", i, image_size=32).image)))
+        members.append((f"s{i}.json", json.dumps({"prompt": prompt, "answer": answer}).encode()))
+    return write_tar(path, members)
+
+
+def _eval(model: Path, shard: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["eval", "vlm", "--model", str(model), "--shards", str(shard), "--dtype", "float32", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if f"vision-tower {command}: error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0][lines[0].index("vision-tower") :]
+
+
+def test_eval_vlm_reads_image_and_eos_written_in_the_text_as_text(demo_vlm, tmp_path, capsys):
+    """Once the image-token count of every row failed ("input_ids hold 17 image tokens ... the images give
+    16"): now both samples are evaluated."""
+    shard = _qa_shard(
+        tmp_path / "val.tar", [("caption <image>", "a <image> red"), ("what <eos> is", "a <eos> b")]
+    )
+    code, out, err = _eval(demo_vlm, shard, capsys)
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["eval_samples"] == 2
+
+
+def test_eval_vlm_names_why_every_sample_was_skipped(demo_vlm, tmp_path, capsys):
+    bad = write_tar(tmp_path / "bad.tar", [("s0.png", b"not a png"), ("s0.txt", b"red"), ("s1.txt", b"red")])
+    twice = _qa_shard(tmp_path / "twice.tar", [("<image> and <image>", "red")])
+    code, _, err = _eval(demo_vlm, f"{bad}::{twice}", capsys)
+    assert code == 2
+    assert _error(err, "eval") == (
+        f"vision-tower eval: error: no usable held-out sample in '{bad}::{twice}': every sample was skipped "
+        "(1 bad_caption, 1 bad_image, 1 missing_image)"
+    )
+
+
+def test_eval_vlm_names_its_own_max_length_option(demo_vlm, tmp_path, capsys):
+    shard = _qa_shard(tmp_path / "val.tar", [("what colour", "red")])
+    code, _, err = _eval(demo_vlm, shard, capsys, "--max-length", "5")
+    assert code == 2
+    assert _error(err, "eval").startswith("vision-tower eval: error: --max-length 5 leaves no room for text")
+
+
+def test_generate_refuses_a_device_torch_does_not_know(demo_vlm, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["generate", "--model", str(demo_vlm), "--image", str(image), "--device", "tpu"]) == 2
+    assert _error(capsys.readouterr().err, "generate") == (
+        "vision-tower generate: error: --device tpu: not a device torch knows (cpu, cuda, cuda:N, mps, ...)"
+    )
+
+
+def test_generate_refuses_a_prompt_with_two_image_tokens(demo_vlm, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    args = ["generate", "--model", str(demo_vlm), "--image", str(image), "--prompt", "<image> a <image>"]
+    assert main(args) == 2
+    assert _error(capsys.readouterr().err, "generate") == (
+        "vision-tower generate: error: prompt holds '<image>' more than once; one image per prompt: "
+        "'<image> a <image>'"
+    )

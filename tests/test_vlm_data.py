@@ -237,6 +237,56 @@ def test_special_tokens_written_in_text_are_text(tmp_path):
     assert ids.count(eos) == 1 and ids[-1] == eos  # only the answer's own end
 
 
+def test_special_tokens_a_word_level_vocabulary_holds_are_unknown_words_in_text():
+    """The word-level tokenizer of the demo's decoder holds `<image>` and `<eos>` as words of its own
+    vocabulary, so it reads them as those tokens even when told not to parse special tokens: written in
+    a prompt or an answer they become its unknown word, and the image placeholders and eos come by id."""
+    tok = word_tokenizer(WORDS)
+    v, unk = tok.get_vocab(), tok.unk_token_id
+    img, eos, bos = v["<image>"], v["<eos>"], v["<bos>"]
+    b = builder(tok, max_length=80)
+    item = b.build(
+        raw("k", 0, json={"prompt": "USER: <eos> <image> <bos> ASSISTANT:", "answer": "a <image> <eos> red"})
+    )
+    prefix = [bos, v["USER:"], unk, *[img] * 4, unk, v["ASSISTANT:"]]
+    assert item.input_ids == [*prefix, v["a"], unk, unk, v["red"], eos]
+    assert item.num_prefix == len(prefix)
+
+
+def test_a_special_token_spelled_in_text_without_an_unknown_token_is_a_skipped_sample():
+    """Without an unknown token the text `<eos>` has no reading as text: that sample is skipped and counted
+    (not the run's error), and it never becomes an early eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from training.data.shards import SkipSample
+
+    words = ["<pad>", "<bos>", "<eos>", "caption", "a", "red", "<image>"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        additional_special_tokens=["<image>"],
+    )
+    b = builder(tok)
+    assert b.build(raw("k", 0, txt=b"a red")).input_ids[-3:] == [4, 5, 2]
+    with pytest.raises(
+        SkipSample, match=r"bad_caption: the text 'a <eos> red' spells the special token\(s\) \['<eos>'\]"
+    ):
+        b.build(raw("k", 0, txt=b"a <eos> red"))
+
+
+def test_a_prompt_with_two_image_tokens_is_a_skipped_sample():
+    from training.data.shards import SkipSample
+
+    b = builder(word_tokenizer(WORDS))
+    with pytest.raises(SkipSample, match="bad_caption: prompt holds '<image>' more than once"):
+        b.build(raw("k", 0, json={"prompt": "<image> and <image>", "answer": "red"}))
+
+
 def test_eval_names_why_no_held_out_sample_was_usable(tmp_path):
     from training.eval.vlm import read_eval_items
 

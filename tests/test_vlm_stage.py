@@ -106,6 +106,14 @@ def test_configs_exist_and_load():
         (["data.image_folder=images"], "data.image_folder holds the images of data.train_json"),
         (["data.max_bad_samples=-1"], "data.max_bad_samples must be >= 0"),
         (["model.chat_template=v9"], "model.chat_template 'v9': give a built-in (plain, v1)"),
+        (["model.feature_layer=-2.0"], "model.feature_layer: expected an integer, got -2.0 (float)"),
+        (
+            [
+                "model.decoder=my/gemma",
+                "model.decoder_options={num_hidden_layers: 1}",
+            ],  # a folder, not a preset
+            "model.decoder_options override a preset decoder's config; this decoder is loaded",
+        ),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(extra, message):
@@ -275,11 +283,40 @@ def test_generation_never_emits_the_image_placeholder():
     assert vlm.image_token_id not in new.tolist()[0] and new.shape == (1, 4)
 
 
+PRESET = ["model.decoder=preset:tiny_gemma", "model.tokenizer={tokenizer}"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["train-vlm", "--config", str(TINY), "stage=tune"], "stage must be one of"),
         (["train-vlm", "--config", str(TINY), "data.feature_cache=/nowhere"], "is not a feature cache"),
+        # refused while the model is built, before the engine: no run folder content is left behind
+        (
+            ["train-vlm", "--config", str(TINY), "model.connector_options={{colour: red}}"],
+            "unknown option(s) ['colour'] for connector 'linear'; known options: ['bias']",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), *PRESET, "model.decoder_options={{num_hidden_layer: 4}}"],
+            "decoder preset 'tiny_gemma': unknown option(s) ['num_hidden_layer'] for a gemma config",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), *PRESET, "model.decoder_options={{num_attention_heads: 3}}"],
+            "decoder preset 'tiny_gemma': num_attention_heads 3 is not a multiple of num_key_value_heads 2",
+        ),
+        (
+            # image tokens + 2 (16, bos, a one-word caption prompt): it passed, then every sample was skipped
+            ["train-vlm", "--config", str(TINY), "data.max_length=18", "data.caption_prompt=caption"],
+            "data.max_length 18 leaves no room for a caption: one image and the caption prompt take 18",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "model.decoder={tmp}/stage1/decoder"],
+            "/stage1/decoder' is neither an existing local path nor a hub repo id",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "model.decoder={tower}"],
+            "holds a 'siglip_vision_model' model, not a causal language model",
+        ),
         (
             ["extract", "--model", "preset:tiny", "--shards", "x", "--out", "o", "--no-head"],
             "--no-head does not apply",
@@ -290,11 +327,13 @@ def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, mo
     from vision_tower.cli import main
 
     monkeypatch.chdir(tmp_path)
-    if argv[0] == "train-vlm":
-        argv = [*argv, *overrides(assets, **{"run.out_dir": tmp_path / "run"})]
+    if argv[0] == "train-vlm":  # the case's own settings after the common ones: the last of a key wins
+        given = [a.format(tmp=tmp_path, **assets) for a in argv[3:]]
+        argv = [*argv[:3], *overrides(assets, **{"run.out_dir": tmp_path / "run"}), *given]
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vision-tower")]
     assert len(err) == 1 and err[0].startswith(f"vision-tower {argv[0]}: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # no checkpoints/ left
 
 
 def test_eval_vlm_without_shards_is_an_argparse_error_of_its_own_command(capsys):

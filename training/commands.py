@@ -27,6 +27,8 @@ class _ResumeAction(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None):
         if value is not None and "=" in value:
             namespace.leading_overrides = [*getattr(namespace, "leading_overrides", []), value]
+            # where it goes among the overrides: after those given before --resume, which argparse has read
+            namespace.resume_at = len(getattr(namespace, "overrides", None) or [])
             value = None
         if value not in (None, self.const, "auto"):
             parser.error(f"--resume takes no value or 'auto', got {value!r}")
@@ -40,6 +42,15 @@ def _print_on_rank0(result: dict) -> None:
         print(json.dumps(dict(result), default=str))
 
 
+def _overrides_in_order(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides in command-line order (the last one of a key wins): those before
+    ``--resume``, the one right after it (which argparse hands to ``--resume``), then the rest."""
+    overrides = list(args.overrides)
+    at = getattr(args, "resume_at", 0)
+    overrides[at:at] = getattr(args, "leading_overrides", [])
+    return overrides
+
+
 def _train(args: argparse.Namespace, load_config, make_task) -> None:
     """Load the run config (YAML plus ``key=value`` overrides), run the task, print the final metrics."""
     import logging
@@ -48,7 +59,7 @@ def _train(args: argparse.Namespace, load_config, make_task) -> None:
     from .runner import train
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
-    cfg = load_config(args.config, [*getattr(args, "leading_overrides", []), *args.overrides])
+    cfg = load_config(args.config, _overrides_in_order(args))
     task = make_task(cfg)
     _print_on_rank0(
         train(task, resume=args.resume, overwrite=args.overwrite, allow_changes=args.resume_with_changes)
@@ -195,7 +206,11 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
     builder = builder_for(
-        vlm, max_length=args.max_length, caption_prompt=args.caption_prompt, chat_template=args.chat_template
+        vlm,
+        max_length=args.max_length,
+        caption_prompt=args.caption_prompt,
+        chat_template=args.chat_template,
+        key="--max-length",
     )
     items = read_eval_items(builder, args.shards, args.max_samples)
     result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

@@ -89,7 +89,10 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     tower = VisionTower.from_pretrained(
         path / "tower", feature_layer=config["feature_layer"], use_head=False, dtype=dtype
     )
-    connector = ConnectorConfig.from_dict(config["connector"]).build()
+    try:
+        connector = ConnectorConfig.from_dict(config["connector"]).build()
+    except ValueError as err:  # an unknown option or one of the wrong type, edited into the saved config
+        raise ValueError(f"{path / 'config.json'}: connector: {err}") from None
     file = path / "connector.safetensors"
     strict_load(connector, read_weights(file), source=str(file))  # header, names, shapes and dtypes checked
     decoder = load_decoder(path / "decoder", dtype=dtype, device=device)

@@ -202,7 +202,10 @@ class VLMBuilder:
             )
         else:
             images, grid = self.images.load(sample)  # (n, ...)
-        prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
+        try:  # a prompt holding <image> twice: this sample's own text, skipped and counted like bad json
+            prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
+        except ValueError as err:
+            raise SkipSample("bad_caption", str(err)) from None
         room = self.max_length - len(prefix)
         if room < 1:  # before the answer is tokenized: it could not be used
             raise SkipSample(
@@ -213,7 +216,10 @@ class VLMBuilder:
         # (room + 1) x that many characters can reach the row (twice that, for the merges at the cut): a
         # caption of megabytes is cut before the tokenizer reads it, and counted as truncated
         keep = 2 * (room + 1) * self.longest_piece
-        suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
+        try:  # text spelling a special token that a tokenizer without an unknown token cannot read as text
+            suffix = text_ids(self.tokenizer, answer[:keep]) + [self.tokenizer.eos_token_id]
+        except ValueError as err:
+            raise SkipSample("bad_caption", str(err)) from None
         return VLMItem(
             sample["__key__"],
             images,
@@ -314,17 +320,17 @@ def builder_for(
     caption_prompt: str = "",
     images: Any = None,
     chat_template: str | None = None,
+    key: str = "data.max_length",
 ) -> VLMBuilder:
     """The :class:`VLMBuilder` of a :class:`~connectors.VisionLanguageModel`: its tokenizer, image token and
     connector, and its image processor (or ``images``, e.g. a feature cache). ``chat_template``: a built-in
-    name, a Jinja file, or None for the tokenizer's own (:func:`.chat.resolve_chat_template`)."""
+    name, a Jinja file, or None for the tokenizer's own (:func:`.chat.resolve_chat_template`). ``key`` names
+    ``max_length`` where it is refused (``--max-length`` on ``eval vlm``'s command line)."""
     if vlm.tokenizer is None:
         raise ValueError("the VLM has no tokenizer: build it with one (or save its tokenizer files with it)")
     per_image = vlm.num_image_tokens
     if max_length < per_image + 2:
-        raise ValueError(
-            f"data.max_length {max_length} leaves no room for text: one image takes {per_image} tokens"
-        )
+        raise ValueError(f"{key} {max_length} leaves no room for text: one image takes {per_image} tokens")
     if images is None:
         images = PixelImages(vlm.image_processor(), vlm.tower.config.patch_size)
     builder = VLMBuilder(
@@ -340,8 +346,8 @@ def builder_for(
     prefix = len(builder.prefix_ids(caption_prompt, per_image))  # image tokens, bos, prompt, newline
     if max_length <= prefix:
         raise ValueError(
-            f"data.max_length {max_length} leaves no room for a caption: one image and the caption prompt "
+            f"{key} {max_length} leaves no room for a caption: one image and the caption prompt "
             f"take {prefix} tokens ({per_image} image tokens), so every caption sample would be skipped; "
-            f"raise data.max_length above {prefix}"
+            f"raise {key} above {prefix}"
         )
     return builder

@@ -60,6 +60,18 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def leave_process_group() -> None:
+    """Leave the process group after a failed run, and forget DeepSpeed's copy of its world group: a later
+    run in the same process (the Python API, tests) would otherwise find that stale group ("Group ... is not
+    registered") when its engine starts."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # the clone DeepSpeed keeps of the world group it was given
+
+
 def _free_port() -> int:
     import socket
 

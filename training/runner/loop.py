@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from vision_tower.errors import agreed, ranks_diverge
 
 from . import checkpoints, resume_check
-from .engine import Engine, build_engine, deepspeed_config, init_distributed, zero_stage
+from .engine import (
+    Engine,
+    build_engine,
+    deepspeed_config,
+    init_distributed,
+    leave_process_group,
+    zero_stage,
+)
 from .metrics import MetricsLog, mean_over_ranks, plot_loss, sum_over_ranks
 from .run_dir import RunDirError, RunLock, prepare, refuse_removing_inputs
 from .task import ExportContext, Loader, Task
@@ -150,8 +157,7 @@ def train(
     except BaseException:
         # a refused or failed run leaves the process group now: gloo's threads torn down at interpreter
         # exit were seen to abort the process (SIGABRT) instead of letting it exit with its error code
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
         raise
     finally:
         lock.release()
@@ -201,9 +207,9 @@ def _train(
     ckpt_dir = out / "checkpoints"
     tag = _resume_point(ckpt_dir, resume)
     applied = _check_resumed_config(task, out, ckpt_dir / tag, allow_changes, rank) if tag else []
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
     engine, zero = build_task_engine(task, rank, world)
+    if rank == 0:  # once the model is built: a refused model or option leaves no empty checkpoints/ behind
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     # the new config's optimizer settings, taken before the checkpoint restores the old ones
     fresh = resume_check.optimizer_settings(engine) if applied else None
     step, data_state = checkpoints.load(engine.engine, ckpt_dir, tag) if tag else (0, None)

@@ -104,6 +104,8 @@ class VLMTask(ShardTask):
     def build_model(self, zero: Zero) -> VisionLanguageModel:
         dtype = torch.bfloat16 if zero.ds_config["bf16"]["enabled"] else torch.float32
         self.stage = build_stage_model(self.cfg, zero, dtype)
+        data = self.cfg.data  # a data.max_length that leaves no room for text fails before the engine starts
+        builder_for(self.stage.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt)
         return self.stage.vlm
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
