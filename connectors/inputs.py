@@ -135,10 +135,12 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
 @functools.lru_cache(maxsize=8)
 def _special_ids(tokenizer: Any, size: int) -> frozenset[int]:
     """The ids of the tokenizer's special tokens but its unknown token, per tokenizer and size (a token
-    added later gives a new size)."""
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
-    }
+    added later gives a new size). An added token marked not special (Gemma's newline piece, listed among
+    the additional special tokens all the same) is text: the prompt layout and transformers' processors
+    write it."""
+    added = tokenizer.added_tokens_decoder
+    special = {i for i, t in added.items() if getattr(t, "special", False)}
+    special |= {i for i in tokenizer.all_special_ids if i not in added or getattr(added[i], "special", True)}
     special.discard(tokenizer.unk_token_id)
     return frozenset(special)
 

@@ -297,3 +297,17 @@ def test_eval_names_why_no_held_out_sample_was_usable(tmp_path):
     empty = write_tar(tmp_path / "empty.tar", [])
     with pytest.raises(ValueError, match="the shards hold no samples"):
         read_eval_items(builder(tok), str(empty), limit=8)
+
+
+def test_a_newline_piece_listed_among_the_special_tokens_stays_text(tmp_path):
+    """The demo's Gemma-layout tokenizer lists its newline piece among the additional special tokens, marked
+    not special: it is text (PaliGemma's prompt layout and transformers' processor write it), never the
+    unknown token that a special token spelled in text becomes."""
+    from connectors.inputs import text_ids
+    from training.tokenizer_train import train_decoder_tokenizer
+
+    tok = train_decoder_tokenizer(["a red circle", "a blue square", "a green star"] * 20, tmp_path)
+    newline = tok.convert_tokens_to_ids("\n")
+    assert newline in tok.all_special_ids and newline != tok.unk_token_id  # the case this test is about
+    ids = text_ids(tok, "a red\n")
+    assert ids == tok("a red\n", add_special_tokens=False)["input_ids"] and ids[-1] == newline
