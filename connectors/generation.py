@@ -69,6 +69,7 @@ def generate(
     token_type_ids: torch.Tensor | None = None,
     patch_features: torch.Tensor | None = None,
     grid: Grid | None = None,
+    image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
     max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None,
     do_sample: bool = False,
@@ -86,7 +87,10 @@ def generate(
     both. A row ends at eos or once its decoded text holds one of ``stop_strings`` (the string included).
 
     ``prompts`` (strings, tokenized with ``vlm.tokenizer``, left-padded; see
-    :func:`connectors.inputs.prompt_ids` for the layout) or ``input_ids`` with their placeholders.
+    :func:`connectors.inputs.prompt_ids` for the layout; one image each) or ``input_ids`` with their
+    placeholders. ``image_sizes`` (num_images, 2): each image's size, with the crops of a tiled image layout
+    in ``pixel_values`` (``vlm.image_inputs(images)`` makes both); each prompt gets its image's count of
+    placeholders.
     Prompt tokens are prefix (``token_type_ids`` 0 unless given), generated tokens suffix. The image
     placeholder is never produced; rows of the decoder past the tokenizer's vocabulary are left as
     transformers leaves them (a trained model gives them no mass). Returns the new ids
@@ -105,12 +109,18 @@ def generate(
     if prompts is not None:
         if vlm.tokenizer is None:
             raise ValueError("this VLM has no tokenizer: pass input_ids, or build it with tokenizer=")
-        grid_ = _image_grid(vlm, pixel_values, patch_features, grid)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if image_sizes is not None:  # the layout's count for each image's size
+            counts: int | list[int] = [vlm.tokens_for(s) for s in torch.as_tensor(image_sizes).tolist()]
+            if len(counts) != len(texts):
+                raise ValueError(f"{len(counts)} images for {len(texts)} prompts: one image per prompt")
+        else:
+            counts = vlm.connector.num_tokens(_image_grid(vlm, pixel_values, patch_features, grid))
         batch = build_prompts(
             vlm.tokenizer,
-            [prompts] if isinstance(prompts, str) else list(prompts),
+            texts,
             image_token_id=vlm.image_token_id,
-            num_image_tokens=vlm.connector.num_tokens(grid_),
+            num_image_tokens=counts,
             pad_token_id=pad,
             causal=vlm.attention == "causal",
         )
@@ -134,6 +144,7 @@ def generate(
         pixel_values,
         attention_mask,
         token_type_ids,
+        image_sizes=image_sizes,
         patch_features=patch_features,
         grid=grid,
         cache=new_cache(vlm.decoder),
@@ -179,8 +190,8 @@ def generate_text(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
     param = next(vlm.tower.parameters())
-    pixels = vlm.image_processor()([load_image(f) for f in images]).to(param.device, param.dtype)
-    ids = generate(vlm, pixels, list(prompts), **options)
+    pixels, sizes = vlm.image_inputs([load_image(f) for f in images])  # every crop, each image's size
+    ids = generate(vlm, pixels.to(param.device, param.dtype), list(prompts), image_sizes=sizes, **options)
     texts = vlm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [_cut(t, options.get("stop_strings", ())) for t in texts]
 

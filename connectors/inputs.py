@@ -170,14 +170,18 @@ def build_prompts(
     prompts: Sequence[str],
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     pad_token_id: int,
     causal: bool = False,
 ) -> PromptBatch:
-    """Tokenize ``prompts`` (one image each, laid out by :func:`prompt_ids`) and left-pad them into a
-    batch."""
+    """Tokenize ``prompts`` (one image each, laid out by :func:`prompt_ids`, with ``num_image_tokens``
+    placeholders: one count for all, or one per prompt) and left-pad them into a batch."""
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    rows = [prompt_ids(tokenizer, p, image_token, image_token_id, num_image_tokens, causal) for p in prompts]
+    counts = [num_image_tokens] * len(prompts) if isinstance(num_image_tokens, int) else num_image_tokens
+    rows = [
+        prompt_ids(tokenizer, p, image_token, image_token_id, int(n), causal)
+        for p, n in zip(prompts, counts, strict=True)
+    ]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -4,14 +4,16 @@ and the ``model_type`` of the native layout."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 
 from vision_tower import ImageProcessor, VisionTower
 
 from .base import Connector, Grid
+from .layouts import LayoutConfig
 
 # config.json ``model_type`` of the native layout (connectors.formats.native)
 NATIVE_MODEL_TYPE = "vision_tower_vlm"
@@ -27,7 +29,9 @@ def tower_grid(tower: VisionTower) -> Grid:
 class VLMParts:
     """A VLM's tower, connector, decoder, tokenizer and processor (each None when absent) and the two
     settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix or causal);
-    ``tower_swap``: the record of the tower swap that made it, if one did (:mod:`connectors.swap`).
+    ``tower_swap``: the record of the tower swap that made it, if one did (:mod:`connectors.swap`);
+    ``layout``: the image layout (name and options) and ``layout_params`` its learned tensors as a
+    checkpoint holds them (``image_newline``; when saving they are in the state dict, ``layout_params.*``).
     A :class:`~connectors.VisionLanguageModel` has the same attributes."""
 
     tower: VisionTower
@@ -38,6 +42,8 @@ class VLMParts:
     tokenizer: Any | None = None
     processor: ImageProcessor | None = None
     tower_swap: dict[str, Any] | None = None
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    layout_params: dict[str, torch.Tensor] = field(default_factory=dict)  # as read from a checkpoint
 
     @property
     def num_image_tokens(self) -> int:

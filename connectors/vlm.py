@@ -13,12 +13,14 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from vision_tower import ImageProcessor, VisionTower
+from vision_tower.checkpoint import strict_load
 from vision_tower.sources import load_tower, processor_for
 
 from . import formats, generation
 from .base import Connector, Grid, no_weight_decay_names
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
 from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
+from .layouts import CropShape, ImageLayout, LayoutConfig
 from .parts import VLMParts, tower_grid
 from .registry import build_connector
 from .swap import swap_record, tower_facts
@@ -31,8 +33,8 @@ PathLike = str | os.PathLike
 class VLMOutput(ModelOutput):
     """``loss`` (next-token cross-entropy over the kept labels, fp32: their mean, or their sum over
     ``num_items_in_batch`` when given), ``logits`` (B, L, V),
-    ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (B_img, T, E) from the
-    connector."""
+    ``cache`` (the decoder's KV cache when ``use_cache``), ``image_tokens`` (sum of the images' tokens, E):
+    every image's decoder tokens one after the other, as the image layout packs the connector's outputs."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -84,6 +86,13 @@ class VisionLanguageModel(nn.Module):
     the record of the tower swap that made this model (:meth:`replace_tower` writes it; saved and loaded
     with the checkpoints); ``source``: the checkpoint it was loaded from, if any.
 
+    ``image_layout`` (a name of :func:`connectors.layouts.list_layouts`, or a :class:`LayoutConfig`) with
+    ``layout_options``: how an image becomes crops and decoder tokens. ``"fixed"`` (the default): one crop,
+    squashed to the tower's size; ``"anyres"`` (LLaVA-NeXT) and ``"anyres_max_9"`` (LLaVA-OneVision):
+    a base image and tiles of the best-fit grid, whose tokens are packed with a learned ``image_newline``
+    (``layout_params``, trained with the connector). Such images come as ``pixel_values`` of every crop
+    (:meth:`image_inputs` makes them) with each image's ``image_sizes``.
+
     A NaFlex (variable-resolution) tower is refused: connectors and prompts expect a fixed token grid.
 
     A plain ``nn.Module``: the same graph runs on every rank, the parts are ``tower``, ``connector``
@@ -103,6 +112,8 @@ class VisionLanguageModel(nn.Module):
         processor: ImageProcessor | None = None,
         dtype: torch.dtype | None = None,
         tower_swap: dict[str, Any] | None = None,
+        image_layout: str | LayoutConfig = "fixed",
+        layout_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if attention not in ATTENTION:
@@ -131,9 +142,32 @@ class VisionLanguageModel(nn.Module):
         self.tower_swap = tower_swap
         self.source: str | None = None
         self.image_token_id = ensure_image_token(decoder, tokenizer, image_token_id)
+        if isinstance(image_layout, LayoutConfig):
+            if layout_options:
+                raise ValueError("layout_options apply to an image layout given by name")
+            image_layout, layout_options = image_layout.name, image_layout.options
+        self.layout = self._build_layout(LayoutConfig(image_layout, dict(layout_options or {})))
+        ref = next(self.connector.parameters())
+        self.layout_params = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.randn(shape, device=ref.device) / shape[-1] ** 0.5)
+                for name, shape in self.layout.learned(width).items()
+            }
+        )
         if dtype is not None:
             self.tower.to(dtype)
             self.connector.to(dtype)
+            self.layout_params.to(dtype)
+
+    def _build_layout(self, config: LayoutConfig) -> ImageLayout:
+        """The image layout ``config`` for this tower's input size and this connector's tokens per crop."""
+        size = self.tower.config.image_size
+        return config.build(CropShape.of(self.connector, (size, size), tower_grid(self.tower)))
+
+    @property
+    def image_layout(self) -> LayoutConfig:
+        """The image layout's name and options (what builds it again)."""
+        return self.layout.config
 
     def _check_widths(self) -> None:
         tower_w = self.tower.config.hidden_size
@@ -154,8 +188,31 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholders one image takes in the prompt (at the tower's configured image size)."""
-        return self.connector.num_tokens(self.grid)
+        """Placeholders an image of the tower's own size takes in the prompt (with the ``fixed`` layout:
+        every image; other layouts: see :meth:`tokens_for`)."""
+        size = self.tower.config.image_size
+        return self.layout.num_tokens((size, size))
+
+    def tokens_for(self, image_size: Any) -> int:
+        """Placeholders an image of ``image_size`` (height, width) takes in the prompt."""
+        return self.layout.num_tokens(image_size)
+
+    def image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` of every crop of ``images`` (PIL images, arrays or files the processor reads),
+        images in order, ``(sum of crops, 3, H, W)`` float32, and ``image_sizes`` ``(num_images, 2)``: the
+        decoded (height, width) of each, which picks its crops and tokens. With the ``fixed`` layout the
+        processor's own output, and the tower's size for every image (which is all that layout reads)."""
+        processor = self.image_processor()
+        if self.layout.name == "fixed":
+            pixels = processor(images)  # (n, 3, H, W)
+            size = self.tower.config.image_size
+            return pixels, torch.tensor([[size, size]] * pixels.shape[0], dtype=torch.long).reshape(-1, 2)
+        crops, sizes = [], []
+        for image in images if isinstance(images, (list, tuple)) else [images]:
+            pixels, size = self.layout.crops(image, processor)
+            crops.append(pixels)
+            sizes.append(size)
+        return torch.cat(crops), torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
 
     def image_processor(self) -> ImageProcessor:
         """The processor the VLM was given or loaded with, else SigLIP's at the tower's size."""
@@ -169,9 +226,11 @@ class VisionLanguageModel(nn.Module):
         return no_weight_decay_names(self, own=False)
 
     def set_trainable(self, *, tower: bool, connector: bool, decoder: bool) -> None:
-        """``requires_grad`` per part (stage "align": connector only)."""
+        """``requires_grad`` per part (stage "align": connector only); the layout's parameters (LLaVA-NeXT's
+        ``image_newline``) train with the connector."""
         for part, flag in ((self.tower, tower), (self.connector, connector), (self.decoder, decoder)):
             part.requires_grad_(flag)
+        self.layout_params.requires_grad_(connector)
 
     def gradient_checkpointing_enable(self, *, tower: bool = True, decoder: bool = True) -> None:
         """Recompute tower blocks and decoder layers in the backward pass (non-reentrant checkpoints)."""
@@ -199,13 +258,14 @@ class VisionLanguageModel(nn.Module):
         patch_features: torch.Tensor | None = None,
         grid: Grid | None = None,
     ) -> torch.Tensor | None:
-        """Connector outputs (B_img, T, E) from pixels (B_img, 3, H, W) or from precomputed tower
-        features (B_img, N, D) on ``grid`` (a feature cache); None without images."""
+        """Connector outputs of every crop (crops, T, E) from pixels (crops, 3, H, W) or from precomputed
+        tower features (crops, N, D) on ``grid`` (a feature cache); None without images. With the ``fixed``
+        layout a crop is an image."""
         if pixel_values is not None and patch_features is not None:
             raise ValueError("pass pixel_values or patch_features, not both")
         if pixel_values is not None:
             out = self.tower(pixel_values)
-            patch_features, grid = out.patch_features, out.grid  # (B_img, N, D)
+            patch_features, grid = out.patch_features, out.grid  # (crops, N, D)
         elif patch_features is None:
             return None
         elif grid is None:
@@ -216,29 +276,70 @@ class VisionLanguageModel(nn.Module):
                 )
             grid = (side, side)
         dtype = next(self.connector.parameters()).dtype
-        return self.connector(patch_features.to(dtype), grid)  # (B_img, T, E)
+        return self.connector(patch_features.to(dtype), grid)  # (crops, T, E)
 
-    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, L, E) with the image placeholders replaced by ``image_tokens`` in order."""
+    def image_tokens(
+        self, crop_tokens: torch.Tensor, image_sizes: torch.Tensor | Any | None = None
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The connector outputs of every crop (crops, T, E), packed by the image layout into the images'
+        decoder tokens (sum of tokens, E), and the (height, width) of each image. ``image_sizes``
+        (num_images, 2) picks each image's crops and tokens; the ``fixed`` layout needs none (one crop per
+        image)."""
+        if self.layout.name == "fixed":  # one crop per image, its tokens as the connector gives them
+            size = self.tower.config.image_size
+            count = crop_tokens.shape[0] if image_sizes is None else len(image_sizes)
+            if count != crop_tokens.shape[0]:
+                raise ValueError(f"{count} image_sizes for {crop_tokens.shape[0]} images (layout 'fixed')")
+            return crop_tokens.reshape(-1, crop_tokens.shape[-1]), [(size, size)] * count
+        if image_sizes is None:
+            raise ValueError(
+                f"image layout {self.layout.name!r} needs image_sizes (num_images, 2) with the crops of "
+                "every image: make both with vlm.image_inputs(images)"
+            )
+        sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+        tokens, _ = self.layout.pack(crop_tokens, sizes, dict(self.layout_params))
+        return tokens, sizes
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor | None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, L, E) with the image placeholders replaced by ``image_tokens`` (sum of the
+        images' tokens, E) in order; ``image_sizes`` (each image's (height, width)) name the image whose
+        count differs from its placeholders."""
         is_image = input_ids == self.image_token_id  # (B, L)
         embeds = self.decoder.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L, E)
         found = int(is_image.sum())
-        given = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+        if image_tokens is not None:
+            image_tokens = image_tokens.reshape(-1, image_tokens.shape[-1])
+        given = 0 if image_tokens is None else image_tokens.shape[0]
         if found != given:
-            per_row = is_image.sum(-1).tolist()
-            what = (
-                "no images"
-                if image_tokens is None
-                else f"{image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens"
-            )
-            raise ValueError(
-                f"input_ids hold {found} image tokens (id {self.image_token_id}; per row {per_row}) but the "
-                f"images give {given} ({what}): put {self.num_image_tokens} placeholders per image in the "
-                "prompt"
-            )
+            raise ValueError(self._count_error(is_image.sum(-1).tolist(), given, image_sizes))
         if image_tokens is None:
             return embeds
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
+
+    def _count_error(self, per_row: list[int], given: int, sizes: list[tuple[int, int]] | None) -> str:
+        """Prompt placeholders against the images' tokens, naming the first image whose count differs."""
+        head = f"input_ids hold {sum(per_row)} image tokens (id {self.image_token_id}; per row {per_row})"
+        if not sizes:
+            return f"{head} but no images were given"
+        counts = [self.layout.num_tokens(s) for s in sizes]
+        if len(sizes) == len(per_row):  # one image per row: name the row
+            for i, (size, want, have) in enumerate(zip(sizes, counts, per_row, strict=True)):
+                if want != have:
+                    return (
+                        f"{head} but the images give {given}: image {i} ({size[0]}x{size[1]}, layout "
+                        f"{self.layout.name!r}) gives {want} image tokens, its prompt holds {have} "
+                        "placeholders"
+                    )
+        listed = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(sizes, counts, strict=True))
+        return (
+            f"{head} but the {len(sizes)} image(s) give {given} (layout {self.layout.name!r}; {listed}): put "
+            "each image's count of placeholders in the prompt (vlm.tokens_for(size))"
+        )
 
     def forward(
         self,
@@ -248,6 +349,7 @@ class VisionLanguageModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        image_sizes: torch.Tensor | Any | None = None,
         patch_features: torch.Tensor | None = None,
         grid: Grid | None = None,
         position_ids: torch.Tensor | None = None,
@@ -257,8 +359,10 @@ class VisionLanguageModel(nn.Module):
         num_items_in_batch: float | torch.Tensor | None = None,
         targets_only: bool = False,
     ) -> VLMOutput:
-        """``input_ids`` (B, L) with image placeholders; ``pixel_values`` (B_img, 3, H, W) or precomputed
-        ``patch_features`` (B_img, N, D) on ``grid``; ``attention_mask`` (B, past + L), 0 on padding;
+        """``input_ids`` (B, L) with image placeholders; ``pixel_values`` (crops, 3, H, W) or precomputed
+        ``patch_features`` (crops, N, D) on ``grid``, every crop of every image (one crop per image with the
+        ``fixed`` layout), and ``image_sizes`` (num_images, 2) for the other layouts; ``attention_mask``
+        (B, past + L), 0 on padding;
         ``token_type_ids`` (B, L), 0 on the prefix (image and prompt), 1 on the suffix; ``labels`` (B, L),
         ignored on image tokens, the prefix and padding. Without ``token_type_ids`` every token is prefix
         under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
@@ -283,8 +387,9 @@ class VisionLanguageModel(nn.Module):
                 f"token_type_ids {tuple(token_type_ids.shape)} do not match input_ids "
                 f"{tuple(input_ids.shape)}"
             )
-        image_tokens = self.image_embeddings(pixel_values, patch_features=patch_features, grid=grid)
-        embeds = self.embed(input_ids, image_tokens)  # (B, L, E)
+        crops = self.image_embeddings(pixel_values, patch_features=patch_features, grid=grid)
+        image_tokens, sizes = (None, None) if crops is None else self.image_tokens(crops, image_sizes)
+        embeds = self.embed(input_ids, image_tokens, sizes)  # (B, L, E)
         if position_ids is None:
             position_ids = positions(attention_mask, L)  # (B, L)
         masks = decoder_masks(
@@ -425,6 +530,7 @@ class VisionLanguageModel(nn.Module):
         self.tower = _drop_head(tower)
         self.connector = connector.to(device=ref.device, dtype=ref.dtype)
         self._check_widths()
+        self.layout = self._build_layout(self.layout.config)  # the new crop size and tokens per crop
         if processor is not None:
             self.processor = processor.with_image_size(tower.config.image_size)
         elif self.processor is not None:
@@ -460,6 +566,7 @@ class VisionLanguageModel(nn.Module):
             self.tokenizer,
             self.processor,
             self.tower_swap,
+            self.layout.config,
         )
 
     @classmethod
@@ -486,6 +593,9 @@ class VisionLanguageModel(nn.Module):
             processor=parts.processor,
             dtype=dtype,
             tower_swap=parts.tower_swap,
+            image_layout=parts.layout,
         )
+        if parts.layout_params:  # the saved image_newline (the constructor drew a random one)
+            strict_load(vlm.layout_params, parts.layout_params, source=f"{src} (image layout parameters)")
         vlm.source = str(src)
         return vlm.to(device=device) if device is not None else vlm

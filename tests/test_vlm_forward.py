@@ -88,10 +88,12 @@ def test_image_token_count_mismatch_names_both_counts(decoders):
     assert n == 4  # 4x4 grid shuffled by 2
     ids, mask, types, _ = R.prompt_batch(vlm.image_token_id, n - 1)
     with pytest.raises(
-        ValueError, match=r"6 image tokens .*per row \[3, 3\].* images give 8 \(2 image\(s\) x 4 tokens\)"
+        ValueError,
+        match=r"6 image tokens .*per row \[3, 3\].* images give 8: image 0 \(32x32, layout 'fixed'\) gives 4 "
+        r"image tokens, its prompt holds 3",
     ):
         vlm(ids, R.pixels(), mask, types)
-    with pytest.raises(ValueError, match="hold 0 image tokens"):
+    with pytest.raises(ValueError, match="hold 0 image tokens .* gives 4 image tokens, its prompt holds 0"):
         vlm(torch.tensor([[1, 5, 6]]), R.pixels(1))
 
 

@@ -46,6 +46,17 @@ class FormatError(ValueError):
     """A VLM that a checkpoint format cannot express; the message says what and which format can hold it."""
 
 
+def check_fixed_layout(parts: Any, fmt: str) -> None:
+    """Refuse a tiled image layout in a format of one fixed-size image per placeholder block (``parts``: a
+    VLMParts or the VisionLanguageModel, whose ``layout`` has the same ``name``)."""
+    name = parts.layout.name
+    if name != "fixed":
+        raise FormatError(
+            f"{fmt} takes one image squashed to the tower's size; this VLM's image layout is {name!r}: save "
+            "format='native' (holds every layout)"
+        )
+
+
 def check_plain_decoder(decoder: Any, fmt: str) -> None:
     """A transformers model, not a peft wrapper (whose save writes adapters only), with its body under
     ``model``."""
@@ -63,12 +74,14 @@ def is_tied(decoder: PreTrainedModel) -> bool:
 
 
 def split_weights(decoder: PreTrainedModel, sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """A VLM's state dict split by part (``tower``, ``connector``, ``decoder``), prefixes removed; a tied
-    ``lm_head`` is left out (safetensors stores no shared tensors; transformers ties it again)."""
-    out = {name: part(sd, name + ".") for name in ("tower", "connector", "decoder")}
-    stray = sorted(k for k in sd if not k.startswith(("tower.", "connector.", "decoder.")))
+    """A VLM's state dict split by part (``tower``, ``connector``, ``decoder``, ``layout_params``: the image
+    layout's learned tensors), prefixes removed; a tied ``lm_head`` is left out (safetensors stores no shared
+    tensors; transformers ties it again)."""
+    names = ("tower", "connector", "decoder", "layout_params")
+    out = {name: part(sd, name + ".") for name in names}
+    stray = sorted(k for k in sd if not k.startswith(tuple(f"{n}." for n in names)))
     if stray:
-        raise ValueError(f"state dict keys outside tower/connector/decoder: {stray[:10]}")
+        raise ValueError(f"state dict keys outside tower/connector/decoder/layout_params: {stray[:10]}")
     if is_tied(decoder):
         out["decoder"].pop("lm_head.weight", None)
     return out

@@ -16,6 +16,7 @@ from ..mlp import ACTIVATIONS, LinearConnector, MLPConnector
 from ..parts import VLMParts
 from .common import (
     FormatError,
+    check_fixed_layout,
     check_plain_decoder,
     folder_parts,
     multimodal_decoder,
@@ -33,6 +34,7 @@ def check(vlm: VLMParts) -> None:
     """Refuse what LLaVA cannot express, saying which format can hold it (``vlm``: the parts, or the
     VisionLanguageModel, which has the same attributes)."""
     check_plain_decoder(vlm.decoder, "llava")
+    check_fixed_layout(vlm, "llava")
     fam = family(vlm.decoder)
     if fam not in FAMILIES:
         raise FormatError(

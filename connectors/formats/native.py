@@ -6,6 +6,10 @@ connector.safetensors    the connector's weights (its names)
 decoder/                 the causal LM as transformers saves it (AutoModelForCausalLM loads it alone)
 tokenizer files, preprocessor_config.json   when the VLM has them
 tower_swap.json          which tower replaced which, when a tower swap made the VLM (every format writes it)
+layout.safetensors       the image layout's learned tensors (``image_newline``), when it has any
+
+config.json's ``image_layout`` ({"name", "options"}) is optional: a checkpoint without it has the ``fixed``
+layout (what every format version 1 folder written before layouts holds).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from vision_tower.checkpoint import (
 from vision_tower.saving import write_vision_weights
 
 from ..decoder import load_decoder
+from ..layouts import LayoutConfig
 from ..parts import NATIVE_MODEL_TYPE, VLMParts
 from ..registry import ConnectorConfig
 from .common import MAX_SHARD_SIZE, check_plain_decoder, folder_parts, split_weights, write_extras
@@ -43,6 +48,7 @@ _KEYS = {
     "connector": dict,
     "decoder": str,
 }
+_OPTIONAL = {"image_layout": dict}
 
 
 def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -63,18 +69,24 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         "feature_layer": parts.tower.feature_layer,
         "connector": parts.connector.config.to_dict(),
         "decoder": str(parts.decoder.config.model_type),
+        "image_layout": parts.layout.to_dict(),
     }
+    if split["layout_params"]:
+        save_safetensors(
+            {k: v.detach().contiguous().cpu() for k, v in split["layout_params"].items()},
+            out / "layout.safetensors",
+        )
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_extras(parts, out)
 
 
 def read_config(config: dict[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(config) - set(_KEYS))
+    unknown = sorted(set(config) - set(_KEYS) - set(_OPTIONAL))
     missing = sorted(set(_KEYS) - set(config))
     if unknown or missing:
         raise ValueError(f"{source}/config.json: unknown keys {unknown}, missing keys {missing}")
-    for key, kind in _KEYS.items():
-        if not json_type_fits(config[key], kind):
+    for key, kind in {**_KEYS, **_OPTIONAL}.items():
+        if key in config and not json_type_fits(config[key], kind):
             raise ValueError(
                 f"{source}/config.json: field {key!r} must be {JSON_TYPE_NAMES[kind]}, found "
                 f"{json.dumps(config[key])[:80]}"
@@ -95,8 +107,14 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
         raise ValueError(f"{path / 'config.json'}: connector: {err}") from None
     file = path / "connector.safetensors"
     strict_load(connector, read_weights(file), source=str(file))  # header, names, shapes and dtypes checked
+    try:
+        layout = LayoutConfig.from_dict(config.get("image_layout", {}))
+    except ValueError as err:
+        raise ValueError(f"{path / 'config.json'}: image_layout: {err}") from None
+    file = path / "layout.safetensors"
+    learned = read_weights(file) if file.exists() else {}
     decoder = load_decoder(path / "decoder", dtype=dtype, device=device)
-    return folder_parts(
+    parts = folder_parts(
         path,
         tower,
         connector,
@@ -104,3 +122,5 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
         image_token_id=config["image_token_id"],
         attention=config["attention"],
     )
+    parts.layout, parts.layout_params = layout, learned
+    return parts

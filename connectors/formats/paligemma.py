@@ -25,6 +25,7 @@ def check(vlm: VLMParts) -> None:
     """Refuse what PaliGemma cannot express, saying which format can hold it (``vlm``: the parts, or the
     VisionLanguageModel, which has the same attributes)."""
     common.check_plain_decoder(vlm.decoder, "paligemma")
+    common.check_fixed_layout(vlm, "paligemma")
     fam = family(vlm.decoder)
     if fam not in DECODERS:
         raise FormatError(
