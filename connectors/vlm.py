@@ -146,7 +146,9 @@ class VisionLanguageModel(nn.Module):
             if layout_options:
                 raise ValueError("layout_options apply to an image layout given by name")
             image_layout, layout_options = image_layout.name, image_layout.options
-        self.layout = self._build_layout(LayoutConfig(image_layout, dict(layout_options or {})))
+        self.layout = self._build_layout(
+            LayoutConfig(image_layout, dict(layout_options or {})), self.tower, self.connector
+        )
         ref = next(self.connector.parameters())
         self.layout_params = nn.ParameterDict(
             {
@@ -159,10 +161,11 @@ class VisionLanguageModel(nn.Module):
             self.connector.to(dtype)
             self.layout_params.to(dtype)
 
-    def _build_layout(self, config: LayoutConfig) -> ImageLayout:
-        """The image layout ``config`` for this tower's input size and this connector's tokens per crop."""
-        size = self.tower.config.image_size
-        return config.build(CropShape.of(self.connector, (size, size), tower_grid(self.tower)))
+    @staticmethod
+    def _build_layout(config: LayoutConfig, tower: VisionTower, connector: Connector) -> ImageLayout:
+        """The image layout ``config`` for ``tower``'s input size and ``connector``'s tokens per crop."""
+        size = tower.config.image_size
+        return config.build(CropShape.of(connector, (size, size), tower_grid(tower)))
 
     @property
     def image_layout(self) -> LayoutConfig:
@@ -524,13 +527,14 @@ class VisionLanguageModel(nn.Module):
                 f"gives {tower.config.hidden_size}-wide features and the decoder embeds in {width}: let "
                 "replace_tower build a fresh one (connector=None or a name)"
             )
+        layout = self._build_layout(self.layout.config, tower, connector)  # new crop size, tokens per crop
         before = tower_facts(self.tower, self.connector)
         previous = self.tower_swap["tower"] if self.tower_swap else None
         ref = next(self.connector.parameters())
         self.tower = _drop_head(tower)
         self.connector = connector.to(device=ref.device, dtype=ref.dtype)
         self._check_widths()
-        self.layout = self._build_layout(self.layout.config)  # the new crop size and tokens per crop
+        self.layout = layout
         if processor is not None:
             self.processor = processor.with_image_size(tower.config.image_size)
         elif self.processor is not None:
@@ -595,7 +599,7 @@ class VisionLanguageModel(nn.Module):
             tower_swap=parts.tower_swap,
             image_layout=parts.layout,
         )
-        if parts.layout_params:  # the saved image_newline (the constructor drew a random one)
-            strict_load(vlm.layout_params, parts.layout_params, source=f"{src} (image layout parameters)")
+        # the saved image_newline (the constructor drew a random one); a checkpoint without it is refused
+        strict_load(vlm.layout_params, parts.layout_params, source=f"{src} (image layout parameters)")
         vlm.source = str(src)
         return vlm.to(device=device) if device is not None else vlm
