@@ -20,6 +20,7 @@ from vision_tower.sources import preset_name
 from .decoder import NO_CODE_FROM_FILES, no_code_from_files
 from .formats import checkpoint_format, native
 from .formats.towers import vision_config_fields
+from .layouts import CropShape, LayoutConfig
 from .registry import ConnectorConfig
 from .swap import read_swap, swap_lines
 
@@ -37,9 +38,22 @@ class VLMDescription:
     decoder: dict[str, Any]
     params: dict[str, int] = field(default_factory=dict)
     tower_swap: dict[str, Any] | None = None  # the record of the tower swap that made it (connectors.swap)
+    layout: Any = None  # the built ImageLayout (None: fixed)
 
-    def lines(self) -> list[str]:
-        """A short human-readable report."""
+    def image_tokens(self, sizes: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], int]:
+        """Tokens per image of each (height, width) in ``sizes``; default: the tower's size, and for a tiled
+        layout also a 2:1, a 1:3 (document) and a large image."""
+        side = self.tower["image_size"]
+        if sizes is None:
+            sizes = [(side, side)]
+            if self.layout is not None and self.layout.name != "fixed":
+                sizes += [(side, 2 * side), (3 * side, side), (4 * side, 4 * side)]
+        if self.layout is None:
+            return {(int(h), int(w)): self.tokens_per_image for h, w in sizes}
+        return {(int(h), int(w)): self.layout.num_tokens((h, w)) for h, w in sizes}
+
+    def lines(self, sizes: list[tuple[int, int]] | None = None) -> list[str]:
+        """A short human-readable report; ``sizes``: the image sizes (height, width) to give the tokens of."""
         t, d, c = self.tower, self.decoder, self.connector
         side = t["image_size"] // t["patch_size"]
         layer = (
@@ -59,12 +73,25 @@ class VLMDescription:
             f"connector: {c['name']} {c['in_dim']} -> {c['out_dim']}"
             + (f" ({opts})" if opts else "")
             + f"; {self.params['connector'] / 1e6:.2f}M parameters",
-            f"tokens per image: {self.tokens_per_image} (image token id {self.image_token_id})",
+            *self._token_lines(sizes),
             f"attention: {self.attention}",
             f"decoder: {d['family']}, {d['layers']} layers, width {d['hidden_size']}, vocabulary "
             f"{d['vocab_size']}; "
             f"{self.params['decoder'] / 1e9:.3f}B parameters",
         ]
+
+    def _token_lines(self, sizes: list[tuple[int, int]] | None) -> list[str]:
+        name = "fixed" if self.layout is None else self.layout.name
+        if name == "fixed" and sizes is None:
+            return [f"tokens per image: {self.tokens_per_image} (image token id {self.image_token_id})"]
+        opts = "" if self.layout is None else ", ".join(f"{k}={v}" for k, v in self.layout.options.items())
+        head = f"image layout: {name}" + (f" ({opts})" if opts else "")
+        table = [
+            f"  {h}x{w} px: {n} tokens"
+            + ("" if name == "fixed" else f", {self.layout.num_crops((h, w))} crops")
+            for (h, w), n in self.image_tokens(sizes).items()
+        ]
+        return [head, f"tokens per image (image token id {self.image_token_id}):", *table]
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -122,6 +149,8 @@ def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
         connector = conn_cfg.build()
         decoder = AutoModelForCausalLM.from_config(text)
     side = tower_cfg.image_size // tower_cfg.patch_size
+    layout = LayoutConfig.from_dict(config.get("image_layout", {})) if fmt == "native" else LayoutConfig()
+    size = tower_cfg.image_size
     return VLMDescription(
         source=str(src),
         format=fmt,
@@ -139,4 +168,5 @@ def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
         },
         params={"tower": _count(tower), "connector": _count(connector), "decoder": _count(decoder)},
         tower_swap=read_swap(folder),
+        layout=layout.build(CropShape.of(connector, (size, size), (side, side))),
     )

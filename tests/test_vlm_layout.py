@@ -202,3 +202,27 @@ def test_a_tower_swap_rebuilds_the_layout_for_the_new_crops_and_keeps_the_newlin
     assert (vlm.layout.crop.size, vlm.layout.crop.tokens) == ((64, 64), 16)
     assert torch.equal(vlm.layout_params["image_newline"], newline)
     assert vlm.tokens_for((64, 128)) == 16 + 4 * 8 + 4  # base, 1x2 tiles of 4x4 tokens, a newline per row
+
+
+def test_info_and_generate_commands_follow_the_layout(tmp_path, capsys):
+    from vision_tower.cli import main
+
+    vlm = _vlm("anyres_max_9")
+    vlm.save_pretrained(tmp_path / "native")
+    assert main(["info", str(tmp_path / "native"), "--image-size", "20x70", "--image-size", "150x60"]) == 0
+    out = capsys.readouterr().out
+    assert "image layout: anyres_max (grid_pinpoints=" in out and "max_tiles=9" in out
+    for size in ((20, 70), (150, 60)):
+        n, crops = vlm.tokens_for(size), vlm.layout.num_crops(size)
+        assert f"{size[0]}x{size[1]} px: {n} tokens, {crops} crops" in out
+    assert main(["info", "preset:tiny", "--image-size", "64x64"]) == 2  # a tower: refused in one line
+    assert "info --image-size gives the tokens of a VLM checkpoint" in capsys.readouterr().err
+    (image,) = _images(SIZES[:1])  # 20x70: the base image and 1x3 tiles
+    image.save(tmp_path / "wide.png")
+    args = ["generate", "--model", str(tmp_path / "native"), "--max-new-tokens", "4", "--dtype", "float32"]
+    assert main([*args, "--image", str(tmp_path / "wide.png"), "--prompt", "caption en"]) == 0
+    printed = capsys.readouterr().out
+    pixels, sizes = vlm.image_inputs([Image.open(tmp_path / "wide.png")])
+    assert pixels.shape[0] == 4
+    ids = vlm.generate(pixels, ["caption en"], image_sizes=sizes, max_new_tokens=4)
+    assert printed == vlm.tokenizer.decode(ids[0], skip_special_tokens=True) + "\n"

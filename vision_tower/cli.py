@@ -110,7 +110,7 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
 
 
-def _vlm_lines(src: str) -> list[str] | None:
+def _vlm_lines(src: str, sizes: list[tuple[int, int]] | None = None) -> list[str] | None:
     """The report of a VLM checkpoint from the ``describe_vlm`` hook, or None for towers and presets (and
     when no installed package, or no installed extra, can read VLM checkpoints)."""
     try:
@@ -118,14 +118,19 @@ def _vlm_lines(src: str) -> list[str] | None:
     except ImportError:  # the package that reads VLM checkpoints lacks its extra
         return None
     description = None if describe_vlm is None else describe_vlm(src)
-    return None if description is None else description.lines()
+    return None if description is None else description.lines(sizes)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    vlm = _vlm_lines(args.src)
+    vlm = _vlm_lines(args.src, args.image_size)
     if vlm is not None:
         print("\n".join(vlm))
         return
+    if args.image_size:
+        raise ValueError(
+            "info --image-size gives the tokens of a VLM checkpoint's image layout; "
+            f"{args.src} is an image tower (its token grid per resolution is listed without it)"
+        )
     d = describe(args.src)
     what = "SiglipModel: image + text towers" if d["kind"] == "SiglipModel" else "image tower"
     print(f"source: {d['source']} ({what})")
@@ -197,6 +202,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {done.kind} in the {args.to} layout to {args.out}: {done.num_tensors} tensors{size}")
 
 
+def image_size_arg(text: str) -> tuple[int, int]:
+    """``HxW`` (or one number for a square) -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 384x768), got {text!r}")
+    return (values[0], values[-1])
+
+
 def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
@@ -205,6 +222,14 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "src", help=f"folder, .safetensors file, hub repo id, or preset:NAME ({', '.join(list_presets())})"
+    )
+    p.add_argument(
+        "--image-size",
+        type=image_size_arg,
+        action="append",
+        metavar="HxW",
+        help="for a VLM checkpoint: the decoder tokens and crops of an image of this height x width under "
+        "its image layout (repeatable; default: the tower's size, and for a tiled layout a few more)",
     )
     p.set_defaults(func=cmd_info)
 
