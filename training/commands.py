@@ -118,6 +118,23 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
     if args.overwrite:  # only what make-shapes writes; anything else in the folder stays
         clear_outputs(Path(args.out), OUTPUTS)
 
+    if args.kind == "stripes":
+        from .demo.stripes import write_stripes
+
+        made = write_stripes(
+            args.out,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            tile=args.image_size,
+            seed=args.seed,
+            shard_size=args.shard_size,
+        )
+        print(
+            f"wrote {args.n_train} train and {args.n_val} held-out samples ({made['train']}, {made['val']}): "
+            f"canvases of 2x2, 1x2 and 2x1 tiles of {args.image_size} px, one checkerboard mark each; json "
+            "prompt 'mark colour', answer red, green, blue or black"
+        )
+        return
     s = make_shapes(
         args.out,
         n_train=args.n_train,
@@ -364,8 +381,19 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 
 def add_make_shapes(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-shapes", help="write the built-in demo dataset of coloured shapes")
+    p = sub.add_parser(
+        "make-shapes",
+        help="write a built-in synthetic dataset: coloured shapes (the demo's), or checkerboard marks whose "
+        "colour only tiles at full resolution show (--kind stripes)",
+    )
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--kind",
+        choices=["shapes", "stripes"],
+        default="shapes",
+        help="shapes (default): captioned shapes, zero-shot folders; stripes: a small mark on canvases of "
+        "2x2, 1x2, 2x1 tiles of --image-size px, answer its colour (lost when squashed to one tile)",
+    )
     p.add_argument("--n-train", type=positive_int, default=8192)
     p.add_argument("--n-val", type=positive_int, default=512)
     p.add_argument("--shard-size", type=positive_int, default=1024)
