@@ -178,3 +178,28 @@ def test_make_shapes_refuses_an_existing_dataset_without_overwrite(tmp_path, cap
     )
     assert [p.name for p in (out / "train").iterdir()] == ["shapes-train-000000.tar"]
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_stripes_marks_vanish_when_squashed_to_one_tile_and_stay_in_anyres_tiles(tmp_path):
+    """The resolution task's premise: for one canvas, the four answers differ by at most 2 grey levels
+    once squashed to the tower's size (SigLIP's bicubic resize), and by the full range in anyres' tiles."""
+    from connectors.layouts import CropShape, build_layout
+    from training.demo.stripes import PAIRS, draw_mark
+    from vision_tower import ImageProcessor
+    from vision_tower.cli import main
+
+    processor = ImageProcessor(image_size=32)
+    anyres = build_layout("anyres", CropShape((32, 32), 16, (4, 4)))
+    for seed in range(3):
+        images = [draw_mark(answer, 32, np.random.default_rng(seed)) for answer in PAIRS]
+        squashed = [processor(image)[0] for image in images]
+        tiles = [anyres.crops(image, processor)[0][1:] for image in images]  # without the base image
+        assert max(float((s - squashed[0]).abs().max()) for s in squashed) <= 2 * 2 / 255 + 1e-6
+        assert min(float((t - tiles[0]).abs().max()) for t in tiles[1:]) > 1.5
+    args = ["make-shapes", "--kind", "stripes", "--out", str(tmp_path), "--n-train", "6", "--n-val", "3"]
+    assert main([*args, "--image-size", "32", "--shard-size", "4"]) == 0
+    with tarfile.open(tmp_path / "train" / "stripes-train-000001.tar") as tar:
+        names = sorted(tar.getnames())
+        meta = json.loads(tar.extractfile(names[0]).read())
+    assert names == ["train-0000004.json", "train-0000004.png", "train-0000005.json", "train-0000005.png"]
+    assert meta["prompt"] == "mark colour" and meta["answer"] in PAIRS

@@ -118,31 +118,18 @@ def cmd_make_shapes(args: argparse.Namespace) -> None:
     if args.overwrite:  # only what make-shapes writes; anything else in the folder stays
         clear_outputs(Path(args.out), OUTPUTS)
 
+    sizes = {"n_train": args.n_train, "n_val": args.n_val, "shard_size": args.shard_size, "seed": args.seed}
     if args.kind == "stripes":
         from .demo.stripes import write_stripes
 
-        made = write_stripes(
-            args.out,
-            n_train=args.n_train,
-            n_val=args.n_val,
-            tile=args.image_size,
-            seed=args.seed,
-            shard_size=args.shard_size,
-        )
+        made = write_stripes(args.out, tile=args.image_size, **sizes)
         print(
             f"wrote {args.n_train} train and {args.n_val} held-out samples ({made['train']}, {made['val']}): "
             f"canvases of 2x2, 1x2 and 2x1 tiles of {args.image_size} px, one checkerboard mark each; json "
             "prompt 'mark colour', answer red, green, blue or black"
         )
         return
-    s = make_shapes(
-        args.out,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        shard_size=args.shard_size,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    s = make_shapes(args.out, image_size=args.image_size, **sizes)
     print(
         f"wrote {s.n_train} train and {s.n_val} held-out pairs ({s.train}, {s.val}), {s.n_zeroshot} "
         "zero-shot "

@@ -16,7 +16,7 @@ import math
 import re
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,19 +208,29 @@ def write_shards(
     image_format: str = "png",
 ) -> str:
     """Write `n` samples of `split` as tar shards of `shard_size`; returns the brace pattern."""
+
+    def files(index: int) -> Iterator[tuple[str, bytes]]:
+        sample = make_sample(split, index, image_size=image_size, seed=seed)
+        return _sample_files(f"{split}-{index:07d}", sample, image_format)
+
+    return write_tar_shards(out_dir, f"shapes-{split}", n, shard_size, files)
+
+
+def write_tar_shards(
+    out_dir: Path, prefix: str, n: int, shard_size: int, files: Callable[[int], Iterable[tuple[str, bytes]]]
+) -> str:
+    """Write samples 0..n-1 as tar shards ``{prefix}-NNNNNN.tar`` of ``shard_size`` samples, sample ``i``
+    being the (member name, bytes) pairs ``files(i)``; returns the brace pattern of the shards."""
     if n < 1 or shard_size < 1:
-        raise ValueError(f"{split}: need n >= 1 and shard_size >= 1, got n={n}, shard_size={shard_size}")
+        raise ValueError(f"{prefix}: need n >= 1 and shard_size >= 1, got n={n}, shard_size={shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / shard_size)
     for shard in range(n_shards):
-        with tarfile.open(
-            out_dir / f"shapes-{split}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT
-        ) as tar:
+        with tarfile.open(out_dir / f"{prefix}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
-                sample = make_sample(split, index, image_size=image_size, seed=seed)
-                for name, data in _sample_files(f"{split}-{index:07d}", sample, image_format):
+                for name, data in files(index):
                     _add_member(tar, name, data)
-    return str(out_dir / f"shapes-{split}-{{000000..{n_shards - 1:06d}}}.tar")
+    return str(out_dir / f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")
 
 
 def folder_name(class_name: str) -> str:

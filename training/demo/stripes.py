@@ -17,15 +17,14 @@ Everything is a pure function of the seed.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .shapes import _add_member, _encode
+from .shapes import _encode, write_tar_shards
 
 PAIRS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "red": ((255, 0, 0), (0, 255, 255)),
@@ -62,22 +61,18 @@ def write_stripes(
     returns the brace pattern of each split."""
     if tile < 8:
         raise ValueError(f"tile must be at least 8 pixels (the mark is tile // 2), got {tile}")
-    out, patterns = Path(out_dir), {}
-    names = list(PAIRS)
-    for split, n in (("train", n_train), ("val", n_val)):
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        shards = math.ceil(n / shard_size)
-        for shard in range(shards):
-            with tarfile.open(
-                folder / f"stripes-{split}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT
-            ) as tar:
-                for index in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
-                    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-                    answer = names[int(rng.integers(len(names)))]
-                    key = f"{split}-{index:07d}"
-                    _add_member(tar, f"{key}.png", _encode(draw_mark(answer, tile, rng), "png"))
-                    meta = {"prompt": PROMPT, "answer": answer}
-                    _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-        patterns[split] = str(folder / f"stripes-{split}-{{000000..{shards - 1:06d}}}.tar")
-    return patterns
+    out, names = Path(out_dir), list(PAIRS)
+
+    def files(split: str, index: int) -> list[tuple[str, bytes]]:
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+        answer = names[int(rng.integers(len(names)))]
+        key = f"{split}-{index:07d}"
+        meta = json.dumps({"prompt": PROMPT, "answer": answer}, sort_keys=True).encode("utf-8")
+        return [(f"{key}.png", _encode(draw_mark(answer, tile, rng), "png")), (f"{key}.json", meta)]
+
+    return {
+        split: write_tar_shards(
+            out / split, f"stripes-{split}", n, shard_size, functools.partial(files, split)
+        )
+        for split, n in (("train", n_train), ("val", n_val))
+    }
