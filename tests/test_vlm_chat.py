@@ -13,11 +13,11 @@ from transformers import PreTrainedTokenizerFast
 
 from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import png
+from tests.helpers.vlm_data import layout_for, png
 from training.data import ShardLoader, SkipSample, shard_dataset
 from training.data.chat import GENERATION_TAG, ChatEncoder, TemplateMismatch, resolve_chat_template
 from training.data.json_source import JsonSource
-from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
+from training.data.vlm import PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
 from vision_tower import ImageProcessor
 
@@ -148,6 +148,7 @@ def test_a_template_whose_turns_do_not_add_up_is_caught_and_named(spans):
 # ----------------------------------------------------------------------------- sources
 
 PROCESSOR = ImageProcessor(image_size=16)
+LAYOUT = layout_for(ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2}), 16, 4)
 
 
 def builder(tok, template=QWEN, max_length=64) -> VLMBuilder:
@@ -155,8 +156,8 @@ def builder(tok, template=QWEN, max_length=64) -> VLMBuilder:
     return VLMBuilder(
         tok,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_tokens=ImageTokens(ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})),
-        images=PixelImages(PROCESSOR, patch_size=4),
+        layout=LAYOUT,
+        images=PixelImages(PROCESSOR, LAYOUT, patch_size=4),
         max_length=max_length,
         caption_prompt="caption",
         causal=True,

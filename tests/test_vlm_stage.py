@@ -114,6 +114,16 @@ def test_configs_exist_and_load():
             ],  # a folder, not a preset
             "model.decoder_options override a preset decoder's config; this decoder is loaded",
         ),
+        (
+            ["model.image_layout=tiles"],
+            "model.image_layout 'tiles' is unknown; known: anyres, anyres_max, anyres_max_9, fixed",
+        ),
+        (["model.layout_options={max_tiles: 4}"], "model.layout_options are options of model.image_layout"),
+        (
+            ["model.image_layout=anyres", "data.feature_cache=x"],
+            "data.feature_cache holds one crop per image (image layout 'fixed'); model.image_layout 'anyres'",
+        ),
+        (["data.max_image_tokens=0"], "data.max_image_tokens must be >= 1"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(extra, message):
@@ -308,6 +318,20 @@ PRESET = ["model.decoder=preset:tiny_gemma", "model.tokenizer={tokenizer}"]
             # image tokens + 2 (16, bos, a one-word caption prompt): it passed, then every sample was skipped
             ["train-vlm", "--config", str(TINY), "data.max_length=18", "data.caption_prompt=caption"],
             "data.max_length 18 leaves no room for a caption: one image and the caption prompt take 18",
+        ),
+        (
+            [
+                "train-vlm",
+                "--config",
+                str(TINY),
+                "model.image_layout=anyres",
+                "model.layout_options={{tiles: 4}}",
+            ],
+            "unknown option(s) ['tiles'] for image layout 'anyres'; known options: ['grid_pinpoints']",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "data.max_image_tokens=15"],
+            "data.max_image_tokens 15 is below the 16 tokens every image takes (image layout 'fixed')",
         ),
         (
             ["train-vlm", "--config", str(TINY), "model.decoder={tmp}/stage1/decoder"],
