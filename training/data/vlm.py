@@ -58,6 +58,9 @@ def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str
     return caption_prompt, read_caption(sample)
 
 
+Size = tuple[int, int]  # (height, width)
+
+
 class Images(NamedTuple):
     """What a sample's images give the model: ``values`` (every crop of every image in order: pixels
     ``(crops, 3, H, W)``, or cached tower features ``(crops, N, D)``), the tower's token ``grid`` of a crop,
@@ -125,9 +128,6 @@ class PixelImages:
 
 def _batched(pixels: torch.Tensor) -> torch.Tensor:
     return pixels[None] if pixels.dim() == 3 else pixels
-
-
-Size = tuple[int, int]  # (height, width)
 
 
 @dataclass
