@@ -137,16 +137,31 @@ def swap_stage(assets: dict, f: Path, s: Path, deepspeed: str, *extra: str) -> l
     finetune's decoder (from its native export) and a tower of another width and patch size (48 wide, 16 px
     patches at 48 px: 3x3 tokens instead of 4x4)."""
     tower = s.parent / "tower_b"
+    torch.manual_seed(9)  # the same tower whatever tests ran before
     VisionTower.from_preset("tiny", use_head=False, **TOWER_B).save_pretrained(tower)
     values = {"run.steps": 6, "model.init_from": f / "export" / "native", "model.tower": tower}
     swap = settings(assets, s, "finetune", **values, **{"optim.lr": 3e-2, "run.deepspeed": deepspeed})
     return [*swap, *LEAN, *extra]
 
 
-def assert_swapped(r: dict, f: Path, s: Path) -> None:
-    """The swap stage trained its connector alone (with the anyres layout's image_newline, kept from
-    finetune), kept finetune's decoder bit for bit, and recorded it."""
-    assert decreasing(r["swap"]["losses"]), r["swap"]
+def assert_swapped(r: dict, f: Path, s: Path, swap: list[str], *, learns: bool = True) -> None:
+    """The swap stage (settings ``swap``) trained its connector alone (with the anyres layout's
+    image_newline, kept from finetune): every connector tensor moved from the fresh one the run started from
+    (seed 0 builds the same one), and with ``learns`` the loss fell. It kept finetune's decoder bit for bit
+    and recorded the swap. (After a full finetune the decoder already predicts most of a caption: 6 steps of
+    a fresh connector barely move the loss, which then varies with the batch more than it falls.)"""
+    from training.runner import Zero
+    from training.tasks.vlm_config import load_vlm_config
+    from training.tasks.vlm_model import build_stage_model
+
+    if learns:
+        assert decreasing(r["swap"]["losses"]), r["swap"]
+    torch.manual_seed(0)
+    cfg = load_vlm_config(FINETUNE, swap)
+    init = build_stage_model(cfg, Zero(0, {"bf16": {"enabled": False}}), torch.float32).vlm.connector
+    trained = load_file(s / "export" / "native" / "connector.safetensors")
+    init = init.state_dict()
+    assert trained.keys() == init.keys() and all((trained[k] - init[k]).abs().max() > 1e-3 for k in init)
     held = set(r["swap"]["held"])
     assert NEWLINE in held and held - {NEWLINE} and all(k.startswith("connector.") for k in held - {NEWLINE})
     native = s / "export" / "native"
@@ -249,7 +264,7 @@ def test_two_ranks_zero2_anyres_align_then_full_finetune_with_the_tower_at_its_o
     swap = swap_stage(assets, f, s, zero2)
     results = run_ranks(stages_worker, 2, align, finetune, swap, timeout=400, backend=None)
     r = results[0]
-    assert_swapped(r, f, s)
+    assert_swapped(r, f, s, swap, learns=False)
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     connector = set(r["align"]["held"]) - {NEWLINE}
     assert NEWLINE in r["align"]["held"] and connector and all(k.startswith("connector.") for k in connector)
@@ -309,7 +324,7 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_anyres_lora_finetune_
     swap = swap_stage(assets, f, s, zero3["run.deepspeed"], "run.precision=fp32")
     results = run_ranks(stages_worker, 2, align, finetune, swap, timeout=400, backend=None)
     r = results[0]
-    assert_swapped(r, f, s)
+    assert_swapped(r, f, s, swap)
     assert r["swap"]["partitioned"]  # the kept decoder never whole on a rank
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     assert all(k.startswith("connector.") for k in r["align"]["held"])
