@@ -183,9 +183,13 @@ def test_a_training_batch_gives_transformers_gemma3_loss_and_gradients(decoders)
         assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_image_attention_is_saved_natively_and_llava_refuses_it(decoders, tmp_path):
+def test_image_attention_is_saved_natively_and_llava_and_flash_attention_refuse_it(decoders, tmp_path):
     vlm = _vlm(decoders)
-    with pytest.raises(FormatError, match="this VLM uses image_bidirectional attention"):
-        vlm.save_pretrained(tmp_path / "x", format="llava")
+    ids = torch.tensor([[1, 5] + [vlm.image_token_id] * vlm.num_image_tokens + [6]])
     vlm.save_pretrained(tmp_path / "native")
     assert VisionLanguageModel.from_pretrained(tmp_path / "native").attention == "image_bidirectional"
+    vlm.decoder.config._attn_implementation = "flash_attention_2"  # this model only: its own decoder
+    with pytest.raises(ValueError, match="image_bidirectional attention needs an explicit mask"):
+        vlm(ids, R.pixels(1))
+    with pytest.raises(FormatError, match="this VLM uses image_bidirectional attention"):
+        vlm.save_pretrained(tmp_path / "x", format="llava")
