@@ -10,12 +10,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.masking_utils import (
-    blockwise_overlay,
-    create_causal_mask,
-    create_masks_for_generate,
-    sliding_window_overlay,
-)
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate, sliding_window_overlay
 
 IGNORE_INDEX = -100
 # prefix: PaliGemma's; causal: LLaVA's; image_bidirectional: Gemma 3's (causal, each image's tokens both ways)
@@ -37,6 +32,15 @@ def _prefix_overlay(prefix: torch.Tensor) -> Callable[..., torch.Tensor]:
 
     def overlay(batch_idx, head_idx, q_idx, kv_idx):
         return prefix[batch_idx, q_idx] & prefix[batch_idx, kv_idx]
+
+    return overlay
+
+
+def _block_overlay(blocks: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A mask function letting the tokens of one block (``blocks`` (B, L) >= 0) see each other both ways."""
+
+    def overlay(batch_idx, head_idx, q_idx, kv_idx):
+        return (blocks[batch_idx, q_idx] == blocks[batch_idx, kv_idx]) & (blocks[batch_idx, q_idx] >= 0)
 
     return overlay
 
@@ -66,7 +70,9 @@ def _image_block_masks(
     """Gemma 3's masks (transformers' ``create_masks_for_vision_model``): a global layer attends causally
     or within the token's image block; a sliding-window layer the same, then cut to its window
     (``AND(window, OR(causal, block))``: an image token sees the later tokens of its image, but no earlier
-    token past the window). A config without ``layer_types`` gets one mask, windowed if it has a window."""
+    token past the window). A config without ``layer_types`` gets one mask, windowed if it has a window.
+    Built for a prompt with nothing cached (the VLM's decoding steps are causal), where every layer's keys
+    are the prompt's tokens: the block ids need no padding to a cache's length."""
     config = decoder.config.get_text_config()
     args = (config, inputs_embeds, attention_mask, cache, position_ids)
     window = getattr(config, "sliding_window", None)
@@ -75,15 +81,13 @@ def _image_block_masks(
     for kind in dict.fromkeys(kinds):
         if kind == "full_attention":
             extra = (
-                {"block_sequence_ids": blocks}
-                if BLOCK_IDS
-                else {"or_mask_function": blockwise_overlay(blocks)}
+                {"block_sequence_ids": blocks} if BLOCK_IDS else {"or_mask_function": _block_overlay(blocks)}
             )
             masks[kind] = create_causal_mask(*args, **extra)
         elif kind == "sliding_attention":
             masks[kind] = create_causal_mask(
                 *args,
-                or_mask_function=blockwise_overlay(blocks),
+                or_mask_function=_block_overlay(blocks),
                 and_mask_function=sliding_window_overlay(window),
             )
         else:

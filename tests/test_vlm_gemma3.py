@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from connectors import FormatError, VisionLanguageModel
+from connectors import FormatError, VisionLanguageModel, inputs
 from connectors.decoder import load_decoder
 from connectors.decoder_presets import decoder_config
 from connectors.inputs import decoder_masks, ignored_labels, image_block_ids, positions
@@ -80,7 +80,7 @@ def _vlm(decoders, attention="image_bidirectional"):
     return vlm.eval()
 
 
-def test_image_attention_gives_transformers_gemma3_masks_and_logits(decoders):
+def test_image_attention_gives_transformers_gemma3_masks_and_logits(decoders, monkeypatch):
     """Masks (global and sliding-window layers) and logits equal Gemma3ForConditionalGeneration's with
     token_type_ids 1 on the image tokens; image blocks of 16 tokens are longer than the 8-token window."""
     vlm = _vlm(decoders)
@@ -95,10 +95,12 @@ def test_image_attention_gives_transformers_gemma3_masks_and_logits(decoders):
         embeds = vlm.embed(ids, image_tokens, sizes)
         theirs = hf.create_masks_for_generate(hf.config, embeds, mask, None, pos, token_type_ids=types)
         blocks = image_block_ids(ids, vlm.image_token_id, [vlm.num_image_tokens] * 3)
-        ours = decoder_masks(vlm.decoder, embeds, mask, None, pos, None, blocks)
-        assert ours.keys() == theirs.keys() == {"full_attention", "sliding_attention"}
-        for kind in ours:
-            assert torch.equal(ours[kind], theirs[kind]), kind
+        for block_ids in (True, False):  # transformers' block_sequence_ids, or the older or_mask_function
+            monkeypatch.setattr(inputs, "BLOCK_IDS", block_ids)
+            ours = decoder_masks(vlm.decoder, embeds, mask, None, pos, None, blocks)
+            assert ours.keys() == theirs.keys() == {"full_attention", "sliding_attention"}
+            for kind in ours:
+                assert torch.equal(ours[kind], theirs[kind]), (kind, block_ids)
         logits = vlm(ids, px, mask).logits
         ref = hf(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, token_type_ids=types).logits
         causal = hf(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
