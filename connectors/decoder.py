@@ -23,7 +23,7 @@ from .decoder_files import check_decoder_folder, read_transformers_config
 from .parts import NATIVE_MODEL_TYPE
 
 # decoder families tested end to end (forward, generate, every export format that can hold them)
-FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
+FAMILIES = ("gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "llama")
 IMAGE_TOKEN = "<image>"
 
 # files that make a folder hold a tokenizer (transformers returns an empty default tokenizer without them)

@@ -22,6 +22,12 @@ _TINY = {
 # name -> (model_type, config fields): a closed set, as the tower presets
 DECODER_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny_gemma": ("gemma", _TINY),
+    # Gemma 3's text decoder: a sliding-window layer then a global one (the pattern repeats for more layers),
+    # a window that the tiny models' sequences exceed, queries scaled by 1/sqrt(head_dim)
+    "tiny_gemma3": (
+        "gemma3_text",
+        {**_TINY, "sliding_window_pattern": 2, "sliding_window": 16, "query_pre_attn_scalar": 16},
+    ),
     "tiny_qwen2": ("qwen2", {**_TINY, "tie_word_embeddings": False}),
     "tiny_llama": ("llama", {**_TINY, "tie_word_embeddings": False}),
 }

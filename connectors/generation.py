@@ -122,7 +122,7 @@ def generate(
             image_token_id=vlm.image_token_id,
             num_image_tokens=counts,
             pad_token_id=pad,
-            causal=vlm.attention == "causal",
+            causal=vlm.attention != "prefix",  # causal and Gemma 3's image attention: LLaVA's layout
         )
         device = next(vlm.decoder.parameters()).device
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_masks_for_generate
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate, sliding_window_overlay
 
 IGNORE_INDEX = -100
-ATTENTION = ("prefix", "causal")
+# prefix: PaliGemma's; causal: LLaVA's; image_bidirectional: Gemma 3's (causal, each image's tokens both ways)
+ATTENTION = ("prefix", "causal", "image_bidirectional")
 # transformers builds a bidirectional block from ``block_sequence_ids`` without vmap (fast); older versions
 # only take an ``or_mask_function`` (vmapped: about 50x slower mask building)
 BLOCK_IDS = "block_sequence_ids" in inspect.signature(create_masks_for_generate).parameters
@@ -35,6 +36,68 @@ def _prefix_overlay(prefix: torch.Tensor) -> Callable[..., torch.Tensor]:
     return overlay
 
 
+def _block_overlay(blocks: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A mask function letting the tokens of one block (``blocks`` (B, L) >= 0) see each other both ways."""
+
+    def overlay(batch_idx, head_idx, q_idx, kv_idx):
+        return (blocks[batch_idx, q_idx] == blocks[batch_idx, kv_idx]) & (blocks[batch_idx, q_idx] >= 0)
+
+    return overlay
+
+
+def image_block_ids(
+    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int]
+) -> torch.Tensor:
+    """(B, L) the index of the image each placeholder belongs to, -1 on every other token: the images'
+    placeholders are taken in order (row by row, as the image tokens fill them), ``tokens_per_image`` of
+    them per image, so two images next to each other in a prompt are two blocks. The caller has checked
+    that the counts add up to the placeholders."""
+    is_image = (input_ids == image_token_id).reshape(-1)  # (B * L,)
+    counts = torch.as_tensor(list(tokens_per_image), dtype=torch.long, device=input_ids.device)
+    blocks = torch.full_like(input_ids, -1).reshape(-1)
+    blocks[is_image] = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts)
+    return blocks.reshape(input_ids.shape)
+
+
+def _image_block_masks(
+    decoder: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any,
+    position_ids: torch.Tensor,
+    blocks: torch.Tensor,
+) -> Any:
+    """Gemma 3's masks (transformers' ``create_masks_for_vision_model``): a global layer attends causally
+    or within the token's image block; a sliding-window layer the same, then cut to its window
+    (``AND(window, OR(causal, block))``: an image token sees the later tokens of its image, but no earlier
+    token past the window). A config without ``layer_types`` gets one mask, windowed if it has a window.
+    Built for a prompt with nothing cached (the VLM's decoding steps are causal), where every layer's keys
+    are the prompt's tokens: the block ids need no padding to a cache's length."""
+    config = decoder.config.get_text_config()
+    args = (config, inputs_embeds, attention_mask, cache, position_ids)
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"]
+    masks = {}
+    for kind in dict.fromkeys(kinds):
+        if kind == "full_attention":
+            extra = (
+                {"block_sequence_ids": blocks} if BLOCK_IDS else {"or_mask_function": _block_overlay(blocks)}
+            )
+            masks[kind] = create_causal_mask(*args, **extra)
+        elif kind == "sliding_attention":
+            masks[kind] = create_causal_mask(
+                *args,
+                or_mask_function=_block_overlay(blocks),
+                and_mask_function=sliding_window_overlay(window),
+            )
+        else:
+            raise ValueError(
+                f"attention='image_bidirectional' builds masks for full and sliding-window layers; this "
+                f"decoder ({config.model_type}) has {kind!r} layers: use attention='causal'"
+            )
+    return masks if getattr(config, "layer_types", None) else masks[kinds[0]]
+
+
 def decoder_masks(
     decoder: PreTrainedModel,
     inputs_embeds: torch.Tensor,
@@ -42,15 +105,23 @@ def decoder_masks(
     cache: Any,
     position_ids: torch.Tensor,
     prefix: torch.Tensor | None,
+    image_blocks: torch.Tensor | None = None,
 ) -> Any:
     """The attention mask(s) the decoder's layers take, per layer type (full / sliding window), in the
     format of its attention implementation; ``prefix`` (B, L) True where a token attends
-    bidirectionally within the prefix (PaliGemma), None for causal attention everywhere."""
-    if prefix is not None and decoder.config._attn_implementation.startswith("flash"):
+    bidirectionally within the prefix (PaliGemma); ``image_blocks`` (B, L) the image of each image token,
+    -1 elsewhere (:func:`image_block_ids`): causal attention, and both ways within each image (Gemma 3);
+    both None for causal attention everywhere."""
+    if (prefix is not None or image_blocks is not None) and decoder.config._attn_implementation.startswith(
+        "flash"
+    ):
+        kind = "prefix" if prefix is not None else "image_bidirectional"
         raise ValueError(
-            "prefix attention needs an explicit mask, which flash attention cannot take: load the decoder "
+            f"{kind} attention needs an explicit mask, which flash attention cannot take: load the decoder "
             "with attn_implementation='sdpa' or 'eager', or use attention='causal'"
         )
+    if image_blocks is not None:
+        return _image_block_masks(decoder, inputs_embeds, attention_mask, cache, position_ids, image_blocks)
     extra: dict[str, Any] = {}
     if prefix is not None and BLOCK_IDS:
         extra["block_sequence_ids"] = torch.where(prefix, 0, -1)  # block 0 bidirectional, -1 causal

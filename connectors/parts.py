@@ -28,7 +28,8 @@ def tower_grid(tower: VisionTower) -> Grid:
 @dataclass
 class VLMParts:
     """A VLM's tower, connector, decoder, tokenizer and processor (each None when absent) and the two
-    settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix or causal);
+    settings that join them: the placeholder ``image_token_id`` and the ``attention`` (prefix, causal or
+    image_bidirectional);
     ``tower_swap``: the record of the tower swap that made it, if one did (:mod:`connectors.swap`);
     ``layout``: the image layout (name and options) and ``layout_params`` its learned tensors as a
     checkpoint holds them (``image_newline``; when saving they are in the state dict, ``layout_params.*``).

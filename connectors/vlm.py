@@ -19,7 +19,15 @@ from vision_tower.sources import load_tower, processor_for
 from . import formats, generation
 from .base import Connector, Grid, no_weight_decay_names
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
-from .inputs import ATTENTION, IGNORE_INDEX, count_targets, decoder_masks, ignored_labels, positions
+from .inputs import (
+    ATTENTION,
+    IGNORE_INDEX,
+    count_targets,
+    decoder_masks,
+    ignored_labels,
+    image_block_ids,
+    positions,
+)
 from .layouts import CropShape, ImageLayout, LayoutConfig
 from .parts import VLMParts, tower_grid
 from .registry import build_connector
@@ -77,7 +85,10 @@ class VisionLanguageModel(nn.Module):
     Called like transformers' PaliGemma. ``image_token_id`` marks the placeholders that the connector's
     outputs replace, in order; without it ``<image>`` is added (tokenizer and embedding table).
     ``attention="prefix"``: image tokens and prompt (``token_type_ids`` 0) attend to each other both
-    ways, the suffix (1) causally, as PaliGemma; ``"causal"``: causal everywhere, as LLaVA.
+    ways, the suffix (1) causally, as PaliGemma; ``"causal"``: causal everywhere, as LLaVA;
+    ``"image_bidirectional"``: causal, except that the tokens of each image attend to each other both ways
+    (each image its own block, also next to another image), as Gemma 3 (transformers reads it from
+    ``token_type_ids``; here the image placeholders and the layout's tokens per image give it).
 
     ``connector_options`` go to a connector given by name. ``dtype`` loads a decoder given by name in it and
     casts tower and connector. ``tokenizer`` (a transformers tokenizer; loaded with a decoder given by name)
@@ -402,6 +413,7 @@ class VisionLanguageModel(nn.Module):
             cache,
             position_ids,
             self._prefix(token_type_ids, labels, past, embeds),
+            self._image_blocks(input_ids, sizes, past),
         )
         decoder_inputs = dict(
             inputs_embeds=embeds,
@@ -449,6 +461,16 @@ class VisionLanguageModel(nn.Module):
                 )
             return torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         return token_type_ids == 0
+
+    def _image_blocks(
+        self, input_ids: torch.Tensor, sizes: list[tuple[int, int]] | None, past: int
+    ) -> torch.Tensor | None:
+        """(B, L) the image of each image token, -1 elsewhere, for ``image_bidirectional`` attention; None
+        otherwise, without images, and on a decoding step (its token is text: causal, as transformers'
+        Gemma 3 passes no ``token_type_ids`` after the prompt)."""
+        if self.attention != "image_bidirectional" or past or not sizes:
+            return None
+        return image_block_ids(input_ids, self.image_token_id, [self.layout.num_tokens(s) for s in sizes])
 
     def _loss(
         self,

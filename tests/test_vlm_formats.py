@@ -107,6 +107,7 @@ def test_paligemma_export_loads_in_transformers_and_back(family, decoders, tmp_p
         ("qwen2", "mlp2x_gelu", -2),
         ("qwen3", "mlp2x_gelu", 1),
         ("llama", "linear", 2),
+        ("gemma3_text", "mlp2x_gelu", -2),
     ],
 )
 def test_llava_export_loads_in_transformers_and_back(family, connector, layer, decoders, tmp_path):

@@ -258,6 +258,29 @@ def test_a_causal_model_reading_a_block_output_exports_as_llava(assets):
     assert task.stage.formats == ["native", "llava"]
 
 
+def test_a_gemma3_stage_with_image_attention_builds_and_its_loss_reads_the_image_blocks(assets):
+    """preset:tiny_gemma3 under attention image_bidirectional: built from the config, only the native format
+    holds it, and the task's loss on a collated batch is the image-block one (not the causal one)."""
+    task = build(
+        assets,
+        **{
+            "model.decoder": "preset:tiny_gemma3",
+            "model.tokenizer": assets["tokenizer"],
+            "model.attention": "image_bidirectional",
+        },
+    )
+    vlm = task.vlm
+    assert vlm.decoder.config.model_type == "gemma3_text" and task.stage.formats == ["native"]
+    b = task.builder()
+    batch = b.collate(read_eval_items(b, assets["val"], 3))
+    loss = task.loss(vlm, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in vlm.connector.parameters())
+    vlm.attention = "causal"
+    with torch.no_grad():
+        assert abs(task.loss(vlm, batch).item() - loss.item()) > 1e-4
+
+
 def test_an_export_format_that_cannot_hold_the_model_is_refused_before_training(assets):
     with pytest.raises(FormatError, match="export.formats lists 'paligemma'"):
         build(assets, **{"model.attention": "causal", "export.formats": "[native, paligemma]"})

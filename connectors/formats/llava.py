@@ -66,9 +66,14 @@ def check_projection(vlm: VLMParts, title: str) -> None:
             f"is {c.name!r} {c.options}: use 'linear' or 'mlp2x_gelu', or save format='native'"
         )
     if vlm.attention != "causal":
-        fix = "format='paligemma' (Gemma decoders) or " if fixed and fam in ("gemma", "gemma2") else ""
+        prefix = vlm.attention == "prefix"
+        fix = (
+            "format='paligemma' (Gemma decoders) or "
+            if prefix and fixed and fam in ("gemma", "gemma2")
+            else ""
+        )
         raise FormatError(
-            f"{title} attends causally everywhere; this VLM uses prefix attention: save "
+            f"{title} attends causally everywhere; this VLM uses {vlm.attention} attention: save "
             f"{fix}format='native', or build the VLM with attention='causal'"
         )
     if vlm.tower.feature_layer == -1:

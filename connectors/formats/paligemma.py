@@ -39,8 +39,8 @@ def check(vlm: VLMParts) -> None:
         )
     if vlm.attention != "prefix":
         raise FormatError(
-            "PaliGemma attends bidirectionally over image and prompt; this VLM is causal everywhere: "
-            "save format='llava' or format='native'"
+            "PaliGemma attends bidirectionally over image and prompt; this VLM uses "
+            f"{vlm.attention} attention: save format='llava' or format='native'"
         )
     if vlm.tower.feature_layer != -1:
         raise FormatError(

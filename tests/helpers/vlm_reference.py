@@ -1,4 +1,5 @@
-"""Tiny random towers, decoders (gemma, gemma2, qwen2, qwen3, llama) and tokenizers for the VLM tests."""
+"""Tiny random towers, decoders (gemma, gemma2, qwen2, qwen3, llama, gemma3_text) and tokenizers for the VLM
+tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from connectors.decoder_presets import DECODER_PRESETS
 from tests.helpers.hf_reference import randomize_, tiny_encoder
 from vision_tower import VisionConfig, VisionTower
 
-FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
+FAMILIES = (
+    "gemma",
+    "gemma2",
+    "qwen2",
+    "qwen3",
+    "llama",
+    "gemma3_text",
+)  # appended: the fixtures keep their seeds
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 WORDS = [
     "a",
@@ -55,6 +63,15 @@ def decoder_config(family: str, **overrides):
             final_logit_softcapping=30.0,
             attn_logit_softcapping=50.0,
             query_pre_attn_scalar=16,
+        ),
+        # 4 layers, sliding and global in turn (Gemma 3's pattern is 5:1), a window the prompts exceed, the
+        # local layers' own rope base; no final soft-capping, as the released Gemma 3 models
+        "gemma3_text": dict(
+            num_hidden_layers=4,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=16,
+            rope_local_base_freq=100.0,
         ),
         "qwen2": dict(tie_word_embeddings=False),
         "llama": dict(tie_word_embeddings=False),

@@ -389,7 +389,7 @@ def builder_for(
         max_length=max_length,
         max_image_tokens=max_image_tokens,
         caption_prompt=caption_prompt,
-        causal=vlm.attention == "causal",
+        causal=vlm.attention != "prefix",  # causal and Gemma 3's image attention: LLaVA's layout
         chat_template=resolve_chat_template(chat_template, vlm.tokenizer),
     )
     prefix = len(builder.prefix_ids(caption_prompt, per_image))  # image tokens, bos, prompt, newline
