@@ -77,6 +77,22 @@ class ImagePlan:
                 f"placeholders in its prompt for {self.num_tokens} image tokens"
             )
 
+    def text(self, image_token: str) -> str:
+        """The image's prompt as one string, each placeholder written as ``image_token``: what transformers'
+        processors put in place of the image's marker (tokenize it with the rest of the prompt, at once)."""
+        return "".join(s if isinstance(s, str) else image_token * s for s in self.prompt)
+
+
+def segments(*parts: Segment) -> tuple[Segment, ...]:
+    """``parts`` with adjacent strings joined and empty strings dropped (an :class:`ImagePlan`'s prompt)."""
+    out: list[Segment] = []
+    for part in parts:
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        elif part != "":
+            out.append(part)
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class CropShape:
