@@ -18,7 +18,7 @@ from vision_tower.hub import resolve
 from vision_tower.sources import preset_name
 
 from .decoder import NO_CODE_FROM_FILES, no_code_from_files
-from .formats import checkpoint_format, native
+from .formats import FORMATS, checkpoint_format, native
 from .formats.towers import vision_config_fields
 from .layouts import CropShape, LayoutConfig
 from .registry import ConnectorConfig
@@ -127,6 +127,18 @@ def _parts(
     return tower, layer, connector, "causal", int(hf.image_token_id), text
 
 
+def _layout(folder: Path, config: dict[str, Any], fmt: str) -> LayoutConfig:
+    """The image layout a checkpoint of ``fmt`` holds (from its configs)."""
+    if fmt == "native":
+        return LayoutConfig.from_dict(config.get("image_layout", {}))
+    reader = FORMATS[fmt]
+    if not hasattr(reader, "options"):  # one squashed image per placeholder block: paligemma, llava
+        return LayoutConfig()
+    with no_code_from_files(folder):
+        hf = AutoConfig.from_pretrained(str(folder), **NO_CODE_FROM_FILES)
+    return LayoutConfig(reader.layout, reader.options(hf, str(folder)))
+
+
 def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
     """The description of a VLM checkpoint (folder or hub id), or None if ``src`` is no VLM checkpoint
     (a tower, a ``preset:``): only config files are read."""
@@ -149,7 +161,7 @@ def describe_vlm(src: str | os.PathLike) -> VLMDescription | None:
         connector = conn_cfg.build()
         decoder = AutoModelForCausalLM.from_config(text)
     side = tower_cfg.image_size // tower_cfg.patch_size
-    layout = LayoutConfig.from_dict(config.get("image_layout", {})) if fmt == "native" else LayoutConfig()
+    layout = _layout(folder, config, fmt)
     size = tower_cfg.image_size
     return VLMDescription(
         source=str(src),

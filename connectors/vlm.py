@@ -552,10 +552,11 @@ class VisionLanguageModel(nn.Module):
     def save_pretrained(
         self, out_dir: PathLike, *, format: str = "native", state_dict: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write the VLM as ``native`` (holds everything), ``paligemma`` or ``llava`` (transformers'
-        ``PaliGemmaForConditionalGeneration`` / ``LlavaForConditionalGeneration`` load it), with the
-        tokenizer and processor files when the VLM has them. ``state_dict`` (this module's names) replaces
-        the live weights, e.g. weights consolidated from a ZeRO-3 run."""
+        """Write the VLM as ``native`` (holds everything), ``paligemma``, ``llava`` (the ``fixed`` image
+        layout), ``llava_next`` (``anyres``) or ``llava_onevision`` (``anyres_max``): transformers'
+        ``PaliGemmaForConditionalGeneration`` / ``Llava*ForConditionalGeneration`` and ``AutoProcessor``
+        load them, with the tokenizer and processor files when the VLM has them. ``state_dict`` (this
+        module's names) replaces the live weights, e.g. weights consolidated from a ZeRO-3 run."""
         sd = self.state_dict() if state_dict is None else state_dict
         formats.save(self.parts(), out_dir, format=format, state_dict=sd)
 
@@ -583,9 +584,10 @@ class VisionLanguageModel(nn.Module):
         revision: str | None = None,
         cache_dir: PathLike | None = None,
     ) -> VisionLanguageModel:
-        """A VLM from a folder or hub id in any of the three formats (detected from config.json): the
-        native layout, a PaliGemma checkpoint or a LLaVA checkpoint with a SigLIP tower. ``dtype`` applies
-        to every part; None keeps the decoder's saved dtype and float32 for tower and connector."""
+        """A VLM from a folder or hub id in any of the formats (detected from config.json): the native
+        layout, or a PaliGemma, LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint with a SigLIP tower (the
+        last two with their image layout and ``image_newline``). ``dtype`` applies to every part; None keeps
+        the decoder's saved dtype and float32 for tower and connector."""
         parts = formats.load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)
         vlm = cls(
             parts.tower,

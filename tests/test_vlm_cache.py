@@ -12,11 +12,11 @@ import torch
 import training.data.feature_cache as fc
 from connectors import ConnectorConfig
 from tests.helpers.shards import ONE_PASS, write_tar
-from tests.helpers.vlm_data import png
+from tests.helpers.vlm_data import layout_for, png
 from training.data import ShardLoader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample
-from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
+from training.data.vlm import PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
 from vision_tower import ImageProcessor, VisionTower, load_image
@@ -82,11 +82,11 @@ def test_cached_features_are_the_towers_and_bad_images_are_recorded(cached):
                     cache.load(sample)
                 assert err.value.reason == {"bad": "bad_image", "noimg": "missing_image"}[sample["__key__"]]
                 continue
-            features, grid = cache.load(sample)
+            features, grid, sizes = cache.load(sample)
             with torch.no_grad():
                 want = tower(processor(load_image(sample["png"]))).patch_features  # (1, 16, 64)
             torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-6)
-            assert grid == (4, 4)
+            assert grid == (4, 4) and sizes == [(32, 32)]
             seen, good = seen + 1, sample
     assert seen == 11
     assert cache.identity == cache_identity(tower, processor)
@@ -94,12 +94,15 @@ def test_cached_features_are_the_towers_and_bad_images_are_recorded(cached):
     assert again._keys == {} and torch.equal(again.load(good)[0], cache.load(good)[0])
 
 
+LAYOUT = layout_for(ConnectorConfig("linear", 64, 32), 32, 8)
+
+
 def vlm_builder(images):
     tok = word_tokenizer(["a photo of small medium large red green blue circle square triangle star"])
     return VLMBuilder(
         tok,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_tokens=ImageTokens(ConnectorConfig("linear", 64, 32)),
+        layout=LAYOUT,
         images=images,
         max_length=64,
     )
@@ -113,7 +116,8 @@ def batches(builder, shards):
 
 def test_rows_from_the_cache_equal_rows_from_images(cached):
     root, shards = cached
-    from_images, skips_images = batches(vlm_builder(PixelImages(ImageProcessor(image_size=32), 8)), shards)
+    pixels = PixelImages(ImageProcessor(image_size=32), LAYOUT, 8)
+    from_images, skips_images = batches(vlm_builder(pixels), shards)
     from_cache, skips_cache = batches(vlm_builder(FeatureCache(root / "cache")), shards)
     assert skips_cache == skips_images == {"bad_image": 1, "missing_image": 1}
     tower = tower_of(root, feature_layer=-2)

@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import png
+from tests.helpers.vlm_data import layout_for, png
 from training.data import ShardLoader, SkipSample, shard_dataset
 from training.data.chat import GENERATION_TAG, ChatEncoder, TemplateMismatch, resolve_chat_template
 from training.data.json_source import JsonSource
-from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
+from training.data.vlm import PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
 from vision_tower import ImageProcessor
 
@@ -148,6 +149,7 @@ def test_a_template_whose_turns_do_not_add_up_is_caught_and_named(spans):
 # ----------------------------------------------------------------------------- sources
 
 PROCESSOR = ImageProcessor(image_size=16)
+LAYOUT = layout_for(ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2}), 16, 4)
 
 
 def builder(tok, template=QWEN, max_length=64) -> VLMBuilder:
@@ -155,8 +157,8 @@ def builder(tok, template=QWEN, max_length=64) -> VLMBuilder:
     return VLMBuilder(
         tok,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_tokens=ImageTokens(ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})),
-        images=PixelImages(PROCESSOR, patch_size=4),
+        layout=LAYOUT,
+        images=PixelImages(PROCESSOR, LAYOUT, patch_size=4),
         max_length=max_length,
         caption_prompt="caption",
         causal=True,
@@ -414,3 +416,43 @@ def test_missing_json_inputs_fail_before_training_naming_the_key(tmp_path):
         task = VLMTask(load_vlm_config(config, extra))
         with pytest.raises(FileNotFoundError, match=message):
             task.check_inputs()
+
+
+def test_each_image_of_a_conversation_takes_its_own_sizes_tokens_in_the_anyres_layout():
+    """The messages record of two images (12x30 and 32x20) in LLaVA-NeXT's anyres layout: each image's run
+    of placeholders is what transformers' LlavaNextProcessor gives its size, in order, and the batch
+    carries both images' crops (as that processor makes them) and sizes."""
+    import itertools
+
+    from tests.helpers import anyres_reference as AR
+    from vision_tower import load_image
+
+    layout = layout_for(ConnectorConfig("linear", 8, 16), 16, 4, "anyres")  # 16 tokens per 16 px crop
+    tok = chat_tokenizer("qwen")
+    b = VLMBuilder(
+        tok,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        layout=layout,
+        images=PixelImages(ImageProcessor(image_size=16, backend="torchvision"), layout, patch_size=4),
+        max_length=200,
+        causal=True,
+        chat_template=QWEN,
+    )
+    sizes = [(12, 30), (32, 20)]
+    shapes = [make_sample("train", i, image_size=32).image for i in range(2)]
+    blobs = [png(shape.resize((w, h))) for shape, (h, w) in zip(shapes, sizes, strict=True)]
+    sample = {"__key__": "m", "__url__": "u", "json": json.dumps(records()[1]).encode()}
+    item = b.build({**sample, "0.png": blobs[0], "1.png": blobs[1]})
+    pins = [[r * 16, c * 16] for r, c in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    reference = AR.llava_next_processor("torchvision", 16, 4, pins)
+    image = reference.tokenizer.convert_tokens_to_ids(AR.IMAGE)
+    outs = [reference(images=load_image(blob), text=AR.IMAGE, return_tensors="pt") for blob in blobs]
+    counts = [int((out["input_ids"] == image).sum()) for out in outs]
+    assert counts[0] != counts[1]
+    placeholder = tok.convert_tokens_to_ids("<image>")
+    runs = itertools.groupby(item.input_ids, lambda t: t == placeholder)
+    runs = [len(list(g)) for is_image, g in runs if is_image]
+    assert runs == counts
+    batch = b.collate([item])
+    assert batch["image_sizes"].tolist() == [list(s) for s in sizes]
+    assert torch.equal(batch["pixel_values"], torch.cat([out["pixel_values"][0] for out in outs]))

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from connectors import ConnectorConfig, VisionLanguageModel
 from tests.helpers import vlm_reference as R
 from tests.helpers.shards import ONE_PASS, write_tar
-from tests.helpers.vlm_data import png
+from tests.helpers.vlm_data import layout_for, png
 from training.data import ShardLoader, shard_dataset
-from training.data.vlm import ImageTokens, PixelImages, VLMBuilder
+from training.data.vlm import PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
 from training.tasks.decoders import word_tokenizer
 from training.tasks.vlm import model_inputs
@@ -41,11 +41,12 @@ SHUFFLE = ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})
 
 def builder(tok, max_length=40, connector=SHUFFLE):
     """16 px images in 4 px patches: a 4x4 grid, 4 tokens after pixel shuffle by 2."""
+    layout = layout_for(connector, 16, 4)
     return VLMBuilder(
         tok,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_tokens=ImageTokens(connector),
-        images=PixelImages(PROCESSOR, patch_size=4),
+        layout=layout,
+        images=PixelImages(PROCESSOR, layout, patch_size=4),
         max_length=max_length,
         caption_prompt="caption",
     )
@@ -111,12 +112,15 @@ def test_a_causal_model_reads_a_prompt_without_image_token_as_llava_does():
     ]  # a prompt holding <image> is laid out where it says, as before
 
 
-def test_image_tokens_follow_each_samples_grid_and_image_count():
+def test_image_tokens_follow_the_layouts_crop_and_its_grid():
     tok = word_tokenizer(WORDS)
     b = builder(tok, connector=ConnectorConfig("linear", 8, 16))  # one token per patch
     small = b.build(raw("a", 0, txt=b"red"))
     assert small.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 16  # 4x4 grid
-    b.images = PixelImages(ImageProcessor(image_size=24), patch_size=4)
+    with pytest.raises(ValueError, match="counts tokens of 16x16 crops; the processor makes 24x24 images"):
+        PixelImages(ImageProcessor(image_size=24), b.layout, patch_size=4)
+    b.layout = layout_for(ConnectorConfig("linear", 8, 16), 24, 4)
+    b.images = PixelImages(ImageProcessor(image_size=24), b.layout, patch_size=4)
     big = b.build(raw("b", 0, txt=b"red"))
     assert big.grid == (6, 6) and big.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 36
     with pytest.raises(ValueError, match="different token grids"):
@@ -180,8 +184,8 @@ def test_the_loss_is_the_answer_tokens_cross_entropy():
     b = VLMBuilder(
         tok,
         image_token_id=vlm.image_token_id,
-        image_tokens=ImageTokens(vlm.connector.config),
-        images=PixelImages(ImageProcessor(image_size=32), patch_size=8),
+        layout=vlm.layout,
+        images=PixelImages(ImageProcessor(image_size=32), vlm.layout, patch_size=8),
         max_length=64,
         caption_prompt="caption en",
     )
@@ -224,8 +228,8 @@ def test_special_tokens_written_in_text_are_text(tmp_path):
     b = VLMBuilder(
         tok,
         image_token_id=img,
-        image_tokens=ImageTokens(SHUFFLE),
-        images=PixelImages(PROCESSOR, patch_size=4),
+        layout=layout_for(SHUFFLE, 16, 4),
+        images=PixelImages(PROCESSOR, layout_for(SHUFFLE, 16, 4), patch_size=4),
         max_length=80,
         caption_prompt="caption",
     )
@@ -311,3 +315,103 @@ def test_a_newline_piece_listed_among_the_special_tokens_stays_text(tmp_path):
     assert newline in tok.all_special_ids and newline != tok.unk_token_id  # the case this test is about
     ids = text_ids(tok, "a red\n")
     assert ids == tok("a red\n", add_special_tokens=False)["input_ids"] and ids[-1] == newline
+
+
+# ----------------------------------------------------------------------------- tiled image layouts
+TILE, PATCH = 32, 8  # a 32 px tower in 8 px patches, one token per patch: 16 tokens per crop
+LINEAR = ConnectorConfig("linear", 8, 16)
+ANYRES_SIZES = [(24, 60), (64, 40), (90, 90)]  # (height, width): wide, tall, above 2x2 tiles
+
+
+def anyres_builder(tok, **options) -> VLMBuilder:
+    layout = layout_for(LINEAR, TILE, PATCH, "anyres")
+    processor = ImageProcessor(image_size=TILE, backend="torchvision")
+    return VLMBuilder(
+        tok,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        layout=layout,
+        images=PixelImages(processor, layout, patch_size=PATCH),
+        caption_prompt="caption",
+        **{"max_length": 400, **options},
+    )
+
+
+def noise_png(size, seed) -> bytes:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return png(Image.fromarray(torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()))
+
+
+def transformers_anyres(blob: bytes) -> tuple[int, torch.Tensor]:
+    """LlavaNextProcessor's placeholders for one image and its crops ``(crops, 3, 32, 32)``: LLaVA-NeXT 1.6's
+    grids of 32 px tiles, torchvision backend."""
+    from tests.helpers import anyres_reference as AR
+    from vision_tower import load_image
+
+    pins = [[r * TILE, c * TILE] for r, c in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    reference = AR.llava_next_processor("torchvision", TILE, PATCH, pins)
+    out = reference(images=load_image(blob), text=AR.IMAGE, return_tensors="pt")
+    count = int((out["input_ids"] == reference.tokenizer.convert_tokens_to_ids(AR.IMAGE)).sum())
+    return count, out["pixel_values"][0]
+
+
+def test_anyres_rows_hold_each_images_tokens_and_the_batch_every_crop_as_llava_next_makes_them(tmp_path):
+    tok = word_tokenizer(WORDS)
+    v = tok.get_vocab()
+    b = anyres_builder(tok)
+    blobs = [noise_png(size, i) for i, size in enumerate(ANYRES_SIZES)]
+    items = [
+        b.build({"__key__": f"k{i}", "__url__": "mem.tar", "png": blob, "txt": b"red"})
+        for i, blob in enumerate(blobs)
+    ]
+    reference = [transformers_anyres(blob) for blob in blobs]
+    counts = [count for count, _ in reference]
+    assert len(set(counts)) == 3 and min(counts) > 16  # each size its own count, more than one crop's
+    for item, count in zip(items, counts, strict=True):
+        # the real tokens: placeholders, bos, "caption", then "red" and eos; nothing cut
+        assert item.input_ids == [v["<image>"]] * count + [v["<bos>"], v["caption"], v["red"], v["<eos>"]]
+        assert not item.truncated
+    batch = b.collate(items)
+    assert batch["image_sizes"].tolist() == [list(s) for s in ANYRES_SIZES]
+    expected = torch.cat([pixels for _, pixels in reference])  # (sum of crops, 3, 32, 32), images in order
+    assert batch["pixel_values"].shape == expected.shape and expected.shape[0] > 3
+    assert torch.equal(batch["pixel_values"], expected)
+    assert model_inputs(batch)["image_sizes"] is batch["image_sizes"]  # the training step passes them on
+    # a sample of several images (a JSON source's record): each image its own size and count, in order
+    for name, blob in zip(("a.png", "b.png"), blobs):
+        (tmp_path / name).write_bytes(blob)
+    record = {"images": ["a.png", "b.png"], "prompt": "what colour", "answer": "red"}
+    sample = {"__key__": "two", "__url__": "x.jsonl", "__folder__": str(tmp_path), "json": json.dumps(record)}
+    two = b.build(sample)
+    assert two.image_sizes == ANYRES_SIZES[:2]
+    assert two.input_ids.count(v["<image>"]) == counts[0] + counts[1]
+    assert torch.equal(two.images, torch.cat([reference[0][1], reference[1][1]]))
+
+
+def test_samples_over_max_image_tokens_or_max_length_are_skipped_and_counted(tmp_path):
+    tok = word_tokenizer(WORDS)
+    blobs = [noise_png(size, i) for i, size in enumerate(ANYRES_SIZES)]
+    counts = [transformers_anyres(blob)[0] for blob in blobs]
+    members = []
+    for i, blob in enumerate(blobs):
+        members += [(f"k{i}.png", blob), (f"k{i}.txt", b"a red circle")]
+    shard = write_tar(tmp_path / "sizes.tar", members)
+
+    def one_pass(b):
+        loader = ShardLoader(shard_dataset(shard, b, batch_size=8, **ONE_PASS), num_workers=0)
+        return list(loader), loader
+
+    limit = sorted(counts)[1]  # the middle count: one sample takes more
+    (batch,), loader = one_pass(anyres_builder(tok, max_image_tokens=limit))
+    kept = [f"k{i}" for i, n in enumerate(counts) if n <= limit]
+    assert batch["__key__"] == kept and loader.skip_counts == {"too_many_image_tokens": 1}
+    assert batch["image_sizes"].tolist() == [list(ANYRES_SIZES[int(k[1])]) for k in kept]
+    # data.max_length counts each row's own image tokens: the fewest fit whole (+ bos, "caption", 3 words and
+    # eos), the middle count's row is cut on the answer side, the most are skipped (image and prompt too long)
+    small, middle, large = sorted(counts)
+    (batch,), loader = one_pass(anyres_builder(tok, max_length=middle + 4))
+    assert small + 6 <= middle + 4 < large + 2
+    assert loader.skip_counts == {"too_long": 1} and loader.truncated_captions == 1
+    rows = dict(zip(batch["__key__"], batch["attention_mask"].sum(-1).tolist()))
+    assert rows == {f"k{counts.index(small)}": small + 6, f"k{counts.index(middle)}": middle + 4}

@@ -226,3 +226,9 @@ def test_info_and_generate_commands_follow_the_layout(tmp_path, capsys):
     assert pixels.shape[0] == 4
     ids = vlm.generate(pixels, ["caption en"], image_sizes=sizes, max_new_tokens=4)
     assert printed == vlm.tokenizer.decode(ids[0], skip_special_tokens=True) + "\n"
+    vlm.tower.feature_layer = -2  # LLaVA-OneVision reads a block output
+    vlm.save_pretrained(tmp_path / "onevision", format="llava_onevision")
+    assert main(["info", str(tmp_path / "onevision"), "--image-size", "150x60"]) == 0
+    out = capsys.readouterr().out
+    assert "llava_onevision layout" in out and "image layout: anyres_max (grid_pinpoints=" in out
+    assert f"150x60 px: {vlm.tokens_for((150, 60))} tokens, {vlm.layout.num_crops((150, 60))} crops" in out

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from connectors import FormatError
 from tests.helpers.vlm_data import make_assets
+from training.data.feature_cache import extract_shards
+from training.data.shards import SkipCounter, expand_shards, iter_tar_samples
 from training.eval.vlm import evaluate_vlm, read_eval_items
 from training.runner import Zero, deepspeed_config
 from training.runner.paths import ROOT
@@ -56,6 +58,7 @@ def test_configs_exist_and_load():
         "so400m_gemma2b_finetune.yaml",
         "qwen2_llava_align.yaml",
         "qwen2_llava_finetune.yaml",
+        "tiny_anyres.yaml",
     }
     for path in CONFIGS:
         cfg = load_vlm_config(path)
@@ -114,6 +117,16 @@ def test_configs_exist_and_load():
             ],  # a folder, not a preset
             "model.decoder_options override a preset decoder's config; this decoder is loaded",
         ),
+        (
+            ["model.image_layout=tiles"],
+            "model.image_layout 'tiles' is unknown; known: anyres, anyres_max, anyres_max_9, fixed",
+        ),
+        (["model.layout_options={max_tiles: 4}"], "model.layout_options are options of model.image_layout"),
+        (
+            ["model.image_layout=anyres", "data.feature_cache=x"],
+            "data.feature_cache holds one crop per image (image layout 'fixed'); model.image_layout 'anyres'",
+        ),
+        (["data.max_image_tokens=0"], "data.max_image_tokens must be >= 1"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(extra, message):
@@ -148,6 +161,49 @@ def test_finetune_trains_connector_decoder_and_tower_at_its_own_rate(assets):
         by_lr.setdefault(g.get("lr"), set()).update(names(vlm, g["params"]))
     assert by_lr[1e-5] == tower
     assert by_lr[None] == {n for n, _ in vlm.named_parameters()} - tower  # connector and decoder
+
+
+def test_the_anyres_config_makes_a_saved_fixed_stage_1_a_stage_2_of_tiled_images(assets, tmp_path):
+    """configs/vlm/tiny_anyres.yaml on a saved stage 1 in the fixed layout: the same tower, connector and
+    decoder in the anyres layout, a fresh image_newline trained with connector and decoder; a later switch
+    to anyres_max_9 keeps the trained image_newline (same name and shape), and no image_layout keeps the
+    saved layout."""
+    stage1 = build(assets).vlm
+    stage1.save_pretrained(tmp_path / "stage1")
+
+    def stage(init, *extra):
+        paths = [f"model.init_from={init}", f"data.train_shards={assets['train']}", "data.val_shards=null"]
+        task = VLMTask(load_vlm_config(ROOT / "configs" / "vlm" / "tiny_anyres.yaml", [*paths, *extra]))
+        task.build_model(Zero(0, {"bf16": {"enabled": False}}))
+        return task
+
+    task = stage(tmp_path / "stage1")
+    vlm = task.vlm
+    assert vlm.image_layout.name == "anyres" and not stage1.layout_params
+    for part in ("tower", "connector", "decoder"):
+        saved, now = getattr(stage1, part).state_dict(), getattr(vlm, part).state_dict()
+        assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved), part
+    trained = names(vlm, [p for g in task.param_groups(vlm) for p in g["params"]])
+    assert trained == {n for n, _ in vlm.named_parameters() if not n.startswith("tower.")}
+    assert "layout_params.image_newline" in trained
+    # a 32 px shapes image: 16 base tokens, 4x4 of its 1x2 tiles without the padding, 4 newlines
+    item = task.builder().build(next(iter_tar_samples(expand_shards(assets["train"])[0], SkipCounter(1))))
+    assert item.input_ids.count(vlm.image_token_id) == 36 and item.image_sizes == [(32, 32)]
+    with torch.no_grad():
+        vlm.layout_params["image_newline"].add_(1.0)  # as if trained
+    vlm.save_pretrained(tmp_path / "stage2")
+    again = stage(tmp_path / "stage2", "model.image_layout=anyres_max_9").vlm
+    assert again.image_layout.name == "anyres_max" and again.image_layout.options["max_tiles"] == 9
+    assert torch.equal(again.layout_params["image_newline"], vlm.layout_params["image_newline"])
+    keep = ["model.image_layout=null", "model.layout_options={}"]
+    kept = stage(tmp_path / "stage2", *keep).vlm
+    assert kept.image_layout == vlm.image_layout
+    assert torch.equal(kept.layout_params["image_newline"], vlm.layout_params["image_newline"])
+    # a feature cache holds one crop per image: refused for the saved anyres layout before anything trains
+    cache = tmp_path / "cache"
+    extract_shards(stage1.tower, stage1.image_processor(), assets["val"], cache, progress=False)
+    with pytest.raises(ValueError, match="data.feature_cache holds one crop per image .* 'anyres' tiles"):
+        stage(tmp_path / "stage2", *keep, f"data.feature_cache={cache}")
 
 
 def test_lora_trains_adapters_and_merges_into_the_plain_decoder(assets):
@@ -308,6 +364,20 @@ PRESET = ["model.decoder=preset:tiny_gemma", "model.tokenizer={tokenizer}"]
             # image tokens + 2 (16, bos, a one-word caption prompt): it passed, then every sample was skipped
             ["train-vlm", "--config", str(TINY), "data.max_length=18", "data.caption_prompt=caption"],
             "data.max_length 18 leaves no room for a caption: one image and the caption prompt take 18",
+        ),
+        (
+            [
+                "train-vlm",
+                "--config",
+                str(TINY),
+                "model.image_layout=anyres",
+                "model.layout_options={{tiles: 4}}",
+            ],
+            "unknown option(s) ['tiles'] for image layout 'anyres'; known options: ['grid_pinpoints']",
+        ),
+        (
+            ["train-vlm", "--config", str(TINY), "data.max_image_tokens=15"],
+            "data.max_image_tokens 15 is below the 16 tokens every image takes (image layout 'fixed')",
         ),
         (
             ["train-vlm", "--config", str(TINY), "model.decoder={tmp}/stage1/decoder"],

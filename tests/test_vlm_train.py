@@ -39,9 +39,10 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("vlm"))
 
 
-def _eval_vlm(model: Path, assets: dict) -> int:
+def _eval_vlm(model: Path, assets: dict, max_length: int = 40) -> int:
     """``vision-tower eval vlm`` of a saved VLM on the held-out shards, with the training run's settings."""
-    args = ["--max-samples", "11", "--batch-size", "5", "--max-new-tokens", "5", "--max-length", "40"]
+    args = ["--max-samples", "11", "--batch-size", "5", "--max-new-tokens", "5"]
+    args += ["--max-length", str(max_length)]
     return main(
         ["eval", "vlm", "--model", str(model), "--shards", assets["val"], *args, "--dtype", "float32"]
     )
@@ -101,6 +102,23 @@ def assert_same(a: dict, b: dict, keys=None) -> None:
     assert different == [], different[:5]
 
 
+NEWLINE = "layout_params.image_newline"
+
+
+def anyres(assets: dict) -> dict:
+    """A stage in LLaVA-NeXT's image layout on the sized shard: wide, tall and large images, each cut into
+    its own crops (36 to 88 image tokens for the 32 px tower)."""
+    return {"model.image_layout": "anyres", "data.train_shards": assets["sized"], "data.max_length": 100}
+
+
+def assert_anyres_export(native: Path) -> torch.Tensor:
+    """The native export records the anyres layout and holds its image_newline (64,), returned."""
+    assert json.loads((native / "config.json").read_text())["image_layout"]["name"] == "anyres"
+    newline = load_file(native / "layout.safetensors")
+    assert list(newline) == ["image_newline"] and newline["image_newline"].shape == (64,)
+    return newline["image_newline"]
+
+
 LEAN = ["data.num_workers=0", "export.formats=[native]"]  # 2 ranks on 2 cores: no loader processes
 ALIGN_STEPS = {"run.steps": 16, "run.save_every": 4, "run.keep_checkpoints": 8}
 
@@ -126,9 +144,11 @@ def swap_stage(assets: dict, f: Path, s: Path, deepspeed: str, *extra: str) -> l
 
 
 def assert_swapped(r: dict, f: Path, s: Path) -> None:
-    """The swap stage trained its connector alone, kept finetune's decoder bit for bit, and recorded it."""
+    """The swap stage trained its connector alone (with the anyres layout's image_newline, kept from
+    finetune), kept finetune's decoder bit for bit, and recorded it."""
     assert decreasing(r["swap"]["losses"]), r["swap"]
-    assert r["swap"]["held"] and all(k.startswith("connector.") for k in r["swap"]["held"])
+    held = set(r["swap"]["held"])
+    assert NEWLINE in held and held - {NEWLINE} and all(k.startswith("connector.") for k in held - {NEWLINE})
     native = s / "export" / "native"
     assert_same(weights(native / "decoder"), weights(f / "export" / "native" / "decoder"))
     record = json.loads((native / "tower_swap.json").read_text())
@@ -216,33 +236,51 @@ def test_lora_finetune_from_align_and_eval_of_the_export(assets, align_run, tmp_
     assert result["exact_match"] == final["exact_match"]
 
 
-def test_two_ranks_zero2_align_then_full_finetune_with_the_tower_at_its_own_rate_then_a_swap(
+def test_two_ranks_zero2_anyres_align_then_full_finetune_with_the_tower_at_its_own_rate_then_a_swap(
     assets, tmp_path
 ):
+    """Stage align in LLaVA-NeXT's anyres layout (images of three sizes): its image_newline trains with the
+    connector and is saved; finetune and swap keep the saved layout."""
     a, f, s = tmp_path / "align", tmp_path / "finetune", tmp_path / "swap"
     tower = {"finetune.tower": "true", "finetune.tower_lr": 1e-4, "model.gradient_checkpointing": "true"}
+    tower["data.max_length"] = 100  # the saved anyres layout: 36 tokens for the 32 px shapes images
     zero2 = "configs/deepspeed/zero2.json"
-    align, finetune = two_stages(assets, a, f, {"run.deepspeed": zero2}, tower)
+    align, finetune = two_stages(assets, a, f, {"run.deepspeed": zero2, **anyres(assets)}, tower)
     swap = swap_stage(assets, f, s, zero2)
     results = run_ranks(stages_worker, 2, align, finetune, swap, timeout=400, backend=None)
     r = results[0]
     assert_swapped(r, f, s)
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
-    connector = {k for k in r["align"]["held"]}
-    assert connector and all(k.startswith("connector.") for k in connector)
+    connector = set(r["align"]["held"]) - {NEWLINE}
+    assert NEWLINE in r["align"]["held"] and connector and all(k.startswith("connector.") for k in connector)
     assert not r["align"]["partitioned"]  # ZeRO-2 keeps whole parameters
     held = r["finetune"]["held"]
     assert {k for k, lr in held.items() if lr == 1e-4} == {k for k in held if k.startswith("tower.")} != set()
-    assert any(k.startswith("decoder.") for k in held) and connector <= held.keys()
+    assert any(k.startswith("decoder.") for k in held) and connector | {NEWLINE} <= held.keys()
     assert_same(weights(a / "export" / "native" / "decoder"), weights(Path(assets["decoder"])))
     tower_before, tower_after = weights(Path(assets["tower"])), weights(f / "export" / "native" / "tower")
     assert tower_after.keys() == tower_before.keys()
     assert all(not torch.equal(tower_after[k], tower_before[k]) for k in tower_before if "weight" in k)
+    # image_newline moved from its initial value in align (seed 0 draws the same one) and again in finetune
+    from training.runner import Zero
+    from training.tasks.vlm_config import load_vlm_config
+    from training.tasks.vlm_model import build_stage_model
+
+    torch.manual_seed(0)
+    cfg = load_vlm_config(ALIGN, align)
+    init = build_stage_model(cfg, Zero(0, {"bf16": {"enabled": False}}), torch.float32).vlm.layout_params
+    aligned = assert_anyres_export(a / "export" / "native")
+    assert (aligned - init["image_newline"].detach()).abs().max() > 1e-3
+    finetuned = assert_anyres_export(f / "export" / "native")
+    assert (finetuned - aligned).abs().max() > 1e-3
+    assert_anyres_export(s / "export" / "native")
 
 
-def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune_then_a_swap(
+def test_two_ranks_zero3_align_from_the_feature_cache_then_anyres_lora_finetune_then_a_swap(
     assets, tmp_path, capsys
 ):
+    """Align in the fixed layout from the feature cache, then LLaVA-NeXT's stage 2: a LoRA finetune that
+    switches to anyres (a fresh image_newline, partitioned and trained with the connector)."""
     cache = tmp_path / "cache"
     assert (
         main(
@@ -262,7 +300,7 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune_then_a_
     assert "wrote the feature cache" in capsys.readouterr().out
     a, f = tmp_path / "align", tmp_path / "finetune"
     zero3 = {"run.deepspeed": "configs/deepspeed/zero3.json", "model.gradient_checkpointing": "true"}
-    lora = {"finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"]}
+    lora = {"finetune.decoder": "lora", "run.deepspeed": zero3["run.deepspeed"], **anyres(assets)}
     # fp32, not auto: the in-training evaluation is compared with `eval vlm --dtype float32` below, and auto
     # trains and evaluates under bf16 autocast on a CPU with bf16 matmul
     from_cache = {"data.feature_cache": cache, **zero3}
@@ -275,15 +313,19 @@ def test_two_ranks_zero3_align_from_the_feature_cache_then_lora_finetune_then_a_
     assert r["swap"]["partitioned"]  # the kept decoder never whole on a rank
     assert decreasing(r["align"]["losses"]) and decreasing(r["finetune"]["losses"]), r
     assert all(k.startswith("connector.") for k in r["align"]["held"])
-    assert r["align"]["partitioned"] and r["finetune"]["partitioned"]  # the decoder never whole on a rank
+    # the decoder (and finetune's image_newline) never whole on a rank
+    assert r["align"]["partitioned"] and r["finetune"]["partitioned"]
     lora = r["finetune"]["held"]
-    assert all(k.startswith("connector.") or ".lora_" in k for k in lora) and any(".lora_" in k for k in lora)
+    assert NEWLINE in lora and any(".lora_" in k for k in lora)
+    assert all(k.startswith("connector.") or ".lora_" in k for k in set(lora) - {NEWLINE})
     native = a / "export" / "native"
+    assert not (native / "layout.safetensors").exists()  # the fixed layout learns nothing of its own
     assert_same(weights(native / "tower"), weights(Path(assets["tower"])))
     assert_same(weights(native / "decoder"), weights(Path(assets["decoder"])))
+    assert_anyres_export(f / "export" / "native")
     # in-training evaluation on 2 ranks (padded shares, fixed-length generation) equals the command's on 1
     final = r["finetune"]["final"]
-    code = _eval_vlm(f / "export" / "native", assets)
+    code = _eval_vlm(f / "export" / "native", assets, max_length=100)
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)

@@ -133,6 +133,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
     d = describe(args.src)
     what = "SiglipModel: image + text towers" if d["kind"] == "SiglipModel" else "image tower"
+    if d["read_from"]:
+        what += f" of this {d['read_from']} model; the rest is not read"
     print(f"source: {d['source']} ({what})")
     print("image tower: " + json.dumps(d["vision"]))
     print(f"  parameters: {d['vision_params'] / 1e6:.2f}M (pooling head {d['head_params'] / 1e6:.2f}M)")

@@ -28,6 +28,16 @@ from .siglip import SiglipModel
 from .vision import VisionTower
 
 INFO_SIZES = (224, 256, 384, 448, 512)
+# config.json model types of a tower alone (or both towers), not of a model it was read out of
+_TOWER_MODEL_TYPES = (
+    None,
+    "siglip",
+    "siglip2",
+    "siglip_vision_model",
+    "siglip2_vision_model",
+    "idefics3_vision",
+    "smolvlm_vision",
+)
 AnyTower = VisionTower | NaFlexVisionTower
 AnyProcessor = ImageProcessor | NaFlexImageProcessor
 
@@ -152,7 +162,8 @@ def _count(module: torch.nn.Module | None) -> int:
 
 
 def describe(src: str) -> dict[str, Any]:
-    """Configs, parameter counts and the token grid per resolution of a checkpoint or preset.
+    """Configs, parameter counts and the token grid per resolution of a checkpoint or preset; ``read_from``
+    is the ``model_type`` of the model a tower was read out of (``"smolvlm"``, ``"gemma3"``...), else None.
 
     A preset is built on the meta device (shapes only, no weights)."""
     full = is_siglip_model(src)
@@ -168,9 +179,11 @@ def describe(src: str) -> dict[str, Any]:
         tower, text = load_tower(src), None
     cfg = tower.config
     naflex = isinstance(tower, NaFlexVisionTower)
+    host = None if name is not None else model_type(src)
     return {
         "source": src,
         "kind": "SiglipModel" if full else ("Siglip2VisionModel (NaFlex)" if naflex else "SiglipVisionModel"),
+        "read_from": None if host in _TOWER_MODEL_TYPES else host,
         "vision": cfg.to_dict(),
         "vision_params": _count(tower),
         "head_params": _count(tower.head),

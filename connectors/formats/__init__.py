@@ -1,9 +1,9 @@
-"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma`` and ``llava`` (transformers loads
-them).
+"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next`` and
+``llava_onevision`` (transformers loads them).
 
-Each format module has ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) ->
-VLMParts``
-(and, but for native, ``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
+Each format (a module, or for the two tiled LLaVA formats an object of :mod:`.llava_next`) has
+``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts`` (and, but for native,
+``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
 
 from __future__ import annotations
 
@@ -20,9 +20,22 @@ from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
 from . import llava, native, paligemma
 from .common import FormatError
+from .llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 
-FORMATS = {"native": native, "paligemma": paligemma, "llava": llava}
-_BY_MODEL_TYPE = {native.MODEL_TYPE: native, "paligemma": paligemma, "llava": llava}
+FORMATS = {
+    "native": native,
+    "paligemma": paligemma,
+    "llava": llava,
+    "llava_next": LLAVA_NEXT,
+    "llava_onevision": LLAVA_ONEVISION,
+}
+_BY_MODEL_TYPE = {
+    native.MODEL_TYPE: native,
+    "paligemma": paligemma,
+    "llava": llava,
+    "llava_next": LLAVA_NEXT,
+    "llava_onevision": LLAVA_ONEVISION,
+}
 
 
 def save(

@@ -1,4 +1,4 @@
-"""What the three checkpoint formats share: the refusal error, sharded writing, tokenizer and processor files.
+"""What the checkpoint formats share: the refusal error, sharded writing, tokenizer and processor files.
 
 Formats read and write :class:`~connectors.parts.VLMParts`; they never import the model class, which
 assembles the parts it reads (``VisionLanguageModel.from_pretrained``) and hands its parts to a writer
@@ -18,6 +18,7 @@ from vision_tower import ImageProcessor
 from vision_tower.checkpoint import read_checkpoint
 from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
+from vision_tower.processor import read_config as read_processor_config
 
 from ..decoder import load_decoder, load_tokenizer, no_code_from_files
 from ..decoder_files import read_transformers_config
@@ -46,6 +47,20 @@ class FormatError(ValueError):
     """A VLM that a checkpoint format cannot express; the message says what and which format can hold it."""
 
 
+# the formats (besides native) that hold each image layout
+LAYOUT_FORMATS = {
+    "fixed": ("paligemma", "llava"),
+    "anyres": ("llava_next",),
+    "anyres_max": ("llava_onevision",),
+}
+
+
+def formats_for_layout(layout: str) -> str:
+    """The formats to name in a refusal for a VLM of image ``layout``: those that hold it, then native."""
+    own = "".join(f"format={f!r} or " for f in LAYOUT_FORMATS.get(layout, ()))
+    return f"{own}format='native' (holds every layout)"
+
+
 def check_fixed_layout(parts: Any, fmt: str) -> None:
     """Refuse a tiled image layout in a format of one fixed-size image per placeholder block (``parts``: a
     VLMParts or the VisionLanguageModel, whose ``layout`` has the same ``name``)."""
@@ -53,7 +68,7 @@ def check_fixed_layout(parts: Any, fmt: str) -> None:
     if name != "fixed":
         raise FormatError(
             f"{fmt} takes one image squashed to the tower's size; this VLM's image layout is {name!r}: save "
-            "format='native' (holds every layout)"
+            f"{formats_for_layout(name)}"
         )
 
 
@@ -88,12 +103,17 @@ def split_weights(decoder: PreTrainedModel, sd: dict[str, Tensor]) -> dict[str, 
 
 
 def multimodal_tensors(
-    tower: dict[str, Tensor], projector: dict[str, Tensor], decoder: dict[str, Tensor]
+    tower: dict[str, Tensor],
+    projector: dict[str, Tensor],
+    decoder: dict[str, Tensor],
+    layout: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """PaliGemma / LLaVA key layout as saved by transformers 4.x (which 5.x reads too)."""
+    """PaliGemma / LLaVA key layout as saved by transformers 4.x (which 5.x reads too); the image layout's
+    tensors (LLaVA-NeXT's ``image_newline``) at the top level under their own names."""
     out = {f"vision_tower.{k}": v for k, v in vision_state_dict_hf(tower).items()}
     out.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
     out.update({f"language_model.{k}": v for k, v in decoder.items()})
+    out.update(layout or {})
     return out
 
 
@@ -158,8 +178,8 @@ def write_multimodal(
     processor_fields: dict[str, Any] | None = None,
     processor_config: dict[str, Any] | None = None,
 ) -> None:
-    """A PaliGemma / LLaVA folder: config.json (the keys both share, then ``fields``), the tower, projector
-    and decoder tensors in transformers' layout, and the tokenizer and processor files."""
+    """A PaliGemma / LLaVA folder: config.json (the keys both share, then ``fields``), the tower, projector,
+    decoder and image layout tensors in transformers' layout, and the tokenizer and processor files."""
     config: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -169,28 +189,33 @@ def write_multimodal(
         **fields,
         "tie_word_embeddings": is_tied(parts.decoder),
     }
-    write_weights(multimodal_tensors(weights["tower"], projector, weights["decoder"]), out, config)
+    tensors = multimodal_tensors(weights["tower"], projector, weights["decoder"], weights["layout_params"])
+    write_weights(tensors, out, config)
     write_extras(parts, out, processor_config, **(processor_fields or {}))
 
 
-def read_multimodal(path: Path) -> tuple[Any, dict[str, Tensor]]:
+def read_multimodal(path: Path, extra: tuple[str, ...] = ()) -> tuple[Any, dict[str, Tensor]]:
     """A PaliGemma / LLaVA checkpoint's transformers config (with the defaults that hub configs leave out)
-    and its tower and projector tensors (the decoder's are not read here)."""
+    and its tower and projector tensors, and those whose names start with ``extra`` (the decoder's are not
+    read here)."""
     with no_code_from_files(path):
         config = read_transformers_config(path)
-    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES))
+    sd, _ = read_checkpoint(path, keep=lambda k: k.startswith(MULTIMODAL_PREFIXES + extra))
     return config, sd
 
 
-def multimodal_decoder(path: Path, text_config: Any, *, dtype, device) -> PreTrainedModel:
-    """The decoder of a PaliGemma / LLaVA checkpoint: its tensors only, renamed to a causal LM's, strictly."""
+def multimodal_decoder(
+    path: Path, text_config: Any, *, dtype, device, extra: tuple[str, ...] = ()
+) -> PreTrainedModel:
+    """The decoder of a PaliGemma / LLaVA checkpoint: its tensors only, renamed to a causal LM's, strictly
+    (tensors under ``extra`` are the checkpoint's others, as the tower's and the projector's)."""
     return load_decoder(
         path,
         dtype=dtype,
         device=device,
         config=text_config,
         key_mapping=DECODER_KEY_MAPPING,
-        other_prefixes=MULTIMODAL_PREFIXES,
+        other_prefixes=MULTIMODAL_PREFIXES + extra,
     )
 
 
@@ -205,10 +230,22 @@ def folder_parts(
     )
 
 
+# image processors of tiled layouts, whose ``do_pad`` pads each image's crops to the batch's most (a batch of
+# flat crops needs none): read as the tower processor they are per crop
+TILING_PROCESSORS = ("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor")
+
+
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
     """(tokenizer, image processor) saved in ``folder``, each None when its files are absent."""
     tokenizer = load_tokenizer(folder)
     processor = None
     if (folder / "preprocessor_config.json").exists():
-        processor = ImageProcessor.from_pretrained(folder)
+        file, config = read_processor_config(folder)
+        kind = str(config.get("image_processor_type", "")).removesuffix("Pil")
+        if kind in TILING_PROCESSORS:
+            config = {k: v for k, v in config.items() if k != "do_pad"}
+        try:
+            processor = ImageProcessor.from_dict(config)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from err
     return tokenizer, processor

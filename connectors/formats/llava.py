@@ -35,35 +35,47 @@ def check(vlm: VLMParts) -> None:
     VisionLanguageModel, which has the same attributes)."""
     check_plain_decoder(vlm.decoder, "llava")
     check_fixed_layout(vlm, "llava")
+    check_projection(vlm, "LLaVA")
+
+
+def check_projection(vlm: VLMParts, title: str) -> None:
+    """What LLaVA and its tiled successors (``title``: the family named in the messages) share: a Gemma,
+    Qwen or Llama decoder without final soft-capping behind a ``linear`` or ``mlp2x_gelu`` connector on a raw
+    block output of the tower, with causal attention."""
+    fixed = vlm.layout.name == "fixed"  # PaliGemma holds fixed-layout VLMs only
+    elsewhere = (
+        "format='paligemma' (Gemma-family, prefix attention) or format='native'"
+        if fixed
+        else ("format='native'")
+    )
     fam = family(vlm.decoder)
     if fam not in FAMILIES:
         raise FormatError(
-            f"LLaVA export is tested for {', '.join(FAMILIES)} decoders, not {fam!r}: save format='native'"
+            f"{title} export is tested for {', '.join(FAMILIES)} decoders, not {fam!r}: save format='native'"
         )
     if getattr(vlm.decoder.config, "final_logit_softcapping", None):
         raise FormatError(
-            f"LLaVA's head applies no final-logit soft-capping, which this {fam} decoder needs: "
-            f"save format='paligemma' (Gemma-family, prefix attention) or format='native'"
+            f"{title}'s head applies no final-logit soft-capping, which this {fam} decoder needs: "
+            f"save {elsewhere}"
         )
     c = vlm.connector
     mlp_ok = c.name == "mlp" and c.options["depth"] == 2 and c.options["hidden_dim"] in (None, c.out_dim)
     if c.name != "linear" and not mlp_ok:
         raise FormatError(
-            "LLaVA's projector is Linear, activation, Linear of the decoder's width; this VLM's connector "
-            "is "
-            f"{c.name!r} {c.options}: use 'linear' or 'mlp2x_gelu', or save format='native'"
+            f"{title}'s projector is Linear, activation, Linear of the decoder's width; this VLM's connector "
+            f"is {c.name!r} {c.options}: use 'linear' or 'mlp2x_gelu', or save format='native'"
         )
     if vlm.attention != "causal":
-        fix = "format='paligemma' (Gemma decoders) or " if fam in ("gemma", "gemma2") else ""
+        fix = "format='paligemma' (Gemma decoders) or " if fixed and fam in ("gemma", "gemma2") else ""
         raise FormatError(
-            f"LLaVA attends causally everywhere; this VLM uses prefix attention: save {fix}format='native', "
-            f"or build the VLM with attention='causal'"
+            f"{title} attends causally everywhere; this VLM uses prefix attention: save "
+            f"{fix}format='native', or build the VLM with attention='causal'"
         )
     if vlm.tower.feature_layer == -1:
+        others = "format='paligemma' / 'native'" if fixed else "format='native'"
         raise FormatError(
-            "LLaVA reads raw block outputs (hidden_states[k]); this VLM reads the tower's post-layernorm "
-            "final output (feature_layer=-1): use feature_layer=-2 (LLaVA's choice) or save "
-            "format='paligemma' / 'native'"
+            f"{title} reads raw block outputs (hidden_states[k]); this VLM reads the tower's post-layernorm "
+            f"final output (feature_layer=-1): use feature_layer=-2 (LLaVA's choice) or save {others}"
         )
 
 
@@ -89,6 +101,36 @@ def _projector(
 
 def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
     check(parts)
+    write(
+        parts,
+        out,
+        state_dict,
+        architecture="LlavaForConditionalGeneration",
+        model_type="llava",
+        fields={"image_seq_length": parts.num_image_tokens},
+        # LlavaProcessor expands each <image> of a prompt into one placeholder per patch from these
+        processor_config={
+            "processor_class": "LlavaProcessor",
+            "patch_size": parts.tower.config.patch_size,
+            "num_additional_image_tokens": 0,
+        },
+    )
+
+
+def write(
+    parts: VLMParts,
+    out: Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    architecture: str,
+    model_type: str,
+    fields: dict[str, Any],
+    processor_config: dict[str, Any],
+    processor_fields: dict[str, Any] | None = None,
+) -> None:
+    """A LLaVA-family folder (checked already): the keys every LLaVA config holds, then ``fields``; the
+    multimodal processor's arguments every LLaVA processor takes, then ``processor_config``;
+    ``processor_fields`` added to ``preprocessor_config.json``."""
     split = split_weights(parts.decoder, state_dict)
     projector, act, bias = _projector(parts, split["connector"])
     write_multimodal(
@@ -96,8 +138,8 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         split,
         projector,
         out,
-        architecture="LlavaForConditionalGeneration",
-        model_type="llava",
+        architecture=architecture,
+        model_type=model_type,
         vision_config=parts.tower.config.to_hf(),
         text=text_config(parts.decoder),
         fields={
@@ -105,16 +147,14 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
             "vision_feature_select_strategy": "full",
             "projector_hidden_act": act,
             "multimodal_projector_bias": bias,
-            "image_seq_length": parts.num_image_tokens,
+            **fields,
         },
-        # LlavaProcessor expands each <image> of a prompt into one placeholder per patch from these
         processor_config={
-            "processor_class": "LlavaProcessor",
-            "patch_size": parts.tower.config.patch_size,
             "vision_feature_select_strategy": "full",
-            "num_additional_image_tokens": 0,
             "image_token": _image_token(parts),
+            **processor_config,
         },
+        processor_fields=processor_fields,
     )
 
 
@@ -149,6 +189,15 @@ def _connector(proj: dict[str, torch.Tensor], act: str, bias: bool, source: str)
 
 def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     hf, sd = read_multimodal(path)
+    return read(path, hf, sd, dtype=dtype, device=device)
+
+
+def read(
+    path: Path, hf: Any, sd: dict[str, torch.Tensor], *, dtype, device, extra: tuple[str, ...] = ()
+) -> VLMParts:
+    """The parts of a LLaVA-family checkpoint from its transformers config ``hf`` and its tower and projector
+    tensors ``sd`` (``extra``: the prefixes of its other non-decoder tensors); the image layout is left
+    ``fixed``."""
     source = str(path)
     layer, strategy = hf.vision_feature_layer, hf.vision_feature_select_strategy
     if not isinstance(layer, int):
@@ -168,7 +217,7 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
     proj = projector_tensors(sd, source)
     expect_keys(proj, _PROJECTOR_KEYS | ({"linear_1.bias", "linear_2.bias"} if bias else set()), source)
     connector = _connector(proj, hf.projector_hidden_act, bias, source)
-    decoder = multimodal_decoder(path, hf.text_config, dtype=dtype, device=device)
+    decoder = multimodal_decoder(path, hf.text_config, dtype=dtype, device=device, extra=extra)
     return folder_parts(
         path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="causal"
     )

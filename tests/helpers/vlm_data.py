@@ -19,6 +19,18 @@ QA_PROMPT = "what colour is the shape"
 IMAGE_SIZE = 32
 
 
+def layout_for(connector, image_size: int, patch_size: int, name: str = "fixed", **options):
+    """The image layout ``name`` of a model whose tower takes ``image_size`` px in ``patch_size`` px patches
+    and whose connector is ``connector`` (a :class:`~connectors.ConnectorConfig`, built on the meta
+    device): what a :class:`~training.data.vlm.VLMBuilder` counts tokens with, without a model."""
+    from connectors.layouts import CropShape, build_layout
+
+    with torch.device("meta"):
+        built = connector.build()
+    side = image_size // patch_size
+    return build_layout(name, CropShape.of(built, (image_size, image_size), (side, side)), **options)
+
+
 def png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
@@ -35,14 +47,30 @@ def qa_members(n: int, start: int = 0, split: str = "train") -> list[tuple[str, 
     return out
 
 
+SIZED = ((24, 60), (64, 40), (90, 90))  # (height, width) of the sized shard's images in turn
+
+
+def sized_qa_members(n: int) -> list[tuple[str, bytes]]:
+    """Prompt/answer samples as :func:`qa_members`, their images resized to the sizes of :data:`SIZED` in
+    turn (wide, tall, larger than 2x2 tiles of a 32 px tower): what tiled image layouts cut differently."""
+    out = []
+    for i in range(n):
+        s = make_sample("train", i, image_size=64)
+        height, width = SIZED[i % len(SIZED)]
+        out.append((f"sz{i:05d}.png", png(s.image.resize((width, height)))))
+        out.append((f"sz{i:05d}.json", json.dumps({"prompt": QA_PROMPT, "answer": s.color}).encode()))
+    return out
+
+
 def texts() -> list[str]:
     """Every word the data holds: the tokenizer's vocabulary."""
     return [*caption_corpus(), QA_PROMPT, "USER: ASSISTANT:"]
 
 
 def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str, str]:
-    """Shards (``train/`` of captions and one prompt/answer shard, ``val/``), the tokenizer, a tiny tower
-    and a 2-layer Gemma-shaped decoder (width 64) saved as folders."""
+    """Shards (``train/`` of captions and one prompt/answer shard, ``val/``, ``sized/``: 48 prompt/answer
+    samples of :data:`SIZED` images), the tokenizer, a tiny tower and a 2-layer Gemma-shaped decoder (width
+    64) saved as folders."""
     make_shapes(
         root / "data",
         n_train=n_train,
@@ -52,6 +80,7 @@ def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str,
         zeroshot_per_class=1,
     )
     write_tar(root / "data" / "train" / "qa-000.tar", qa_members(48))
+    write_tar(root / "data" / "sized" / "sized-000.tar", sized_qa_members(48))
     tok = word_tokenizer(texts())
     tok.save_pretrained(root / "tokenizer")
     torch.manual_seed(7)
@@ -61,6 +90,7 @@ def make_assets(root: Path, *, n_train: int = 192, n_val: int = 24) -> dict[str,
     return {
         "train": str(root / "data" / "train"),
         "val": str(root / "data" / "val"),
+        "sized": str(root / "data" / "sized"),
         "tokenizer": str(root / "tokenizer"),
         "decoder": str(root / "decoder"),
         "tower": str(root / "tower"),

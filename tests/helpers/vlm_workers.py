@@ -19,14 +19,16 @@ def losses(out: str) -> list[float]:
 def held_by_optimizer(task, rank: int, world: int) -> tuple[dict[str, float], bool]:
     """Build the task's model and engine with the runner's pieces; the parameters DeepSpeed's ZeRO
     optimizer holds, by name, with their group's learning rate, and whether at ZeRO-3 every decoder
-    parameter was partitioned as the model was built (before ``deepspeed.initialize``)."""
+    parameter (and the image layout's, ``image_newline``) was partitioned as the model was built (before
+    ``deepspeed.initialize``)."""
     from training.runner import Zero, build_engine, deepspeed_config
     from training.runner.engine import zero_stage
 
     ds_config = deepspeed_config(task.optim, task.run, task.micro_batch_size, world)
     zero = Zero(zero_stage(ds_config), ds_config, rank, world)
     model = task.build_model(zero)
-    built_partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.decoder.parameters())
+    parts = [*model.decoder.parameters(), *model.layout_params.parameters()]
+    built_partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in parts)
     engine = build_engine(model, task.param_groups(model), task.optim, task.run, ds_config)
     opt = engine.engine.optimizer
     groups = getattr(opt, "bit16_groups", None) or opt.fp16_groups  # ZeRO-1/2, ZeRO-3

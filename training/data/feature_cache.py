@@ -9,7 +9,9 @@ tower's weights, its feature layer, the image size and preprocessing), the token
 files with their sizes, the shard's size and the samples whose image could not be used (with the reason,
 so a run reading the cache skips and counts them as a run reading images).
 
-A cache is refused by a model whose tower, feature layer, resolution or preprocessing differ. A sample is
+A cache holds one crop per image, what the ``fixed`` image layout reads: a model with a tiled layout
+(``anyres``) refuses it before training starts. A cache is refused by a model whose tower, feature layer,
+resolution or preprocessing differ. A sample is
 identified by its content: its features are given only to a sample whose image bytes have the digest
 recorded with them (a shard whose images were swapped or replaced is refused, naming the sample), and
 ``cache.json`` and the size of every file it lists are checked when the cache is opened.
@@ -43,6 +45,7 @@ from .shards import (
     iter_tar_samples,
     read_image,
 )
+from .vlm import Images
 
 DIGESTS = "image_blake2b"  # the metadata entry of each file: {key: digest of the sample's image bytes}
 FILE_SAMPLES = 256  # samples per safetensors file
@@ -307,7 +310,9 @@ class FeatureCache:
             files.update((key, (handle, digests[key])) for key in keys)
         return files
 
-    def load(self, sample: dict[str, Any]) -> tuple[torch.Tensor, tuple[int, int]]:
+    def load(self, sample: dict[str, Any]) -> Images:
+        """The sample's cached features ``(n, N, D)`` (one crop per image: the ``fixed`` layout), their grid,
+        and the tower's size as each image's."""
         name, key = shard_name(sample["__url__"]), sample["__key__"]
         entry = self.shards.get(name)
         if entry is None:
@@ -328,7 +333,9 @@ class FeatureCache:
                 f"sample {key} of {sample['__url__']} has another image than the one the feature cache "
                 f"{self.folder} holds features of (the shard changed since the cache was made): {AGAIN}"
             )
-        return handle.get_tensor(key), self.grid  # (n, N, D)
+        features = handle.get_tensor(key)  # (n, N, D)
+        side = int(self.identity["image_size"])
+        return Images(features, self.grid, [(side, side)] * features.shape[0])
 
 
 def extract_to_cache(

@@ -5,8 +5,11 @@ prefix, the answer and eos the suffix, the loss is on the suffix only.
 
 Rows have their own lengths; a batch is padded to its longest row (right padding). A row longer than
 ``max_length`` is cut on the answer side and counted as truncated; one whose image tokens and prompt
-alone exceed it is skipped (``too_long``). The number of image tokens comes from each sample's own
-token grid and image count, so tiled images (several crops per sample) fit the same collate.
+alone exceed it is skipped (``too_long``). Each image takes the placeholders the model's image layout gives
+its size (``layout.num_tokens``: one crop's tokens with ``fixed``; with ``anyres`` a base crop, the tiles
+of the grid that fits the image and a newline per row), so ``max_length`` counts each row's real tokens;
+a sample whose images take more than ``max_image_tokens`` is skipped (``too_many_image_tokens``): an image
+is never cut. A batch carries every crop of its images in order and each image's size (``image_sizes``).
 
 A ``json`` holding a conversation (LLaVA's ``conversations`` or ``messages``, one image or several) is
 rendered through the chat template and verified (:mod:`.chat`): the loss is on the assistant's tokens, the
@@ -19,13 +22,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 
-from connectors.base import ConnectorConfig, Grid
+from connectors.base import Grid
 from connectors.inputs import IGNORE_INDEX, prompt_ids, text_ids
+from connectors.layouts import ImageLayout
+from vision_tower import ImageProcessor
 
 from .chat import ChatEncoder, is_conversation, place_images, read_conversation, resolve_chat_template
 from .json_source import image_blobs
@@ -53,42 +58,48 @@ def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str
     return caption_prompt, read_caption(sample)
 
 
-class ImageTokens:
-    """How many decoder tokens an image of a given grid becomes: the connector's ``num_tokens``, from its
-    config (built on the meta device, so nothing heavy travels to DataLoader workers)."""
+Size = tuple[int, int]  # (height, width)
 
-    def __init__(self, connector: ConnectorConfig) -> None:
-        self.config = connector
-        self._connector = None
 
-    def __call__(self, grid: Grid) -> int:
-        if self._connector is None:
-            with torch.device("meta"):
-                self._connector = self.config.build()
-        return self._connector.num_tokens(grid)
+class Images(NamedTuple):
+    """What a sample's images give the model: ``values`` (every crop of every image in order: pixels
+    ``(crops, 3, H, W)``, or cached tower features ``(crops, N, D)``), the tower's token ``grid`` of a crop,
+    and each image's (height, width), which picks its crops and decoder tokens."""
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "_connector": None}
+    values: torch.Tensor
+    grid: Grid
+    sizes: list[Size]
 
 
 class PixelImages:
-    """Images decoded and preprocessed for the tower: ``(n, 3, H, W)`` and the token grid."""
+    """Images decoded and cut into crops for the tower by the image ``layout`` (an
+    :class:`~connectors.layouts.ImageLayout`, picklable for the loader's workers) with ``processor``'s
+    numerics: ``fixed`` gives the processor's own ``(1, 3, H, W)`` per image (and the tower's size as the
+    image's), a tiled layout its crops and the decoded image's size."""
 
     batch_key = "pixel_values"
 
     def __init__(
         self,
-        processor: Callable[[Image.Image], torch.Tensor],
+        processor: ImageProcessor,
+        layout: ImageLayout,
         patch_size: int,
         decode_image: Callable[[bytes], Image.Image] = default_decode_image,
     ) -> None:
-        self.processor, self.patch_size, self.decode_image = processor, patch_size, decode_image
+        if tuple(processor.size) != layout.crop.size:
+            raise ValueError(
+                f"image layout {layout.name!r} counts tokens of {layout.crop.size[0]}x{layout.crop.size[1]} "
+                f"crops; the processor makes {processor.size[0]}x{processor.size[1]} images: give the "
+                "model's own processor and layout (vlm.image_processor(), vlm.layout)"
+            )
+        self.processor, self.layout, self.patch_size = processor, layout, patch_size
+        self.decode_image = decode_image
 
-    def load(self, sample: dict[str, Any]) -> tuple[torch.Tensor, Grid]:
+    def load(self, sample: dict[str, Any]) -> Images:
         return self._pixels([read_image(sample, self.decode_image)])
 
-    def load_blobs(self, blobs: list[bytes]) -> tuple[torch.Tensor, Grid]:
-        """Several encoded images of one sample: ``(n, 3, H, W)``, each preprocessed alike."""
+    def load_blobs(self, blobs: list[bytes]) -> Images:
+        """Several encoded images of one sample, each cut into its own crops."""
         images = []
         for i, blob in enumerate(blobs):
             try:
@@ -97,13 +108,22 @@ class PixelImages:
                 raise SkipSample("bad_image", f"image {i}: {exn!r}") from exn
         return self._pixels(images)
 
-    def _pixels(self, images: list[Image.Image]) -> tuple[torch.Tensor, Grid]:
+    def _pixels(self, images: list[Image.Image]) -> Images:
+        crops, sizes = [], []
         try:
-            pixels = torch.cat([_batched(self.processor(image)) for image in images])  # (n, 3, H, W)
+            for image in images:
+                if self.layout.name == "fixed":  # the processor's resize, bit for bit as before layouts
+                    crops.append(_batched(self.processor(image)))  # (1, 3, H, W)
+                    sizes.append(self.layout.crop.size)
+                else:
+                    pixels, size = self.layout.crops(image, self.processor)  # (n, 3, H, W)
+                    crops.append(pixels)
+                    sizes.append(size)
+            pixels = torch.cat(crops)  # (crops, 3, H, W)
         except Exception as exn:
             raise SkipSample("transform", repr(exn)) from exn
         p = self.patch_size
-        return pixels, (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        return Images(pixels, (pixels.shape[-2] // p, pixels.shape[-1] // p), sizes)
 
 
 def _batched(pixels: torch.Tensor) -> torch.Tensor:
@@ -113,8 +133,9 @@ def _batched(pixels: torch.Tensor) -> torch.Tensor:
 @dataclass
 class VLMItem:
     key: str
-    images: torch.Tensor  # (n, 3, H, W) pixels or (n, N, D) tower features
+    images: torch.Tensor  # (crops, 3, H, W) pixels or (crops, N, D) tower features, every image's crops
     grid: Grid
+    image_sizes: list[Size]  # (height, width) of each image
     input_ids: list[int]
     num_prefix: int  # image tokens and prompt; the rest is the answer
     prompt: str
@@ -127,11 +148,14 @@ class VLMItem:
 class VLMBuilder:
     """Raw sample -> :class:`VLMItem` with ``tokenizer`` (a transformers tokenizer holding the image
     token), and items -> a batch of ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``
-    (each (B, L), L the longest row), ``pixel_values`` (B_img, 3, H, W) or ``patch_features``
-    (B_img, N, D) with ``grid``, and the texts (``prompt``, ``answer``, ``__key__``).
+    (each (B, L), L the longest row), ``pixel_values`` (crops, 3, H, W) or ``patch_features``
+    (crops, N, D) with ``grid``: every crop of the batch's images in order, ``image_sizes``
+    (num_images, 2), and the texts (``prompt``, ``answer``, ``__key__``).
 
-    ``images`` gives each sample's images (:class:`PixelImages`, or a feature cache's reader);
-    ``image_tokens(grid)`` the decoder tokens per image; ``caption_prompt`` the prompt of captions;
+    ``images`` gives each sample's images (:class:`PixelImages`, or a feature cache's reader) as
+    :class:`Images`; ``layout`` (the model's image layout) the decoder tokens of each image's size;
+    ``max_image_tokens`` (None: no limit) the most a sample's images may take; ``caption_prompt`` the prompt
+    of captions;
     ``causal``: a prompt without the image token is laid out as LLaVA's (bos, image, text), else as
     PaliGemma's (image, bos, text, newline). ``chat_template`` (Jinja text) renders conversations; none:
     a conversation sample is an error."""
@@ -145,17 +169,19 @@ class VLMBuilder:
         tokenizer: Any,
         *,
         image_token_id: int,
-        image_tokens: Callable[[Grid], int],
+        layout: ImageLayout,
         images: Any,
         max_length: int,
+        max_image_tokens: int | None = None,
         caption_prompt: str = "",
         causal: bool = False,
         chat_template: str | None = None,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the decoder's tokenizer has no eos token: answers need one to end")
-        self.tokenizer, self.image_token_id, self.image_tokens = tokenizer, image_token_id, image_tokens
+        self.tokenizer, self.image_token_id, self.layout = tokenizer, image_token_id, layout
         self.images, self.max_length, self.caption_prompt = images, max_length, caption_prompt
+        self.max_image_tokens = max_image_tokens
         self.causal = causal  # a prompt without the image token: LLaVA's layout, not PaliGemma's
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         pad = tokenizer.pad_token_id
@@ -185,6 +211,19 @@ class VLMBuilder:
             self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens, self.causal
         )
 
+    def image_counts(self, images: Images) -> list[int]:
+        """Decoder tokens of each image (the layout's count for its size); a sample whose images take more
+        than ``max_image_tokens`` is skipped (``too_many_image_tokens``)."""
+        counts = [self.layout.num_tokens(size) for size in images.sizes]
+        if self.max_image_tokens is not None and sum(counts) > self.max_image_tokens:
+            sizes = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(images.sizes, counts, strict=True))
+            raise SkipSample(
+                "too_many_image_tokens",
+                f"its images take {sum(counts)} decoder tokens ({sizes}; layout {self.layout.name!r}), "
+                f"data.max_image_tokens is {self.max_image_tokens}",
+            )
+        return counts
+
     def build(self, sample: dict[str, Any]) -> VLMItem:
         meta = None
         if "json" in sample:
@@ -197,13 +236,12 @@ class VLMBuilder:
         prompt, answer = read_prompt_answer(sample, self.caption_prompt)
         if "__folder__" in sample:  # a JSON source: the image named by the record, in the image folder
             names = meta.get("image", meta.get("images", [])) if isinstance(meta, dict) else []
-            images, grid = self.images.load_blobs(
-                image_blobs(sample, [names] if isinstance(names, str) else names)
-            )
+            images = self.images.load_blobs(image_blobs(sample, [names] if isinstance(names, str) else names))
         else:
-            images, grid = self.images.load(sample)  # (n, ...)
+            images = self.images.load(sample)
+        counts = self.image_counts(images)
         try:  # a prompt holding <image> twice: this sample's own text, skipped and counted like bad json
-            prefix = self.prefix_ids(prompt, self.image_tokens(grid) * images.shape[0])
+            prefix = self.prefix_ids(prompt, sum(counts))  # the images' tokens one after the other
         except ValueError as err:
             raise SkipSample("bad_caption", str(err)) from None
         room = self.max_length - len(prefix)
@@ -222,8 +260,9 @@ class VLMBuilder:
             raise SkipSample("bad_caption", str(err)) from None
         return VLMItem(
             sample["__key__"],
-            images,
-            grid,
+            images.values,
+            images.grid,
+            images.sizes,
             prefix + suffix[:room],
             len(prefix),
             prompt,
@@ -242,10 +281,10 @@ class VLMBuilder:
             )
         if not hasattr(self.images, "load_blobs"):
             raise ValueError("conversation samples read their images themselves: drop data.feature_cache")
-        images, grid = self.images.load_blobs(blobs)  # (n, 3, H, W)
+        images = self.images.load_blobs(blobs)  # (crops, 3, H, W)
+        counts = self.image_counts(images)
         messages = place_images(conv.messages, len(blobs), self.image_token)
-        image = [self.image_token_id] * self.image_tokens(grid)
-        enc = self.chat.encode(key, messages, lambda k: image)
+        enc = self.chat.encode(key, messages, lambda k: [self.image_token_id] * counts[k])
         ids, targets = enc.ids, enc.targets
         if not any(targets):
             raise SkipSample("bad_conversation", f"sample {key}: the chat template marks no assistant token")
@@ -261,8 +300,9 @@ class VLMBuilder:
         prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
         return VLMItem(
             key,
-            images,
-            grid,
+            images.values,
+            images.grid,
+            images.sizes,
             ids[: self.max_length],
             first,
             prompt,
@@ -293,12 +333,14 @@ class VLMBuilder:
             if it.targets is not None:
                 targets[i, :n] = torch.tensor(it.targets)
         labels = ids.masked_fill((types == 0) | (mask == 0) | ~targets, IGNORE_INDEX)
+        sizes = [size for it in items for size in it.image_sizes]
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "token_type_ids": types,
             "labels": labels,
-            self.images.batch_key: torch.cat([it.images for it in items]),  # (B_img, ...)
+            self.images.batch_key: torch.cat([it.images for it in items]),  # (crops, ...)
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),  # (num_images, 2)
             "grid": items[0].grid,
             "prompt": [it.prompt for it in items],
             "answer": [it.text for it in items],
@@ -317,28 +359,35 @@ def builder_for(
     vlm: Any,
     *,
     max_length: int,
+    max_image_tokens: int | None = None,
     caption_prompt: str = "",
     images: Any = None,
     chat_template: str | None = None,
     key: str = "data.max_length",
 ) -> VLMBuilder:
     """The :class:`VLMBuilder` of a :class:`~connectors.VisionLanguageModel`: its tokenizer, image token and
-    connector, and its image processor (or ``images``, e.g. a feature cache). ``chat_template``: a built-in
+    image layout, and its image processor (or ``images``, e.g. a feature cache). ``chat_template``: a built-in
     name, a Jinja file, or None for the tokenizer's own (:func:`.chat.resolve_chat_template`). ``key`` names
     ``max_length`` where it is refused (``--max-length`` on ``eval vlm``'s command line)."""
     if vlm.tokenizer is None:
         raise ValueError("the VLM has no tokenizer: build it with one (or save its tokenizer files with it)")
-    per_image = vlm.num_image_tokens
+    per_image = vlm.num_image_tokens  # an image of the tower's own size
     if max_length < per_image + 2:
         raise ValueError(f"{key} {max_length} leaves no room for text: one image takes {per_image} tokens")
+    if vlm.layout.name == "fixed" and max_image_tokens is not None and max_image_tokens < per_image:
+        raise ValueError(
+            f"data.max_image_tokens {max_image_tokens} is below the {per_image} tokens every image takes "
+            "(image layout 'fixed'): every sample would be skipped; raise it"
+        )
     if images is None:
-        images = PixelImages(vlm.image_processor(), vlm.tower.config.patch_size)
+        images = PixelImages(vlm.image_processor(), vlm.layout, vlm.tower.config.patch_size)
     builder = VLMBuilder(
         vlm.tokenizer,
         image_token_id=vlm.image_token_id,
-        image_tokens=ImageTokens(vlm.connector.config),
+        layout=vlm.layout,
         images=images,
         max_length=max_length,
+        max_image_tokens=max_image_tokens,
         caption_prompt=caption_prompt,
         causal=vlm.attention == "causal",
         chat_template=resolve_chat_template(chat_template, vlm.tokenizer),

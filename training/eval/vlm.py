@@ -125,13 +125,16 @@ def evaluate_vlm(
 
 
 def _images(batch: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
-    """The batch's pixels, or its cached features and their grid, as the VLM takes them."""
+    """The batch's pixels (every crop), or its cached features and their grid, and each image's size, as
+    the VLM takes them."""
+    sizes = {"image_sizes": batch["image_sizes"]}
     if "patch_features" in batch:
         return {
             "patch_features": batch["patch_features"].to(param.device, param.dtype),
             "grid": batch["grid"],
+            **sizes,
         }
-    return {"pixel_values": batch["pixel_values"].to(param.device, param.dtype)}
+    return {"pixel_values": batch["pixel_values"].to(param.device, param.dtype), **sizes}
 
 
 def _loss_sums(vlm, batch: dict[str, Any], keep: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,15 @@ class Zero:
             deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config, mem_efficient_linear=False)
         return module
 
+    def external(self, module: nn.Module, params: list[nn.Parameter]) -> None:
+        """At stage 3, gather ``params`` for ``module``'s forward and backward: parameters that ``module``
+        reads itself, outside the forward of the sub-module that holds them (a no-op below)."""
+        if self.stage == 3:
+            import deepspeed
+
+            for param in params:
+                deepspeed.zero.register_external_parameter(module, param)
+
     def init_context(self) -> contextlib.AbstractContextManager:
         """``deepspeed.zero.Init`` at stage 3 (each module is partitioned as it is built), else nothing.
         For models whose own initialisation works under it (transformers' ``_from_config``)."""

@@ -35,7 +35,15 @@ from .vlm_model import (
 
 __all__ = ["VLMTask", "model_inputs", "train_vlm"]
 log = logging.getLogger(__name__)
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values", "patch_features")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "labels",
+    "pixel_values",
+    "patch_features",
+    "image_sizes",
+)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +113,12 @@ class VLMTask(ShardTask):
         dtype = torch.bfloat16 if zero.ds_config["bf16"]["enabled"] else torch.float32
         self.stage = build_stage_model(self.cfg, zero, dtype)
         data = self.cfg.data  # a data.max_length that leaves no room for text fails before the engine starts
-        builder_for(self.stage.vlm, max_length=data.max_length, caption_prompt=data.caption_prompt)
+        builder_for(
+            self.stage.vlm,
+            max_length=data.max_length,
+            max_image_tokens=data.max_image_tokens,
+            caption_prompt=data.caption_prompt,
+        )
         return self.stage.vlm
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -146,6 +159,7 @@ class VLMTask(ShardTask):
         return builder_for(
             self.vlm,
             max_length=data.max_length,
+            max_image_tokens=data.max_image_tokens,
             caption_prompt=data.caption_prompt,
             images=images,
             chat_template=template,

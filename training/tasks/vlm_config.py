@@ -13,10 +13,14 @@ from ..runner.config import OptimSection, RunSection, check_range, load_sections
 
 STAGES = ("align", "finetune")
 DECODER_TRAINING = ("full", "lora")
-EXPORT_FORMATS = ("native", "paligemma", "llava")
+EXPORT_FORMATS = ("native", "paligemma", "llava", "llava_next", "llava_onevision")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # what a saved VLM (model.init_from) keeps, and what a tower swap (init_from with tower) may set
 _KEPT = ("decoder", "decoder_options", "tokenizer", "attention")
+FEATURE_CACHE_LAYOUT = (
+    "data.feature_cache holds one crop per image (image layout 'fixed'); model.image_layout {layout!r} tiles "
+    "images: drop data.feature_cache (the tower reads the crops)"
+)
 _SWAP = ("image_size", "feature_layer", "connector", "connector_options", "keep_connector")
 
 
@@ -35,6 +39,11 @@ class VLMModelSection:
     the decoder's). A swap keeps the saved decoder, tokenizer, image token and attention.
     ``chat_template`` renders conversation samples: ``plain`` (LLaVA's pretraining layout), ``v1`` (LLaVA's
     conversation layout), a Jinja file, or None for the tokenizer's own template.
+    ``image_layout`` (a registered name: ``fixed``, ``anyres``, ``anyres_max``, ``anyres_max_9``) with
+    ``layout_options`` (``grid_pinpoints``, ``max_tiles``): how an image becomes crops and decoder tokens;
+    default ``fixed``, and with ``init_from`` the saved VLM's. Set with ``init_from`` it replaces the saved
+    layout (LLaVA-NeXT's stage 2: a ``fixed`` stage 1, then ``anyres``): learned parameters the new layout
+    shares with the saved one by name and shape (``image_newline``) are kept, others start fresh.
     """
 
     init_from: str | None = None
@@ -52,11 +61,14 @@ class VLMModelSection:
     chat_template: str | None = (
         None  # conversations: plain, v1 (LLaVA's), a Jinja file; None: the tokenizer's
     )
+    image_layout: str | None = None  # None: fixed, or with init_from the saved VLM's layout
+    layout_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from connectors import list_connectors
         from connectors.decoder_presets import DECODER_PRESETS, preset_decoder_name
         from connectors.inputs import ATTENTION
+        from connectors.layouts import list_layouts
 
         defaults = VLMModelSection.__dataclass_fields__
         if self.connector is not None and self.connector not in list_connectors():
@@ -64,6 +76,14 @@ class VLMModelSection:
                 f"model.connector {self.connector!r} is unknown; known: {', '.join(list_connectors())}"
             )
         check_range("model.image_size", self.image_size, lo=1)
+        if self.image_layout is not None and self.image_layout not in list_layouts():
+            raise ValueError(
+                f"model.image_layout {self.image_layout!r} is unknown; known: {', '.join(list_layouts())}"
+            )
+        if self.layout_options and self.image_layout is None:
+            raise ValueError(
+                "model.layout_options are options of model.image_layout: set it too (e.g. anyres)"
+            )
         from ..data.chat import BUILTIN_TEMPLATES
 
         spec = self.chat_template
@@ -98,6 +118,7 @@ class VLMModelSection:
         if not self.tower or not self.decoder:
             raise ValueError("model: set init_from (a saved VLM), or tower and decoder (to build one)")
         self.connector = self.connector or "linear"
+        self.image_layout = self.image_layout or "fixed"
         self.feature_layer = -1 if self.feature_layer is None else self.feature_layer
         if self.attention not in ATTENTION:
             raise ValueError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
@@ -176,8 +197,11 @@ class VLMDataSection:
     check (``template_mismatch``) stop the run.
     ``batch_size`` is per rank and micro-step; rows are padded per batch, cut at ``max_length`` tokens
     (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions.
+    ``max_image_tokens`` (None: no limit): a sample whose images take more decoder tokens (tiled layouts
+    give large images more) is skipped and counted (``too_many_image_tokens``); an image is never cut.
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
-    --shards``), read instead of the images while the tower is frozen. Evaluation generates up to
+    --shards``, one crop per image: the ``fixed`` layout), read instead of the images while the tower is
+    frozen. Evaluation generates up to
     ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples."""
 
     train_shards: str = ""
@@ -189,6 +213,7 @@ class VLMDataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     max_length: int = 512
+    max_image_tokens: int | None = None
     caption_prompt: str = ""
     feature_cache: str | None = None
     eval_samples: int = 256
@@ -212,6 +237,7 @@ class VLMDataSection:
         check_range("data.max_bad_samples", self.max_bad_samples, lo=0)
         for name in ("batch_size", "max_length", "eval_samples", "eval_batch_size", "eval_max_new_tokens"):
             check_range(f"data.{name}", getattr(self, name), lo=1)
+        check_range("data.max_image_tokens", self.max_image_tokens, lo=1)
         check_range("data.num_workers", self.num_workers, lo=0)
         check_range("data.shuffle_buffer", self.shuffle_buffer, lo=0)
 
@@ -258,6 +284,8 @@ class VLMConfig:
                 "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop "
                 "one"
             )
+        if self.data.feature_cache and self.model.image_layout not in (None, "fixed"):
+            raise ValueError(FEATURE_CACHE_LAYOUT.format(layout=self.model.image_layout))
 
     @property
     def tower_trains(self) -> bool:

@@ -72,7 +72,50 @@ def assemble(m: VLMModelSection, dtype: torch.dtype) -> VisionLanguageModel:
         connector_options=m.connector_options,
         tokenizer=tokenizer,
         processor=processor,
+        image_layout=m.image_layout or "fixed",
+        layout_options=m.layout_options,
     )
+
+
+def set_layout(vlm: VisionLanguageModel, m: VLMModelSection) -> VisionLanguageModel:
+    """The saved VLM with ``model.image_layout`` (and its options) in place of its saved layout: the same
+    tower, connector and decoder in a new model, whose learned layout parameters (``image_newline``) are
+    the saved ones where the names and shapes agree, else fresh (a ``fixed`` stage 1 gives none). The
+    saved layout stays when the config sets none or the same one."""
+    if m.image_layout is None:
+        return vlm
+    new = VisionLanguageModel(
+        vlm.tower,
+        vlm.connector,
+        vlm.decoder,
+        image_token_id=vlm.image_token_id,
+        attention=vlm.attention,
+        tokenizer=vlm.tokenizer,
+        processor=vlm.processor,
+        tower_swap=vlm.tower_swap,
+        image_layout=m.image_layout,
+        layout_options=m.layout_options,
+    )
+    if new.image_layout == vlm.image_layout:  # the same name and options (defaults filled in)
+        return vlm
+    new.layout_params.to(next(vlm.connector.parameters()).dtype)
+    new.source = vlm.source
+    kept = []
+    for name, param in new.layout_params.items():
+        saved = vlm.layout_params.get(name)
+        if saved is not None and saved.shape == param.shape:
+            param.data.copy_(saved.data)
+            kept.append(name)
+    fresh = sorted(set(new.layout_params) - set(kept))
+    log.info(
+        "model.image_layout %s replaces the layout %s of %s (%s kept, %s fresh)",
+        new.image_layout.to_dict(),
+        vlm.image_layout.to_dict(),
+        m.init_from,
+        ", ".join(kept) or "no parameters",
+        ", ".join(fresh) or "none",
+    )
+    return new
 
 
 def swap_tower(vlm: VisionLanguageModel, m: VLMModelSection, dtype: torch.dtype) -> None:
@@ -155,12 +198,17 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
         vlm = VisionLanguageModel.from_pretrained(resolve_path(cfg.model.init_from), dtype=dtype)
         if cfg.model.swaps_tower:
             swap_tower(vlm, cfg.model, dtype)
+        vlm = set_layout(vlm, cfg.model)
     else:
         vlm = assemble(cfg.model, dtype)
     if zero.stage == 3 and not all(hasattr(p, "ds_id") for p in vlm.decoder.parameters()):
         raise RuntimeError("ZeRO-3: the decoder was built whole, not partitioned as transformers loaded it")
     if cfg.data.feature_cache:  # refused now, before anything trains, if made with another tower
         from ..data.feature_cache import FeatureCache, cache_identity
+        from .vlm_config import FEATURE_CACHE_LAYOUT
+
+        if vlm.image_layout.name != "fixed":  # model.init_from's own layout
+            raise ValueError(FEATURE_CACHE_LAYOUT.format(layout=vlm.image_layout.name))
 
         FeatureCache(resolve_path(cfg.data.feature_cache)).check(
             cache_identity(vlm.tower, vlm.image_processor())
@@ -169,8 +217,9 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
     set_stage(vlm, cfg)
     if cfg.model.gradient_checkpointing:
         vlm.gradient_checkpointing_enable(tower=cfg.tower_trains, decoder=True)
-    for part in (vlm.tower, vlm.connector, vlm.decoder):
+    for part in (vlm.tower, vlm.connector, vlm.decoder, vlm.layout_params):
         zero.partition(part)  # stage 3: the decoder's remaining (LoRA) parameters, tower and connector
+    zero.external(vlm, list(vlm.layout_params.values()))  # read in the VLM's forward, not their module's
     return StageModel(vlm, formats, keep_alive)
 
 
@@ -270,6 +319,7 @@ def plain_model(vlm: VisionLanguageModel) -> VisionLanguageModel:
         tokenizer=vlm.tokenizer,
         processor=vlm.processor,
         tower_swap=vlm.tower_swap,
+        image_layout=vlm.image_layout,
     )
 
 

@@ -1,4 +1,5 @@
-"""The transformers SigLIP layout (SigLIP, SigLIP 2, PaliGemma and LLaVA-style VLMs) <-> this package's.
+"""The transformers SigLIP layout (SigLIP, SigLIP 2, PaliGemma, LLaVA-style, Idefics3/SmolVLM and Gemma 3
+VLMs) <-> this package's.
 
 The key maps are pure state-dict functions:
 
@@ -6,9 +7,11 @@ transformers keeps separate q/k/v projections in every block and an ``nn.Multihe
 (with a packed ``in_proj``) in the pooling head; this package fuses q/k/v into one ``qkv``
 projection and splits the head's projection into ``q`` and ``kv``. Everything else is a rename.
 Keys there carry no tower prefix (``vision_model.`` / ``text_model.``). The registered :data:`FORMAT`
-finds the image tower under any prefix (``''``, ``vision_model.``, PaliGemma's ``vision_tower.`` ...),
-takes hyperparameters from ``config.json`` (a SigLIP 2 NaFlex tower has a 2-d patch embedding), and
-writes ``SiglipVisionModel`` / ``Siglip2VisionModel`` / ``SiglipModel`` folders.
+finds the image tower under any prefix (``''``, ``vision_model.``, PaliGemma's and Gemma 3's
+``vision_tower.``, Idefics3's ``model.vision_model.`` ...), takes hyperparameters from ``config.json`` (a
+SigLIP 2 NaFlex tower has a 2-d patch embedding; an Idefics3/SmolVLM tower's position lookup becomes a
+plain table, :mod:`.idefics3`), and writes ``SiglipVisionModel`` / ``Siglip2VisionModel`` / ``SiglipModel``
+folders.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from ..checkpoint import CheckpointError, write_safetensors
 from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
 from ..presets import get_preset, list_presets
+from . import idefics3
 from .keys import OUR_BLOCK, depth_of, part, rename
 from .registry import Files, Format, Read, register_format
 
@@ -159,10 +163,11 @@ _VISION_CONFIG_HOSTS = {
     "llava",
     "llava_next",
     "llava_onevision",
-    "idefics3",
-    "smolvlm",
+    "gemma3",
+    *idefics3.HOSTS,
 }
-_VISION_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+_NAFLEX_MODEL_TYPE = "siglip2_vision_model"
+_VISION_MODEL_TYPES = ("siglip_vision_model", _NAFLEX_MODEL_TYPE, *idefics3.VISION_MODEL_TYPES)
 
 
 def _prefix(keys: list[str], anchor: str, source: str) -> str:
@@ -224,9 +229,12 @@ def read_vision(files: Files, source: str) -> Read:
     native, leftover = vision_to_native(part(sd, prefix))
     leftover = [prefix + k for k in leftover]
     cfg_dict = _vision_config_dict(files.config)
+    if idefics3.holds(files.config):
+        cfg_dict = idefics3.vision_config(cfg_dict or {})
+        if "pos_embed" in native:  # else the strict load names it missing
+            native["pos_embed"] = idefics3.full_grid_table(native["pos_embed"], source)
     naflex = (
-        native["patch_embed.weight"].dim() == 2
-        or (cfg_dict or {}).get("model_type") == _VISION_MODEL_TYPES[1]
+        native["patch_embed.weight"].dim() == 2 or (cfg_dict or {}).get("model_type") == _NAFLEX_MODEL_TYPE
     )
     if cfg_dict is None:
         return native, _infer_vision_config(native, source), leftover
@@ -299,7 +307,8 @@ def write_siglip(
 FORMAT = register_format(
     Format(
         "transformers",
-        where="google/siglip-*, google/siglip2-*, PaliGemma, LLaVA-style VLMs (safetensors + config.json)",
+        where="google/siglip-*, google/siglip2-*, PaliGemma, LLaVA-style, Idefics3/SmolVLM and Gemma 3 VLMs "
+        "(safetensors + config.json)",
         looks_for=f"a key ending in {VISION_ANCHOR!r}",
         detect=lambda keys: any(k.endswith(VISION_ANCHOR) for k in keys),
         read_vision=read_vision,
@@ -314,6 +323,8 @@ FORMAT = register_format(
             "multi_modal_projector.",
             "model.multi_modal_projector.",
             "text_model.",
+            "model.text_model.",  # Idefics3/SmolVLM
+            "model.connector.",
         ),
     )
 )
