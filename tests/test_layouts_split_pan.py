@@ -37,6 +37,7 @@ SIZES += [
     (20, 70),
     (50, 300),
     (300, 50),
+    (100, 350),
 ]  # pan and scan's edges
 
 
@@ -136,6 +137,7 @@ def test_pan_and_scan_plan_by_hand():
     assert layout.plan((33, 95)).tiles == (1, 2)  # 2.88 -> 3, but 95 // 32 = 2
     assert layout.plan((20, 70)).tiles == (0, 0)  # 2 crops of 35x20: under 32 px
     assert layout.plan((50, 300)).tiles == (1, 4)  # 6 -> at most 4
+    assert layout.plan((100, 350)).tiles == (1, 4)  # 3.5 rounds half up
     assert plan.prompt == segments(
         "Here is the original image ", *block, " and here are some crops to help you see better ",
         *block, " ", *block, " ", *block,

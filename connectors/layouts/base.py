@@ -201,6 +201,12 @@ class ImageLayout:
                     f"tokens, the prompt holds {int(found)} placeholders for it"
                 )
 
+    def text_tokens(self) -> tuple[str, ...]:
+        """The special tokens the text of this layout's prompts may hold (Idefics3's
+        ``"<fake_token_around_image>"``, Gemma 3's ``"<start_of_image>"``), each of which the decoder's
+        tokenizer must hold as one token; none for a layout whose prompt is placeholders alone."""
+        return ()
+
     # ---------------------------------------------------------------- pixels (data-loader side)
     def crops(self, image: Any, processor: ImageProcessor) -> tuple[torch.Tensor, Size]:
         """The crops of one image (any input the processor takes) as ``(num_crops, 3, H, W)`` float32 (a

@@ -102,6 +102,9 @@ class PanAndScan(ImageLayout):
             min_ratio_to_activate=self.min_ratio_to_activate,
         )
 
+    def text_tokens(self) -> tuple[str, ...]:
+        return (BOI, EOI)
+
     def _plan(self, image_size: Size) -> ImagePlan:
         size, tokens = self.crop.size, self.crop.tokens
         grid, crop = pan_and_scan_grid(

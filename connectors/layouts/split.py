@@ -106,6 +106,16 @@ class Split(ImageLayout):
         self.do_image_splitting = do_image_splitting
         super().__init__(crop, longest_edge=longest_edge, do_image_splitting=do_image_splitting)
 
+    def text_tokens(self) -> tuple[str, ...]:
+        """``<fake_token_around_image>``, ``<global-img>`` and, when splitting, ``<row_r_col_c>`` up to the
+        most tiles per side: the resized image's long side is at most ``longest_edge`` (plus one when
+        it is odd, rounded up to even), and at most 4096 px."""
+        most = math.ceil(min(self.longest_edge + self.longest_edge % 2, MAX_IMAGE_SIZE) / self.tile)
+        if not self.do_image_splitting or most == 1:  # one crop, the global block alone
+            return (FAKE, GLOBAL)
+        cells = (f"<row_{r}_col_{c}>" for r in range(1, most + 1) for c in range(1, most + 1))
+        return (FAKE, GLOBAL, *cells)
+
     def _plan(self, image_size: Size) -> ImagePlan:
         t, tokens = self.tile, self.crop.tokens
         resized = Step(size=longest_edge_size(image_size, self.longest_edge))
