@@ -15,6 +15,7 @@ from connectors import VisionLanguageModel
 from connectors.inputs import build_prompts
 from tests.helpers import split_pan_reference as S
 from tests.helpers import vlm_reference as R
+from tests.helpers.vlm_data import png
 from vision_tower import ImageProcessor
 
 TILE = 32  # R.tower(): 32 px crops, 4x4 patch tokens; both connectors make 2x2 = 4 tokens per crop
@@ -130,3 +131,24 @@ def test_a_tokenizer_without_the_layout_tokens_is_refused(layout):
     with pytest.raises(ValueError, match=f"image layout {layout!r} writes {missing}.*does not hold"):
         _vlm(layout, tokenizer=R.tokenizer())
 
+
+@pytest.mark.parametrize("layout", ["split", "pan_and_scan"])
+def test_training_rows_hold_the_processors_ids_and_crops(layout):
+    """A caption sample's row (a causal model: the image, then the prompt) starts with the processor's ids
+    for the image before the prompt, and the batch holds its crops."""
+    from training.data.vlm import builder_for
+    from vision_tower import load_image
+
+    case = CASES[layout]
+    vlm, reference = _vlm(layout), case["reference"]()
+    word = "hi" if layout == "split" else "Here"
+    builder = builder_for(vlm, max_length=200, caption_prompt=word)
+    rng = np.random.default_rng(1)
+    blob = png(Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)))
+    item = builder.build({"__key__": "k", "__url__": "mem.tar", "png": blob, "txt": word.encode()})
+    out = reference(
+        images=load_image(blob), text=f"{case['marker']}{word}", return_tensors="pt", **case["call"]
+    )
+    assert item.input_ids[: item.num_prefix] == out["input_ids"][0].tolist()
+    assert torch.equal(item.images, out["pixel_values"].reshape(-1, 3, TILE, TILE))
+    assert item.images.shape[0] > 1 and not item.truncated
