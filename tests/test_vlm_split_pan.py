@@ -5,6 +5,8 @@ writes the same prompt; a tokenizer without the layout's special tokens is refus
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,13 @@ def test_training_rows_hold_the_processors_ids_and_crops(layout):
     assert item.input_ids[: item.num_prefix] == out["input_ids"][0].tolist()
     assert torch.equal(item.images, out["pixel_values"].reshape(-1, 3, TILE, TILE))
     assert item.images.shape[0] > 1 and not item.truncated
+    # a conversation (LLaVA's v1 template): the same image ids where the human turn holds the image
+    span = reference(images=load_image(blob), text=case["marker"], **case["call"])["input_ids"][0][
+        1:
+    ]  # no bos
+    turns = [{"from": "human", "value": f"{case['image_token']}\n{word}"}, {"from": "gpt", "value": word}]
+    meta = json.dumps({"id": "c", "image": "x.png", "conversations": turns}).encode()
+    chat = builder_for(vlm, max_length=200, chat_template="v1")
+    ids = chat.build({"__key__": "c", "__url__": "mem.tar", "png": blob, "json": meta}).input_ids
+    starts = [i for i in range(len(ids)) if ids[i : i + len(span)] == span]
+    assert len(starts) == 1 and ids.count(vlm.image_token_id) == vlm.tokens_for((40, 90))
