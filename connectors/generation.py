@@ -110,10 +110,11 @@ def generate(
         if vlm.tokenizer is None:
             raise ValueError("this VLM has no tokenizer: pass input_ids, or build it with tokenizer=")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if image_sizes is not None:  # the layout's count for each image's size
-            counts: int | list[int] = [vlm.tokens_for(s) for s in torch.as_tensor(image_sizes).tolist()]
-            if len(counts) != len(texts):
-                raise ValueError(f"{len(counts)} images for {len(texts)} prompts: one image per prompt")
+        counts, images = None, None
+        if image_sizes is not None:  # the layout's ids (placeholders and text) for each image's size
+            images = [vlm.image_prompt_ids(s) for s in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+            if len(images) != len(texts):
+                raise ValueError(f"{len(images)} images for {len(texts)} prompts: one image per prompt")
         else:
             counts = vlm.connector.num_tokens(_image_grid(vlm, pixel_values, patch_features, grid))
         batch = build_prompts(
@@ -121,6 +122,7 @@ def generate(
             texts,
             image_token_id=vlm.image_token_id,
             num_image_tokens=counts,
+            image=images,
             pad_token_id=pad,
             causal=vlm.attention != "prefix",  # causal and Gemma 3's image attention: LLaVA's layout
         )

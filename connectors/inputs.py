@@ -12,6 +12,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate, sliding_window_overlay
 
+from .layouts import ImageLayout
+
 IGNORE_INDEX = -100
 # prefix: PaliGemma's; causal: LLaVA's; image_bidirectional: Gemma 3's (causal, each image's tokens both ways)
 ATTENTION = ("prefix", "causal", "image_bidirectional")
@@ -163,21 +165,56 @@ class PromptBatch:
     token_type_ids: torch.Tensor  # (B, L)
 
 
+def image_ids(tokenizer: Any, prompt: Sequence[int | str], image_token_id: int) -> list[int]:
+    """One image's ids in a prompt from its layout's segments (``ImagePlan.prompt``): each int a run of
+    that many ``image_token_id`` placeholders, each str the layout's text (Idefics3's
+    ``"<fake_token_around_image><row_1_col_1>"``, Gemma 3's ``"\\n\\n<start_of_image>"``) tokenized with
+    special tokens parsed and no bos, as transformers' processors tokenize the text they put in place of
+    the image's marker (placeholders split the text there as well)."""
+    ids: list[int] = []
+    for segment in prompt:
+        if isinstance(segment, int):
+            ids += [image_token_id] * segment
+        elif tokenizer is None:
+            raise ValueError(f"the image layout writes {segment!r} in the prompt: that needs a tokenizer")
+        else:
+            ids += tokenizer(segment, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def check_layout_tokens(tokenizer: Any, layout: ImageLayout) -> None:
+    """Refuse a tokenizer that lacks, as single tokens, the special tokens ``layout``'s prompts write."""
+    missing = []
+    for token in layout.text_tokens():
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            missing.append(token)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(
+            f"image layout {layout.name!r} writes {shown} in the prompt, which the decoder's tokenizer does "
+            "not hold as single tokens: use a decoder whose tokenizer has them (Idefics3 / SmolVLM for "
+            "'split', Gemma 3 for 'pan_and_scan'), or add them (tokenizer.add_special_tokens, "
+            "decoder.resize_token_embeddings) and train their embeddings"
+        )
+
+
 def prompt_ids(
     tokenizer: Any,
     prompt: str,
     image_token: str,
     image_token_id: int,
-    num_image_tokens: int,
+    image: int | Sequence[int],
     causal: bool = False,
 ) -> list[int]:
-    """One prompt's ids. A prompt holding ``image_token`` (LLaVA style: ``"USER: <image>\\nWhat is
-    this? ASSISTANT:"``) gets it expanded in place to ``num_image_tokens`` placeholders. Any other
+    """One prompt's ids. ``image``: the image's ids (:func:`image_ids`: placeholders and the layout's
+    text), or a count of placeholders alone. A prompt holding ``image_token`` (LLaVA style: ``"USER:
+    <image>\\nWhat is this? ASSISTANT:"``) gets it expanded in place to those ids. Any other
     prompt follows PaliGemma's layout (placeholders, then bos, the text and a newline), or, for a
     ``causal`` model (LLaVA's), is read as ``image_token + prompt``: bos, placeholders, the text, as
     ``LlavaProcessor`` lays out ``"<image>" + prompt``. The text around the placeholder is text: special
     tokens written in it (``<eos>``, ``<bos>``) are not parsed."""
-    image = [image_token_id] * num_image_tokens
+    image = [image_token_id] * image if isinstance(image, int) else list(image)
     if causal and image_token not in prompt:
         prompt = image_token + prompt
     if image_token in prompt:
@@ -241,17 +278,24 @@ def build_prompts(
     prompts: Sequence[str],
     *,
     image_token_id: int,
-    num_image_tokens: int | Sequence[int],
+    num_image_tokens: int | Sequence[int] | None = None,
+    image: Sequence[Sequence[int]] | None = None,
     pad_token_id: int,
     causal: bool = False,
 ) -> PromptBatch:
-    """Tokenize ``prompts`` (one image each, laid out by :func:`prompt_ids`, with ``num_image_tokens``
-    placeholders: one count for all, or one per prompt) and left-pad them into a batch."""
+    """Tokenize ``prompts`` (one image each, laid out by :func:`prompt_ids`) and left-pad them into a
+    batch. Each image is ``num_image_tokens`` placeholders (one count for all, or one per prompt), or, with
+    ``image``, the ids of each prompt's image (``vlm.image_prompt_ids(size)``: placeholders and the image
+    layout's text)."""
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    counts = [num_image_tokens] * len(prompts) if isinstance(num_image_tokens, int) else num_image_tokens
+    if (num_image_tokens is None) == (image is None):
+        raise ValueError("pass num_image_tokens (placeholder counts) or image (each image's ids), not both")
+    if image is None:
+        n = num_image_tokens
+        image = [n] * len(prompts) if isinstance(n, int) else [int(k) for k in n]  # type: ignore[union-attr]
     rows = [
-        prompt_ids(tokenizer, p, image_token, image_token_id, int(n), causal)
-        for p, n in zip(prompts, counts, strict=True)
+        prompt_ids(tokenizer, p, image_token, image_token_id, ids, causal)
+        for p, ids in zip(prompts, image, strict=True)
     ]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

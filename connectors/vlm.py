@@ -22,10 +22,12 @@ from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokeniz
 from .inputs import (
     ATTENTION,
     IGNORE_INDEX,
+    check_layout_tokens,
     count_targets,
     decoder_masks,
     ignored_labels,
     image_block_ids,
+    image_ids,
     positions,
 )
 from .layouts import CropShape, ImageLayout, LayoutConfig
@@ -101,8 +103,11 @@ class VisionLanguageModel(nn.Module):
     ``layout_options``: how an image becomes crops and decoder tokens. ``"fixed"`` (the default): one crop,
     squashed to the tower's size; ``"anyres"`` (LLaVA-NeXT) and ``"anyres_max_9"`` (LLaVA-OneVision):
     a base image and tiles of the best-fit grid, whose tokens are packed with a learned ``image_newline``
-    (``layout_params``, trained with the connector). Such images come as ``pixel_values`` of every crop
-    (:meth:`image_inputs` makes them) with each image's ``image_sizes``.
+    (``layout_params``, trained with the connector); ``"split"`` (Idefics3 / SmolVLM) and ``"pan_and_scan"``
+    (Gemma 3): crops whose tokens go in order into placeholders between the layout's text (tile markers,
+    image blocks), which the tokenizer must hold as special tokens (:meth:`image_prompt_ids`). Such images
+    come as ``pixel_values`` of every crop (:meth:`image_inputs` makes them) with each image's
+    ``image_sizes``.
 
     A NaFlex (variable-resolution) tower is refused: connectors and prompts expect a fixed token grid.
 
@@ -160,6 +165,8 @@ class VisionLanguageModel(nn.Module):
         self.layout = self._build_layout(
             LayoutConfig(image_layout, dict(layout_options or {})), self.tower, self.connector
         )
+        if tokenizer is not None:
+            check_layout_tokens(tokenizer, self.layout)
         ref = next(self.connector.parameters())
         self.layout_params = nn.ParameterDict(
             {
@@ -210,6 +217,12 @@ class VisionLanguageModel(nn.Module):
     def tokens_for(self, image_size: Any) -> int:
         """Placeholders an image of ``image_size`` (height, width) takes in the prompt."""
         return self.layout.num_tokens(image_size)
+
+    def image_prompt_ids(self, image_size: Any) -> list[int]:
+        """The ids an image of ``image_size`` (height, width) takes in the prompt: its placeholders and,
+        for the ``split`` and ``pan_and_scan`` layouts, the layout's text around them (Idefics3's tile
+        markers, Gemma 3's ``<start_of_image>`` blocks), as transformers' processors write it."""
+        return image_ids(self.tokenizer, self.layout.plan(image_size).prompt, self.image_token_id)
 
     def image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixel_values`` of every crop of ``images`` (PIL images, arrays or files the processor reads),
@@ -352,7 +365,7 @@ class VisionLanguageModel(nn.Module):
         listed = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(sizes, counts, strict=True))
         return (
             f"{head} but the {len(sizes)} image(s) give {given} (layout {self.layout.name!r}; {listed}): put "
-            "each image's count of placeholders in the prompt (vlm.tokens_for(size))"
+            "each image's ids in the prompt (vlm.image_prompt_ids(size): its placeholders and layout text)"
         )
 
     def forward(
@@ -550,6 +563,8 @@ class VisionLanguageModel(nn.Module):
                 "replace_tower build a fresh one (connector=None or a name)"
             )
         layout = self._build_layout(self.layout.config, tower, connector)  # new crop size, tokens per crop
+        if self.tokenizer is not None:
+            check_layout_tokens(self.tokenizer, layout)  # split: more tiles per side at a smaller crop
         before = tower_facts(self.tower, self.connector)
         previous = self.tower_swap["tower"] if self.tower_swap else None
         ref = next(self.connector.parameters())

@@ -38,7 +38,13 @@ from .images import (
 
 BACKENDS = ("torchvision", "pil")
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-_TORCH_MODES = {"nearest": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic"}
+# torch's uint8 lanczos is what torchvision >= 0.27 runs for InterpolationMode.LANCZOS (Idefics3's filter)
+_TORCH_MODES = {
+    "nearest": "nearest-exact",
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+    "lanczos": "lanczos",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,7 +163,17 @@ def _native_uint8(resample: str) -> bool:
             "aarch64",
             "arm64",
         )
-    return True  # bicubic and nearest
+    return True  # bicubic, lanczos and nearest
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_has_lanczos() -> bool:
+    """Whether this torch's ``interpolate`` has ``mode="lanczos"`` (what torchvision >= 0.27 resizes with)."""
+    try:
+        F.interpolate(torch.zeros(1, 1, 2, 2), size=[1, 1], mode="lanczos", antialias=True)
+    except (NotImplementedError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def resize_uint8(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
@@ -166,6 +182,12 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int], resample: str) -> t
         raise ValueError(
             f"resample {resample!r} has no torchvision-backend equivalent here; use backend='pil' "
             f"or one of {sorted(_TORCH_MODES)}"
+        )
+    if resample == "lanczos" and not _torch_has_lanczos():
+        raise ValueError(
+            f"resample 'lanczos' with backend='torchvision' needs torch's lanczos interpolate, which torch "
+            f"{torch.__version__} lacks (transformers falls back to bicubic there): upgrade torch or use "
+            "backend='pil'"
         )
     if tuple(image.shape[-2:]) == tuple(size):
         return image

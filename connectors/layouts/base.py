@@ -77,6 +77,22 @@ class ImagePlan:
                 f"placeholders in its prompt for {self.num_tokens} image tokens"
             )
 
+    def text(self, image_token: str) -> str:
+        """The image's prompt as one string, each placeholder written as ``image_token``: what transformers'
+        processors put in place of the image's marker (tokenize it with the rest of the prompt, at once)."""
+        return "".join(s if isinstance(s, str) else image_token * s for s in self.prompt)
+
+
+def segments(*parts: Segment) -> tuple[Segment, ...]:
+    """``parts`` with adjacent strings joined and empty strings dropped (an :class:`ImagePlan`'s prompt)."""
+    out: list[Segment] = []
+    for part in parts:
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        elif part != "":
+            out.append(part)
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class CropShape:
@@ -184,6 +200,12 @@ class ImageLayout:
                     f"image {i} ({int(size[0])}x{int(size[1])}, layout {self.name!r}) gives {expected} image "
                     f"tokens, the prompt holds {int(found)} placeholders for it"
                 )
+
+    def text_tokens(self) -> tuple[str, ...]:
+        """The special tokens the text of this layout's prompts may hold (Idefics3's
+        ``"<fake_token_around_image>"``, Gemma 3's ``"<start_of_image>"``), each of which the decoder's
+        tokenizer must hold as one token; none for a layout whose prompt is placeholders alone."""
+        return ()
 
     # ---------------------------------------------------------------- pixels (data-loader side)
     def crops(self, image: Any, processor: ImageProcessor) -> tuple[torch.Tensor, Size]:

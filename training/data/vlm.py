@@ -7,7 +7,9 @@ Rows have their own lengths; a batch is padded to its longest row (right padding
 ``max_length`` is cut on the answer side and counted as truncated; one whose image tokens and prompt
 alone exceed it is skipped (``too_long``). Each image takes the placeholders the model's image layout gives
 its size (``layout.num_tokens``: one crop's tokens with ``fixed``; with ``anyres`` a base crop, the tiles
-of the grid that fits the image and a newline per row), so ``max_length`` counts each row's real tokens;
+of the grid that fits the image and a newline per row), with the layout's text around them (``split``:
+Idefics3's tile markers; ``pan_and_scan``: Gemma 3's image blocks), so ``max_length`` counts each row's real
+tokens;
 a sample whose images take more than ``max_image_tokens`` is skipped (``too_many_image_tokens``): an image
 is never cut. A batch carries every crop of its images in order and each image's size (``image_sizes``).
 
@@ -20,7 +22,7 @@ long as its images and a reply token remain, else skipped (``too_long``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 
 from connectors.base import Grid
-from connectors.inputs import IGNORE_INDEX, prompt_ids, text_ids
+from connectors.inputs import IGNORE_INDEX, image_ids, prompt_ids, text_ids
 from connectors.layouts import ImageLayout
 from vision_tower import ImageProcessor
 
@@ -205,11 +207,14 @@ class VLMBuilder:
         """Characters of the tokenizer's longest vocabulary entry."""
         return max(map(len, self.tokenizer.get_vocab()))
 
-    def prefix_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
-        """Image placeholders and prompt, as the VLM's ``generate`` lays them out."""
-        return prompt_ids(
-            self.tokenizer, prompt, self.image_token, self.image_token_id, num_image_tokens, self.causal
-        )
+    def prefix_ids(self, prompt: str, image: int | list[int]) -> list[int]:
+        """Images and prompt, as the VLM's ``generate`` lays them out; ``image``: the images' ids
+        (:meth:`image_ids`) or a count of placeholders."""
+        return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, image, self.causal)
+
+    def image_ids(self, size: Sequence[int]) -> list[int]:
+        """An image's ids in the prompt: the layout's placeholders and text for its size."""
+        return image_ids(self.tokenizer, self.layout.plan(size).prompt, self.image_token_id)
 
     def image_counts(self, images: Images) -> list[int]:
         """Decoder tokens of each image (the layout's count for its size); a sample whose images take more
@@ -239,9 +244,10 @@ class VLMBuilder:
             images = self.images.load_blobs(image_blobs(sample, [names] if isinstance(names, str) else names))
         else:
             images = self.images.load(sample)
-        counts = self.image_counts(images)
+        self.image_counts(images)  # skips a sample over max_image_tokens
+        spans = [i for size in images.sizes for i in self.image_ids(size)]  # the images one after the other
         try:  # a prompt holding <image> twice: this sample's own text, skipped and counted like bad json
-            prefix = self.prefix_ids(prompt, sum(counts))  # the images' tokens one after the other
+            prefix = self.prefix_ids(prompt, spans)
         except ValueError as err:
             raise SkipSample("bad_caption", str(err)) from None
         room = self.max_length - len(prefix)
@@ -282,9 +288,9 @@ class VLMBuilder:
         if not hasattr(self.images, "load_blobs"):
             raise ValueError("conversation samples read their images themselves: drop data.feature_cache")
         images = self.images.load_blobs(blobs)  # (crops, 3, H, W)
-        counts = self.image_counts(images)
+        self.image_counts(images)  # skips a sample over max_image_tokens
         messages = place_images(conv.messages, len(blobs), self.image_token)
-        enc = self.chat.encode(key, messages, lambda k: [self.image_token_id] * counts[k])
+        enc = self.chat.encode(key, messages, lambda k: self.image_ids(images.sizes[k]))
         ids, targets = enc.ids, enc.targets
         if not any(targets):
             raise SkipSample("bad_conversation", f"sample {key}: the chat template marks no assistant token")
@@ -392,7 +398,8 @@ def builder_for(
         causal=vlm.attention != "prefix",  # causal and Gemma 3's image attention: LLaVA's layout
         chat_template=resolve_chat_template(chat_template, vlm.tokenizer),
     )
-    prefix = len(builder.prefix_ids(caption_prompt, per_image))  # image tokens, bos, prompt, newline
+    size = vlm.tower.config.image_size
+    prefix = len(builder.prefix_ids(caption_prompt, builder.image_ids((size, size))))  # image, bos, prompt
     if max_length <= prefix:
         raise ValueError(
             f"{key} {max_length} leaves no room for a caption: one image and the caption prompt "

@@ -39,8 +39,9 @@ class VLMModelSection:
     the decoder's). A swap keeps the saved decoder, tokenizer, image token and attention.
     ``chat_template`` renders conversation samples: ``plain`` (LLaVA's pretraining layout), ``v1`` (LLaVA's
     conversation layout), a Jinja file, or None for the tokenizer's own template.
-    ``image_layout`` (a registered name: ``fixed``, ``anyres``, ``anyres_max``, ``anyres_max_9``) with
-    ``layout_options`` (``grid_pinpoints``, ``max_tiles``): how an image becomes crops and decoder tokens;
+    ``image_layout`` (a registered name: ``fixed``, ``anyres``, ``anyres_max``, ``anyres_max_9``, ``split``,
+    ``pan_and_scan``) with ``layout_options`` (``grid_pinpoints``, ``max_tiles``; ``longest_edge``;
+    ``max_num_crops`` ...): how an image becomes crops and decoder tokens;
     default ``fixed``, and with ``init_from`` the saved VLM's. Set with ``init_from`` it replaces the saved
     layout (LLaVA-NeXT's stage 2: a ``fixed`` stage 1, then ``anyres``): learned parameters the new layout
     shares with the saved one by name and shape (``image_newline``) are kept, others start fresh.
