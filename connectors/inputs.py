@@ -50,15 +50,23 @@ def _block_overlay(blocks: torch.Tensor) -> Callable[..., torch.Tensor]:
 def image_block_ids(
     input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int]
 ) -> torch.Tensor:
-    """(B, L) the index of the image each placeholder belongs to, -1 on every other token: the images'
+    """(B, L) the index of the image block each placeholder belongs to, -1 on every other token: the images'
     placeholders are taken in order (row by row, as the image tokens fill them), ``tokens_per_image`` of
-    them per image, so two images next to each other in a prompt are two blocks. The caller has checked
-    that the counts add up to the placeholders."""
-    is_image = (input_ids == image_token_id).reshape(-1)  # (B * L,)
+    them per image, and a block is one image's unbroken run of placeholders. So two images next to each
+    other in a prompt are two blocks, and so are the crops of one image that text separates (pan and scan's
+    ``<start_of_image>`` blocks), as transformers' Gemma 3 groups runs of image tokens. The caller has
+    checked that the counts add up to the placeholders."""
+    is_image = input_ids == image_token_id  # (B, L)
     counts = torch.as_tensor(list(tokens_per_image), dtype=torch.long, device=input_ids.device)
-    blocks = torch.full_like(input_ids, -1).reshape(-1)
-    blocks[is_image] = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts)
-    return blocks.reshape(input_ids.shape)
+    image = torch.full_like(input_ids, -1).reshape(-1)
+    image[is_image.reshape(-1)] = torch.repeat_interleave(
+        torch.arange(len(counts), device=input_ids.device), counts
+    )
+    image = image.reshape(input_ids.shape)  # (B, L): the image of each placeholder
+    before = torch.nn.functional.pad(image[:, :-1], (1, 0), value=-1)  # (B, L): the image of the token before
+    starts = is_image & (image != before)  # a run begins: after a non-image token or another image's token
+    blocks = starts.reshape(-1).cumsum(0).reshape(input_ids.shape) - 1
+    return torch.where(is_image, blocks, torch.full_like(blocks, -1))
 
 
 def _image_block_masks(

@@ -195,3 +195,15 @@ def test_image_attention_is_saved_natively_and_llava_and_flash_attention_refuse_
         vlm(ids, R.pixels(1))
     with pytest.raises(FormatError, match="this VLM uses image_bidirectional attention"):
         vlm.save_pretrained(tmp_path / "x", format="llava")
+
+
+def test_image_blocks_are_runs_of_one_images_placeholders():
+    """Pan and scan's crops of one image sit in their own <start_of_image> blocks, separated by text: each run
+    is a block (transformers' Gemma 3 groups runs of image tokens), and adjacent images stay apart."""
+    from connectors.inputs import image_block_ids
+
+    I = 9  # noqa: E741  (the placeholder id)
+    ids = torch.tensor([[1, I, I, 2, I, I, 3, I], [I, I, I, 4, 5, 6, 7, 8]])
+    blocks = image_block_ids(ids, I, [4, 1, 2, 1])  # row 0: an image of two crops, then one; row 1: 2 + 1
+    assert blocks[0].tolist() == [-1, 0, 0, -1, 1, 1, -1, 2]
+    assert blocks[1].tolist() == [3, 3, 4, -1, -1, -1, -1, -1]

@@ -59,13 +59,19 @@ def test_configs_exist_and_load():
         "qwen2_llava_align.yaml",
         "qwen2_llava_finetune.yaml",
         "tiny_anyres.yaml",
+        "tiny_stripes.yaml",
     }
     for path in CONFIGS:
         cfg = load_vlm_config(path)
         ds = deepspeed_config(cfg.optim, cfg.run, cfg.data.batch_size, 8)
         assert ds["train_batch_size"] == cfg.data.batch_size * 8 * cfg.optim.grad_accum
         swap = cfg.model.swaps_tower  # a saved VLM with a new tower: its connector aligns first
-        assert (cfg.stage == "finetune") == (cfg.model.init_from is not None and not swap), path.name
+        from_scratch = (
+            path.name == "tiny_stripes.yaml"
+        )  # the resolution task: one finetune stage from scratch
+        assert (cfg.stage == "finetune") == (cfg.model.init_from is not None and not swap or from_scratch), (
+            path.name
+        )
         assert not swap or cfg.stage == "align", path.name
 
 
