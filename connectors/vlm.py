@@ -530,6 +530,19 @@ class VisionLanguageModel(nn.Module):
         ``max_new_tokens``, ``eos_token_id``): see :func:`connectors.generation.generate`."""
         return generation.generate(self, pixel_values, prompts, **options)
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this VLM's settings around the same or other parts:
+        ``VisionLanguageModel(tower, connector, decoder, **vlm.settings())`` (image token, attention,
+        tokenizer, processor, tower swap record and image layout; learned layout parameters start fresh)."""
+        return {
+            "image_token_id": self.image_token_id,
+            "attention": self.attention,
+            "tokenizer": self.tokenizer,
+            "processor": self.processor,
+            "tower_swap": self.tower_swap,
+            "image_layout": self.image_layout,
+        }
+
     def replace_tower(
         self,
         tower: VisionTower,

@@ -51,3 +51,34 @@ def decoders(tmp_path_factory):
     """A tiny random decoder folder (model and tokenizer) per decoder family of the VLM references."""
     root = tmp_path_factory.mktemp("decoders")
     return {fam: R.decoder_folder(fam, root / fam, seed=i) for i, fam in enumerate(R.FAMILIES)}
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch) -> list[str]:
+    """The keys of every tensor the tower loader reads from safetensors files from now on, in order (to check
+    that loading a tower out of a VLM checkpoint never reads its decoder)."""
+    import vision_tower.checkpoint as ckpt
+
+    read: list[str] = []
+    real_open = ckpt.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(ckpt, "safe_open", Recording)
+    return read

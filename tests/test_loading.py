@@ -227,34 +227,11 @@ def test_bare_weights_file_takes_image_size_from_the_matching_preset(tmp_path):
     assert tower.config.image_size == 384 and tower.config.num_attention_heads == 16
 
 
-def test_the_decoder_of_a_paligemma_checkpoint_is_not_read(tmp_path, monkeypatch):
-    import vision_tower.checkpoint as ckpt
-
+def test_the_decoder_of_a_paligemma_checkpoint_is_not_read(tmp_path, tensor_reads):
     pg = _tiny_paligemma()
     pg.save_pretrained(tmp_path / "pg", max_shard_size="30KB")
     assert (tmp_path / "pg" / "model.safetensors.index.json").exists()
-    read: list[str] = []
-    real_open = ckpt.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.f.get_tensor(key)
-
-    monkeypatch.setattr(ckpt, "safe_open", Recording)
+    read = tensor_reads
     tower = VisionTower.from_pretrained(tmp_path / "pg").eval()
     assert read and all(k.startswith("vision_tower.") for k in read), sorted(set(read))[:5]
     x = _pixels()

@@ -196,31 +196,8 @@ def test_released_smolvlm_config_fields_and_the_hub_cache(tmp_path, monkeypatch,
     assert '"num_attention_heads": 16' in out and "224 px: 7x7 = 49 tokens  <- native" in out, out
 
 
-def test_the_decoder_and_connector_of_an_idefics3_checkpoint_are_not_read(tmp_path, monkeypatch):
-    import vision_tower.checkpoint as ckpt
-
+def test_the_decoder_and_connector_of_an_idefics3_checkpoint_are_not_read(tmp_path, tensor_reads):
     _vlm("idefics3", seed=3).save_pretrained(tmp_path / "m")
-    read: list[str] = []
-    real_open = ckpt.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.f.get_tensor(key)
-
-    monkeypatch.setattr(ckpt, "safe_open", Recording)
+    read = tensor_reads
     VisionTower.from_pretrained(tmp_path / "m")
     assert read and all(k.startswith("model.vision_model.") for k in read), sorted(set(read))

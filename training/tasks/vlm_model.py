@@ -84,18 +84,8 @@ def set_layout(vlm: VisionLanguageModel, m: VLMModelSection) -> VisionLanguageMo
     saved layout stays when the config sets none or the same one."""
     if m.image_layout is None:
         return vlm
-    new = VisionLanguageModel(
-        vlm.tower,
-        vlm.connector,
-        vlm.decoder,
-        image_token_id=vlm.image_token_id,
-        attention=vlm.attention,
-        tokenizer=vlm.tokenizer,
-        processor=vlm.processor,
-        tower_swap=vlm.tower_swap,
-        image_layout=m.image_layout,
-        layout_options=m.layout_options,
-    )
+    settings = {**vlm.settings(), "image_layout": m.image_layout, "layout_options": m.layout_options}
+    new = VisionLanguageModel(vlm.tower, vlm.connector, vlm.decoder, **settings)
     if new.image_layout == vlm.image_layout:  # the same name and options (defaults filled in)
         return vlm
     new.layout_params.to(next(vlm.connector.parameters()).dtype)
@@ -310,17 +300,7 @@ def plain_model(vlm: VisionLanguageModel) -> VisionLanguageModel:
         tower = VisionTower(copy.deepcopy(vlm.tower.config), feature_layer=vlm.tower.feature_layer)
         connector = vlm.connector.config.build()
         plain_decoder = type(decoder)(copy.deepcopy(decoder.config))
-    return VisionLanguageModel(
-        tower,
-        connector,
-        plain_decoder,
-        image_token_id=vlm.image_token_id,
-        attention=vlm.attention,
-        tokenizer=vlm.tokenizer,
-        processor=vlm.processor,
-        tower_swap=vlm.tower_swap,
-        image_layout=vlm.image_layout,
-    )
+    return VisionLanguageModel(tower, connector, plain_decoder, **vlm.settings())
 
 
 def load_plain(vlm: VisionLanguageModel, state: dict[str, torch.Tensor]) -> VisionLanguageModel:

@@ -1,0 +1,102 @@
+"""train-vlm with Idefics3's ``split`` and Gemma 3's ``pan_and_scan`` image layouts on 2 ranks: stage align,
+then stage finetune from its export, on a shard of wide, tall and large images (24x60, 64x40, 90x90) that
+each layout cuts into its own crops and writes with its own prompt text (tile markers, image blocks). Split:
+SmolLM-style Llama decoder, ``pixel_shuffle``, ZeRO-2. Pan and scan: Gemma 3 decoder, ``avg_pool`` and Gemma
+3's image attention, ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from connectors import build_connector
+from connectors.layouts import CropShape, build_layout
+from tests.helpers.distributed import run_ranks, small_run
+from tests.helpers.shards import write_tar
+from tests.helpers.vlm_data import sized_qa_members, texts
+from tests.helpers.vlm_workers import stages_worker
+from training.tasks.decoders import word_tokenizer
+from vision_tower import VisionTower
+
+CASES = {
+    "split": {
+        "connector": ("pixel_shuffle", {"factor": 2}),
+        "decoder": "preset:tiny_llama",
+        "attention": "causal",
+        "options": {"longest_edge": 64},  # 2x2 tiles of 32 px at most, then the global image
+        "deepspeed": "configs/deepspeed/zero2.json",
+    },
+    "pan_and_scan": {
+        "connector": ("avg_pool", {"tokens_per_side": 2}),
+        "decoder": "preset:tiny_gemma3",
+        "attention": "image_bidirectional",
+        "options": {"min_crop_size": 16},  # 24x60 and 64x40 are panned (2 crops each), 90x90 is not
+        "deepspeed": "configs/deepspeed/zero3.json",
+    },
+}
+
+
+def _overrides(case: dict, root: Path, out: Path, lr: float, **extra) -> list[str]:
+    base = {
+        **small_run(out),
+        "data.train_shards": root / "sized",
+        "data.val_shards": root / "sized",
+        "data.num_workers": 0,
+        "data.max_length": 100,
+        "data.eval_samples": 8,
+        "data.eval_max_new_tokens": 3,
+        "run.steps": 6,
+        "run.save_every": 0,
+        "run.deepspeed": case["deepspeed"],
+        "run.precision": "fp32",
+        "optim.lr": lr,
+        "optim.warmup_steps": 0,
+        "optim.min_lr_ratio": 1.0,
+        "export.formats": "[native]",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize("layout", list(CASES))
+def test_two_ranks_align_then_finetune_in_the_layout(layout, tmp_path):
+    case = CASES[layout]
+    name, options = case["connector"]
+    shape = CropShape.of(build_connector(name, 64, 64, **options), (32, 32), (4, 4))
+    tokens = build_layout(layout, shape, **case["options"]).text_tokens()
+    word_tokenizer(texts(), extra_tokens=("<image>", *tokens)).save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(8)
+    VisionTower.from_preset("tiny", use_head=False).save_pretrained(tmp_path / "tower")
+    write_tar(tmp_path / "sized" / "sized-000.tar", sized_qa_members(48))
+    a, f = tmp_path / "align", tmp_path / "finetune"
+    model = {
+        "model.tower": tmp_path / "tower",
+        "model.connector": name,
+        "model.connector_options": json.dumps(options),
+        "model.decoder": case["decoder"],
+        "model.tokenizer": tmp_path / "tokenizer",
+        "model.attention": case["attention"],
+        "model.image_layout": layout,
+        "model.layout_options": json.dumps(case["options"]),
+    }
+    align = _overrides(case, tmp_path, a, 3e-2, **model)
+    finetune = _overrides(case, tmp_path, f, 3e-3, **{"model.init_from": a / "export" / "native"})
+    r = run_ranks(stages_worker, 2, align, finetune, timeout=400, backend=None)[0]
+    for stage in ("align", "finetune"):
+        values = r[stage]["losses"]
+        assert sum(values[-2:]) < sum(values[:2]), (stage, values)
+    assert r["align"]["held"] and all(k.startswith("connector.") for k in r["align"]["held"])
+    assert any(k.startswith("decoder.") for k in r["finetune"]["held"])
+    assert r["align"]["partitioned"] == r["finetune"]["partitioned"] == ("zero3" in case["deepspeed"])
+    for run in (a, f):
+        config = json.loads((run / "export" / "native" / "config.json").read_text())
+        saved = config["image_layout"]
+        assert saved["name"] == layout and case["options"].items() <= saved["options"].items(), saved
+        assert config["attention"] == case["attention"]
+    aligned = load_file(a / "export" / "native" / "connector.safetensors")
+    finetuned = load_file(f / "export" / "native" / "connector.safetensors")
+    assert all(not torch.equal(aligned[k], finetuned[k]) for k in aligned)  # the finetune trained it on
