@@ -81,15 +81,7 @@ def test_the_prompt_holds_transformers_packed_tokens_of_every_crop_in_image_orde
     assert lengths.tolist() == [vlm.tokens_for(s) for s in SIZES]
     assert_close(out.image_tokens, ref, rtol=0, atol=1e-6)
     # the decoder on embeddings where the placeholders hold transformers' tokens, in order
-    ids = batch.input_ids
-    is_image = ids == vlm.image_token_id
-    embeds = vlm.decoder.get_input_embeddings()(ids.masked_fill(is_image, 0))
-    embeds[is_image] = ref
-    with torch.no_grad():
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = vlm.decoder(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids
-        ).logits
+    logits = R.decoder_logits_with_images(vlm, batch, ref)
     mask = batch.attention_mask.bool()
     assert_close(out.logits[mask], logits[mask], rtol=1e-5, atol=1e-5)
 

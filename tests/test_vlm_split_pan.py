@@ -103,15 +103,7 @@ def test_prompt_and_generation_equal_the_transformers_processor(layout):
     with torch.no_grad():
         out = vlm(batch.input_ids, pixels, batch.attention_mask, image_sizes=sizes)
         crops = vlm.connector(vlm.tower(pixels).patch_features, (4, 4))  # (crops, 4, E)
-    ids = batch.input_ids
-    is_image = ids == vlm.image_token_id
-    embeds = vlm.decoder.get_input_embeddings()(ids.masked_fill(is_image, 0))
-    embeds[is_image] = crops.reshape(-1, crops.shape[-1])
-    with torch.no_grad():
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = vlm.decoder(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids
-        ).logits
+    logits = R.decoder_logits_with_images(vlm, batch, crops.reshape(-1, crops.shape[-1]))
     mask = batch.attention_mask.bool()
     assert_close(out.logits[mask], logits[mask], rtol=1e-5, atol=1e-5)
     # generate from the prompt strings writes the same ids: greedy by full forwards on them, no KV cache

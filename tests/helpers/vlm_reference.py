@@ -137,3 +137,18 @@ def prompt_batch(image_token_id: int, num_image_tokens: int, prefix=(5, 6, 7), s
         types.append([0] * (num_image_tokens + 1 + len(p)) + [1] * len(s))
     ids = torch.tensor(rows)
     return ids, torch.ones_like(ids), torch.tensor(types), ids.clone()
+
+
+def decoder_logits_with_images(vlm, batch, image_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) the VLM's decoder alone on ``batch`` (``input_ids``, ``attention_mask``; left-padded) with
+    the placeholders' embeddings replaced by ``image_tokens`` (E, D), in order: the reference that the VLM's
+    own packing of image tokens into its prompt is checked against."""
+    ids = batch.input_ids
+    is_image = ids == vlm.image_token_id
+    embeds = vlm.decoder.get_input_embeddings()(ids.masked_fill(is_image, 0))
+    embeds[is_image] = image_tokens
+    with torch.no_grad():
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return vlm.decoder(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids
+        ).logits
