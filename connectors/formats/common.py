@@ -52,6 +52,7 @@ LAYOUT_FORMATS = {
     "fixed": ("paligemma", "llava"),
     "anyres": ("llava_next",),
     "anyres_max": ("llava_onevision",),
+    "split": ("idefics3", "smolvlm"),
 }
 
 
@@ -233,6 +234,10 @@ def folder_parts(
 # image processors of tiled layouts, whose ``do_pad`` pads each image's crops to the batch's most (a batch of
 # flat crops needs none): read as the tower processor they are per crop
 TILING_PROCESSORS = ("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor")
+# image processors of the split layout: read as the tower processor of their tiles (max_image_size); the
+# layout's resize and splitting options are the format's to read
+SPLIT_PROCESSORS = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
+SPLIT_DEFAULT_TILE = 364  # their max_image_size when the config leaves it out
 
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
@@ -244,6 +249,10 @@ def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
         kind = str(config.get("image_processor_type", "")).removesuffix("Pil")
         if kind in TILING_PROCESSORS:
             config = {k: v for k, v in config.items() if k != "do_pad"}
+        if kind in SPLIT_PROCESSORS:
+            tile = (config.get("max_image_size") or {}).get("longest_edge", SPLIT_DEFAULT_TILE)
+            config = {k: v for k, v in config.items() if k not in ("size", "do_pad")}
+            config["size"] = {"height": tile, "width": tile}
         try:
             processor = ImageProcessor.from_dict(config)
         except ValueError as err:
