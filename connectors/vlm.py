@@ -593,8 +593,9 @@ class VisionLanguageModel(nn.Module):
         layout), ``llava_next`` (``anyres``), ``llava_onevision`` (``anyres_max``), ``idefics3`` or
         ``smolvlm`` (``split``): transformers' ``PaliGemmaForConditionalGeneration`` /
         ``Llava*ForConditionalGeneration`` / ``Idefics3`` / ``SmolVLMForConditionalGeneration`` and
-        ``AutoProcessor`` load them, with the tokenizer and processor files when the VLM has them. ``state_dict`` (this
-        module's names) replaces the live weights, e.g. weights consolidated from a ZeRO-3 run."""
+        ``AutoProcessor`` load them, with the tokenizer and processor files when the VLM has them.
+        ``state_dict`` (this module's names) replaces the live weights, e.g. weights consolidated from a
+        ZeRO-3 run."""
         sd = self.state_dict() if state_dict is None else state_dict
         formats.save(self.parts(), out_dir, format=format, state_dict=sd)
 
@@ -624,8 +625,8 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """A VLM from a folder or hub id in any of the formats (detected from config.json): the native
         layout, or a PaliGemma, LLaVA, LLaVA-NeXT, LLaVA-OneVision, Idefics3 or SmolVLM checkpoint with a
-        SigLIP tower (the tiled ones with their image layout, LLaVA's with its ``image_newline``). ``dtype`` applies to every part; None keeps
-        the decoder's saved dtype and float32 for tower and connector."""
+        SigLIP tower (the tiled ones with their image layout, LLaVA's with its ``image_newline``). ``dtype``
+        applies to every part; None keeps the decoder's saved dtype and float32 for tower and connector."""
         parts = formats.load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)
         vlm = cls(
             parts.tower,

@@ -15,7 +15,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import PreTrainedModel
 
 from vision_tower import ImageProcessor
-from vision_tower.checkpoint import read_checkpoint
+from vision_tower.checkpoint import read_checkpoint, read_json_object
 from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
 from vision_tower.processor import read_config as read_processor_config
@@ -240,12 +240,27 @@ SPLIT_PROCESSORS = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
 SPLIT_DEFAULT_TILE = 364  # their max_image_size when the config leaves it out
 
 
+def image_processor_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(file, fields) of the image processor saved in ``folder``: ``preprocessor_config.json`` (hub folders,
+    transformers 4.x), else the ``image_processor`` object inside ``processor_config.json`` (where
+    transformers 5.x's ``ProcessorMixin.save_pretrained`` puts it); None without either."""
+    if (folder / "preprocessor_config.json").exists():
+        return read_processor_config(folder)
+    file = folder / "processor_config.json"
+    if file.exists():
+        nested = read_json_object(file).get("image_processor")
+        if isinstance(nested, dict):
+            return file, nested
+    return None
+
+
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
     """(tokenizer, image processor) saved in ``folder``, each None when its files are absent."""
     tokenizer = load_tokenizer(folder)
     processor = None
-    if (folder / "preprocessor_config.json").exists():
-        file, config = read_processor_config(folder)
+    settings = image_processor_settings(folder)
+    if settings is not None:
+        file, config = settings
         kind = str(config.get("image_processor_type", "")).removesuffix("Pil")
         if kind in TILING_PROCESSORS:
             config = {k: v for k, v in config.items() if k != "do_pad"}

@@ -34,7 +34,6 @@ from vision_tower import CheckpointError, VisionTower
 from vision_tower.checkpoint import read_checkpoint, strict_load
 from vision_tower.formats import idefics3 as tower_format
 from vision_tower.formats.transformers import vision_state_dict_hf
-from vision_tower.processor import read_config as read_processor_config
 
 from ..decoder import family, load_decoder, no_code_from_files
 from ..decoder_files import read_transformers_config
@@ -48,6 +47,7 @@ from .common import (
     check_plain_decoder,
     folder_parts,
     formats_for_layout,
+    image_processor_settings,
     is_tied,
     split_weights,
     text_config,
@@ -225,7 +225,8 @@ class Idefics3Family:
         parts = folder_parts(
             path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="causal"
         )
-        preprocessor = read_processor_config(path)[1] if (path / "preprocessor_config.json").exists() else {}
+        settings = image_processor_settings(path)
+        preprocessor = {} if settings is None else settings[1]
         parts.layout = LayoutConfig(LAYOUT, self.options(preprocessor, tower.config.image_size, source))
         return parts
 
