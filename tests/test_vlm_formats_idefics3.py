@@ -82,7 +82,8 @@ def test_split_export_loads_in_transformers_with_its_processor_and_back(fmt, tmp
     assert type(processor.image_processor).__name__ == f"{prefix}ImageProcessor"
     processor.tokenizer.padding_side = "left"  # as ours lays a batch out
     images = _images()
-    batch = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+    nested = [[image] for image in images]  # one image per prompt (SmolVLMProcessor takes no flat list)
+    batch = processor(images=nested, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
 
     pixels, sizes = vlm.image_inputs(images)
     counts = [vlm.layout.num_crops(s) for s in SIZES]
@@ -203,3 +204,25 @@ def test_split_formats_refuse_other_decoders_and_a_tiled_llava_layout_names_them
     names = "format='idefics3' or format='smolvlm' or format='native'"
     with pytest.raises(FormatError, match=f"'split'.*{names}"):
         vlm.save_pretrained(tmp_path / "n", format="llava_next")
+
+
+def test_split_formats_refuse_a_tower_grid_idefics3_buckets_to_other_positions(tmp_path):
+    """A 19x19 patch grid: Idefics3's float32 bucketing reads some neighbours' position rows (the plain
+    table the tower adds cannot be written)."""
+    from vision_tower.formats.idefics3 import position_rows
+
+    assert not torch.equal(position_rows(19, 19), torch.arange(19))  # the reference lookup, independently
+    tokenizer = S.idefics3_tokenizer()
+    vlm = VisionLanguageModel(
+        R.tower(seed=7, image_size=19 * 8),
+        "pixel_shuffle",
+        R.decoder("llama"),
+        connector_options={"factor": 1},
+        tokenizer=tokenizer,
+        image_token_id=tokenizer.convert_tokens_to_ids(S.IDEFICS3_IMAGE),
+        processor=ImageProcessor(image_size=19 * 8, resample="lanczos"),
+        attention="causal",
+        image_layout="split",
+    )
+    with pytest.raises(FormatError, match="19x19 patch grid.*format='native'"):
+        vlm.save_pretrained(tmp_path / "x", format="idefics3")
