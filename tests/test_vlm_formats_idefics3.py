@@ -121,6 +121,12 @@ def test_split_export_loads_in_transformers_with_its_processor_and_back(fmt, tmp
     )
     assert torch.equal(generated[:, batch["input_ids"].shape[1] :], continued)
 
+    from connectors.describe import describe_vlm
+
+    described = describe_vlm(out)  # `vision-tower info`, from the config files alone
+    assert described.format == fmt and described.connector["options"] == vlm.connector.options
+    assert described.image_tokens([SIZES[0]]) == {SIZES[0]: vlm.tokens_for(SIZES[0])}
+
     back = VisionLanguageModel.from_pretrained(out)
     assert back.image_layout.name == "split"
     assert (back.layout.longest_edge, back.layout.do_image_splitting) == (LONGEST_EDGE, True)

@@ -177,21 +177,25 @@ class Idefics3Family:
         return {**{k: hf[k] for k in fields}, "model_type": self.vision_model_type}
 
     # ------------------------------------------------------------------ reading
-    def options(self, preprocessor: dict[str, Any], tile: int, source: str) -> dict[str, Any]:
-        """The ``split`` layout's options from the image processor's config (``preprocessor``: empty when
-        the folder has none: the layout's defaults), checked against the tower's ``tile`` size."""
-        if not preprocessor:
+    def options(self, hf: Any, source: str) -> dict[str, Any]:
+        """The ``split`` layout's options from the image processor saved in the checkpoint folder ``source``
+        (none there: the layout's defaults), checked against the tower's size in ``hf`` (its transformers
+        config)."""
+        tile = int(hf.vision_config.image_size)
+        settings = image_processor_settings(Path(source))
+        if settings is None:
             return {}
+        file, preprocessor = settings
         most = (preprocessor.get("max_image_size") or {}).get("longest_edge", SPLIT_DEFAULT_TILE)
         if most != tile:
             raise CheckpointError(
-                f"{source}: the image processor's max_image_size {most} is not the tower's image_size "
+                f"{file}: the image processor's max_image_size {most} is not the tower's image_size "
                 f"{tile}; the split layout cuts tiles of the tower's size"
             )
         size = preprocessor.get("size") or {}
         if "longest_edge" not in size:
             raise CheckpointError(
-                f"{source}: the image processor's size {size!r} has no longest_edge (Idefics3's resize)"
+                f"{file}: the image processor's size {size!r} has no longest_edge (Idefics3's resize)"
             )
         return {
             "longest_edge": int(size["longest_edge"]),
@@ -225,9 +229,7 @@ class Idefics3Family:
         parts = folder_parts(
             path, tower, connector, decoder, image_token_id=int(hf.image_token_id), attention="causal"
         )
-        settings = image_processor_settings(path)
-        preprocessor = {} if settings is None else settings[1]
-        parts.layout = LayoutConfig(LAYOUT, self.options(preprocessor, tower.config.image_size, source))
+        parts.layout = LayoutConfig(LAYOUT, self.options(hf, source))
         return parts
 
 
