@@ -14,11 +14,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vision_tower import VisionConfig, VisionTower
 from vision_tower.checkpoint import read_json
+from vision_tower.formats.idefics3 import vision_config as idefics3_vision_config
 from vision_tower.hub import resolve
 from vision_tower.sources import preset_name
 
 from .decoder import NO_CODE_FROM_FILES, no_code_from_files
 from .formats import FORMATS, checkpoint_format, native
+from .formats.idefics3 import IDEFICS3, SMOLVLM
 from .formats.towers import vision_config_fields
 from .layouts import CropShape, LayoutConfig
 from .registry import ConnectorConfig
@@ -94,6 +96,9 @@ class VLMDescription:
         return [head, f"tokens per image (image token id {self.image_token_id}):", *table]
 
 
+SPLIT_FORMATS = (IDEFICS3.name, SMOLVLM.name)
+
+
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -111,8 +116,19 @@ def _parts(
         return tower, config["feature_layer"], connector, config["attention"], config["image_token_id"], text
     with no_code_from_files(path):
         hf = AutoConfig.from_pretrained(str(path), **NO_CODE_FROM_FILES)
-    tower = VisionConfig.from_hf(vision_config_fields(hf.vision_config, str(path)))
     text = hf.get_text_config()
+    if fmt in SPLIT_FORMATS:  # the tower's defaults are Idefics3VisionConfig's; a bias-free projection
+        tower = VisionConfig.from_hf(idefics3_vision_config(config.get("vision_config") or {}))
+        options = {
+            "factor": int(hf.scale_factor),
+            "depth": 1,
+            "act": "gelu",
+            "hidden_dim": None,
+            "bias": False,
+        }
+        connector = ConnectorConfig("pixel_shuffle", tower.hidden_size, text.hidden_size, options)
+        return tower, -1, connector, "causal", int(hf.image_token_id), text
+    tower = VisionConfig.from_hf(vision_config_fields(hf.vision_config, str(path)))
     if fmt == "paligemma":
         connector = ConnectorConfig("linear", tower.hidden_size, hf.projection_dim, {"bias": True})
         return tower, -1, connector, "prefix", int(hf.image_token_id), text

@@ -1,7 +1,8 @@
 """Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next`` and
-``llava_onevision`` (transformers loads them).
+``llava_onevision``, ``idefics3`` and ``smolvlm`` (transformers loads them).
 
-Each format (a module, or for the two tiled LLaVA formats an object of :mod:`.llava_next`) has
+Each format (a module, or for the tiled LLaVA formats and Idefics3/SmolVLM an object of :mod:`.llava_next`
+/ :mod:`.idefics3`) has
 ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts`` (and, but for native,
 ``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
 
@@ -20,6 +21,7 @@ from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
 from . import llava, native, paligemma
 from .common import FormatError
+from .idefics3 import IDEFICS3, SMOLVLM
 from .llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 
 FORMATS = {
@@ -28,6 +30,8 @@ FORMATS = {
     "llava": llava,
     "llava_next": LLAVA_NEXT,
     "llava_onevision": LLAVA_ONEVISION,
+    "idefics3": IDEFICS3,
+    "smolvlm": SMOLVLM,
 }
 _BY_MODEL_TYPE = {
     native.MODEL_TYPE: native,
@@ -35,6 +39,8 @@ _BY_MODEL_TYPE = {
     "llava": llava,
     "llava_next": LLAVA_NEXT,
     "llava_onevision": LLAVA_ONEVISION,
+    "idefics3": IDEFICS3,
+    "smolvlm": SMOLVLM,
 }
 
 

@@ -15,7 +15,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import PreTrainedModel
 
 from vision_tower import ImageProcessor
-from vision_tower.checkpoint import read_checkpoint
+from vision_tower.checkpoint import read_checkpoint, read_json_object
 from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
 from vision_tower.processor import read_config as read_processor_config
@@ -52,6 +52,7 @@ LAYOUT_FORMATS = {
     "fixed": ("paligemma", "llava"),
     "anyres": ("llava_next",),
     "anyres_max": ("llava_onevision",),
+    "split": ("idefics3", "smolvlm"),
 }
 
 
@@ -233,17 +234,40 @@ def folder_parts(
 # image processors of tiled layouts, whose ``do_pad`` pads each image's crops to the batch's most (a batch of
 # flat crops needs none): read as the tower processor they are per crop
 TILING_PROCESSORS = ("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor")
+# image processors of the split layout: read as the tower processor of their tiles (max_image_size); the
+# layout's resize and splitting options are the format's to read
+SPLIT_PROCESSORS = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
+SPLIT_DEFAULT_TILE = 364  # their max_image_size when the config leaves it out
+
+
+def image_processor_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(file, fields) of the image processor saved in ``folder``: ``preprocessor_config.json`` (hub folders,
+    transformers 4.x), else the ``image_processor`` object inside ``processor_config.json`` (where
+    transformers 5.x's ``ProcessorMixin.save_pretrained`` puts it); None without either."""
+    if (folder / "preprocessor_config.json").exists():
+        return read_processor_config(folder)
+    file = folder / "processor_config.json"
+    if file.exists():
+        nested = read_json_object(file).get("image_processor")
+        if isinstance(nested, dict):
+            return file, nested
+    return None
 
 
 def read_extras(folder: Path) -> tuple[Any | None, ImageProcessor | None]:
     """(tokenizer, image processor) saved in ``folder``, each None when its files are absent."""
     tokenizer = load_tokenizer(folder)
     processor = None
-    if (folder / "preprocessor_config.json").exists():
-        file, config = read_processor_config(folder)
+    settings = image_processor_settings(folder)
+    if settings is not None:
+        file, config = settings
         kind = str(config.get("image_processor_type", "")).removesuffix("Pil")
         if kind in TILING_PROCESSORS:
             config = {k: v for k, v in config.items() if k != "do_pad"}
+        if kind in SPLIT_PROCESSORS:
+            tile = (config.get("max_image_size") or {}).get("longest_edge", SPLIT_DEFAULT_TILE)
+            config = {k: v for k, v in config.items() if k not in ("size", "do_pad")}
+            config["size"] = {"height": tile, "width": tile}
         try:
             processor = ImageProcessor.from_dict(config)
         except ValueError as err:
