@@ -1,5 +1,5 @@
-"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next`` and
-``llava_onevision`` (transformers loads them).
+"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next``,
+``llava_onevision`` and ``gemma3`` (transformers loads them).
 
 Each format (a module, or for the two tiled LLaVA formats an object of :mod:`.llava_next`) has
 ``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts`` (and, but for native,
@@ -18,7 +18,7 @@ from vision_tower.hub import resolve
 from ..decoder import config_rows, no_code_from_files
 from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
-from . import llava, native, paligemma
+from . import gemma3, llava, native, paligemma
 from .common import FormatError
 from .llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 
@@ -28,6 +28,7 @@ FORMATS = {
     "llava": llava,
     "llava_next": LLAVA_NEXT,
     "llava_onevision": LLAVA_ONEVISION,
+    "gemma3": gemma3,
 }
 _BY_MODEL_TYPE = {
     native.MODEL_TYPE: native,
@@ -35,6 +36,7 @@ _BY_MODEL_TYPE = {
     "llava": llava,
     "llava_next": LLAVA_NEXT,
     "llava_onevision": LLAVA_ONEVISION,
+    "gemma3": gemma3,
 }
 
 

@@ -49,9 +49,10 @@ class FormatError(ValueError):
 
 # the formats (besides native) that hold each image layout
 LAYOUT_FORMATS = {
-    "fixed": ("paligemma", "llava"),
+    "fixed": ("paligemma", "llava", "gemma3"),
     "anyres": ("llava_next",),
     "anyres_max": ("llava_onevision",),
+    "pan_and_scan": ("gemma3",),
 }
 
 
