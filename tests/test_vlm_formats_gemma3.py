@@ -153,3 +153,44 @@ def test_gemma3_refuses_what_it_cannot_express_naming_native(change, words, deco
     message = str(err.value)
     assert all(w in message for w in words), message
     assert not (tmp_path / "x").exists()
+
+
+def test_gemma3_checkpoint_made_by_transformers_loads(tmp_path):
+    """A Gemma3ForConditionalGeneration and its Gemma3Processor (pan and scan on) as transformers 5 saves
+    them read as the same model: pan_and_scan with the saved options, equal logits on the processor's
+    inputs."""
+    import transformers
+
+    tokenizer = S.gemma3_tokenizer()
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("boi", S.GEMMA3_BOI), ("eoi", S.GEMMA3_EOI))}
+    cfg = transformers.Gemma3Config(
+        vision_config=R.hf_tower_config(),
+        text_config=R.decoder_config("gemma3_text").to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=tokenizer.convert_tokens_to_ids(S.GEMMA3_IMAGE),
+        boi_token_index=ids["boi"],
+        eoi_token_index=ids["eoi"],
+    )
+    torch.manual_seed(0)
+    hf = R.randomize_(transformers.Gemma3ForConditionalGeneration(cfg).eval(), seed=4, scale=0.2)
+    hf.save_pretrained(tmp_path / "g3")
+    pan = {"do_pan_and_scan": True, **{f"pan_and_scan_{k}": v for k, v in PAN.items()}}
+    image_processor = transformers.Gemma3ImageProcessor(
+        size={"height": TILE, "width": TILE}, image_mean=[0.5] * 3, image_std=[0.5] * 3, **pan
+    )
+    processor = transformers.Gemma3Processor(image_processor, tokenizer, image_seq_length=4)
+    processor.save_pretrained(tmp_path / "g3")
+    vlm = VisionLanguageModel.from_pretrained(tmp_path / "g3")
+    assert vlm.image_layout.name == "pan_and_scan" and vlm.image_layout.options == PAN, vlm.image_layout
+    assert vlm.attention == "image_bidirectional" and vlm.processor.resample == "bilinear"
+    images = _images()[:4]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=[[i] for i in images], text=[TEXT] * 4, return_tensors="pt", padding=True, **pan)
+    pixels, sizes = vlm.image_inputs(images)
+    assert torch.equal(batch["pixel_values"], pixels)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "num_crops"}
+        theirs = hf(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        mine = vlm(batch["input_ids"], pixels, mask, image_sizes=sizes).logits
+    assert_close(mine[mask.bool()], theirs[mask.bool()], **LOGITS)

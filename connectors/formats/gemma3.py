@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from vision_tower import CheckpointError, ImageProcessor
-from vision_tower.checkpoint import strict_load
+from vision_tower.checkpoint import read_json_object, strict_load
 from vision_tower.processor import read_config as read_processor_config
 
 from ..decoder import family
@@ -175,13 +175,22 @@ def _connector(hf: Any, proj: dict[str, torch.Tensor], source: str) -> AvgPoolCo
     return connector
 
 
-def _layout(path: Path) -> LayoutConfig:
+def _image_processor_config(path: Path) -> dict[str, Any] | None:
+    """The image processor's fields: ``preprocessor_config.json`` (as this writer and transformers 4.x save
+    them), else the ``image_processor`` section of ``processor_config.json`` (transformers 5.x's processor
+    save), else None."""
+    if (path / "preprocessor_config.json").exists():
+        return read_processor_config(path)[1]
+    file = path / "processor_config.json"
+    if not file.exists():
+        return None
+    return read_json_object(file, {"image_processor": dict}).get("image_processor")
+
+
+def _layout(config: dict[str, Any] | None) -> LayoutConfig:
     """``pan_and_scan`` with the image processor's options when it pans and scans by default, else
-    ``fixed`` (also without a preprocessor_config.json)."""
-    if not (path / "preprocessor_config.json").exists():
-        return LayoutConfig()
-    _, config = read_processor_config(path)
-    if not config.get("do_pan_and_scan"):
+    ``fixed`` (also without an image processor config)."""
+    if not config or not config.get("do_pan_and_scan"):
         return LayoutConfig()
     options = {}
     for option, (field, default) in PAN_FIELDS.items():
@@ -204,5 +213,11 @@ def load(path: Path, config: dict[str, Any], *, dtype, device) -> VLMParts:
         image_token_id=int(hf.image_token_id),
         attention="image_bidirectional",
     )
-    parts.layout = _layout(path)
+    config = _image_processor_config(path)
+    parts.layout = _layout(config)
+    if parts.processor is None and config is not None:  # saved inside processor_config.json
+        try:
+            parts.processor = ImageProcessor.from_dict(config)
+        except ValueError as err:
+            raise ValueError(f"{path / 'processor_config.json'}: image_processor: {err}") from err
     return parts
