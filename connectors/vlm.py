@@ -604,11 +604,12 @@ class VisionLanguageModel(nn.Module):
     ) -> None:
         """Write the VLM as ``native`` (holds everything), ``paligemma``, ``llava`` (the ``fixed`` image
         layout), ``llava_next`` (``anyres``), ``llava_onevision`` (``anyres_max``), ``idefics3`` or
-        ``smolvlm`` (``split``): transformers' ``PaliGemmaForConditionalGeneration`` /
-        ``Llava*ForConditionalGeneration`` / ``Idefics3`` / ``SmolVLMForConditionalGeneration`` and
-        ``AutoProcessor`` load them, with the tokenizer and processor files when the VLM has them.
-        ``state_dict`` (this module's names) replaces the live weights, e.g. weights consolidated from a
-        ZeRO-3 run."""
+        ``smolvlm`` (``split``), ``gemma3`` (``fixed`` or ``pan_and_scan``, ``avg_pool``,
+        ``image_bidirectional``): transformers' ``PaliGemmaForConditionalGeneration`` /
+        ``Llava*ForConditionalGeneration`` / ``Idefics3`` / ``SmolVLMForConditionalGeneration`` /
+        ``Gemma3ForConditionalGeneration`` and ``AutoProcessor`` load them, with the tokenizer and processor
+        files when the VLM has them. ``state_dict`` (this module's names) replaces the live weights, e.g.
+        weights consolidated from a ZeRO-3 run."""
         sd = self.state_dict() if state_dict is None else state_dict
         formats.save(self.parts(), out_dir, format=format, state_dict=sd)
 
@@ -637,9 +638,11 @@ class VisionLanguageModel(nn.Module):
         cache_dir: PathLike | None = None,
     ) -> VisionLanguageModel:
         """A VLM from a folder or hub id in any of the formats (detected from config.json): the native
-        layout, or a PaliGemma, LLaVA, LLaVA-NeXT, LLaVA-OneVision, Idefics3 or SmolVLM checkpoint with a
-        SigLIP tower (the tiled ones with their image layout, LLaVA's with its ``image_newline``). ``dtype``
-        applies to every part; None keeps the decoder's saved dtype and float32 for tower and connector."""
+        layout, or a PaliGemma, LLaVA, LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM or Gemma 3
+        checkpoint with a SigLIP tower (the tiled ones with their image layout, LLaVA's with its
+        ``image_newline``; Gemma 3 with ``pan_and_scan`` when its image processor pans and scans by default).
+        ``dtype`` applies to every part; None keeps the decoder's saved dtype and float32 for tower and
+        connector."""
         parts = formats.load(src, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir)
         vlm = cls(
             parts.tower,

@@ -1,5 +1,5 @@
-"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next`` and
-``llava_onevision``, ``idefics3`` and ``smolvlm`` (transformers loads them).
+"""Checkpoint formats of the VLM: ``native`` (everything), ``paligemma``, ``llava``, ``llava_next``,
+``llava_onevision``, ``idefics3``, ``smolvlm`` and ``gemma3`` (transformers loads them).
 
 Each format (a module, or for the tiled LLaVA formats and Idefics3/SmolVLM an object of :mod:`.llava_next`
 / :mod:`.idefics3`) has
@@ -19,7 +19,7 @@ from vision_tower.hub import resolve
 from ..decoder import config_rows, no_code_from_files
 from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
-from . import llava, native, paligemma
+from . import gemma3, llava, native, paligemma
 from .common import FormatError
 from .idefics3 import IDEFICS3, SMOLVLM
 from .llava_next import LLAVA_NEXT, LLAVA_ONEVISION
@@ -32,6 +32,7 @@ FORMATS = {
     "llava_onevision": LLAVA_ONEVISION,
     "idefics3": IDEFICS3,
     "smolvlm": SMOLVLM,
+    "gemma3": gemma3,
 }
 _BY_MODEL_TYPE = {
     native.MODEL_TYPE: native,
@@ -41,6 +42,7 @@ _BY_MODEL_TYPE = {
     "llava_onevision": LLAVA_ONEVISION,
     "idefics3": IDEFICS3,
     "smolvlm": SMOLVLM,
+    "gemma3": gemma3,
 }
 
 

@@ -49,10 +49,11 @@ class FormatError(ValueError):
 
 # the formats (besides native) that hold each image layout
 LAYOUT_FORMATS = {
-    "fixed": ("paligemma", "llava"),
+    "fixed": ("paligemma", "llava", "gemma3"),
     "anyres": ("llava_next",),
     "anyres_max": ("llava_onevision",),
     "split": ("idefics3", "smolvlm"),
+    "pan_and_scan": ("gemma3",),
 }
 
 

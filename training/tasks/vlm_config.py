@@ -13,7 +13,16 @@ from ..runner.config import OptimSection, RunSection, check_range, load_sections
 
 STAGES = ("align", "finetune")
 DECODER_TRAINING = ("full", "lora")
-EXPORT_FORMATS = ("native", "paligemma", "llava", "llava_next", "llava_onevision", "idefics3", "smolvlm")
+EXPORT_FORMATS = (
+    "native",
+    "paligemma",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+    "gemma3",
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # what a saved VLM (model.init_from) keeps, and what a tower swap (init_from with tower) may set
 _KEPT = ("decoder", "decoder_options", "tokenizer", "attention")
