@@ -214,10 +214,11 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
 
 
 def set_stage(vlm: VisionLanguageModel, cfg: VLMConfig) -> None:
-    """``requires_grad`` and train/eval mode per part: align trains the connector; finetune the
-    connector and the decoder (in full, or LoRA adapters on frozen weights), the tower if asked."""
-    full_decoder = cfg.stage == "finetune" and cfg.finetune.decoder == "full"
-    vlm.set_trainable(tower=cfg.tower_trains, connector=True, decoder=full_decoder)
+    """``requires_grad`` and train/eval mode per part: text trains the decoder alone; align the connector;
+    finetune the connector and the decoder (in full, or LoRA adapters on frozen weights), the tower if
+    asked."""
+    full_decoder = cfg.stage == "text" or (cfg.stage == "finetune" and cfg.finetune.decoder == "full")
+    vlm.set_trainable(tower=cfg.tower_trains, connector=cfg.stage != "text", decoder=full_decoder)
     if cfg.stage == "finetune" and cfg.finetune.decoder == "lora":
         add_lora(vlm.decoder, cfg.finetune.lora)
     vlm.train()
