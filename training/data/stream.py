@@ -92,8 +92,10 @@ class ShardDataset(IterableDataset):
         drop_last: bool,
         max_consecutive_skips: int,
         reader: Callable[[str, SkipCounter], Iterator[dict[str, Any]]] = iter_tar_samples,
+        mixture: Any = None,
     ) -> None:
         super().__init__()
+        self.mixture = mixture  # several sources drawn sample by sample by weight (training.data.mixture)
         self.reader = reader  # raw samples of one url: a shard's, or a piece of a JSON source's
         self.urls, self.builder, self.batch_size, self.seed = urls, builder, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
@@ -120,7 +122,7 @@ class ShardDataset(IterableDataset):
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
             "n_shards": len(self.urls),
-        }
+        } | ({"mixture": self.mixture.fingerprint()} if self.mixture is not None else {})
 
     def worker_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         """Shards of one (rank, worker): drawn with replacement, or this worker's share of one pass."""
@@ -135,7 +137,10 @@ class ShardDataset(IterableDataset):
 
     def raw_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Undecoded samples of one worker in their final (shuffled) order."""
-        samples = (s for url in self.worker_urls(worker, num_workers) for s in self.reader(url, counter))
+        if self.mixture is not None:
+            samples = self.mixture.samples(f"{self.seed}|{self.rank}|{worker}|{self.epoch}", counter)
+        else:
+            samples = (s for url in self.worker_urls(worker, num_workers) for s in self.reader(url, counter))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples|{self.seed}|{self.rank}|{worker}|{self.epoch}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
@@ -391,7 +396,8 @@ def shard_dataset(
     ``resampled=False`` is one pass with shards split by rank then by worker (for evaluation use
     ``shuffle=False``). ``drop_last`` defaults to ``resampled``. rank/world_size default to
     ``distributed_info()``. ``source`` (a :class:`~training.data.json_source.JsonSource`) replaces the
-    shards: its pieces are drawn and split as shards are.
+    shards: its pieces are drawn and split as shards are; or a :class:`~training.data.mixture.Mixture`
+    (resampled only): its sources drawn sample by sample by weight.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -399,6 +405,9 @@ def shard_dataset(
         rank, world_size = distributed_info()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    mixture = source if hasattr(source, "parts") else None
+    if mixture is not None and not resampled:
+        raise ValueError("a mixture of sources is drawn with replacement (resampled=True): training only")
     return ShardDataset(
         expand_shards(shards) if source is None else list(source.urls),
         builder,
@@ -412,5 +421,6 @@ def shard_dataset(
         epoch=epoch,
         drop_last=resampled if drop_last is None else drop_last,
         max_consecutive_skips=max_consecutive_skips,
-        **({} if source is None else {"reader": source.read}),
+        **({} if source is None or mixture is not None else {"reader": source.read}),
+        mixture=mixture,
     )

@@ -85,10 +85,19 @@ class VLMTask(ShardTask):
         """The shards (ShardTask) or the JSON file and image folder, the chat template file, then a tokenizer
         with ids past the decoder's embedding table: all fail before DeepSpeed starts."""
         data = self.cfg.data
-        if data.train_json:
+        if data.train_json or data.sources:
             check_shard_specs(val_shards=data.val_shards and resolve_path(data.val_shards))
             _check_path("data.train_json", data.train_json, Path.is_file, "file")
             _check_path("data.image_folder", data.image_folder, Path.is_dir, "folder")
+            for k, source in enumerate(data.sources or ()):
+                name = f"data.sources[{k}]"
+                if source.get("train_shards"):
+                    try:
+                        check_shard_specs(train_shards=resolve_path(source["train_shards"]))
+                    except (OSError, ValueError) as err:
+                        raise type(err)(f"{name}: {err}") from None
+                _check_path(f"{name}.train_json", source.get("train_json"), Path.is_file, "file")
+                _check_path(f"{name}.image_folder", source.get("image_folder"), Path.is_dir, "folder")
         else:
             super().check_inputs()
         if template_file(self.cfg.model.chat_template):
@@ -99,9 +108,15 @@ class VLMTask(ShardTask):
         m, data = self.cfg.model, self.cfg.data
         parts = {f"model.{k}": getattr(m, k) for k in ("init_from", "tower", "decoder", "tokenizer")}
         files = {f"data.{k}": getattr(data, k) for k in ("feature_cache", "train_json", "image_folder")}
+        shards = {}
+        for k, source in enumerate(data.sources or ()):
+            files |= {f"data.sources[{k}].{key}": source.get(key) for key in ("train_json", "image_folder")}
+            if source.get("train_shards"):
+                shards[f"sources[{k}].train_shards"] = resolve_path(source["train_shards"])
         return local_paths({**parts, **files}) + shard_paths(
             train_shards=data.train_shards and resolve_path(data.train_shards),
             val_shards=data.val_shards and resolve_path(data.val_shards),
+            **shards,
         )
 
     @property
@@ -147,7 +162,11 @@ class VLMTask(ShardTask):
         builder = self.builder(images)
         limits = {"template_mismatch": data.max_bad_samples}
         source = None
-        if data.train_json:
+        if data.sources:
+            from ..data.mixture import build_mixture
+
+            source = build_mixture(data.sources, resolve_path)
+        elif data.train_json:
             json_file = resolve_path(data.train_json)
             source = JsonSource(json_file, data.image_folder and resolve_path(data.image_folder))
         self.loader = self.shard_loader(builder, rank, world, resume_state, skip_limits=limits, source=source)

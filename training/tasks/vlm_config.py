@@ -205,8 +205,10 @@ class VLMDataSection:
     """Training and held-out shards of image + caption (``txt``) or image + ``json`` {prompt, answer} or a
     conversation (LLaVA's or the messages format, rendered by ``model.chat_template``); or, instead of
     ``train_shards``, ``train_json`` (a JSON Lines file or a JSON array of such records) with the images
-    under ``image_folder``. More than ``max_bad_samples`` conversations whose template rendering fails its
-    check (``template_mismatch``) stop the run.
+    under ``image_folder``; or ``sources``, a list of such sources (``train_shards``, or ``train_json`` with
+    ``image_folder``) each with a ``weight`` (default 1), drawn sample by sample in proportion to their
+    weights (:mod:`training.data.mixture`). More than ``max_bad_samples`` conversations whose template
+    rendering fails its check (``template_mismatch``) stop the run.
     ``batch_size`` is per rank and micro-step; rows are padded per batch, cut at ``max_length`` tokens
     (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions; ``{field}``
     in it is the sample's ``json`` field (``"{class}"``: the demo's stage text writes captions from the class
@@ -221,6 +223,7 @@ class VLMDataSection:
     train_shards: str = ""
     train_json: str | None = None
     image_folder: str | None = None
+    sources: list[dict[str, Any]] | None = None
     max_bad_samples: int = 10
     val_shards: str | None = None
     batch_size: int = 8
@@ -235,10 +238,26 @@ class VLMDataSection:
     eval_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
-        if bool(self.train_shards) == bool(self.train_json):
+        if self.sources is not None:
+            from ..data.mixture import check_source_spec
+
+            if not isinstance(self.sources, list) or not self.sources:
+                raise ValueError("data.sources must be a non-empty list of sources")
+            if self.train_shards or self.train_json or self.image_folder:
+                raise ValueError(
+                    "data.sources lists the training data: drop data.train_shards, data.train_json and "
+                    "data.image_folder (or put them in a source)"
+                )
+            if self.feature_cache:
+                raise ValueError(
+                    "data.feature_cache holds features of data.train_shards: drop it with data.sources"
+                )
+            self.sources = [check_source_spec(k, spec) for k, spec in enumerate(self.sources)]
+        elif bool(self.train_shards) == bool(self.train_json):
             raise ValueError(
-                "set one of data.train_shards (a brace pattern, folder or list of .tar shards) and "
-                "data.train_json (a JSON or JSON Lines file, with data.image_folder)"
+                "set one of data.train_shards (a brace pattern, folder or list of .tar shards), "
+                "data.train_json (a JSON or JSON Lines file, with data.image_folder) and data.sources "
+                "(several, with weights)"
             )
         if self.image_folder and not self.train_json:
             raise ValueError(
