@@ -65,12 +65,15 @@ def _items(vlm: VisionLanguageModel, seed: int = 0) -> list[VLMItem]:
         prefix = [1] + [img] * n + words(1) + ([img] * n + words(1) if m == 2 else []) + words(p)
         ids = prefix + words(a) + [2]
         targets = None
+        num_prefix = len(prefix)
         if k == 2:  # a conversation: reply, a user turn, reply (the user turn is no target)
             ids = prefix + words(3) + words(2) + words(3) + [2]
             targets = [False] * len(prefix) + [True] * 3 + [False] * 2 + [True] * 4
+        if k == 5:  # a template marking the first token: in a row of its own nothing predicts it
+            targets, num_prefix = [True] + [False] * (len(prefix) - 1) + [True] * (len(ids) - len(prefix)), 0
         pixels = torch.randn(m, 3, 32, 32, generator=g)
         items.append(
-            VLMItem(f"s{k}", pixels, vlm.grid, [(32, 32)] * m, ids, len(prefix), "", "", targets=targets)
+            VLMItem(f"s{k}", pixels, vlm.grid, [(32, 32)] * m, ids, num_prefix, "", "", targets=targets)
         )
     return items
 
@@ -100,7 +103,7 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(family, attention, b
     monkeypatch.setattr(inputs, "BLOCK_IDS", block_ids)
     vlm = _vlm(family, attention)
     builder, items = _builder(vlm), _items(vlm)
-    rows = [items[:3], items[3:5], items[5:]]  # rows of 3, 2 and 1 samples, of different lengths
+    rows = [[items[0], items[5], items[2]], items[3:5], items[1:2]]  # 3, 2 and 1 samples, lengths differ
     packed = collate_packed(builder, rows)
     assert packed["input_ids"].shape[0] == 3 and packed["attention_mask"].sum(1).unique().numel() == 3
     loss, grads = _loss_and_grads(vlm, builder.collate(items))
