@@ -53,7 +53,7 @@ def _block_overlay(blocks: torch.Tensor) -> Callable[..., torch.Tensor]:
 
 
 def _same_sample(samples: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """A mask function keeping each token within its own sample (``samples`` (B, L), :func:`packed_samples`)."""
+    """A mask function keeping each token within its own sample (``samples``: :func:`packed_samples`)."""
 
     def overlay(batch_idx, head_idx, q_idx, kv_idx):
         return samples[batch_idx, q_idx] == samples[batch_idx, kv_idx]
@@ -61,10 +61,12 @@ def _same_sample(samples: torch.Tensor) -> Callable[..., torch.Tensor]:
     return overlay
 
 
-def packed_samples(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows holding several samples, told apart by their positions: a sample is a run of tokens whose positions
-    go up by one (transformers' packed-sequence format, :func:`~transformers.masking_utils.find_packed_sequence_indices`).
-    Returns the positions the masks read, with every padding token (``attention_mask`` 0) at -2 so that it is a
+def packed_samples(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows holding several samples, told apart by their positions: a sample is a run of tokens whose
+    positions go up by one (transformers' packed-sequence format, ``find_packed_sequence_indices``). Returns
+    the positions the masks read, with every padding token (``attention_mask`` 0) at -2 so that it is a
     sample of its own that no real token sees, and (B, L) the index of each token's sample in its row."""
     real = attention_mask.bool()
     at = position_ids.masked_fill(~real, -2)  # (B, L)
@@ -128,7 +130,13 @@ def _image_block_masks(
             within = [] if samples is None else [_same_sample(samples)]
             if kind == "sliding_attention":
                 within.insert(0, sliding_window_overlay(window))
-            own = (config, inputs_embeds, attention_mask, cache, None if samples is not None else position_ids)
+            own = (
+                config,
+                inputs_embeds,
+                attention_mask,
+                cache,
+                None if samples is not None else position_ids,
+            )
             masks[kind] = create_causal_mask(
                 *own, or_mask_function=_block_overlay(blocks), and_mask_function=and_masks(*within)
             )
@@ -189,9 +197,15 @@ def _packed_masks(
 ) -> Any:
     """:func:`decoder_masks` of packed rows. transformers' own packed-sequence support does the work: with no
     2D mask and positions that restart, its mask functions read per-sample positions and add a same-sample
-    condition, and flash attention runs each sample on its own (varlen). Padding is kept out by its
-    positions (:func:`packed_samples`); each sample's prefix is a block of its own. An older transformers
-    without ``block_sequence_ids`` gets the same mask from explicit overlays."""
+    condition, and flash attention runs each sample on its own (varlen; in a batch of one row only).
+    Padding is kept out by its positions (:func:`packed_samples`); each sample's prefix is a block of its
+    own. An older transformers without ``block_sequence_ids`` gets the same mask from explicit overlays."""
+    if decoder.config._attn_implementation.startswith("flash") and inputs_embeds.shape[0] > 1:
+        raise ValueError(
+            "packed rows under flash attention: transformers keeps the samples of a packed row apart only "
+            f"in a batch of one row, this one has {inputs_embeds.shape[0]}; set data.batch_size: 1 (one long "
+            "row), or load the decoder with attn_implementation='sdpa'"
+        )
     at, samples = packed_samples(position_ids, attention_mask)
     if image_blocks is not None:
         return _image_block_masks(decoder, inputs_embeds, None, None, at, image_blocks, samples)

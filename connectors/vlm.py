@@ -395,10 +395,11 @@ class VisionLanguageModel(nn.Module):
         cached also say which tokens attend to which (transformers' packed format): a row may hold several
         samples, each with positions from 0 (the training data's ``data.packing``), and a token attends only
         within its own sample, by that sample's mask; ``attention_mask`` then marks the padding (kept out
-        whatever its positions). Without them positions count the attended tokens. Without ``token_type_ids`` every token is prefix
-        under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
-        is the sum over the kept labels divided by it instead of their mean, so that micro-batches and
-        ranks holding different numbers of targets add up to the mean over the global batch (count them
+        whatever its positions). Without them positions count the attended tokens. Without
+        ``token_type_ids`` every token is prefix under prefix attention (a prompt to continue).
+        ``num_items_in_batch`` (as in transformers): the loss is the sum over the kept labels divided by it
+        instead of their mean, so that micro-batches and ranks holding different numbers of targets add up to
+        the mean over the global batch (count them
         with :meth:`count_targets`). ``targets_only`` (with ``labels``; what training and evaluation use):
         ``lm_head`` (and the family's final soft-capping) runs only on the positions whose next token is a
         target, not on the image tokens, the prompt and the padding, and the cross-entropy is taken in

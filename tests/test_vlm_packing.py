@@ -259,3 +259,14 @@ def test_train_vlm_with_packing_lowers_the_loss(tmp_path):
     assert len(steps) == 6 and steps[-1] < steps[0], steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "rows_per_s" in records[1] and records[-1]["skipped"] == 0, records[:2]
+
+
+def test_packed_rows_under_flash_attention_need_a_batch_of_one_row():
+    vlm = _vlm("llama", "causal")
+    builder, items = _builder(vlm), _items(vlm)
+    batch = model_inputs(collate_packed(builder, [items[:2], items[2:4]]))
+    vlm.decoder.config._attn_implementation = "flash_attention_2"  # the check comes before any kernel
+    with pytest.raises(
+        ValueError, match="flash attention: .* batch of one row, this one has 2; set data.batch_size: 1"
+    ):
+        vlm(**batch)

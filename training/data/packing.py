@@ -54,7 +54,7 @@ def collate_packed(builder: Any, rows: list[list[Any]]) -> dict[str, Any]:
     """A batch of packed rows (each a list of :class:`~training.data.vlm.VLMItem`): ``input_ids``,
     ``attention_mask``, ``token_type_ids``, ``labels`` and ``position_ids`` (B rows, L the longest row),
     right-padded; the images (every crop, in row order then sample order: the order the placeholders are
-    filled), image sizes and texts of every sample as ``builder.collate`` gives them, and ``samples_per_row``."""
+    filled), image sizes and texts of every sample as ``builder.collate`` gives them; ``samples_per_row``."""
     items = [it for row in rows for it in row]
     batch = builder.collate(items)  # images, sizes and texts of the samples in this order
     width = max(sum(len(it.input_ids) for it in row) for row in rows)

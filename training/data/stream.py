@@ -123,7 +123,7 @@ class ShardDataset(IterableDataset):
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
             "n_shards": len(self.urls),
-            "packing": None if self.packer is None else self.packer.fingerprint(),  # a state saved before: None
+            "packing": None if self.packer is None else self.packer.fingerprint(),  # older states: None
         }
 
     def worker_urls(self, worker: int, num_workers: int) -> Iterator[str]:
@@ -216,7 +216,6 @@ class ShardDataset(IterableDataset):
             if item is not None:
                 items.append(item)
         return items
-
 
     def _fill_rows(
         self, samples: Iterator[dict[str, Any]], counter: SkipCounter, state: dict, pending: list[Item]
