@@ -95,6 +95,7 @@ CASES = [
     ("gemma", "prefix", False),  # an older transformers: the same masks from explicit overlays
     ("llama", "causal", True),
     ("gemma3_text", "image_bidirectional", True),  # a window of 8 that the samples exceed
+    ("gemma3_text", "image_bidirectional", False),
 ]
 
 
