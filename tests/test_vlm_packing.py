@@ -51,18 +51,26 @@ def _builder(vlm: VisionLanguageModel) -> VLMBuilder:
 
 
 def _items(vlm: VisionLanguageModel, seed: int = 0) -> list[VLMItem]:
-    """Samples of different lengths: one or two images (bos, text between them), a prompt, an answer and
-    eos; the third a conversation whose targets are two replies apart."""
+    """Samples of different lengths: one or two images (bos, text between them) or none, a prompt, an answer
+    and eos; the third a conversation whose targets are two replies apart."""
     g = torch.Generator().manual_seed(seed)
     n, img = vlm.num_image_tokens, vlm.image_token_id
 
     def words(k: int) -> list[int]:
         return torch.randint(5, 200, (k,), generator=g).tolist()
 
-    shapes = [(1, 2, 3), (2, 4, 9), (1, 1, 2), (1, 3, 5), (2, 6, 11), (1, 2, 4)]  # (images, prompt, answer)
+    shapes = [
+        (1, 2, 3),
+        (2, 4, 9),
+        (1, 1, 2),
+        (1, 3, 5),
+        (2, 6, 11),
+        (1, 2, 4),
+        (0, 3, 4),
+    ]  # images, prompt, answer
     items = []
     for k, (m, p, a) in enumerate(shapes):
-        prefix = [1] + [img] * n + words(1) + ([img] * n + words(1) if m == 2 else []) + words(p)
+        prefix = [1] + [t for _ in range(m) for t in [img] * n + words(1)] + words(p)
         ids = prefix + words(a) + [2]
         targets = None
         num_prefix = len(prefix)
@@ -104,7 +112,7 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(family, attention, b
     monkeypatch.setattr(inputs, "BLOCK_IDS", block_ids)
     vlm = _vlm(family, attention)
     builder, items = _builder(vlm), _items(vlm)
-    rows = [[items[0], items[5], items[2]], items[3:5], items[1:2]]  # 3, 2 and 1 samples, lengths differ
+    rows = [[items[0], items[5], items[2]], items[3:5], [items[6], items[1]]]  # lengths differ; text only
     packed = collate_packed(builder, rows)
     assert packed["input_ids"].shape[0] == 3 and packed["attention_mask"].sum(1).unique().numel() == 3
     loss, grads = _loss_and_grads(vlm, builder.collate(items))
