@@ -206,14 +206,11 @@ def test_the_stream_packs_rows_within_the_limits_and_resumes_exactly():
         assert (ids != 0).sum(1).max() <= 12  # max_length
         starts = (pos == 0) & (ids != 0)
         assert starts.sum(1).tolist() == per_row  # positions restart at each sample
-    shape = dict(zip((f"k{i:02d}" for i in range(len(SHAPES))), SHAPES, strict=True))
-    at = 0
+    images = {f"k{i:02d}": m for i, (_, m) in enumerate(SHAPES)}
     for names, per_row, *_ in full:
-        for count in per_row:
-            row = names[at : at + count]
-            at += count
-            assert sum(shape[k][1] for k in row) <= 3 or count == 1  # max_images
-        at = 0
+        ends = torch.tensor(per_row).cumsum(0).tolist()
+        for count, end in zip(per_row, ends, strict=True):
+            assert count == 1 or sum(images[k] for k in names[end - count : end]) <= 3  # max_images
     loader = _loader()
     head = [b["__key__"] for _, b in zip(range(4), loader, strict=False)]
     state = json.loads(json.dumps(loader.state_dict()))
