@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_masks_for_generate, sliding_window_overlay
+from transformers.masking_utils import (
+    and_masks,
+    create_causal_mask,
+    create_masks_for_generate,
+    sliding_window_overlay,
+)
 
 from .layouts import ImageLayout
 
@@ -47,6 +52,28 @@ def _block_overlay(blocks: torch.Tensor) -> Callable[..., torch.Tensor]:
     return overlay
 
 
+def _same_sample(samples: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A mask function keeping each token within its own sample (``samples``: :func:`packed_samples`)."""
+
+    def overlay(batch_idx, head_idx, q_idx, kv_idx):
+        return samples[batch_idx, q_idx] == samples[batch_idx, kv_idx]
+
+    return overlay
+
+
+def packed_samples(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows holding several samples, told apart by their positions: a sample is a run of tokens whose
+    positions go up by one (transformers' packed-sequence format, ``find_packed_sequence_indices``). Returns
+    the positions the masks read, with every padding token (``attention_mask`` 0) at -2 so that it is a
+    sample of its own that no real token sees, and (B, L) the index of each token's sample in its row."""
+    real = attention_mask.bool()
+    at = position_ids.masked_fill(~real, -2)  # (B, L)
+    step = torch.diff(at, prepend=at[:, :1] - 1, dim=-1)
+    return at, (step != 1).long().cumsum(-1)  # (B, L), (B, L)
+
+
 def image_block_ids(
     input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int]
 ) -> torch.Tensor:
@@ -72,33 +99,46 @@ def image_block_ids(
 def _image_block_masks(
     decoder: PreTrainedModel,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     cache: Any,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     blocks: torch.Tensor,
+    samples: torch.Tensor | None = None,
 ) -> Any:
     """Gemma 3's masks (transformers' ``create_masks_for_vision_model``): a global layer attends causally
     or within the token's image block; a sliding-window layer the same, then cut to its window
     (``AND(window, OR(causal, block))``: an image token sees the later tokens of its image, but no earlier
     token past the window). A config without ``layer_types`` gets one mask, windowed if it has a window.
     Built for a prompt with nothing cached (the VLM's decoding steps are causal), where every layer's keys
-    are the prompt's tokens: the block ids need no padding to a cache's length."""
+    are the prompt's tokens: the block ids need no padding to a cache's length. ``samples`` (packed rows,
+    :func:`packed_samples`): every layer also keeps each token within its own sample; a full layer through
+    transformers' packed format (``attention_mask`` None, ``position_ids`` restarting at each sample), a
+    sliding-window layer through an explicit overlay (transformers would read the window's overlay in
+    per-sample positions but the image blocks in row indices)."""
     config = decoder.config.get_text_config()
     args = (config, inputs_embeds, attention_mask, cache, position_ids)
     window = getattr(config, "sliding_window", None)
     kinds = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"]
     masks = {}
     for kind in dict.fromkeys(kinds):
-        if kind == "full_attention":
+        if kind == "full_attention" and (BLOCK_IDS or samples is None):
             extra = (
                 {"block_sequence_ids": blocks} if BLOCK_IDS else {"or_mask_function": _block_overlay(blocks)}
             )
             masks[kind] = create_causal_mask(*args, **extra)
-        elif kind == "sliding_attention":
+        elif kind in ("full_attention", "sliding_attention"):
+            within = [] if samples is None else [_same_sample(samples)]
+            if kind == "sliding_attention":
+                within.insert(0, sliding_window_overlay(window))
+            own = (
+                config,
+                inputs_embeds,
+                attention_mask,
+                cache,
+                None if samples is not None else position_ids,
+            )
             masks[kind] = create_causal_mask(
-                *args,
-                or_mask_function=_block_overlay(blocks),
-                and_mask_function=sliding_window_overlay(window),
+                *own, or_mask_function=_block_overlay(blocks), and_mask_function=and_masks(*within)
             )
         else:
             raise ValueError(
@@ -116,12 +156,15 @@ def decoder_masks(
     position_ids: torch.Tensor,
     prefix: torch.Tensor | None,
     image_blocks: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> Any:
     """The attention mask(s) the decoder's layers take, per layer type (full / sliding window), in the
     format of its attention implementation; ``prefix`` (B, L) True where a token attends
     bidirectionally within the prefix (PaliGemma); ``image_blocks`` (B, L) the image of each image token,
     -1 elsewhere (:func:`image_block_ids`): causal attention, and both ways within each image (Gemma 3);
-    both None for causal attention everywhere."""
+    both None for causal attention everywhere. ``packed`` (a prompt with nothing cached): the rows hold
+    several samples whose ``position_ids`` restart at each (:func:`packed_samples`); a token attends only
+    within its own sample, by that sample's own mask (its prefix, its images)."""
     if (prefix is not None or image_blocks is not None) and decoder.config._attn_implementation.startswith(
         "flash"
     ):
@@ -130,6 +173,8 @@ def decoder_masks(
             f"{kind} attention needs an explicit mask, which flash attention cannot take: load the decoder "
             "with attn_implementation='sdpa' or 'eager', or use attention='causal'"
         )
+    if packed:
+        return _packed_masks(decoder, inputs_embeds, attention_mask, position_ids, prefix, image_blocks)
     if image_blocks is not None:
         return _image_block_masks(decoder, inputs_embeds, attention_mask, cache, position_ids, image_blocks)
     extra: dict[str, Any] = {}
@@ -140,6 +185,38 @@ def decoder_masks(
     return create_masks_for_generate(
         decoder.config, inputs_embeds, attention_mask, cache, position_ids, **extra
     )
+
+
+def _packed_masks(
+    decoder: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prefix: torch.Tensor | None,
+    image_blocks: torch.Tensor | None,
+) -> Any:
+    """:func:`decoder_masks` of packed rows. transformers' own packed-sequence support does the work: with no
+    2D mask and positions that restart, its mask functions read per-sample positions and add a same-sample
+    condition, and flash attention runs each sample on its own (varlen; in a batch of one row only).
+    Padding is kept out by its positions (:func:`packed_samples`); each sample's prefix is a block of its
+    own. An older transformers without ``block_sequence_ids`` gets the same mask from explicit overlays."""
+    if decoder.config._attn_implementation.startswith("flash") and inputs_embeds.shape[0] > 1:
+        raise ValueError(
+            "packed rows under flash attention: transformers keeps the samples of a packed row apart only "
+            f"in a batch of one row, this one has {inputs_embeds.shape[0]}; set data.batch_size: 1 (one long "
+            "row), or load the decoder with attn_implementation='sdpa'"
+        )
+    at, samples = packed_samples(position_ids, attention_mask)
+    if image_blocks is not None:
+        return _image_block_masks(decoder, inputs_embeds, None, None, at, image_blocks, samples)
+    blocks = None if prefix is None else torch.where(prefix & attention_mask.bool(), samples, -1)
+    if BLOCK_IDS:
+        extra = {} if blocks is None else {"block_sequence_ids": blocks}
+        return create_masks_for_generate(decoder.config, inputs_embeds, None, None, at, **extra)
+    extra = {"and_mask_function": _same_sample(samples)}
+    if blocks is not None:
+        extra["or_mask_function"] = _block_overlay(blocks)
+    return create_masks_for_generate(decoder.config, inputs_embeds, None, None, None, **extra)
 
 
 def ignored_labels(

@@ -399,10 +399,15 @@ class VisionLanguageModel(nn.Module):
         ``fixed`` layout), and ``image_sizes`` (num_images, 2) for the other layouts; ``attention_mask``
         (B, past + L), 0 on padding;
         ``token_type_ids`` (B, L), 0 on the prefix (image and prompt), 1 on the suffix; ``labels`` (B, L),
-        ignored on image tokens, the prefix and padding. Without ``token_type_ids`` every token is prefix
-        under prefix attention (a prompt to continue). ``num_items_in_batch`` (as in transformers): the loss
-        is the sum over the kept labels divided by it instead of their mean, so that micro-batches and
-        ranks holding different numbers of targets add up to the mean over the global batch (count them
+        ignored on image tokens, the prefix and padding. ``position_ids`` (B, L) on a prompt with nothing
+        cached also say which tokens attend to which (transformers' packed format): a row may hold several
+        samples, each with positions from 0 (the training data's ``data.packing``), and a token attends only
+        within its own sample, by that sample's mask; ``attention_mask`` then marks the padding (kept out
+        whatever its positions). Without them positions count the attended tokens. Without
+        ``token_type_ids`` every token is prefix under prefix attention (a prompt to continue).
+        ``num_items_in_batch`` (as in transformers): the loss is the sum over the kept labels divided by it
+        instead of their mean, so that micro-batches and ranks holding different numbers of targets add up to
+        the mean over the global batch (count them
         with :meth:`count_targets`). ``targets_only`` (with ``labels``; what training and evaluation use):
         ``lm_head`` (and the family's final soft-capping) runs only on the positions whose next token is a
         target, not on the image tokens, the prompt and the padding, and the cross-entropy is taken in
@@ -425,8 +430,13 @@ class VisionLanguageModel(nn.Module):
         crops = self.image_embeddings(pixel_values, patch_features=patch_features, grid=grid)
         image_tokens, sizes = (None, None) if crops is None else self.image_tokens(crops, image_sizes)
         embeds = self.embed(input_ids, image_tokens, sizes)  # (B, L, E)
+        packed = position_ids is not None and not past  # rows of several samples: positions restart at each
         if position_ids is None:
             position_ids = positions(attention_mask, L)  # (B, L)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(input_ids.shape)}"
+            )
         masks = decoder_masks(
             self.decoder,
             embeds,
@@ -435,6 +445,7 @@ class VisionLanguageModel(nn.Module):
             position_ids,
             self._prefix(token_type_ids, labels, past, embeds),
             self._image_blocks(input_ids, sizes, past),
+            packed=packed,
         )
         decoder_inputs = dict(
             inputs_embeds=embeds,

@@ -29,6 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .packing import RowPacker
 from .shards import ShardSpec, SkipCounter, SkipSample, distributed_info, expand_shards, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,11 @@ class ShardDataset(IterableDataset):
         max_consecutive_skips: int,
         reader: Callable[[str, SkipCounter], Iterator[dict[str, Any]]] = iter_tar_samples,
         mixture: Any = None,
+        packer: RowPacker | None = None,
     ) -> None:
         super().__init__()
         self.mixture = mixture  # several sources drawn sample by sample by weight (training.data.mixture)
+        self.packer = packer  # batch_size rows of several items each, instead of batch_size items
         self.reader = reader  # raw samples of one url: a shard's, or a piece of a JSON source's
         self.urls, self.builder, self.batch_size, self.seed = urls, builder, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
@@ -122,6 +125,7 @@ class ShardDataset(IterableDataset):
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
             "n_shards": len(self.urls),
+            "packing": None if self.packer is None else self.packer.fingerprint(),  # older states: None
         } | ({"mixture": self.mixture.fingerprint()} if self.mixture is not None else {})
 
     def worker_urls(self, worker: int, num_workers: int) -> Iterator[str]:
@@ -179,16 +183,24 @@ class ShardDataset(IterableDataset):
             state["batches"], counter.silent, counter.consecutive = saved["batches"], False, 0
             state["samples"], state["truncated"] = saved.get("samples", 0), saved.get("truncated", 0)
         example: str | None = None  # the first text this worker saw cut, for the warning
+        pending: list[Item] = []  # packing: the item that opened no row in the last batch, for the next one
         while True:
-            items = self._fill(samples, counter, state)
-            if not items or (len(items) < self.batch_size and self.drop_last):
+            if self.packer is None:
+                rows = [[it] for it in self._fill(samples, counter, state)]
+            else:
+                rows = self._fill_rows(samples, counter, state, pending)
+            items = [it for row in rows for it in row]
+            if not rows or (len(rows) < self.batch_size and self.drop_last):
                 break
             state["batches"] += 1
             state["samples"] += len(items)
             state["truncated"] += sum(it.truncated for it in items)
             example = example or next((it.text for it in items if it.truncated), None)
             if state["batches"] > done:  # earlier ones are a replay of batches already seen
-                batch = self.builder.collate(items)
+                if self.packer is None:
+                    batch = self.builder.collate(items)
+                else:
+                    batch = self.packer.collate(self.builder, rows)
                 batch["__state__"] = {
                     **state,
                     "skips": dict(counter.counts),
@@ -209,6 +221,36 @@ class ShardDataset(IterableDataset):
             if item is not None:
                 items.append(item)
         return items
+
+    def _fill_rows(
+        self, samples: Iterator[dict[str, Any]], counter: SkipCounter, state: dict, pending: list[Item]
+    ) -> list[list[Item]]:
+        """Up to ``batch_size`` rows of items, each item in the first row it fits (:class:`RowPacker`), a new
+        row when none has room; the first item that finds every row full and no row left waits in
+        ``pending`` for the next batch. Its raw sample is not counted in ``state["raw"]`` until then, so a
+        stream resumed from this batch's state reads it again."""
+        rows: list[list[Item]] = []
+        while True:
+            if pending:
+                item: Item | None = pending.pop()
+                state["raw"] += 1
+            else:
+                sample = next(samples, None)
+                if sample is None:
+                    return rows
+                state["raw"] += 1
+                item = self.prepare(sample, counter)
+                if item is None:
+                    continue
+            row = next((r for r in rows if self.packer.fits(r, item)), None)
+            if row is not None:
+                row.append(item)
+            elif len(rows) < self.batch_size:
+                rows.append([item])
+            else:
+                pending.append(item)
+                state["raw"] -= 1
+                return rows
 
 
 # ----------------------------------------------------------------------------- loader
@@ -389,6 +431,7 @@ def shard_dataset(
     drop_last: bool | None = None,
     max_consecutive_skips: int = 1000,
     source: Any = None,
+    packer: RowPacker | None = None,
 ) -> ShardDataset:
     """The per-worker stream of ``builder``'s batches over ``shards`` (brace pattern, list or folder).
 
@@ -397,7 +440,9 @@ def shard_dataset(
     ``shuffle=False``). ``drop_last`` defaults to ``resampled``. rank/world_size default to
     ``distributed_info()``. ``source`` (a :class:`~training.data.json_source.JsonSource`) replaces the
     shards: its pieces are drawn and split as shards are; or a :class:`~training.data.mixture.Mixture`
-    (resampled only): its sources drawn sample by sample by weight.
+    (resampled only): its sources drawn sample by sample by weight. ``packer`` (a
+    :class:`~training.data.packing.RowPacker`): each batch is ``batch_size`` rows of as many items as fit
+    (collated by :func:`.packing.collate_packed`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -423,4 +468,5 @@ def shard_dataset(
         max_consecutive_skips=max_consecutive_skips,
         **({} if source is None or mixture is not None else {"reader": source.read}),
         mixture=mixture,
+        packer=packer,
     )

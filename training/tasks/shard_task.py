@@ -36,9 +36,11 @@ class ShardTask(Task):
         resume_state: dict[str, Any] | None,
         skip_limits: dict[str, int] | None = None,
         source: Any = None,
+        packer: Any = None,
     ) -> ShardLoader:
         """The endless, resumable stream of ``builder``'s batches over ``data.train_shards`` (or over
-        ``source``, a JSON source, when given) for this rank."""
+        ``source``, a JSON source, when given) for this rank; ``packer``: packed rows
+        (:class:`~training.data.packing.RowPacker`)."""
         data = self.cfg.data
         dataset = shard_dataset(
             () if source is not None else resolve_path(data.train_shards),
@@ -50,6 +52,7 @@ class ShardTask(Task):
             resampled=True,
             shuffle_buffer=data.shuffle_buffer,
             source=source,
+            packer=packer,
         )
         return ShardLoader(
             dataset, num_workers=data.num_workers, resume_state=resume_state, skip_limits=skip_limits

@@ -18,6 +18,7 @@ from connectors import VisionLanguageModel
 
 from ..data import check_shard_specs, expand_shards, shard_paths
 from ..data.json_source import JsonSource
+from ..data.packing import RowPacker
 from ..data.vlm import VLMBuilder, builder_for
 from ..runner import ExportContext, train
 from ..runner.config import resolve_path
@@ -44,6 +45,7 @@ MODEL_INPUTS = (
     "pixel_values",
     "patch_features",
     "image_sizes",
+    "position_ids",  # packed rows: positions restart at each sample
 )
 
 
@@ -73,6 +75,8 @@ class VLMTask(ShardTask):
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__(cfg)
         self.name = f"vlm {cfg.stage}"
+        if cfg.data.packing:  # data.batch_size counts rows of several samples; throughput is in rows
+            self.sample_unit = "rows"
         if cfg.data.feature_cache:  # a missing or unreadable cache fails before any set-up
             from ..data.feature_cache import FeatureCache
 
@@ -169,7 +173,10 @@ class VLMTask(ShardTask):
         elif data.train_json:
             json_file = resolve_path(data.train_json)
             source = JsonSource(json_file, data.image_folder and resolve_path(data.image_folder))
-        self.loader = self.shard_loader(builder, rank, world, resume_state, skip_limits=limits, source=source)
+        packer = RowPacker(data.max_length, data.max_images_per_row) if data.packing else None
+        self.loader = self.shard_loader(
+            builder, rank, world, resume_state, skip_limits=limits, source=source, packer=packer
+        )
         return self.loader
 
     def builder(self, images: Any = None) -> VLMBuilder:

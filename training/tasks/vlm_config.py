@@ -218,7 +218,10 @@ class VLMDataSection:
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
     --shards``, one crop per image: the ``fixed`` layout), read instead of the images while the tower is
     frozen. Evaluation generates up to
-    ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples."""
+    ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples.
+    ``packing``: each of the ``batch_size`` rows holds as many samples as fit in ``max_length`` tokens (at
+    most ``max_images_per_row`` images, None: no limit; a sample with more takes a row of its own), each
+    sample attending only to itself; the loss is the same as unpacked, with less padding."""
 
     train_shards: str = ""
     train_json: str | None = None
@@ -236,6 +239,8 @@ class VLMDataSection:
     eval_samples: int = 256
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 32
+    packing: bool = False
+    max_images_per_row: int | None = None
 
     def __post_init__(self) -> None:
         if self.sources is not None:
@@ -276,6 +281,11 @@ class VLMDataSection:
         check_range("data.max_image_tokens", self.max_image_tokens, lo=1)
         check_range("data.num_workers", self.num_workers, lo=0)
         check_range("data.shuffle_buffer", self.shuffle_buffer, lo=0)
+        check_range("data.max_images_per_row", self.max_images_per_row, lo=1)
+        if self.max_images_per_row is not None and not self.packing:
+            raise ValueError(
+                "data.max_images_per_row caps the images of a packed row: set data.packing: true, or drop it"
+            )
 
 
 @dataclass
