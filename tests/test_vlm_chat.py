@@ -377,7 +377,7 @@ def test_the_readme_configs_of_each_data_format_load(tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Train on conversations")[1].split("\n## ")[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     base = yaml.safe_load((ROOT / "configs" / "vlm" / "tiny_conversations.yaml").read_text())
     for key in ("train_json", "image_folder"):
         base["data"].pop(key)
@@ -391,6 +391,8 @@ def test_the_readme_configs_of_each_data_format_load(tmp_path):
             part["data"].get("train_shards", ""),
             part["data"].get("train_json"),
         )
+        if "sources" in part["data"]:
+            assert [s["weight"] for s in cfg.data.sources] == [3.0, 1.0]
         assert cfg.model.chat_template == part["model"]["chat_template"]
 
 

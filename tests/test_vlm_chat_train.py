@@ -1,5 +1,6 @@
-"""``vision-tower train-vlm`` on conversations from a JSON Lines file and an image folder (the shipped
-configs/vlm/tiny_conversations.yaml with LLaVA's v1 template), one rank, with held-out conversations."""
+"""``vision-tower train-vlm`` on conversations from a JSON Lines file and an image folder mixed with shards of
+text-only conversations (``data.sources``, the shipped configs/vlm/tiny_conversations.yaml with LLaVA's v1
+template otherwise), one rank, with held-out conversations."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.helpers.vlm_data import make_conversation_assets
+from tests.helpers.shards import write_tar
+from tests.helpers.vlm_data import QA_PROMPT, make_conversation_assets
 from tests.helpers.vlm_workers import losses
 from training.runner.launch import launch_env
 from training.runner.paths import ROOT
@@ -21,13 +23,35 @@ CONFIG = ROOT / "configs" / "vlm" / "tiny_conversations.yaml"
 
 def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
     assets = make_conversation_assets(tmp_path / "data")
+    # a second source mixed in at a quarter of the samples: shards of text-only conversations
+    text_only = [
+        (
+            f"t{i}.json",
+            json.dumps(
+                {
+                    "id": f"t{i}",
+                    "conversations": [
+                        {"from": "human", "value": QA_PROMPT},
+                        {"from": "gpt", "value": "and its shape"},
+                    ],
+                }
+            ).encode(),
+        )
+        for i in range(8)
+    ]
+    write_tar(tmp_path / "text" / "text-000.tar", text_only)
     out = tmp_path / "run"
+    sources = [
+        {"train_json": assets["train"], "image_folder": assets["images"], "weight": 3},
+        {"train_shards": str(tmp_path / "text"), "weight": 1},
+    ]
     values = {
         "model.tower": assets["tower"],
         "model.decoder": assets["decoder"],
         "model.tokenizer": "null",
-        "data.train_json": assets["train"],
-        "data.image_folder": assets["images"],
+        "data.train_json": "null",
+        "data.image_folder": "null",
+        "data.sources": json.dumps(sources),
         "data.val_shards": assets["val"],
         "data.num_workers": 0,
         "data.eval_samples": 4,
