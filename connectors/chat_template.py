@@ -11,7 +11,10 @@ and a bos the template writes first is left out of the text when the tokenizer a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
+
+from transformers.utils.chat_template_utils import render_jinja_template
 
 # content blocks -> one string, images as the image token (``__IMAGE__``), text blocks' text, in order
 _BLOCKS = (
@@ -47,11 +50,36 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
+def writes_bos(template: str, tokenizer: Any) -> bool | None:
+    """Whether ``template`` starts a one-turn conversation with the tokenizer's bos (None: the template fails
+    on one)."""
+    specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    try:
+        (text,), _ = render_jinja_template(
+            conversations=[[{"role": "user", "content": "a"}]],
+            chat_template=template,
+            add_generation_prompt=True,
+            **{"bos_token": "", "eos_token": "", **specials},
+        )
+    except Exception:  # noqa: BLE001 - the template's own error (raise_exception on this conversation...)
+        return None
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
 def processor_template(template: str, tokenizer: Any, image_token: str) -> str:
     """The training ``template`` as a processor applies it: messages whose content is a list of blocks are
     read as text with ``image_token`` for each image block (training's reading of the messages format), and,
-    when ``tokenizer`` adds a bos itself, a bos the template writes first is left out of the text."""
+    when ``tokenizer`` adds a bos itself, a bos the template writes first is left out of the text. A template
+    that writes no bos for a tokenizer that adds one is warned about: the processor's call adds a bos that
+    training did not (``add_special_tokens=False`` leaves it out)."""
     body = "{{ '' }}" + template  # a leading newline of the template is kept (no block tag trims it)
     if adds_bos(tokenizer):
         body = _WITHOUT_FIRST_BOS.replace("__TEMPLATE__", template)
+        if writes_bos(template, tokenizer) is False:
+            warnings.warn(
+                f"the chat template writes no bos but the tokenizer adds {tokenizer.bos_token!r} to what it "
+                "tokenizes: training's ids have none, so call the exported processor with "
+                "add_special_tokens=False",
+                stacklevel=3,
+            )
     return _BLOCKS.replace("__IMAGE__", repr(image_token)) + body

@@ -44,7 +44,7 @@ def tokenizer(kind: str) -> PreTrainedTokenizerFast:
     else:
         specials = {"eos_token": "<|im_end|>", "pad_token": "<pad>"}
     tok = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", **specials)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     if kind == "qwen":
         tok.chat_template = QWEN
     return tok
@@ -128,11 +128,31 @@ def test_the_llava_export_s_processor_builds_the_training_ids(kind, tmp_path):
     assert VisionLanguageModel.from_pretrained(out).chat_template == template
 
 
+def test_a_template_without_bos_for_a_tokenizer_that_adds_one_is_named(tmp_path):
+    """Llama's tokenizer (adds bos) with Qwen's template (writes none): training's ids have no bos, so the
+    export says to call the processor with add_special_tokens=False, which then gives them."""
+    from transformers import AutoProcessor
+
+    vlm = _vlm("llama")
+    vlm.chat_template = QWEN
+    ids, targets, _ = _training_ids(vlm)
+    assert vlm.tokenizer.bos_token_id not in ids
+    with pytest.warns(
+        UserWarning, match="writes no bos but the tokenizer adds '<s>'.*add_special_tokens=False"
+    ):
+        vlm.save_pretrained(tmp_path, format="llava")
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    text = processor.apply_chat_template(MESSAGES[:2], add_generation_prompt=True)
+    batch = processor(images=[_image()], text=text, add_special_tokens=False)
+    assert batch["input_ids"][0] == ids[: targets.index(True)]
+
+
 def test_the_native_export_keeps_the_template_and_eval_reads_it(tmp_path, capsys):
     """A VLM trained with v1 (not its tokenizer's template) saved as native: the template comes back, a
     builder renders with it by default, and ``eval vlm`` without ``--chat-template`` gives the loss it gives
     with ``--chat-template v1`` (and another than with ``plain``)."""
     vlm = _vlm("llama")
+    assert builder_for(vlm, max_length=200).chat_template == V1  # what training's builder renders with
     out = tmp_path / "native"
     vlm.save_pretrained(out)
     back = VisionLanguageModel.from_pretrained(out)
@@ -151,5 +171,6 @@ def test_the_native_export_keeps_the_template_and_eval_reads_it(tmp_path, capsys
     for flag in ([], ["--chat-template", "v1"], ["--chat-template", "plain"]):
         args = ["eval", "vlm", "--model", str(out), "--shards", str(tmp_path / "val"), "--dtype", "float32"]
         assert main([*args, "--max-new-tokens", "2", *flag]) == 0
-        losses[" ".join(flag)] = json.loads(capsys.readouterr().out)["val_loss"]
+        printed = capsys.readouterr().out  # one JSON document (after DeepSpeed's accelerator line, if any)
+        losses[" ".join(flag)] = json.loads(printed[printed.index("{\n") :])["val_loss"]
     assert losses[""] == losses["--chat-template v1"] != losses["--chat-template plain"], losses
