@@ -1,4 +1,5 @@
-"""The chat template a VLM trains with, as an export's processor applies it.
+"""The chat template a VLM trains with: the built-in ones, as an export's processor applies it, and a chat
+prompt's ids for generation.
 
 Training renders a conversation with the template (Jinja text) and tokenizes the rendering without letting the
 tokenizer add its own bos or eos: the template writes what it wants (``{{ bos_token }}``). A transformers
@@ -12,9 +13,29 @@ and a bos the template writes first is left out of the text when the tokenizer a
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
+
+# LLaVA's pretraining layout (conv_llava_plain): the images, then the caption and a newline; the user's
+# words are dropped, only the reply trains
+PLAIN = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}"
+    "{{ '<image>' * (m.content.count('<image>')) }}"
+    "{% elif m.role == 'assistant' %}{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}"
+    "{% endfor %}"
+)
+# LLaVA's conversation layout (conv_vicuna_v1): system, then ``USER: ... ASSISTANT: ...</s>`` turns
+V1 = (
+    "{{ bos_token }}{% if messages[0].role == 'system' %}{{ messages[0].content }}"
+    "{% set turns = messages[1:] %}{% else %}A chat between a curious user and an artificial intelligence "
+    "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
+    "{% set turns = messages %}{% endif %} {% for m in turns %}{% if m.role == 'user' %}USER: "
+    "{{ m.content }} {% else %}ASSISTANT: {% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+BUILTIN_TEMPLATES = {"plain": PLAIN, "v1": V1}
 
 # content blocks -> one string, images as the image token (``__IMAGE__``), text blocks' text, in order
 _BLOCKS = (
@@ -83,3 +104,51 @@ def processor_template(template: str, tokenizer: Any, image_token: str) -> str:
                 stacklevel=3,
             )
     return _BLOCKS.replace("__IMAGE__", repr(image_token)) + body
+
+
+def read_template(spec: str, key: str = "--chat-template") -> str:
+    """The Jinja text of ``spec``: a built-in name (``plain``, ``v1``) or a Jinja file (``key`` names the
+    option in the error)."""
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(
+            f"{key} {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja file"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None = None) -> list[int]:
+    """The ids of a one-turn chat about one image, as training builds a conversation's up to its first reply:
+    ``prompt`` as the user's turn (the image where it writes the image token, else before it and a newline,
+    as training places images), rendered with ``template`` (default: ``vlm.chat_template``) and the
+    generation prompt, tokenized without the tokenizer's own bos or eos (the template writes them), the image
+    token as the ids of an image of ``image_size`` (height, width)."""
+    template = template if template is not None else vlm.chat_template
+    if template is None:
+        raise ValueError(
+            "this VLM has no chat template (none was saved with it, and its tokenizer has none): give one "
+            f"(--chat-template {', '.join(BUILTIN_TEMPLATES)} or a Jinja file)"
+        )
+    tok = vlm.tokenizer
+    image_token = tok.convert_ids_to_tokens(vlm.image_token_id)
+    content = prompt if image_token in prompt else f"{image_token}\n{prompt}"
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    (text,), _ = render_jinja_template(
+        conversations=[[{"role": "user", "content": content}]],
+        chat_template=template,
+        add_generation_prompt=True,
+        **{"bos_token": "", "eos_token": "", **specials},
+    )
+    if text.count(image_token) != 1:
+        raise ValueError(
+            f"the chat prompt holds {text.count(image_token)} {image_token} after the template, not one: "
+            f"{text!r}"
+        )
+    before, _, after = text.partition(image_token)
+
+    def encode(part: str) -> list[int]:
+        return tok(part, add_special_tokens=False)["input_ids"] if part else []
+
+    return encode(before) + list(vlm.image_prompt_ids(image_size)) + encode(after)

@@ -174,3 +174,30 @@ def test_the_native_export_keeps_the_template_and_eval_reads_it(tmp_path, capsys
         printed = capsys.readouterr().out  # one JSON document (after DeepSpeed's accelerator line, if any)
         losses[" ".join(flag)] = json.loads(printed[printed.index("{\n") :])["val_loss"]
     assert losses[""] == losses["--chat-template v1"] != losses["--chat-template plain"], losses
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_generate_chat_prompts_as_training_renders_the_first_turn(kind, tmp_path, monkeypatch, capsys):
+    """``vision-tower generate --chat`` on a native export continues the ids training builds for a one-turn
+    conversation up to its reply (the saved template); ``--chat-template plain`` renders with that one."""
+    import connectors.generation as G
+
+    vlm = _vlm(kind)
+    builder = builder_for(vlm, max_length=200)
+    turns = [{"from": "human", "value": "what colour is it"}, {"from": "gpt", "value": "red"}]
+    item = builder.build_conversation({"__key__": "c", "png": png(_image())}, {"conversations": turns})
+    out, image = tmp_path / "native", tmp_path / "x.png"
+    vlm.save_pretrained(out)
+    _image().save(image)
+    seen = []
+    real = G.generate
+    monkeypatch.setattr(
+        G, "generate", lambda *a, **kw: seen.append(kw["input_ids"][0].tolist()) or real(*a, **kw)
+    )
+    args = ["generate", "--model", str(out), "--image", str(image), "--prompt", "what colour is it"]
+    for flag in (["--chat"], ["--chat-template", "plain"]):
+        assert main([*args, "--max-new-tokens", "2", "--dtype", "float32", *flag]) == 0
+    capsys.readouterr()
+    assert seen[0] == item.prompt_ids
+    bos = [vlm.tokenizer.bos_token_id] if kind == "llama" else []
+    assert seen[1] == bos + vlm.image_prompt_ids((32, 32))  # plain: bos, the image; the user's words dropped

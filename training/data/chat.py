@@ -25,6 +25,8 @@ from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from connectors.chat_template import BUILTIN_TEMPLATES, PLAIN, V1  # noqa: F401  (the built-ins, named here too)
+
 from .shards import SkipSample
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -33,25 +35,6 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _END = _OPEN + _CLOSE
 _MARKS = re.compile(f"{_OPEN}(\\d+)?{_CLOSE}")  # a message's start (with its index) or end
-
-# LLaVA's pretraining layout (conv_llava_plain): the images, then the caption and a newline; the user's
-# words are dropped, only the reply trains
-PLAIN = (
-    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}"
-    "{{ '<image>' * (m.content.count('<image>')) }}"
-    "{% elif m.role == 'assistant' %}{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-)
-# LLaVA's conversation layout (conv_vicuna_v1): system, then ``USER: ... ASSISTANT: ...</s>`` turns
-V1 = (
-    "{{ bos_token }}{% if messages[0].role == 'system' %}{{ messages[0].content }}"
-    "{% set turns = messages[1:] %}{% else %}A chat between a curious user and an artificial intelligence "
-    "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
-    "{% set turns = messages %}{% endif %} {% for m in turns %}{% if m.role == 'user' %}USER: "
-    "{{ m.content }} {% else %}ASSISTANT: {% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-BUILTIN_TEMPLATES = {"plain": PLAIN, "v1": V1}
 
 
 class TemplateMismatch(SkipSample):
