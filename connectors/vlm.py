@@ -329,6 +329,14 @@ class VisionLanguageModel(nn.Module):
                 "every image: make both with vlm.image_inputs(images)"
             )
         sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+        if not sizes:  # a batch of text only: no token, but the layout's parameters stay in the graph (a
+            # zero gradient), as every rank of ZeRO-2/3 must reduce the same parameters
+            if crop_tokens.shape[0]:
+                raise ValueError(f"{crop_tokens.shape[0]} crops without image_sizes")
+            tokens = crop_tokens.reshape(0, crop_tokens.shape[-1])
+            for param in self.layout_params.values():
+                tokens = tokens + 0 * param.sum().to(tokens.dtype)
+            return tokens, sizes
         tokens, _ = self.layout.pack(crop_tokens, sizes, dict(self.layout_params))
         return tokens, sizes
 

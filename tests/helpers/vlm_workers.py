@@ -132,3 +132,32 @@ def one_step_grads_worker(rank: int, world: int, cases: list[tuple[list[str], li
         result = train_step(engine, batches, task.loss, task.loss_items)
         out.append({"loss": mean_over_ranks(result.loss), "grads": grads})
     return out
+
+
+def built_batches_worker(
+    rank: int, world: int, config: str, cases: list[tuple[list[str], list]]
+) -> list[list[float]]:
+    """Per case ``(overrides, shares)``: the VLM task of ``config`` (a file under configs/vlm) with the
+    overrides, built by the runner; rank r trains one step per micro-batch of ``shares[r]`` (raw samples,
+    made into a batch by the task's own builder, as its loader does). Returns per case the logged loss of
+    each step (the mean over every rank's answer tokens)."""
+    import torch
+
+    from training.runner import build_task_engine, init_distributed, train_step
+    from training.runner.metrics import mean_over_ranks
+    from training.tasks.vlm import VLMTask
+    from training.tasks.vlm_config import load_vlm_config
+
+    init_distributed()
+    out = []
+    for overrides, shares in cases:
+        torch.manual_seed(0)
+        task = VLMTask(load_vlm_config(CONFIGS / config, overrides))
+        engine, _ = build_task_engine(task, rank, world)
+        builder = task.builder()
+        steps = []
+        for samples in shares[rank]:
+            batch = builder.collate([builder.build(s) for s in samples])
+            steps.append(mean_over_ranks(train_step(engine, iter([batch]), task.loss, task.loss_items).loss))
+        out.append(steps)
+    return out

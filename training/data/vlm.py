@@ -13,10 +13,12 @@ tokens;
 a sample whose images take more than ``max_image_tokens`` is skipped (``too_many_image_tokens``): an image
 is never cut. A batch carries every crop of its images in order and each image's size (``image_sizes``).
 
-A ``json`` holding a conversation (LLaVA's ``conversations`` or ``messages``, one image or several) is
+A ``json`` holding a conversation (LLaVA's ``conversations`` or ``messages``, one image, several or none) is
 rendered through the chat template and verified (:mod:`.chat`): the loss is on the assistant's tokens, the
 token types are 0 up to the first reply. A row longer than ``max_length`` is cut (counted as truncated) as
-long as its images and a reply token remain, else skipped (``too_long``).
+long as its images and a reply token remain, else skipped (``too_long``). A text-only conversation has no
+crop in the batch; the model still runs its tower and connector on the batch's (maybe empty) crops, so that
+every rank of ZeRO-3 takes part in every gather.
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ class PixelImages:
 
     def load(self, sample: dict[str, Any]) -> Images:
         return self._pixels([read_image(sample, self.decode_image)])
+
+    def empty(self) -> Images:
+        """No image (a text-only sample): no crop, on the tower's grid, so that it batches with the others."""
+        h, w = self.layout.crop.size
+        p = self.patch_size
+        return Images(torch.zeros((0, 3, h, w)), (h // p, w // p), [])
 
     def load_blobs(self, blobs: list[bytes]) -> Images:
         """Several encoded images of one sample, each cut into its own crops."""
@@ -280,14 +288,11 @@ class VLMBuilder:
         """A conversation's row: rendered, verified, its assistant tokens the targets."""
         conv = read_conversation(meta, self.image_token)
         key = str(meta.get("id", sample["__key__"]))
-        blobs = image_blobs(sample, conv.images)
-        if not blobs:
-            raise SkipSample(
-                "missing_image", "a conversation without an image (text-only samples are not trained)"
-            )
         if not hasattr(self.images, "load_blobs"):
             raise ValueError("conversation samples read their images themselves: drop data.feature_cache")
-        images = self.images.load_blobs(blobs)  # (crops, 3, H, W)
+        blobs = image_blobs(sample, conv.images)
+        # (crops, 3, H, W); a text-only conversation has none and still batches with the others
+        images = self.images.load_blobs(blobs) if blobs else self.images.empty()
         self.image_counts(images)  # skips a sample over max_image_tokens
         messages = place_images(conv.messages, len(blobs), self.image_token)
         enc = self.chat.encode(key, messages, lambda k: self.image_ids(images.sizes[k]))
@@ -295,12 +300,12 @@ class VLMBuilder:
         if not any(targets):
             raise SkipSample("bad_conversation", f"sample {key}: the chat template marks no assistant token")
         first = targets.index(True)
-        last_image = max(i for i, t in enumerate(ids) if t == self.image_token_id)
+        last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
         if max(first, last_image) >= self.max_length:
+            what = ("its images and " if blobs else "") + "the text before the first reply"
             raise SkipSample(
                 "too_long",
-                f"its images and the text before the first reply take {max(first, last_image) + 1} tokens, "
-                f"data.max_length is {self.max_length}",
+                f"{what} take {max(first, last_image) + 1} tokens, data.max_length is {self.max_length}",
             )
         reply = next(m["content"] for m in messages if m["role"] == "assistant")
         prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
