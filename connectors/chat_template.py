@@ -63,12 +63,31 @@ _WITHOUT_FIRST_BOS = (
 
 
 def adds_bos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` (special tokens added, as a processor calls it) starts with its bos."""
+    """Whether ``tokenizer(text)`` (special tokens added, as a processor calls it) adds its bos in front, and
+    nothing else."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer("a", add_special_tokens=True)["input_ids"] == [bos, *plain]
+
+
+def encode_rendering(
+    tokenizer: Any, text: str, bos_added: bool | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character spans of a chat template's rendering ``text``, tokenized in one piece as training
+    tokenizes it: special tokens parsed, none added; but a rendering that starts with the bos the tokenizer
+    adds itself (``bos_added``: :func:`adds_bos`, computed when None) is tokenized as the tokenizer tokenizes
+    the text after it, bos added: a SentencePiece tokenizer then marks its first word as a string's start
+    ("▁A" after bos, as Llama's and LLaVA's own encodings have it, and as an export's processor gives it);
+    other tokenizers give the same ids either way."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and (adds_bos(tokenizer) if bos_added is None else bos_added):
+        enc = tokenizer(text[len(bos) :], add_special_tokens=True, return_offsets_mapping=True)
+        spans = [(s + len(bos), e + len(bos)) for s, e in enc["offset_mapping"][1:]]
+        return enc["input_ids"], [(0, len(bos)), *spans]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
 
 def writes_bos(template: str, tokenizer: Any) -> bool | None:
@@ -123,7 +142,7 @@ def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None
     """The ids of a one-turn chat about one image, as training builds a conversation's up to its first reply:
     ``prompt`` as the user's turn (the image where it writes the image token, else before it and a newline,
     as training places images), rendered with ``template`` (default: ``vlm.chat_template``) and the
-    generation prompt, tokenized without the tokenizer's own bos or eos (the template writes them), the image
+    generation prompt, tokenized as training tokenizes a rendering (:func:`encode_rendering`), the image
     token as the ids of an image of ``image_size`` (height, width)."""
     template = template if template is not None else vlm.chat_template
     if template is None:
@@ -146,9 +165,8 @@ def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None
             f"the chat prompt holds {text.count(image_token)} {image_token} after the template, not one: "
             f"{text!r}"
         )
-    before, _, after = text.partition(image_token)
-
-    def encode(part: str) -> list[int]:
-        return tok(part, add_special_tokens=False)["input_ids"] if part else []
-
-    return encode(before) + list(vlm.image_prompt_ids(image_size)) + encode(after)
+    ids, _ = encode_rendering(tok, text)  # in one piece, as training tokenizes it
+    if ids.count(vlm.image_token_id) != 1:
+        raise ValueError(f"{image_token} is not one token in the tokenized chat prompt: {ids}")
+    at = ids.index(vlm.image_token_id)
+    return ids[:at] + list(vlm.image_prompt_ids(image_size)) + ids[at + 1 :]

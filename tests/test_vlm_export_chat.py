@@ -34,11 +34,17 @@ QWEN = (
 
 def tokenizer(kind: str) -> PreTrainedTokenizerFast:
     """A word-level tokenizer: ``llama`` adds bos <s> to what it tokenizes (as Llama's do) and has no chat
-    template of its own; ``qwen`` adds nothing, eos <|im_end|>, and has :data:`QWEN` as its template."""
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *WORDS])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    template of its own; ``mistral`` too, and marks the start of a piece as SentencePiece does (Llama 2,
+    Mistral: "▁what" first in a string, "what" after a special token); ``qwen`` adds nothing, eos
+    <|im_end|>, and has :data:`QWEN` as its template."""
+    words = ["<unk>", "<s>", "</s>", "<pad>", *WORDS]
+    if kind == "mistral":
+        words += ["▁" + w for w in WORDS] + ["\nwhat", "▁\nwhat", "▁"]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if kind == "llama":
+    if kind == "mistral":
+        model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    if kind in ("llama", "mistral"):
         model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
     else:
@@ -52,7 +58,7 @@ def tokenizer(kind: str) -> PreTrainedTokenizerFast:
 
 # (decoder family, the model's chat template: the built-in v1 given as model.chat_template, or the
 # tokenizer's own)
-KINDS = {"llama": ("llama", V1), "qwen": ("qwen2", None)}
+KINDS = {"llama": ("llama", V1), "mistral": ("llama", V1), "qwen": ("qwen2", None)}
 USER = [{"type": "image"}, {"type": "text", "text": "\nwhat colour is it"}]
 MESSAGES = [
     {"role": "system", "content": "be brief"},
@@ -95,14 +101,16 @@ def _training_ids(vlm: VisionLanguageModel) -> tuple[list[int], list[bool], torc
     return item.input_ids, item.targets, item.images
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen"])
 def test_the_llava_export_s_processor_builds_the_training_ids(kind, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     vlm = _vlm(kind)
     ids, targets, pixels = _training_ids(vlm)
     bos = vlm.tokenizer.bos_token_id
-    assert (ids[0] == bos) == (kind == "llama") and ids.count(bos or -1) == (kind == "llama")
+    assert (ids[0] == bos) == (kind != "qwen") and ids.count(bos or -1) == (kind != "qwen")
+    if kind == "mistral":  # the text after the image is no piece's start
+        assert vlm.tokenizer.convert_tokens_to_ids("\nwhat") in ids
     out = tmp_path / "llava"
     vlm.save_pretrained(out, format="llava")
     processor = AutoProcessor.from_pretrained(out)
@@ -123,7 +131,7 @@ def test_the_llava_export_s_processor_builds_the_training_ids(kind, tmp_path):
     )
     assert torch.equal(theirs[:, batch["input_ids"].shape[1] :], mine)
     # the tokenizer keeps the template as training renders it; our loader reads it back from the export
-    template = V1 if kind == "llama" else QWEN
+    template = QWEN if kind == "qwen" else V1
     assert AutoProcessor.from_pretrained(out).tokenizer.chat_template == template
     assert VisionLanguageModel.from_pretrained(out).chat_template == template
 
@@ -176,7 +184,7 @@ def test_the_native_export_keeps_the_template_and_eval_reads_it(tmp_path, capsys
     assert losses[""] == losses["--chat-template v1"] != losses["--chat-template plain"], losses
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen"])
 def test_generate_chat_prompts_as_training_renders_the_first_turn(kind, tmp_path, monkeypatch, capsys):
     """``vision-tower generate --chat`` on a native export continues the ids training builds for a one-turn
     conversation up to its reply (the saved template); ``--chat-template plain`` renders with that one."""
@@ -199,5 +207,5 @@ def test_generate_chat_prompts_as_training_renders_the_first_turn(kind, tmp_path
         assert main([*args, "--max-new-tokens", "2", "--dtype", "float32", *flag]) == 0
     capsys.readouterr()
     assert seen[0] == item.prompt_ids
-    bos = [vlm.tokenizer.bos_token_id] if kind == "llama" else []
+    bos = [vlm.tokenizer.bos_token_id] if kind != "qwen" else []
     assert seen[1] == bos + vlm.image_prompt_ids((32, 32))  # plain: bos, the image; the user's words dropped
