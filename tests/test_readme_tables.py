@@ -30,3 +30,46 @@ def test_high_resolution_token_table_is_what_the_layouts_give():
         built = build_layout(layout.strip("`"), shape)
         assert connector == f"`{name}` ({shape.tokens}/crop)"
         assert cells == [f"{built.num_tokens(s)} ({built.num_crops(s)})" for s in sizes], layout
+
+
+def _names(cell: str) -> list[str]:
+    return [name.strip().strip("`") for name in cell.split(",")]
+
+
+def test_export_formats_table_is_what_the_formats_checks_give():
+    """README's export table equals the one computed from the formats' own checks, covers every registered
+    connector under every registered layout, and says what the format tests show."""
+    from connectors import list_connectors, list_layouts
+    from connectors.formats.capacity import export_table
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- formats-table -->\n(.*?)<!-- /formats-table -->", text, re.S)
+    assert block, "README.md has no <!-- formats-table --> table"
+    assert block.group(1) == export_table(), "README's export table differs: paste export_table()'s output"
+
+    header, *rows = _table("formats-table")
+    assert header[:4] == ["connector", "image layout", "format", "transformers class"]
+    covered = [(c, lay) for row in rows for c in _names(row[0]) for lay in _names(row[1])]
+    assert sorted(set(covered)) == sorted((c, lay) for c in list_connectors() for lay in list_layouts())
+    held = {
+        (c, lay, f): row
+        for row in rows
+        for c in _names(row[0])
+        for lay in _names(row[1])
+        for f in _names(row[2])
+    }
+    assert held["pixel_shuffle", "split", "smolvlm"][3:] == [
+        "`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`",
+        "`llama`",
+        "`causal`",
+        "final",
+    ]
+    assert held["linear", "fixed", "paligemma"][4:] == ["`gemma`, `gemma2`", "`prefix`", "final"]
+    assert held["avg_pool", "pan_and_scan", "gemma3"][4:] == [
+        "`gemma3_text`",
+        "`image_bidirectional`",
+        "final",
+    ]
+    assert "`gemma2`" not in held["mlp2x_gelu", "anyres_max_9", "llava_onevision"][4]  # soft-capping
+    (resampler,) = [r for r in rows if "resampler" in _names(r[0]) and "split" in _names(r[1])]
+    assert resampler[2:] == ["only `native`", "—", "any", "any", "any"]

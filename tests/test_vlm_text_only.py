@@ -174,3 +174,52 @@ def test_a_batch_without_images_is_the_decoders_loss_and_reaches_every_trained_p
         if not name.startswith("decoder."):
             assert param.grad is not None and not param.grad.any(), name
     assert layout == "fixed" or vlm.layout_params["image_newline"].grad is not None
+
+
+def test_stage_text_rows_are_the_samples_text_without_images(assets):
+    """Stage ``text``: a caption's row is its prompt (``{field}`` names filled from the ``json``) and
+    caption as without the image (no image read: a sample whose image is broken still gives its text), a
+    conversation's ``<image>`` is dropped; only the decoder trains."""
+    from connectors import VisionLanguageModel
+    from connectors.inputs import text_ids
+    from training.data.vlm import builder_for
+    from training.tasks.vlm_config import load_vlm_config
+    from training.tasks.vlm_model import set_stage
+
+    vlm = VisionLanguageModel(assets["tower"], "linear", assets["decoder"], attention="prefix")
+    tok = vlm.tokenizer
+    builder = builder_for(vlm, max_length=96, caption_prompt="{color}", chat_template="v1", text_only=True)
+    meta = {"color": "red", "shape": "circle"}
+    caption = {
+        "__key__": "c",
+        "jpg": b"not an image",
+        "txt": b"a red circle",
+        "json": json.dumps(meta).encode(),
+    }
+    row = builder.build(caption)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    expected = [bos, *tok("red\n", add_special_tokens=False)["input_ids"]]
+    assert row.input_ids == expected + text_ids(tok, "a red circle") + [eos]
+    assert row.num_prefix == len(expected) and row.images.shape[0] == 0
+    with pytest.raises(SkipSample) as err:  # the field the prompt names is missing
+        builder.build({**caption, "json": b'{"shape": "circle"}'})
+    assert err.value.reason == "bad_caption" and "'color'" in str(err.value)
+
+    conv = builder.build(samples()["one"])
+    plain = builder_for(vlm, max_length=96, chat_template="v1").build(
+        samples()["text"]
+    )  # same words, no image
+    assert vlm.image_token_id not in conv.input_ids and conv.images.shape[0] == 0
+    assert conv.input_ids[: conv.num_prefix] == plain.input_ids[: plain.num_prefix]
+
+    cfg = load_vlm_config(None, ["stage=text", *cfg_keys(assets)])
+    set_stage(vlm, cfg)
+    trained = {n.split(".")[0] for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trained == {"decoder"}
+    for bad in ("{a.b}", "{0}", "{x!r}", "{"):
+        with pytest.raises(ValueError, match="data.caption_prompt"):
+            load_vlm_config(None, [*cfg_keys(assets), f"data.caption_prompt={bad}"])
+
+
+def cfg_keys(assets: dict) -> list[str]:
+    return [f"model.tower={assets['tower']}", f"model.decoder={assets['decoder']}", "data.train_shards=x"]

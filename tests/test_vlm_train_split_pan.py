@@ -2,22 +2,28 @@
 then stage finetune from its export, on a shard of wide, tall and large images (24x60, 64x40, 90x90) that
 each layout cuts into its own crops and writes with its own prompt text (tile markers, image blocks). Split:
 SmolLM-style Llama decoder, ``pixel_shuffle``, ZeRO-2. Pan and scan: Gemma 3 decoder, ``avg_pool`` and Gemma
-3's image attention, ZeRO-3."""
+3's image attention, ZeRO-3. The split run's finetune also exports ``idefics3``, which transformers'
+``AutoProcessor`` and ``Idefics3ForConditionalGeneration`` load from the folder and caption with: the same
+greedy tokens as ours on that export."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from torch.testing import assert_close
 
-from connectors import build_connector
+from connectors import VisionLanguageModel, build_connector
+from connectors.inputs import build_prompts
 from connectors.layouts import CropShape, build_layout
 from tests.helpers.distributed import run_ranks, small_run
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import sized_qa_members, texts
+from tests.helpers.vlm_data import QA_PROMPT, sized_qa_members, texts
 from tests.helpers.vlm_workers import stages_worker
 from training.tasks.decoders import word_tokenizer
 from vision_tower import VisionTower
@@ -29,6 +35,7 @@ CASES = {
         "attention": "causal",
         "options": {"longest_edge": 64},  # 2x2 tiles of 32 px at most, then the global image
         "deepspeed": "configs/deepspeed/zero2.json",
+        "export": "idefics3",  # the finetune's export that transformers captions with
     },
     "pan_and_scan": {
         "connector": ("avg_pool", {"tokens_per_side": 2}),
@@ -36,6 +43,7 @@ CASES = {
         "attention": "image_bidirectional",
         "options": {"min_crop_size": 16},  # 24x60 and 64x40 are panned (2 crops each), 90x90 is not
         "deepspeed": "configs/deepspeed/zero3.json",
+        "export": None,
     },
 }
 
@@ -84,7 +92,10 @@ def test_two_ranks_align_then_finetune_in_the_layout(layout, tmp_path):
         "model.layout_options": json.dumps(case["options"]),
     }
     align = _overrides(case, tmp_path, a, 3e-2, **model)
-    finetune = _overrides(case, tmp_path, f, 3e-3, **{"model.init_from": a / "export" / "native"})
+    formats = f"[native,{case['export']}]" if case["export"] else "[native]"
+    finetune = _overrides(
+        case, tmp_path, f, 3e-3, **{"model.init_from": a / "export" / "native", "export.formats": formats}
+    )
     r = run_ranks(stages_worker, 2, align, finetune, timeout=400, backend=None)[0]
     for stage in ("align", "finetune"):
         values = r[stage]["losses"]
@@ -100,3 +111,50 @@ def test_two_ranks_align_then_finetune_in_the_layout(layout, tmp_path):
     aligned = load_file(a / "export" / "native" / "connector.safetensors")
     finetuned = load_file(f / "export" / "native" / "connector.safetensors")
     assert all(not torch.equal(aligned[k], finetuned[k]) for k in aligned)  # the finetune trained it on
+    if case["export"]:
+        _captions_in_transformers(f / "export" / case["export"])
+
+
+def _captions_in_transformers(folder: Path) -> None:
+    """transformers' AutoProcessor and Idefics3ForConditionalGeneration, from the exported folder alone, build
+    the inputs of a wide and a large image of the shard (tiles and the global image) with a prompt: its ids
+    and crops are ours, its logits ours, and it generates greedily what our VisionLanguageModel generates
+    from the same export."""
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "Idefics3Processor"
+    processor.tokenizer.padding_side = "left"  # as ours lays a batch out
+    hf = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder).eval()
+    ours = VisionLanguageModel.from_pretrained(folder).eval()
+    members = sized_qa_members(3)  # png, json of each sample
+    # 24x60: 1x2 tiles; 90x90: 2x2 tiles (each then the global image)
+    images = [Image.open(io.BytesIO(members[i][1])).convert("RGB") for i in (0, 4)]
+    prompts = [f"<image> {QA_PROMPT}"] * len(images)
+    batch = processor(images=[[i] for i in images], text=prompts, return_tensors="pt", padding=True)
+
+    pixels, sizes = ours.image_inputs(images)
+    counts = [ours.layout.num_crops(s) for s in sizes.tolist()]
+    assert counts == [3, 5], counts
+    assert torch.equal(batch["pixel_values"][0, :3], pixels[:3]) and not batch["pixel_values"][0, 3:].any()
+    assert torch.equal(batch["pixel_values"][1], pixels[3:])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    built = build_prompts(
+        ours.tokenizer,
+        prompts,
+        image_token_id=ours.image_token_id,
+        image=[ours.image_prompt_ids(s) for s in sizes.tolist()],
+        pad_token_id=0,
+        causal=True,
+    )
+    assert torch.equal(ids, built.input_ids) and torch.equal(mask, built.attention_mask)
+    with torch.no_grad():
+        theirs = hf(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        mine = ours(ids, pixels, mask, image_sizes=sizes).logits
+    assert_close(mine[mask.bool()], theirs[mask.bool()], atol=1e-4, rtol=1e-4)
+
+    hf.generation_config.eos_token_id = None
+    suppress = [ours.image_token_id]  # ours never generates the placeholder
+    generated = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=suppress)
+    continued = ours.generate(pixels, prompts, image_sizes=sizes, max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(generated[:, ids.shape[1] :], continued), (generated, continued)

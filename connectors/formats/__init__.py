@@ -3,8 +3,10 @@
 
 Each format (a module, or for the tiled LLaVA formats and Idefics3/SmolVLM an object of :mod:`.llava_next`
 / :mod:`.idefics3`) has
-``save(parts, out, state_dict)`` and ``load(path, config, dtype=, device=) -> VLMParts`` (and, but for native,
-``check(parts)``); ``VisionLanguageModel`` assembles what ``load`` returns."""
+``save(parts, out, state_dict)``, ``load(path, config, dtype=, device=) -> VLMParts``, ``check(parts)`` (the
+refusals its ``save`` makes first) and ``architecture`` (the transformers class that loads it; None for
+native); ``VisionLanguageModel`` assembles what ``load`` returns. :mod:`.capacity` tabulates what each
+format's ``check`` lets through."""
 
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ _BY_MODEL_TYPE = {
     "smolvlm": SMOLVLM,
     "gemma3": gemma3,
 }
+
+
+def check(parts: VLMParts, format: str) -> None:
+    """Raise the :class:`FormatError` with which ``format``'s writer refuses ``parts`` (a VLMParts or a
+    VisionLanguageModel), if it does."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
+    FORMATS[format].check(parts)
 
 
 def save(
@@ -101,4 +111,13 @@ def decoder_rows(src: str | os.PathLike) -> int:
         return int(read_transformers_config(path).get_text_config().vocab_size)
 
 
-__all__ = ["FORMATS", "FormatError", "VLMParts", "checkpoint_format", "decoder_rows", "load", "save"]
+__all__ = [
+    "FORMATS",
+    "FormatError",
+    "VLMParts",
+    "check",
+    "checkpoint_format",
+    "decoder_rows",
+    "load",
+    "save",
+]

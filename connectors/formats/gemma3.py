@@ -51,6 +51,7 @@ from .common import FormatError
 from .towers import expect_keys, projector_tensors, tower_from_tensors
 
 NAME = "gemma3"
+architecture = "Gemma3ForConditionalGeneration"  # the transformers class that loads this format
 DECODER = "gemma3_text"
 LAYOUTS = ("fixed", "pan_and_scan")
 # pan_and_scan option -> Gemma3ImageProcessor field, and Gemma3Processor's default when the field is null
@@ -136,7 +137,7 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         split,
         projector,
         out,
-        architecture="Gemma3ForConditionalGeneration",
+        architecture=architecture,
         model_type=NAME,
         vision_config=parts.tower.config.to_hf(),
         text=common.text_config(parts.decoder),

@@ -29,6 +29,7 @@ from .common import (
 from .towers import expect_keys, projector_tensors, tower_from_tensors
 
 _PROJECTOR_KEYS = {"linear_1.weight", "linear_2.weight"}
+architecture = "LlavaForConditionalGeneration"  # the transformers class that loads this format
 
 
 def check(vlm: VLMParts) -> None:
@@ -111,7 +112,7 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         parts,
         out,
         state_dict,
-        architecture="LlavaForConditionalGeneration",
+        architecture=architecture,
         model_type="llava",
         fields={"image_seq_length": parts.num_image_tokens},
         # LlavaProcessor expands each <image> of a prompt into one placeholder per patch from these

@@ -38,6 +38,7 @@ from .common import MAX_SHARD_SIZE, check_plain_decoder, folder_parts, split_wei
 
 MODEL_TYPE = NATIVE_MODEL_TYPE
 FORMAT_VERSION = 1
+architecture = None  # no transformers class: this package's own layout
 # config.json keys and the JSON type of each
 _KEYS = {
     "model_type": str,
@@ -51,8 +52,14 @@ _KEYS = {
 _OPTIONAL = {"image_layout": dict}
 
 
-def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+def check(parts: VLMParts) -> None:
+    """Every tower, connector, image layout, decoder family and attention: only a plain decoder (a peft
+    wrapper saves its adapters alone)."""
     check_plain_decoder(parts.decoder, "native")
+
+
+def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    check(parts)
     split = split_weights(parts.decoder, state_dict)
     out.mkdir(parents=True, exist_ok=True)
     write_vision_weights(parts.tower.config, split["tower"], out / "tower")

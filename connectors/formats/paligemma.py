@@ -19,6 +19,7 @@ from .towers import expect_keys, projector_tensors, tower_from_tensors
 
 # text model types transformers 5.x accepts in PaliGemma (PaliGemma 1: Gemma, PaliGemma 2: Gemma 2)
 DECODERS = ("gemma", "gemma2")
+architecture = "PaliGemmaForConditionalGeneration"  # the transformers class that loads this format
 
 
 def check(vlm: VLMParts) -> None:
@@ -62,7 +63,7 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         split,
         projector,
         out,
-        architecture="PaliGemmaForConditionalGeneration",
+        architecture=architecture,
         model_type="paligemma",
         vision_config={**parts.tower.config.to_hf(), "projection_dim": hidden},
         text=text,

@@ -24,6 +24,7 @@ every rank of ZeRO-3 takes part in every gather.
 from __future__ import annotations
 
 import functools
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -41,9 +42,44 @@ from .json_source import image_blobs
 from .shards import SkipSample, default_decode_image, read_caption, read_image, read_json_member
 
 
+def prompt_fields(template: str) -> list[str]:
+    """The ``json`` fields a caption prompt names in braces (``"{class}"``: the sample's ``class``); a
+    field that is not a plain name (``{a.b}``, ``{0}``, ``{x!r}``, ``{x:>4}``) is an error."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"data.caption_prompt {template!r}: {err} (write a brace as {{{{ or }}}})") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"data.caption_prompt {template!r}: {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not a json field name; write {{field}}"
+            )
+        names.append(name)
+    return names
+
+
+def fill_prompt(template: str, meta: Any) -> str:
+    """A caption prompt with the sample's ``json`` fields it names filled in (a sample without one of them,
+    as a string, is skipped as ``bad_caption``)."""
+    fields = prompt_fields(template)
+    if not fields:
+        return template
+    missing = [f for f in fields if not (isinstance(meta, dict) and isinstance(meta.get(f), str))]
+    if missing:
+        raise SkipSample(
+            "bad_caption",
+            f"data.caption_prompt {template!r} names json field {missing[0]!r}: the sample has none",
+        )
+    return template.format_map({f: meta[f] for f in fields})
+
+
 def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str, str]:
     """(prompt, answer) of a raw sample: ``prompt``/``answer`` of its ``json``, else
-    (``caption_prompt``, its caption)."""
+    (``caption_prompt``, its caption), the prompt's ``{field}`` names filled from the ``json``."""
     meta = None
     if "json" in sample:
         try:
@@ -59,7 +95,7 @@ def read_prompt_answer(sample: dict[str, Any], caption_prompt: str) -> tuple[str
         if not answer.strip():
             raise SkipSample("empty_caption", "json answer is empty or whitespace")
         return prompt.strip(), answer.strip()
-    return caption_prompt, read_caption(sample)
+    return fill_prompt(caption_prompt, meta), read_caption(sample)
 
 
 Size = tuple[int, int]  # (height, width)
@@ -168,7 +204,8 @@ class VLMBuilder:
     of captions;
     ``causal``: a prompt without the image token is laid out as LLaVA's (bos, image, text), else as
     PaliGemma's (image, bos, text, newline). ``chat_template`` (Jinja text) renders conversations; none:
-    a conversation sample is an error."""
+    a conversation sample is an error. ``text_only`` (stage ``text``): every sample's rows as without its
+    images (never read): no placeholder, no crop, a conversation's ``<image>`` dropped from its text."""
 
     truncation_advice = (
         "image tokens, prompt and answer exceed data.max_length, so the answer was cut: raise data.max_length"
@@ -186,6 +223,7 @@ class VLMBuilder:
         caption_prompt: str = "",
         causal: bool = False,
         chat_template: str | None = None,
+        text_only: bool = False,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the decoder's tokenizer has no eos token: answers need one to end")
@@ -197,6 +235,7 @@ class VLMBuilder:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
         self.chat_template = chat_template
+        self.text_only = text_only
 
     @functools.cached_property
     def chat(self) -> ChatEncoder:
@@ -247,13 +286,17 @@ class VLMBuilder:
             if is_conversation(meta):
                 return self.build_conversation(sample, meta)
         prompt, answer = read_prompt_answer(sample, self.caption_prompt)
-        if "__folder__" in sample:  # a JSON source: the image named by the record, in the image folder
+        if self.text_only:
+            images = self.images.empty()
+        elif "__folder__" in sample:  # a JSON source: the image named by the record, in the image folder
             names = meta.get("image", meta.get("images", [])) if isinstance(meta, dict) else []
             images = self.images.load_blobs(image_blobs(sample, [names] if isinstance(names, str) else names))
         else:
             images = self.images.load(sample)
         self.image_counts(images)  # skips a sample over max_image_tokens
         spans = [i for size in images.sizes for i in self.image_ids(size)]  # the images one after the other
+        if self.text_only:
+            prompt = prompt.replace(self.image_token, "")
         try:  # a prompt holding <image> twice: this sample's own text, skipped and counted like bad json
             prefix = self.prefix_ids(prompt, spans)
         except ValueError as err:
@@ -288,9 +331,13 @@ class VLMBuilder:
         """A conversation's row: rendered, verified, its assistant tokens the targets."""
         conv = read_conversation(meta, self.image_token)
         key = str(meta.get("id", sample["__key__"]))
+        if self.text_only:  # the text as if there were no image
+            conv.images = []
+            for m in conv.messages:
+                m["content"] = m["content"].replace(self.image_token + "\n", "").replace(self.image_token, "")
         if not hasattr(self.images, "load_blobs"):
             raise ValueError("conversation samples read their images themselves: drop data.feature_cache")
-        blobs = image_blobs(sample, conv.images)
+        blobs = [] if self.text_only else image_blobs(sample, conv.images)
         # (crops, 3, H, W); a text-only conversation has none and still batches with the others
         images = self.images.load_blobs(blobs) if blobs else self.images.empty()
         self.image_counts(images)  # skips a sample over max_image_tokens
@@ -357,9 +404,9 @@ class VLMBuilder:
             "answer": [it.text for it in items],
             "__key__": [it.key for it in items],
         }
-        if any(it.targets is not None for it in items):
+        if any(it.targets is not None or not it.image_sizes for it in items):
             # what evaluation continues: a conversation's ids up to its first reply, a single-turn sample's
-            # prefix (the ids its prompt string gives)
+            # prefix (the ids its prompt string gives; without its image in stage text)
             batch["prompt_ids"] = [
                 it.input_ids[: it.num_prefix] if it.targets is None else it.prompt_ids for it in items
             ]
@@ -375,6 +422,7 @@ def builder_for(
     images: Any = None,
     chat_template: str | None = None,
     key: str = "data.max_length",
+    text_only: bool = False,
 ) -> VLMBuilder:
     """The :class:`VLMBuilder` of a :class:`~connectors.VisionLanguageModel`: its tokenizer, image token and
     image layout, and its image processor (or ``images``, e.g. a feature cache). ``chat_template``: a built-in
@@ -405,6 +453,7 @@ def builder_for(
         chat_template=resolve_chat_template(chat_template, vlm.tokenizer)
         if chat_template
         else vlm.chat_template,
+        text_only=text_only,
     )
     size = vlm.tower.config.image_size
     prefix = len(builder.prefix_ids(caption_prompt, builder.image_ids((size, size))))  # image, bos, prompt

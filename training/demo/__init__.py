@@ -1,6 +1,7 @@
 """The built-in demo: shapes data -> tokenizer -> 2-rank ZeRO-2 pretraining of a tiny SigLIP ->
 held-out zero-shot accuracy -> exported towers -> patch features -> a tiny Gemma-shaped decoder with a
-tokenizer of its own -> stage align (connector) -> stage finetune (connector and decoder) -> held-out
+tokenizer of its own -> stage text (the decoder learns to write a caption after its class's words) ->
+stage align (connector, with held-out captions) -> stage finetune (connector and decoder) -> held-out
 captions from the exported PaliGemma folder. Needs no download and no source checkout (its configs ship
 in the package)."""
 
@@ -17,11 +18,12 @@ from .shapes import CAPTION_TEMPLATES, CLASSES, ZEROSHOT_TEMPLATES, ShapesSummar
 
 DEFAULT_OUT = "vision-tower-demo"
 DEMO_CONFIG = configs_dir() / "pretrain" / "demo_tiny.yaml"
+TEXT_CONFIG = configs_dir() / "vlm" / "tiny_text.yaml"
 ALIGN_CONFIG = configs_dir() / "vlm" / "tiny_align.yaml"
 FINETUNE_CONFIG = configs_dir() / "vlm" / "tiny_finetune.yaml"
 # what a demo writes into its folder (and --overwrite removes)
 OUTPUTS = ("shapes", "tokenizer", "run", "features.safetensors", "decoder-tokenizer", "vlm")
-STEPS = 8  # the demo's numbered steps
+STEPS = 9  # the demo's numbered steps
 CAPTION_EVAL_SAMPLES = 512  # held-out images captioned at the end (the whole val split)
 SIZES = ("small", "large", "big", "tiny", "medium")
 VOCAB_SIZE = 128  # = model.text.vocab_size in demo_tiny.yaml
@@ -77,8 +79,9 @@ def run_demo(
     print(f"[1/{STEPS}] writing the shapes dataset to {data}", flush=True)
     summary = make_shapes(data, n_train=train_samples, n_val=512, shard_size=1024, image_size=32)
     final = pretrain_tower(out_dir, summary, steps=steps, ranks=ranks, overrides=overrides)
-    paligemma = train_vlm_stages(out_dir, summary, steps=vlm_steps, ranks=ranks)
-    final.update(caption_held_out(paligemma, summary.val))
+    paligemma, aligned = train_vlm_stages(out_dir, summary, steps=vlm_steps, ranks=ranks)
+    final.update(aligned)
+    final.update(caption_held_out(paligemma, summary.val, STEPS))
     return final
 
 
@@ -150,9 +153,12 @@ def pretrain_tower(
     return final
 
 
-def train_vlm_stages(out_dir: Path, summary: ShapesSummary, *, steps: int | None, ranks: int) -> Path:
-    """A decoder tokenizer, then ``train-vlm`` stage align and stage finetune with the shipped tiny configs
-    on the pretrained tower (steps 5 to 7); returns the fine-tuned model's PaliGemma folder."""
+def train_vlm_stages(
+    out_dir: Path, summary: ShapesSummary, *, steps: int | None, ranks: int
+) -> tuple[Path, dict[str, float]]:
+    """A decoder tokenizer, then ``train-vlm`` stages text, align (with its held-out captions) and finetune
+    with the shipped tiny configs on the pretrained tower (steps 5 to 8); returns the fine-tuned model's
+    PaliGemma folder and the held-out figure after align."""
     tokenizer_dir = out_dir / "decoder-tokenizer"
     tok = train_decoder_tokenizer(caption_corpus(), tokenizer_dir)
     print(
@@ -160,14 +166,32 @@ def train_vlm_stages(out_dir: Path, summary: ShapesSummary, *, steps: int | None
         f"{tokenizer_dir}",
         flush=True,
     )
-    align, finetune = out_dir / "vlm" / "align", out_dir / "vlm" / "finetune"
+    text, align, finetune = (out_dir / "vlm" / name for name in ("text", "align", "finetune"))
     data = [f"data.train_shards={summary.train}", f"data.val_shards={summary.val}"]
     if steps is not None:
         data.append(f"run.steps={steps}")
     tower = out_dir / "run" / "export" / "vision"
     print(
-        f"[6/{STEPS}] stage align: a linear connector between the pretrained tower and a random 2-layer "
-        f"Gemma-shaped decoder (both frozen), {ranks} CPU rank(s) -> {align}",
+        f"[6/{STEPS}] stage text: a random 2-layer Gemma-shaped decoder learns to write each caption after "
+        f"its class's words (no image), {ranks} CPU rank(s) -> {text}",
+        flush=True,
+    )
+    _launch(
+        ranks,
+        [
+            "train-vlm",
+            "--config",
+            str(TEXT_CONFIG),
+            f"run.out_dir={text}",
+            f"model.tower={tower}",
+            f"model.tokenizer={tokenizer_dir}",
+            *data,
+        ],
+        "stage text",
+    )
+    print(
+        f"[7/{STEPS}] stage align: a linear connector between the pretrained tower and that decoder (both "
+        f"frozen) -> {align}",
         flush=True,
     )
     _launch(
@@ -178,13 +202,15 @@ def train_vlm_stages(out_dir: Path, summary: ShapesSummary, *, steps: int | None
             str(ALIGN_CONFIG),
             f"run.out_dir={align}",
             f"model.tower={tower}",
-            f"model.tokenizer={tokenizer_dir}",
+            f"model.decoder={text / 'export' / 'native' / 'decoder'}",
+            f"model.tokenizer={text / 'export' / 'native'}",
             *data,
         ],
         "stage align",
     )
+    aligned = caption_held_out(align / "export" / "native", summary.val, 7, after="align")
     print(
-        f"[7/{STEPS}] stage finetune: connector and decoder train, the tower stays frozen -> {finetune}",
+        f"[8/{STEPS}] stage finetune: connector and decoder train, the tower stays frozen -> {finetune}",
         flush=True,
     )
     _launch(
@@ -199,12 +225,15 @@ def train_vlm_stages(out_dir: Path, summary: ShapesSummary, *, steps: int | None
         ],
         "stage finetune",
     )
-    return finetune / "export" / "paligemma"
+    return finetune / "export" / "paligemma", aligned
 
 
-def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_SAMPLES) -> dict[str, float]:
-    """Caption held-out images with the exported PaliGemma folder (loaded back) and print how many captions
-    name the right colour and shape, next to chance and to word-for-word equality (step 8)."""
+def caption_held_out(
+    model: Path, val_shards: str, step: int, *, after: str | None = None, samples: int = CAPTION_EVAL_SAMPLES
+) -> dict[str, float]:
+    """Caption held-out images with an exported folder (loaded back) and print how many captions name the
+    right colour and shape, next to chance (and, for the final model, to word-for-word equality);
+    ``after``: the stage whose export this is, for a figure along the way."""
     from connectors import VisionLanguageModel
 
     from ..data.vlm import builder_for
@@ -213,8 +242,12 @@ def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_S
     vlm = VisionLanguageModel.from_pretrained(model).eval()
     builder = builder_for(vlm, max_length=48)
     items = read_eval_items(builder, val_shards, samples)
-    print(f"[8/{STEPS}] captioning {len(items)} held-out images with {model}", flush=True)
+    print(f"[{step}/{STEPS}] captioning {len(items)} held-out images with {model}", flush=True)
     result = evaluate_vlm(vlm, items, builder, batch_size=64, max_new_tokens=12, match=same_class)
+    figure = f"{result.exact_match:.1%} (colour and shape both right; chance {1 / len(CLASSES):.1%})"
+    if after is not None:
+        print(f"after stage {after}, held-out caption exact-match: {figure}", flush=True)
+        return {f"caption_match_{after}": result.exact_match}
     exact = sum(exact_match(p["generated"], p["answer"]) for p in result.predictions) / len(items)
     for p in result.predictions[:3]:
         print(f"  {p['key']}: {p['generated']!r} (caption {p['answer']!r})")
@@ -222,10 +255,7 @@ def caption_held_out(model: Path, val_shards: str, samples: int = CAPTION_EVAL_S
         f"word for word equal to the caption: {exact:.1%} (its template is one of {len(CAPTION_TEMPLATES)} "
         "drawn at random: the image does not show it)"
     )
-    print(
-        f"held-out caption exact-match: {result.exact_match:.1%} (colour and shape both right; "
-        f"chance {1 / len(CLASSES):.1%})"
-    )
+    print(f"held-out caption exact-match: {figure}")
     print(
         f"PaliGemma folder (transformers PaliGemmaForConditionalGeneration, vision-tower generate): {model}",
         flush=True,

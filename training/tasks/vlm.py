@@ -1,4 +1,5 @@
 """Staged training of a vision-language model as a runner task (``vision-tower train-vlm``): stage
+``text`` trains the decoder alone as a language model on the samples' text (no image is read), stage
 ``align`` trains the connector between a frozen tower and a frozen decoder, stage ``finetune`` the
 connector and the decoder (in full or through LoRA), the tower if asked. Batches of image + prompt +
 answer from shards (or cached tower features), loss on the answer tokens, held-out loss and exact
@@ -167,6 +168,7 @@ class VLMTask(ShardTask):
             max_image_tokens=data.max_image_tokens,
             caption_prompt=data.caption_prompt,
             images=images,
+            text_only=self.cfg.stage == "text",
         )
 
     def loss(

@@ -11,7 +11,9 @@ from typing import Any
 
 from ..runner.config import OptimSection, RunSection, check_range, load_sections, resolve_path
 
-STAGES = ("align", "finetune")
+# text: the decoder alone learns the data's text (no image); align: the connector; finetune: the
+# connector and the decoder
+STAGES = ("text", "align", "finetune")
 DECODER_TRAINING = ("full", "lora")
 EXPORT_FORMATS = (
     "native",
@@ -207,7 +209,9 @@ class VLMDataSection:
     under ``image_folder``. More than ``max_bad_samples`` conversations whose template rendering fails its
     check (``template_mismatch``) stop the run.
     ``batch_size`` is per rank and micro-step; rows are padded per batch, cut at ``max_length`` tokens
-    (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions.
+    (image tokens included) on the answer side. ``caption_prompt`` is the prompt of captions; ``{field}``
+    in it is the sample's ``json`` field (``"{class}"``: the demo's stage text writes captions from the class
+    name's words).
     ``max_image_tokens`` (None: no limit): a sample whose images take more decoder tokens (tiled layouts
     give large images more) is skipped and counted (``too_many_image_tokens``); an image is never cut.
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
@@ -245,6 +249,9 @@ class VLMDataSection:
             raise ValueError(
                 "data.feature_cache holds features of data.train_shards: drop it with data.train_json"
             )
+        from ..data.vlm import prompt_fields
+
+        prompt_fields(self.caption_prompt)  # a field that is not a plain name fails here
         check_range("data.max_bad_samples", self.max_bad_samples, lo=0)
         for name in ("batch_size", "max_length", "eval_samples", "eval_batch_size", "eval_max_new_tokens"):
             check_range(f"data.{name}", getattr(self, name), lo=1)
@@ -272,8 +279,10 @@ class ExportSection:
 
 @dataclass
 class VLMConfig:
-    """The ``vision-tower train-vlm`` config. ``stage: align`` trains the connector alone (tower and
-    decoder frozen); ``stage: finetune`` trains connector and decoder (``finetune`` section)."""
+    """The ``vision-tower train-vlm`` config. ``stage: text`` trains the decoder alone as a language model
+    on the samples' text (their images unread; tower and connector frozen); ``stage: align`` trains the
+    connector alone (tower and decoder frozen); ``stage: finetune`` trains connector and decoder
+    (``finetune`` section)."""
 
     stage: str = "align"
     model: VLMModelSection = field(default_factory=VLMModelSection)
@@ -286,10 +295,13 @@ class VLMConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.stage == "align" and self.finetune != FinetuneSection():
+        if self.stage != "finetune" and self.finetune != FinetuneSection():
+            alone = {"align": "the connector", "text": "the decoder"}[self.stage]
             raise ValueError(
-                "the finetune section applies to stage finetune; stage align trains the connector alone"
+                f"the finetune section applies to stage finetune; stage {self.stage} trains {alone} alone"
             )
+        if self.stage == "text" and self.data.feature_cache:
+            raise ValueError("stage text reads no image: drop data.feature_cache")
         if self.data.feature_cache and self.tower_trains:
             raise ValueError(
                 "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop "

@@ -16,6 +16,7 @@ from connectors import VisionLanguageModel
 from connectors.decoder import check_tokenizer_fits, config_rows, load_decoder, load_tokenizer
 from connectors.decoder_presets import build_decoder, preset_decoder_name
 from connectors.formats import FORMATS, FormatError, decoder_rows
+from connectors.formats import check as check_format
 from vision_tower import VisionTower
 from vision_tower.sources import load_tower, processor_for
 
@@ -214,10 +215,11 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
 
 
 def set_stage(vlm: VisionLanguageModel, cfg: VLMConfig) -> None:
-    """``requires_grad`` and train/eval mode per part: align trains the connector; finetune the
-    connector and the decoder (in full, or LoRA adapters on frozen weights), the tower if asked."""
-    full_decoder = cfg.stage == "finetune" and cfg.finetune.decoder == "full"
-    vlm.set_trainable(tower=cfg.tower_trains, connector=True, decoder=full_decoder)
+    """``requires_grad`` and train/eval mode per part: text trains the decoder alone; align the connector;
+    finetune the connector and the decoder (in full, or LoRA adapters on frozen weights), the tower if
+    asked."""
+    full_decoder = cfg.stage == "text" or (cfg.stage == "finetune" and cfg.finetune.decoder == "full")
+    vlm.set_trainable(tower=cfg.tower_trains, connector=cfg.stage != "text", decoder=full_decoder)
     if cfg.stage == "finetune" and cfg.finetune.decoder == "lora":
         add_lora(vlm.decoder, cfg.finetune.lora)
     vlm.train()
@@ -279,10 +281,8 @@ def export_formats(vlm: VisionLanguageModel, wanted: list[str] | None) -> list[s
     ``native`` and every other that can hold it."""
     out = []
     for fmt in wanted or list(FORMATS):
-        check = getattr(FORMATS[fmt], "check", None)
         try:
-            if check is not None:
-                check(vlm)
+            check_format(vlm, fmt)
         except FormatError as err:
             if wanted:
                 raise FormatError(f"export.formats lists {fmt!r}: {err}") from None
