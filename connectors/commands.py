@@ -13,17 +13,21 @@ from vision_tower.cli import add_dtype_option, check_device, positive_int
 def cmd_generate(args: argparse.Namespace) -> None:
     from vision_tower.hardware import choose_precision
 
+    from .chat_template import read_template
     from .generation import generate_text
     from .vlm import VisionLanguageModel
 
     check_device(args.device)
     precision = choose_precision(args.dtype, args.device)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout holds only the generated text
+    template = None if args.chat_template is None else read_template(args.chat_template)
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype, device=args.device).eval()
     (text,) = generate_text(
         vlm,
         [args.image],
         [args.prompt],
+        chat=args.chat,
+        chat_template=template,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -49,6 +53,17 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         default="",
         help="text after the image (PaliGemma layout: image, bos, prompt, newline); a prompt holding <image> "
         "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's turn: render it with the model's chat template (the one it was trained "
+        "and saved with) and its generation prompt, as training renders conversations",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="with --chat (implied): plain, v1 or a Jinja file instead of the model's saved template",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--sample", action="store_true", help="draw each token (default: the most likely)")

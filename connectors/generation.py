@@ -25,6 +25,7 @@ from transformers import (
 from vision_tower import load_image
 
 from .base import Grid
+from .chat_template import chat_prompt_ids
 from .decoder import new_cache
 from .inputs import build_prompts
 
@@ -183,17 +184,42 @@ def generate_text(
     vlm: nn.Module,
     images: Sequence[str | os.PathLike],
     prompts: Sequence[str],
+    *,
+    chat: bool = False,
+    chat_template: str | None = None,
     **options: Any,
 ) -> list[str]:
     """Load image files, preprocess them with the VLM's processor, continue each prompt, decode the text
-    (cut after the first of ``stop_strings`` it holds). ``options``: those of :func:`generate`."""
+    (cut after the first of ``stop_strings`` it holds). ``chat``: each prompt is a user's turn rendered with
+    the chat template (``chat_template``, Jinja text, else the VLM's own: the one it was trained and saved
+    with) and its generation prompt, as training renders conversations
+    (:func:`connectors.chat_template.chat_prompt_ids`). ``options``: those of :func:`generate`."""
     if vlm.tokenizer is None:
         raise ValueError("this VLM has no tokenizer files: it cannot turn prompts into ids or ids into text")
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
     param = next(vlm.tower.parameters())
     pixels, sizes = vlm.image_inputs([load_image(f) for f in images])  # every crop, each image's size
-    ids = generate(vlm, pixels.to(param.device, param.dtype), list(prompts), image_sizes=sizes, **options)
+    pixels = pixels.to(param.device, param.dtype)
+    if chat or chat_template is not None:
+        rows = [
+            chat_prompt_ids(vlm, p, s, chat_template) for p, s in zip(prompts, sizes.tolist(), strict=True)
+        ]
+        width = max(map(len, rows))
+        pad = _pad_id(vlm, _eos_ids(vlm, options.get("eos_token_id")))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (B, L) left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        device = next(vlm.decoder.parameters()).device
+        ids = generate(
+            vlm,
+            pixels,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            image_sizes=sizes,
+            **options,
+        )
+    else:
+        ids = generate(vlm, pixels, list(prompts), image_sizes=sizes, **options)
     texts = vlm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [_cut(t, options.get("stop_strings", ())) for t in texts]
 

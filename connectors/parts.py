@@ -32,7 +32,9 @@ class VLMParts:
     image_bidirectional);
     ``tower_swap``: the record of the tower swap that made it, if one did (:mod:`connectors.swap`);
     ``layout``: the image layout (name and options) and ``layout_params`` its learned tensors as a
-    checkpoint holds them (``image_newline``; when saving they are in the state dict, ``layout_params.*``).
+    checkpoint holds them (``image_newline``; when saving they are in the state dict, ``layout_params.*``);
+    ``chat_template``: the Jinja text conversations are rendered with in training (saved as the tokenizer's
+    template, and as the processor's in the formats whose processor applies it), or None.
     A :class:`~connectors.VisionLanguageModel` has the same attributes."""
 
     tower: VisionTower
@@ -45,6 +47,7 @@ class VLMParts:
     tower_swap: dict[str, Any] | None = None
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     layout_params: dict[str, torch.Tensor] = field(default_factory=dict)  # as read from a checkpoint
+    chat_template: str | None = None
 
     @property
     def num_image_tokens(self) -> int:

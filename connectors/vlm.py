@@ -97,7 +97,9 @@ class VisionLanguageModel(nn.Module):
     and ``processor`` (an :class:`ImageProcessor`) are used by ``generate`` with prompts and saved with the
     checkpoints. The pooling head of the tower is dropped: only patch features are read. ``tower_swap``:
     the record of the tower swap that made this model (:meth:`replace_tower` writes it; saved and loaded
-    with the checkpoints); ``source``: the checkpoint it was loaded from, if any.
+    with the checkpoints); ``source``: the checkpoint it was loaded from, if any. ``chat_template``: the Jinja
+    text that renders conversations for this model (training's ``model.chat_template``; default: the
+    tokenizer's own), saved with the tokenizer and, in the LLaVA formats, as the processor's template.
 
     ``image_layout`` (a name of :func:`connectors.layouts.list_layouts`, or a :class:`LayoutConfig`) with
     ``layout_options``: how an image becomes crops and decoder tokens. ``"fixed"`` (the default): one crop,
@@ -130,6 +132,7 @@ class VisionLanguageModel(nn.Module):
         tower_swap: dict[str, Any] | None = None,
         image_layout: str | LayoutConfig = "fixed",
         layout_options: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         if attention not in ATTENTION:
@@ -157,6 +160,8 @@ class VisionLanguageModel(nn.Module):
         self.processor = processor
         self.tower_swap = tower_swap
         self.source: str | None = None
+        own = getattr(tokenizer, "chat_template", None)
+        self.chat_template: str | None = chat_template or (own if isinstance(own, str) else None)
         self.image_token_id = ensure_image_token(decoder, tokenizer, image_token_id)
         if isinstance(image_layout, LayoutConfig):
             if layout_options:
@@ -552,7 +557,8 @@ class VisionLanguageModel(nn.Module):
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this VLM's settings around the same or other parts:
         ``VisionLanguageModel(tower, connector, decoder, **vlm.settings())`` (image token, attention,
-        tokenizer, processor, tower swap record and image layout; learned layout parameters start fresh)."""
+        tokenizer, processor, tower swap record, image layout and chat template; learned layout parameters
+        start fresh)."""
         return {
             "image_token_id": self.image_token_id,
             "attention": self.attention,
@@ -560,6 +566,7 @@ class VisionLanguageModel(nn.Module):
             "processor": self.processor,
             "tower_swap": self.tower_swap,
             "image_layout": self.image_layout,
+            "chat_template": self.chat_template,
         }
 
     def replace_tower(
@@ -633,7 +640,8 @@ class VisionLanguageModel(nn.Module):
         formats.save(self.parts(), out_dir, format=format, state_dict=sd)
 
     def parts(self) -> VLMParts:
-        """Tower, connector, decoder, tokenizer, processor, image token id and attention (not copies)."""
+        """Tower, connector, decoder, tokenizer, processor, image token id, attention and chat template (not
+        copies)."""
         return VLMParts(
             self.tower,
             self.connector,
@@ -644,6 +652,7 @@ class VisionLanguageModel(nn.Module):
             self.processor,
             self.tower_swap,
             self.layout.config,
+            chat_template=self.chat_template,
         )
 
     @classmethod
@@ -674,6 +683,7 @@ class VisionLanguageModel(nn.Module):
             dtype=dtype,
             tower_swap=parts.tower_swap,
             image_layout=parts.layout,
+            chat_template=parts.chat_template,
         )
         # the saved image_newline (the constructor drew a random one); a checkpoint without it is refused
         strict_load(vlm.layout_params, parts.layout_params, source=f"{src} (image layout parameters)")

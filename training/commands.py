@@ -437,7 +437,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--chat-template",
         default=None,
         help="renders conversation samples: plain, v1 or a Jinja file (model.chat_template); "
-        "default: the tokenizer's own",
+        "default: the template saved with the model (the one it was trained with)",
     )
     add_dtype_option(vlm)
 

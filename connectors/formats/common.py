@@ -20,6 +20,7 @@ from vision_tower.formats.keys import part
 from vision_tower.formats.transformers import vision_state_dict_hf
 from vision_tower.processor import read_config as read_processor_config
 
+from ..chat_template import processor_template
 from ..decoder import load_decoder, load_tokenizer, no_code_from_files
 from ..decoder_files import read_transformers_config
 from ..parts import VLMParts
@@ -147,12 +148,13 @@ def _own_storage(t: Tensor) -> Tensor:
 def write_extras(
     parts: VLMParts, out: Path, processor_config: dict[str, Any] | None = None, **processor_fields: Any
 ) -> None:
-    """Tokenizer files and ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has
-    them, ``processor_config.json`` (the multimodal processor's own arguments, which transformers'
-    ``AutoProcessor`` reads) when both are there, and the tower swap record when a swap made the VLM."""
+    """Tokenizer files (with the VLM's chat template as the tokenizer's: ``chat_template.jinja``) and
+    ``preprocessor_config.json`` (with ``processor_fields`` added), when the VLM has them,
+    ``processor_config.json`` (the multimodal processor's own arguments, which transformers' ``AutoProcessor``
+    reads) when both are there, and the tower swap record when a swap made the VLM."""
     write_swap(parts.tower_swap, out)
     if parts.tokenizer is not None:
-        parts.tokenizer.save_pretrained(str(out))
+        _save_tokenizer(parts.tokenizer, out, parts.chat_template)
     if processor_config and parts.tokenizer is not None and parts.processor is not None:
         (out / "processor_config.json").write_text(
             json.dumps(processor_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
@@ -164,6 +166,31 @@ def write_extras(
             file.write_text(
                 json.dumps({**data, **processor_fields}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
+
+
+def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
+    """``tokenizer``'s files, with ``chat_template`` as its template (its own when None); the live tokenizer
+    is left as it was."""
+    own = getattr(tokenizer, "chat_template", None)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.chat_template = own
+
+
+def write_processor_template(parts: VLMParts, out: Path, image_token: str) -> None:
+    """``chat_template.json``: the VLM's chat template as the multimodal processor applies it
+    (:func:`connectors.chat_template.processor_template`), when the folder holds a processor and the VLM a
+    template. transformers' processors read it before ``chat_template.jinja`` (the tokenizer's, which keeps
+    the template as training renders it); tokenizers do not read it."""
+    if parts.chat_template is None or parts.tokenizer is None or parts.processor is None:
+        return
+    template = processor_template(parts.chat_template, parts.tokenizer, image_token)
+    (out / "chat_template.json").write_text(
+        json.dumps({"chat_template": template}, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def write_multimodal(
@@ -224,11 +251,20 @@ def multimodal_decoder(
 def folder_parts(
     path: Path, tower: Any, connector: Any, decoder: PreTrainedModel, *, image_token_id: int, attention: str
 ) -> VLMParts:
-    """The parts read from a checkpoint folder, with the tokenizer, processor and tower swap record saved
-    in it."""
+    """The parts read from a checkpoint folder, with the tokenizer (its chat template the VLM's), processor
+    and tower swap record saved in it."""
     tokenizer, processor = read_extras(path)
+    template = getattr(tokenizer, "chat_template", None)
     return VLMParts(
-        tower, connector, decoder, image_token_id, attention, tokenizer, processor, read_swap(path)
+        tower,
+        connector,
+        decoder,
+        image_token_id,
+        attention,
+        tokenizer,
+        processor,
+        read_swap(path),
+        chat_template=template if isinstance(template, str) else None,
     )
 
 

@@ -24,6 +24,7 @@ from .common import (
     split_weights,
     text_config,
     write_multimodal,
+    write_processor_template,
 )
 from .towers import expect_keys, projector_tensors, tower_from_tensors
 
@@ -136,7 +137,8 @@ def write(
 ) -> None:
     """A LLaVA-family folder (checked already): the keys every LLaVA config holds, then ``fields``; the
     multimodal processor's arguments every LLaVA processor takes, then ``processor_config``;
-    ``processor_fields`` added to ``preprocessor_config.json``."""
+    ``processor_fields`` added to ``preprocessor_config.json``; the chat template as the processor applies
+    it."""
     split = split_weights(parts.decoder, state_dict)
     projector, act, bias = _projector(parts, split["connector"])
     write_multimodal(
@@ -162,6 +164,7 @@ def write(
         },
         processor_fields=processor_fields,
     )
+    write_processor_template(parts, out, _image_token(parts))
 
 
 def _image_token(parts: VLMParts) -> str:

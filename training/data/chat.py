@@ -25,6 +25,9 @@ from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+# the built-ins (PLAIN, V1) are named here too
+from connectors.chat_template import BUILTIN_TEMPLATES, PLAIN, V1, adds_bos, encode_rendering  # noqa: F401
+
 from .shards import SkipSample
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -33,25 +36,6 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _END = _OPEN + _CLOSE
 _MARKS = re.compile(f"{_OPEN}(\\d+)?{_CLOSE}")  # a message's start (with its index) or end
-
-# LLaVA's pretraining layout (conv_llava_plain): the images, then the caption and a newline; the user's
-# words are dropped, only the reply trains
-PLAIN = (
-    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}"
-    "{{ '<image>' * (m.content.count('<image>')) }}"
-    "{% elif m.role == 'assistant' %}{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-)
-# LLaVA's conversation layout (conv_vicuna_v1): system, then ``USER: ... ASSISTANT: ...</s>`` turns
-V1 = (
-    "{{ bos_token }}{% if messages[0].role == 'system' %}{{ messages[0].content }}"
-    "{% set turns = messages[1:] %}{% else %}A chat between a curious user and an artificial intelligence "
-    "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
-    "{% set turns = messages %}{% endif %} {% for m in turns %}{% if m.role == 'user' %}USER: "
-    "{{ m.content }} {% else %}ASSISTANT: {% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-BUILTIN_TEMPLATES = {"plain": PLAIN, "v1": V1}
 
 
 class TemplateMismatch(SkipSample):
@@ -175,6 +159,8 @@ class ChatEncoder:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("conversations need a fast (tokenizers) tokenizer: it gives the token offsets")
         self.tokenizer, self.template, self.image_token = tokenizer, template, image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.bos_added = adds_bos(tokenizer)
         self.generation = bool(GENERATION_TAG.search(template))
         specials = dict(tokenizer.special_tokens_map)
         specials.setdefault("bos_token", "")  # a tokenizer without bos (Qwen2): templates write it as nothing
@@ -291,9 +277,13 @@ class ChatEncoder:
         self, text: str, texts: list[tuple[int, int]], image_ids: Callable[[int], list[int]]
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character spans of ``text``: each image token as the image's ids, the rest tokenized as
-        the whole string is (as ``apply_chat_template`` does), except where that would parse a special token
-        inside the messages' text (``texts``): there the messages' text is tokenized as text and the
+        the whole string is (as ``apply_chat_template`` does, and a processor, which repeats the image token
+        in the text), except where that would parse a special token inside the messages' text (``texts``):
+        there the text between image tokens is tokenized apart, the messages' text as text and the
         template's apart."""
+        whole = self._whole(text, texts, image_ids)
+        if whole is not None:
+            return whole
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         pos = 0
@@ -314,6 +304,33 @@ class ChatEncoder:
             ids += run_ids
             offsets += [(pos + s, pos + e) for s, e in run_offsets]
             pos += len(part)
+        return ids, offsets
+
+    def _whole(
+        self, text: str, texts: list[tuple[int, int]], image_ids: Callable[[int], list[int]]
+    ) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """``text`` tokenized in one piece (:func:`~connectors.chat_template.encode_rendering`: a tokenizer
+        that marks the start of a string, as SentencePiece's does, marks it once), each image token's id
+        replaced by the image's ids; None when a special token other than the image token is parsed inside
+        the messages' text, or the image token does not come out as one id each time."""
+        run_ids, run_offsets = encode_rendering(self.tokenizer, text, self.bos_added)
+        image = self.image_token_id
+        if run_ids.count(image) != text.count(self.image_token):
+            return None
+        if any(
+            i != image and i in self.special_ids and any(lo < e and s < hi for lo, hi in texts)
+            for i, (s, e) in zip(run_ids, run_offsets)
+        ):
+            return None
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        k = 0
+        for i, span in zip(run_ids, run_offsets):
+            new = [i]
+            if i == image:
+                new, k = image_ids(k), k + 1
+            ids += new
+            offsets += [span] * len(new)
         return ids, offsets
 
     def _segments(self, text: str, inside: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:

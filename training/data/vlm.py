@@ -426,7 +426,8 @@ def builder_for(
 ) -> VLMBuilder:
     """The :class:`VLMBuilder` of a :class:`~connectors.VisionLanguageModel`: its tokenizer, image token and
     image layout, and its image processor (or ``images``, e.g. a feature cache). ``chat_template``: a built-in
-    name, a Jinja file, or None for the tokenizer's own (:func:`.chat.resolve_chat_template`). ``key`` names
+    name or a Jinja file (:func:`.chat.resolve_chat_template`), or None for the VLM's own
+    (``vlm.chat_template``: the one it was trained and saved with, else its tokenizer's). ``key`` names
     ``max_length`` where it is refused (``--max-length`` on ``eval vlm``'s command line)."""
     if vlm.tokenizer is None:
         raise ValueError("the VLM has no tokenizer: build it with one (or save its tokenizer files with it)")
@@ -449,7 +450,9 @@ def builder_for(
         max_image_tokens=max_image_tokens,
         caption_prompt=caption_prompt,
         causal=vlm.attention != "prefix",  # causal and Gemma 3's image attention: LLaVA's layout
-        chat_template=resolve_chat_template(chat_template, vlm.tokenizer),
+        chat_template=resolve_chat_template(chat_template, vlm.tokenizer)
+        if chat_template
+        else vlm.chat_template,
         text_only=text_only,
     )
     size = vlm.tower.config.image_size

@@ -17,6 +17,7 @@ from torch import nn
 from connectors import VisionLanguageModel
 
 from ..data import check_shard_specs, expand_shards, shard_paths
+from ..data.chat import resolve_chat_template
 from ..data.json_source import JsonSource
 from ..data.packing import RowPacker
 from ..data.vlm import VLMBuilder, builder_for
@@ -132,6 +133,10 @@ class VLMTask(ShardTask):
     def build_model(self, zero: Zero) -> VisionLanguageModel:
         dtype = torch.bfloat16 if zero.ds_config["bf16"]["enabled"] else torch.float32
         self.stage = build_stage_model(self.cfg, zero, dtype)
+        template = self.cfg.model.chat_template
+        if template is not None:  # the model carries it: the exports save it, eval and generate read it back
+            spec = resolve_path(template) if template_file(template) else template
+            self.stage.vlm.chat_template = resolve_chat_template(spec, self.stage.vlm.tokenizer)
         data = self.cfg.data  # a data.max_length that leaves no room for text fails before the engine starts
         builder_for(
             self.stage.vlm,
@@ -180,16 +185,15 @@ class VLMTask(ShardTask):
         return self.loader
 
     def builder(self, images: Any = None) -> VLMBuilder:
-        data, template = self.cfg.data, self.cfg.model.chat_template
-        if template_file(template):
-            template = resolve_path(template)
+        """The model's builder; conversations rendered with the model's chat template
+        (``model.chat_template``, set on the model by :meth:`build_model`, else the tokenizer's own)."""
+        data = self.cfg.data
         return builder_for(
             self.vlm,
             max_length=data.max_length,
             max_image_tokens=data.max_image_tokens,
             caption_prompt=data.caption_prompt,
             images=images,
-            chat_template=template,
             text_only=self.cfg.stage == "text",
         )
 

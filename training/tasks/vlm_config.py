@@ -49,7 +49,8 @@ class VLMModelSection:
     ``decoder_options`` overriding its config, sized to the tokenizer); ``tokenizer``: a folder (default:
     the decoder's). A swap keeps the saved decoder, tokenizer, image token and attention.
     ``chat_template`` renders conversation samples: ``plain`` (LLaVA's pretraining layout), ``v1`` (LLaVA's
-    conversation layout), a Jinja file, or None for the tokenizer's own template.
+    conversation layout), a Jinja file, or None for the tokenizer's own template (with ``init_from``: the
+    saved VLM's, the one it was trained with); the model keeps it and every export saves it.
     ``image_layout`` (a registered name: ``fixed``, ``anyres``, ``anyres_max``, ``anyres_max_9``, ``split``,
     ``pan_and_scan``) with ``layout_options`` (``grid_pinpoints``, ``max_tiles``; ``longest_edge``;
     ``max_num_crops`` ...): how an image becomes crops and decoder tokens;
