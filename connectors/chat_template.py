@@ -139,11 +139,14 @@ def read_template(spec: str, key: str = "--chat-template") -> str:
 
 
 def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None = None) -> list[int]:
-    """The ids of a one-turn chat about one image, as training builds a conversation's up to its first reply:
-    ``prompt`` as the user's turn (the image where it writes the image token, else before it and a newline,
-    as training places images), rendered with ``template`` (default: ``vlm.chat_template``) and the
-    generation prompt, tokenized as training tokenizes a rendering (:func:`encode_rendering`), the image
-    token as the ids of an image of ``image_size`` (height, width)."""
+    """The ids of a one-turn chat about one image or several, as training builds a conversation's up to its
+    first reply: ``prompt`` as the user's turn (each image where it writes the image token, else all before
+    it, each with a newline, as training places images), rendered with ``template`` (default:
+    ``vlm.chat_template``) and the generation prompt, tokenized as training tokenizes a rendering
+    (:func:`encode_rendering`), each image token as the ids of an image of its size: ``image_size``
+    (height, width), or one such size per image."""
+    sizes = [image_size] if len(image_size) == 2 and not hasattr(image_size[0], "__len__") else image_size
+    sizes = [tuple(int(v) for v in s) for s in sizes]
     template = template if template is not None else vlm.chat_template
     if template is None:
         raise ValueError(
@@ -152,7 +155,7 @@ def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None
         )
     tok = vlm.tokenizer
     image_token = tok.convert_ids_to_tokens(vlm.image_token_id)
-    content = prompt if image_token in prompt else f"{image_token}\n{prompt}"
+    content = prompt if image_token in prompt else f"{image_token}\n" * len(sizes) + prompt
     specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     (text,), _ = render_jinja_template(
         conversations=[[{"role": "user", "content": content}]],
@@ -160,13 +163,15 @@ def chat_prompt_ids(vlm: Any, prompt: str, image_size: Any, template: str | None
         add_generation_prompt=True,
         **{"bos_token": "", "eos_token": "", **specials},
     )
-    if text.count(image_token) != 1:
+    if text.count(image_token) != len(sizes):
         raise ValueError(
-            f"the chat prompt holds {text.count(image_token)} {image_token} after the template, not one: "
-            f"{text!r}"
+            f"the chat prompt holds {text.count(image_token)} {image_token} after the template, for "
+            f"{len(sizes)} image(s): {text!r}"
         )
     ids, _ = encode_rendering(tok, text)  # in one piece, as training tokenizes it
-    if ids.count(vlm.image_token_id) != 1:
+    if ids.count(vlm.image_token_id) != len(sizes):
         raise ValueError(f"{image_token} is not one token in the tokenized chat prompt: {ids}")
-    at = ids.index(vlm.image_token_id)
-    return ids[:at] + list(vlm.image_prompt_ids(image_size)) + ids[at + 1 :]
+    out, images = [], iter(sizes)
+    for i in ids:
+        out += list(vlm.image_prompt_ids(next(images))) if i == vlm.image_token_id else [i]
+    return out

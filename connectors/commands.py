@@ -24,7 +24,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype, device=args.device).eval()
     (text,) = generate_text(
         vlm,
-        [args.image],
+        args.image,
         [args.prompt],
         chat=args.chat,
         chat_template=template,
@@ -47,12 +47,18 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="VLM folder or hub repo id: native, PaliGemma or LLaVA layout"
     )
-    p.add_argument("--image", required=True, help="image file")
+    p.add_argument(
+        "--image",
+        required=True,
+        action="append",
+        help="image file; repeat it for a prompt about several images, which writes <image> where each goes",
+    )
     p.add_argument(
         "--prompt",
         default="",
         help="text after the image (PaliGemma layout: image, bos, prompt, newline); a prompt holding <image> "
-        "gets the image placeholders there instead (LLaVA style). Default: empty (caption)",
+        "gets the image placeholders there instead (LLaVA style), one <image> per --image. Default: empty "
+        "(caption)",
     )
     p.add_argument(
         "--chat",

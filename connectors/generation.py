@@ -27,7 +27,7 @@ from vision_tower import load_image
 from .base import Grid
 from .chat_template import chat_prompt_ids
 from .decoder import new_cache
-from .inputs import build_prompts
+from .inputs import build_prompts, prompt_ids, text_ids
 
 
 def _image_grid(vlm: nn.Module, pixel_values: torch.Tensor | None, patch_features, grid) -> Grid:
@@ -180,6 +180,37 @@ def generate(
     return torch.stack(new, dim=1)  # (B, T)
 
 
+def images_per_prompt(prompts: Sequence[str], n_images: int, image_token: str) -> list[int]:
+    """How many of ``n_images`` each prompt takes, in order: one per ``image_token`` it writes, one if it
+    writes none."""
+    takes = [max(1, p.count(image_token)) for p in prompts]
+    if sum(takes) != n_images:
+        raise ValueError(
+            f"{n_images} image(s) for prompts that take {sum(takes)} ({takes}): a prompt takes one image per "
+            f"{image_token} it writes, one if it writes none"
+        )
+    return takes
+
+
+def multi_image_prompt_ids(vlm: nn.Module, prompt: str, sizes: Sequence[Sequence[int]]) -> list[int]:
+    """The ids of a plain (not chat) prompt about several images, each placed where the prompt writes the
+    image token, LLaVA style: bos (if the tokenizer adds one), the text before the first image, the image's
+    ids (its layout's placeholders and text), the text after it, and so on; the text as text."""
+    tok = vlm.tokenizer
+    image_token = tok.convert_ids_to_tokens(vlm.image_token_id)
+    first, *rest = prompt.split(image_token)
+    if len(rest) != len(sizes):
+        raise ValueError(
+            f"prompt writes {image_token} {len(rest)} time(s) for {len(sizes)} images: {prompt!r}"
+        )
+    spans = [list(vlm.image_prompt_ids(s)) for s in sizes]
+    causal = vlm.attention != "prefix"
+    ids = prompt_ids(tok, first + image_token + rest[0], image_token, vlm.image_token_id, spans[0], causal)
+    for span, text in zip(spans[1:], rest[1:], strict=True):
+        ids += span + text_ids(tok, text)
+    return ids
+
+
 def generate_text(
     vlm: nn.Module,
     images: Sequence[str | os.PathLike],
@@ -190,21 +221,31 @@ def generate_text(
     **options: Any,
 ) -> list[str]:
     """Load image files, preprocess them with the VLM's processor, continue each prompt, decode the text
-    (cut after the first of ``stop_strings`` it holds). ``chat``: each prompt is a user's turn rendered with
-    the chat template (``chat_template``, Jinja text, else the VLM's own: the one it was trained and saved
-    with) and its generation prompt, as training renders conversations
-    (:func:`connectors.chat_template.chat_prompt_ids`). ``options``: those of :func:`generate`."""
+    (cut after the first of ``stop_strings`` it holds). Each prompt takes the next images in order: one per
+    image token it writes (``"<image> and <image>: the same?"`` takes two), one if it writes none.
+    ``chat``: each prompt is a user's turn rendered with the chat template (``chat_template``, Jinja text,
+    else the VLM's own: the one it was trained and saved with) and its generation prompt, as training
+    renders conversations (:func:`connectors.chat_template.chat_prompt_ids`). ``options``: those of
+    :func:`generate`."""
     if vlm.tokenizer is None:
         raise ValueError("this VLM has no tokenizer files: it cannot turn prompts into ids or ids into text")
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
+    image_token = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id)
+    takes = images_per_prompt(prompts, len(images), image_token)
     param = next(vlm.tower.parameters())
     pixels, sizes = vlm.image_inputs([load_image(f) for f in images])  # every crop, each image's size
     pixels = pixels.to(param.device, param.dtype)
-    if chat or chat_template is not None:
-        rows = [
-            chat_prompt_ids(vlm, p, s, chat_template) for p, s in zip(prompts, sizes.tolist(), strict=True)
-        ]
+    chat = chat or chat_template is not None
+    if not chat and all(n == 1 for n in takes):  # one image a prompt: the prompts as generate lays them out
+        ids = generate(vlm, pixels, list(prompts), image_sizes=sizes, **options)
+    else:
+        rows, start = [], 0
+        for prompt, n in zip(prompts, takes, strict=True):
+            own = sizes[start : start + n].tolist()
+            start += n
+            if chat:
+                rows.append(chat_prompt_ids(vlm, prompt, own, chat_template))
+            else:
+                rows.append(multi_image_prompt_ids(vlm, prompt, own))
         width = max(map(len, rows))
         pad = _pad_id(vlm, _eos_ids(vlm, options.get("eos_token_id")))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (B, L) left-padded
@@ -218,8 +259,6 @@ def generate_text(
             image_sizes=sizes,
             **options,
         )
-    else:
-        ids = generate(vlm, pixels, list(prompts), image_sizes=sizes, **options)
     texts = vlm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [_cut(t, options.get("stop_strings", ())) for t in texts]
 

@@ -195,12 +195,12 @@ def test_generate_refuses_a_device_torch_does_not_know(demo_vlm, tmp_path, capsy
     )
 
 
-def test_generate_refuses_a_prompt_with_two_image_tokens(demo_vlm, tmp_path, capsys):
+def test_generate_refuses_a_prompt_with_two_image_tokens_and_one_image(demo_vlm, tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
     args = ["generate", "--model", str(demo_vlm), "--image", str(image), "--prompt", "<image> a <image>"]
     assert main(args) == 2
     assert _error(capsys.readouterr().err, "generate") == (
-        "vision-tower generate: error: prompt holds '<image>' more than once; one image per prompt: "
-        "'<image> a <image>'"
+        "vision-tower generate: error: 1 image(s) for prompts that take 2 ([2]): a prompt takes one image "
+        "per <image> it writes, one if it writes none"
     )

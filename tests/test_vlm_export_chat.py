@@ -209,3 +209,56 @@ def test_generate_chat_prompts_as_training_renders_the_first_turn(kind, tmp_path
     assert seen[0] == item.prompt_ids
     bos = [vlm.tokenizer.bos_token_id] if kind != "qwen" else []
     assert seen[1] == bos + vlm.image_prompt_ids((32, 32))  # plain: bos, the image; the user's words dropped
+
+
+def _second_image() -> Image.Image:
+    image = Image.new("RGB", (30, 40), (20, 160, 40))
+    image.paste((250, 250, 20), (8, 2, 22, 30))
+    return image
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_generate_takes_several_images_in_one_prompt(kind, tmp_path, monkeypatch, capsys):
+    """``vision-tower generate --image a --image b --prompt "<image> and <image> ..."``: the prompt's ids are
+    those transformers' LLaVA processor builds from the export for both images, and the tokens those
+    ``LlavaForConditionalGeneration`` generates; with ``--chat``, the ids training builds for a two-image
+    conversation up to its reply."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import connectors.generation as G
+
+    vlm = _vlm(kind)
+    out = tmp_path / "llava"
+    vlm.save_pretrained(out, format="llava")
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    _image().save(files[0])
+    _second_image().save(files[1])
+    prompt = "<image> and <image> what colour is it"
+
+    processor = AutoProcessor.from_pretrained(out)
+    batch = processor(images=[_image(), _second_image()], text=prompt, return_tensors="pt")
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    hf.generation_config.eos_token_id = None
+    theirs = hf.generate(**batch, max_new_tokens=4, do_sample=False, suppress_tokens=[vlm.image_token_id])
+
+    seen = []
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    args = ["generate", "--model", str(out), "--image", str(files[0]), "--image", str(files[1])]
+    args += ["--max-new-tokens", "4", "--dtype", "float32"]
+    assert main([*args, "--prompt", prompt]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert seen[0]["input_ids"][0].tolist() == batch["input_ids"][0].tolist()
+    mine = theirs[0, batch["input_ids"].shape[1] :]
+    assert printed == vlm.tokenizer.decode(mine, skip_special_tokens=True).strip()
+
+    # --chat: the ids of a two-image conversation as training builds them, up to the reply
+    builder = builder_for(vlm, max_length=200)
+    turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": "red"}]
+    sample = {"__key__": "c", "0.png": png(_image()), "1.png": png(_second_image())}
+    item = builder.build_conversation(sample, {"conversations": turns})
+    assert main([*args, "--prompt", prompt, "--chat"]) == 0
+    assert seen[1]["input_ids"][0].tolist() == item.prompt_ids
+    # one image short is refused in one line
+    assert main([*args[:4], *args[6:], "--prompt", prompt]) == 2
+    assert "1 image(s) for prompts that take 2" in capsys.readouterr().err
