@@ -174,17 +174,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.getLogger("training.data.stream").setLevel(logging.ERROR)  # dialogues cut at --max-length
     from training.data.packing import RowPacker
-    from training.data.vlm import PixelImages, VLMBuilder
+    from training.data.vlm import builder_for
 
     vlm = model(args)
-    images = PixelImages(vlm.image_processor(), vlm.layout, vlm.tower.config.patch_size)
-    builder = VLMBuilder(
-        vlm.tokenizer,
-        image_token_id=vlm.image_token_id,
-        layout=vlm.layout,
-        images=images,
-        max_length=args.max_length,
-    )
+    builder = builder_for(vlm, max_length=args.max_length)
     size = vlm.tower.config.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     source = MixBuilder(builder, pixels, vlm.grid, args.max_length)

@@ -20,13 +20,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 # the built-ins (PLAIN, V1) are named here too
-from connectors.chat_template import BUILTIN_TEMPLATES, PLAIN, V1, adds_bos, encode_rendering  # noqa: F401
+from connectors.chat_template import (  # noqa: F401
+    BUILTIN_TEMPLATES,
+    PLAIN,
+    V1,
+    adds_bos,
+    encode_rendering,
+    read_template,
+)
 
 from .shards import SkipSample
 
@@ -51,15 +57,7 @@ def resolve_chat_template(spec: str | None, tokenizer: Any) -> str | None:
     if spec is None:
         own = getattr(tokenizer, "chat_template", None)
         return own if isinstance(own, str) else None
-    if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(
-            f"model.chat_template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
-            "nor a Jinja file"
-        )
-    return path.read_text(encoding="utf-8")
+    return read_template(spec, key="model.chat_template")
 
 
 # ----------------------------------------------------------------------------- samples
