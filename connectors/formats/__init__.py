@@ -36,16 +36,9 @@ FORMATS = {
     "smolvlm": SMOLVLM,
     "gemma3": gemma3,
 }
-_BY_MODEL_TYPE = {
-    native.MODEL_TYPE: native,
-    "paligemma": paligemma,
-    "llava": llava,
-    "llava_next": LLAVA_NEXT,
-    "llava_onevision": LLAVA_ONEVISION,
-    "idefics3": IDEFICS3,
-    "smolvlm": SMOLVLM,
-    "gemma3": gemma3,
-}
+# config.json's model_type -> format: each transformers format under its own name, ours under its own
+_BY_MODEL_TYPE = {name: fmt for name, fmt in FORMATS.items() if name != "native"}
+_BY_MODEL_TYPE[native.MODEL_TYPE] = native
 
 
 def check(parts: VLMParts, format: str) -> None:
