@@ -306,6 +306,10 @@ def prompt_ids(
         before, _, after = prompt.partition(image_token)
         if image_token in after:
             raise ValueError(f"prompt holds {image_token!r} more than once; one image per prompt: {prompt!r}")
+        whole = _in_one_piece(tokenizer, prompt, image_token_id, add_bos=not before)
+        if whole is not None:
+            at = whole.index(image_token_id)
+            return whole[:at] + image + whole[at + 1 :]
         head = _bos(tokenizer)
         if before:  # the tokenizer's own start (bos, if it adds one), then the text as text
             head = tokenizer(before, add_special_tokens=True, split_special_tokens=True)["input_ids"]
@@ -352,6 +356,23 @@ def _as_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:
             "as those tokens (it has no unknown token to read them as text)"
         )
     return [tokenizer.unk_token_id if i in special else i for i in ids]
+
+
+def _in_one_piece(tokenizer: Any, prompt: str, image_token_id: int, add_bos: bool) -> list[int] | None:
+    """``prompt`` (holding the image token once) tokenized whole, as a processor tokenizes it: the text
+    around the image token read in one piece (a SentencePiece tokenizer marks no string start after the
+    image token: ``\nwhat``, not ``▁\nwhat``), the tokenizer's own start added, or (``add_bos``, a prompt
+    that starts with the image) the bos put first. None when the text spells another special token or a
+    piece reads as one: text stays text, and the caller tokenizes the pieces apart."""
+    ids = tokenizer(prompt, add_special_tokens=not add_bos)["input_ids"]
+    if add_bos:
+        ids = _bos(tokenizer) + ids
+    head = _bos(tokenizer)
+    body = ids[len(head) :] if head and ids[: len(head)] == head else ids
+    special = _special_ids(tokenizer, len(tokenizer)) - {image_token_id}
+    if body.count(image_token_id) != 1 or not special.isdisjoint(body):
+        return None
+    return ids
 
 
 def _bos(tokenizer: Any) -> list[int]:

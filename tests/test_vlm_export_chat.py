@@ -262,3 +262,26 @@ def test_generate_takes_several_images_in_one_prompt(kind, tmp_path, monkeypatch
     # one image short is refused in one line
     assert main([*args[:4], *args[6:], "--prompt", prompt]) == 2
     assert "1 image(s) for prompts that take 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen"])
+def test_a_single_turn_prompt_is_tokenized_as_the_llava_processor_does(kind, tmp_path):
+    """A LLaVA-style prompt holding ``<image>`` (single-turn training rows, ``generate``): the text around the
+    image token is read in one piece, as the export's processor reads it, so a SentencePiece tokenizer gives
+    ``\\nwhat`` after the image, not ``▁\\nwhat``; special tokens written in the text stay text."""
+    from transformers import AutoProcessor
+
+    vlm = _vlm(kind)
+    vlm.save_pretrained(tmp_path, format="llava")
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    builder = builder_for(vlm, max_length=200)
+    image = vlm.image_prompt_ids((32, 32))
+    for prompt in ("USER: <image>\nwhat colour is it ASSISTANT:", "<image>\nwhat colour is it"):
+        theirs = processor(images=[_image()], text=prompt)["input_ids"][0]
+        assert builder.prefix_ids(prompt, image) == theirs, prompt
+    if kind == "mistral":
+        assert vlm.tokenizer.convert_tokens_to_ids("\nwhat") in theirs
+    # a special token spelled in the text is text: not the tokenizer's eos
+    eos = vlm.tokenizer.eos_token
+    spelled = builder.prefix_ids(f"<image> what {eos}", image)
+    assert vlm.tokenizer.eos_token_id not in spelled
