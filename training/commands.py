@@ -206,6 +206,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     from .data.vlm import builder_for
     from .eval.vlm import evaluate_vlm, read_eval_items
 
+    held_out = _held_out(args)  # a missing file or folder fails before the model loads
     precision = choose_precision(args.dtype)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
@@ -216,7 +217,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
         chat_template=args.chat_template,
         key="--max-length",
     )
-    items = read_eval_items(builder, args.shards, args.max_samples)
+    items = read_eval_items(builder, held_out, args.max_samples)
     result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     out = {
         **result.metrics(),
@@ -224,6 +225,17 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
         "predictions": result.predictions[: args.predictions or 0],
     }
     print(json.dumps(out, indent=2))
+
+
+def _held_out(args: argparse.Namespace):
+    """``eval vlm``'s samples: ``--shards``, or ``--json`` with its ``--image-folder``."""
+    if args.image_folder and not args.json:
+        raise ValueError("--image-folder holds the images of --json: give --json FILE too, or drop it")
+    if args.shards:
+        return args.shards
+    from .data.json_source import JsonSource
+
+    return JsonSource(args.json, args.image_folder, keys=("--json", "--image-folder"))
 
 
 def cmd_extract_shards(args: argparse.Namespace) -> None:
@@ -418,10 +430,21 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         add_dtype_option(q)
     vlm = task(
         "vlm",
-        "held-out loss and exact match of a vision-language model on WebDataset shards",
+        "held-out loss and exact match of a vision-language model on WebDataset shards or a JSON file "
+        "with an image folder",
         "VLM folder or hub id (native, PaliGemma or LLaVA layout)",
     )
-    vlm.add_argument("--shards", required=True, help="WebDataset shards (brace pattern or folder)")
+    held_out = vlm.add_mutually_exclusive_group(required=True)
+    held_out.add_argument("--shards", help="WebDataset shards (brace pattern or folder)")
+    held_out.add_argument(
+        "--json",
+        help="a JSON Lines file (or JSON array) of records, read in file order (data.val_json)",
+    )
+    vlm.add_argument(
+        "--image-folder",
+        default=None,
+        help="the folder the --json records' image names are relative to (data.val_image_folder)",
+    )
     _counts(
         vlm,
         ("--batch-size", 64, "rows per forward pass"),
