@@ -37,7 +37,9 @@ def exact_match(generated: str, reference: str) -> bool:
     return normalize(generated) == normalize(reference)
 
 
-def read_eval_items(builder: VLMBuilder, data: ShardSpec | JsonSource, limit: int | None = None) -> list[VLMItem]:
+def read_eval_items(
+    builder: VLMBuilder, data: ShardSpec | JsonSource, limit: int | None = None
+) -> list[VLMItem]:
     """The first ``limit`` (None: every) usable samples of ``data`` in order (one pass; bad samples passed
     over): shards, or a :class:`~training.data.json_source.JsonSource` (its records in file order)."""
     if isinstance(data, JsonSource):  # a JSON file and its image folder, read piece after piece
