@@ -304,8 +304,8 @@ _EVAL_HELP = (
     "vision-language model (vlm)"
 )
 _DEMO_HELP = (
-    "shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune -> "
-    "held-out captions"
+    "shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM stages text, align and "
+    "finetune -> held-out captions"
 )
 
 
@@ -345,8 +345,9 @@ def add_train_vlm(sub: argparse._SubParsersAction) -> None:
     _add_training_command(
         sub,
         "train-vlm",
-        "one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
-        "(connector and decoder, in full or LoRA); launch with torchrun/deepspeed",
+        "one stage of vision-language training under DeepSpeed ZeRO: text (the decoder alone, on the data's "
+        "text), align (connector only) or finetune (connector and decoder, in full or LoRA); launch with "
+        "torchrun/deepspeed",
         "configs/vlm/tiny_align.yaml",
         cmd_train_vlm,
     )
@@ -474,8 +475,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         (
             "--vlm-steps",
             None,
-            "steps of each VLM stage, align and finetune (default: configs/vlm/tiny_align.yaml's and "
-            "tiny_finetune.yaml's)",
+            "steps of each VLM stage, text, align and finetune (default: configs/vlm/tiny_text.yaml's, "
+            "tiny_align.yaml's and tiny_finetune.yaml's)",
         ),
         ("--ranks", 2, "CPU ranks (processes) to train on"),
         ("--train-samples", 8192, "image-text pairs in the training shards"),
