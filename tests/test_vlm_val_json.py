@@ -84,7 +84,9 @@ def _task(assets: dict[str, str], vlm: VisionLanguageModel, **data: object) -> V
 def test_json_items_equal_the_shards_items_in_file_order(assets, vlm):
     builder = builder_for(vlm, max_length=MAX_LENGTH)
     from_shards = read_eval_items(builder, assets["val"])
-    source = JsonSource(assets["val_json"], assets["val_images"], keys=("data.val_json", "data.val_image_folder"))
+    source = JsonSource(
+        assets["val_json"], assets["val_images"], keys=("data.val_json", "data.val_image_folder")
+    )
     from_json = read_eval_items(builder, source)
     assert len(from_shards) == len(from_json) == N_VAL  # the record with no image is passed over
     for i, (a, b) in enumerate(zip(from_shards, from_json, strict=True)):
