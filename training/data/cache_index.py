@@ -17,9 +17,11 @@ FIXED_LAYOUT: dict[str, Any] = {"name": "fixed", "options": {}}
 
 
 def layout_identity(layout: Any) -> dict[str, Any]:
-    """An image layout's (:class:`~connectors.layouts.ImageLayout`) name and options as ``cache.json``
-    holds them (JSON values: tuples as lists), to compare with a model's."""
-    return json.loads(json.dumps(layout.config.to_dict()))
+    """An image layout's (:class:`~connectors.layouts.ImageLayout`) name and options, defaults filled in
+    (``anyres`` with ``grid_pinpoints`` unset is ``anyres`` with LLaVA-NeXT's), as ``cache.json`` holds
+    them (JSON values: tuples as lists), to compare with a model's."""
+    identity = {"name": layout.name, "options": layout.resolved_options()}
+    return json.loads(json.dumps(identity))
 
 
 def _index_problem(index: Any) -> str | None:
