@@ -207,6 +207,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
     from .data.vlm import builder_for
     from .eval.vlm import evaluate_vlm, read_eval_items
 
+    held_out = _held_out(args)  # a missing file or folder fails before the model loads
     precision = choose_precision(args.dtype)
     print(precision.describe(), file=sys.stderr, flush=True)  # stdout stays one JSON document
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=precision.dtype).eval()
@@ -217,7 +218,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
         chat_template=args.chat_template,
         key="--max-length",
     )
-    items = read_eval_items(builder, args.shards, args.max_samples)
+    items = read_eval_items(builder, held_out, args.max_samples)
     result = evaluate_vlm(vlm, items, builder, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     out = {
         **result.metrics(),
@@ -225,6 +226,17 @@ def cmd_eval_vlm(args: argparse.Namespace) -> None:
         "predictions": result.predictions[: args.predictions or 0],
     }
     print(json.dumps(out, indent=2))
+
+
+def _held_out(args: argparse.Namespace):
+    """``eval vlm``'s samples: ``--shards``, or ``--json`` with its ``--image-folder``."""
+    if args.image_folder and not args.json:
+        raise ValueError("--image-folder holds the images of --json: give --json FILE too, or drop it")
+    if args.shards:
+        return args.shards
+    from .data.json_source import JsonSource
+
+    return JsonSource(args.json, args.image_folder, keys=("--json", "--image-folder"))
 
 
 def cmd_extract_shards(args: argparse.Namespace) -> None:
@@ -316,8 +328,8 @@ _EVAL_HELP = (
     "vision-language model (vlm)"
 )
 _DEMO_HELP = (
-    "shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM align and finetune -> "
-    "held-out captions"
+    "shapes data -> 2-rank ZeRO-2 pretraining -> zero-shot eval -> export -> VLM stages text, align and "
+    "finetune -> held-out captions"
 )
 
 
@@ -357,8 +369,9 @@ def add_train_vlm(sub: argparse._SubParsersAction) -> None:
     _add_training_command(
         sub,
         "train-vlm",
-        "one stage of vision-language training under DeepSpeed ZeRO: align (connector only) or finetune "
-        "(connector and decoder, in full or LoRA); launch with torchrun/deepspeed",
+        "one stage of vision-language training under DeepSpeed ZeRO: text (the decoder alone, on the data's "
+        "text), align (connector only) or finetune (connector and decoder, in full or LoRA); launch with "
+        "torchrun/deepspeed",
         "configs/vlm/tiny_align.yaml",
         cmd_train_vlm,
     )
@@ -442,10 +455,21 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         add_dtype_option(q)
     vlm = task(
         "vlm",
-        "held-out loss and exact match of a vision-language model on WebDataset shards",
+        "held-out loss and exact match of a vision-language model on WebDataset shards or a JSON file "
+        "with an image folder",
         "VLM folder or hub id (native, PaliGemma or LLaVA layout)",
     )
-    vlm.add_argument("--shards", required=True, help="WebDataset shards (brace pattern or folder)")
+    held_out = vlm.add_mutually_exclusive_group(required=True)
+    held_out.add_argument("--shards", help="WebDataset shards (brace pattern or folder)")
+    held_out.add_argument(
+        "--json",
+        help="a JSON Lines file (or JSON array) of records, read in file order (data.val_json)",
+    )
+    vlm.add_argument(
+        "--image-folder",
+        default=None,
+        help="the folder the --json records' image names are relative to (data.val_image_folder)",
+    )
     _counts(
         vlm,
         ("--batch-size", 64, "rows per forward pass"),
@@ -475,8 +499,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         (
             "--vlm-steps",
             None,
-            "steps of each VLM stage, align and finetune (default: configs/vlm/tiny_align.yaml's and "
-            "tiny_finetune.yaml's)",
+            "steps of each VLM stage, text, align and finetune (default: configs/vlm/tiny_text.yaml's, "
+            "tiny_align.yaml's and tiny_finetune.yaml's)",
         ),
         ("--ranks", 2, "CPU ranks (processes) to train on"),
         ("--train-samples", 8192, "image-text pairs in the training shards"),

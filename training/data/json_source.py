@@ -7,8 +7,10 @@ over the file. A JSON array is parsed once in each rank's main process when the 
 written out as JSON Lines to a temporary file (removed at exit), read from then on like a JSON Lines file;
 for a large set give JSON Lines, which is indexed without parsing. The records are read in pieces of
 ``piece`` samples, which the stream draws and splits over ranks and workers as it does shards; a raw
-sample is ``{"__key__": "<file>:<line>", "__url__", "json": bytes, "__folder__": image folder}``, and its
-images are read when it is built, not when it is passed over.
+sample is ``{"__key__": "<file>:<line>", "__url__", "json": bytes, "__folder__": image folder,
+"__folder_key__": the folder's config key}``, and its images are read when it is built, not when it is
+passed over. The same source, read piece after piece in order, gives held-out samples in file order
+(``data.val_json``, ``eval vlm --json``).
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ def _line_offsets(path: str) -> np.ndarray:
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
-def _spill(path: str) -> str:
-    """A JSON array written out as JSON Lines in a temporary file (removed at exit)."""
+def _spill(path: str, key: str) -> str:
+    """A JSON array written out as JSON Lines in a temporary file (removed at exit); ``key`` names the file
+    in errors."""
     with open(path, encoding="utf-8") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data.train_json {path}: not valid JSON ({err})") from None
+            raise ValueError(f"{key} {path}: not valid JSON ({err})") from None
     if not isinstance(records, list):
-        raise ValueError(f"data.train_json {path}: a JSON file must hold an array of samples")
+        raise ValueError(f"{key} {path}: a JSON file must hold an array of samples")
     fd, out = tempfile.mkstemp(prefix="vision-tower-", suffix=".jsonl")
     atexit.register(lambda: os.path.exists(out) and os.remove(out))
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -63,19 +66,27 @@ def _spill(path: str) -> str:
 
 
 class JsonSource:
-    """The samples of ``path`` (JSON Lines, or a JSON array) with images under ``image_folder``."""
+    """The samples of ``path`` (JSON Lines, or a JSON array) with images under ``image_folder``. ``keys``
+    are how the user named the file and the folder (``data.val_json``, ``--json`` ...), for errors."""
 
-    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, piece: int = PIECE):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_folder: str | os.PathLike | None,
+        piece: int = PIECE,
+        keys: tuple[str, str] = ("data.train_json", "data.image_folder"),
+    ):
         self.path = os.fspath(path)
+        self.keys = keys
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"data.train_json {self.path} is not a file")
+            raise FileNotFoundError(f"{keys[0]} {self.path} is not a file")
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
         if self.image_folder is not None and not os.path.isdir(self.image_folder):
-            raise FileNotFoundError(f"data.image_folder {self.image_folder} is not a folder")
-        self.file = _spill(self.path) if _is_array(self.path) else self.path
+            raise FileNotFoundError(f"{keys[1]} {self.image_folder} is not a folder")
+        self.file = _spill(self.path, keys[0]) if _is_array(self.path) else self.path
         self.offsets = _line_offsets(self.file)  # (n, 2)
         if not len(self.offsets):
-            raise ValueError(f"data.train_json {self.path} holds no samples")
+            raise ValueError(f"{keys[0]} {self.path} holds no samples")
         self.piece = piece
         self.urls = [f"{self.file}#{start}" for start in range(0, len(self.offsets), piece)]
 
@@ -95,6 +106,7 @@ class JsonSource:
                     "__url__": self.path,
                     "json": f.read(int(hi - lo)),
                     "__folder__": self.image_folder,
+                    "__folder_key__": self.keys[1],
                 }
 
 
@@ -103,13 +115,14 @@ def image_blobs(sample: dict[str, Any], names: list[str]) -> list[bytes]:
     shard's image members (``jpg``, or ``0.jpg``, ``1.jpg``... for several, in that order)."""
     folder = sample.get("__folder__", False)
     if folder is not False:
+        key = sample.get("__folder_key__", "data.image_folder")
         if names and folder is None:
-            raise ValueError("the samples name image files: set data.image_folder (the folder they are in)")
+            raise ValueError(f"the samples name image files: set {key} (the folder they are in)")
         blobs = []
         for name in names:
             path = Path(folder, name)
             if not path.resolve().is_relative_to(Path(folder).resolve()):
-                raise SkipSample("missing_image", f"{name!r} is outside data.image_folder")
+                raise SkipSample("missing_image", f"{name!r} is outside {key}")
             try:
                 blobs.append(path.read_bytes())
             except OSError as err:

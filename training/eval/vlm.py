@@ -22,6 +22,7 @@ from torch import nn
 
 from connectors.inputs import IGNORE_INDEX
 
+from ..data.json_source import JsonSource
 from ..data.shards import ShardSpec, SkipCounter, SkipSample, expand_shards, iter_tar_samples
 from ..data.vlm import VLMBuilder, VLMItem
 from .common import eval_mode
@@ -36,13 +37,19 @@ def exact_match(generated: str, reference: str) -> bool:
     return normalize(generated) == normalize(reference)
 
 
-def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int | None = None) -> list[VLMItem]:
-    """The first ``limit`` (None: every) usable samples of ``shards`` in order (one pass; bad samples
-    passed over)."""
+def read_eval_items(
+    builder: VLMBuilder, data: ShardSpec | JsonSource, limit: int | None = None
+) -> list[VLMItem]:
+    """The first ``limit`` (None: every) usable samples of ``data`` in order (one pass; bad samples passed
+    over): shards, or a :class:`~training.data.json_source.JsonSource` (its records in file order)."""
+    if isinstance(data, JsonSource):  # a JSON file and its image folder, read piece after piece
+        urls, read, where, held = data.urls, data.read, data.path, "the file holds"
+    else:
+        urls, read, where, held = expand_shards(data), iter_tar_samples, data, "the shards hold"
     counter = SkipCounter(max_consecutive=1 << 62)
     items: list[VLMItem] = []
-    for url in expand_shards(shards):
-        for sample in iter_tar_samples(url, counter):
+    for url in urls:
+        for sample in read(url, counter):
             try:
                 item = builder.build(sample)
                 if item.targets is not None and item.prompt_ids is None:
@@ -51,15 +58,15 @@ def read_eval_items(builder: VLMBuilder, shards: ShardSpec, limit: int | None = 
                     )
                 items.append(item)
             except SkipSample as skip:
-                counter.skip(skip.reason, sample["__key__"], url, skip.detail)
+                counter.skip(skip.reason, sample["__key__"], sample.get("__url__", url), skip.detail)
                 continue
             if limit is not None and len(items) >= limit:
                 return items
     if not items:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counter.counts.items()))
         raise ValueError(
-            f"no usable held-out sample in {shards!r}: "
-            + (f"every sample was skipped ({skipped})" if skipped else "the shards hold no samples")
+            f"no usable held-out sample in {where!r}: "
+            + (f"every sample was skipped ({skipped})" if skipped else f"{held} no samples")
         )
     return items
 

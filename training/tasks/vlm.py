@@ -65,6 +65,8 @@ class VLMTask(ShardTask):
     loss_label = "next-token loss (answer tokens)"
     resume_free_keys = (
         "data.val_shards",
+        "data.val_json",
+        "data.val_image_folder",
         "data.eval_samples",
         "data.eval_batch_size",
         "data.eval_max_new_tokens",
@@ -105,6 +107,8 @@ class VLMTask(ShardTask):
                 _check_path(f"{name}.image_folder", source.get("image_folder"), Path.is_dir, "folder")
         else:
             super().check_inputs()
+        _check_path("data.val_json", data.val_json, Path.is_file, "file")
+        _check_path("data.val_image_folder", data.val_image_folder, Path.is_dir, "folder")
         if template_file(self.cfg.model.chat_template):
             _check_path("model.chat_template", self.cfg.model.chat_template, Path.is_file, "file")
         check_vocabulary(self.cfg.model)
@@ -112,7 +116,8 @@ class VLMTask(ShardTask):
     def input_paths(self) -> list[tuple[str, str]]:
         m, data = self.cfg.model, self.cfg.data
         parts = {f"model.{k}": getattr(m, k) for k in ("init_from", "tower", "decoder", "tokenizer")}
-        files = {f"data.{k}": getattr(data, k) for k in ("feature_cache", "train_json", "image_folder")}
+        keys = ("feature_cache", "train_json", "image_folder", "val_json", "val_image_folder")
+        files = {f"data.{k}": getattr(data, k) for k in keys}
         shards = {}
         for k, source in enumerate(data.sources or ()):
             files |= {f"data.sources[{k}].{key}": source.get(key) for key in ("train_json", "image_folder")}
@@ -210,15 +215,16 @@ class VLMTask(ShardTask):
         )
 
     def evaluate(self, model: nn.Module, zero: Zero) -> dict[str, float]:
-        """Loss and exact match on up to ``data.eval_samples`` samples of ``data.val_shards``, if set."""
+        """Loss and exact match on the first ``data.eval_samples`` usable samples of ``data.val_shards`` or
+        ``data.val_json`` (in file order), if set."""
         from ..eval.vlm import evaluate_vlm, read_eval_items
 
         data = self.cfg.data
-        if not data.val_shards:
+        if not (data.val_shards or data.val_json):
             return {}
         if self._eval is None:
             builder = self.builder()
-            self._eval = (builder, read_eval_items(builder, resolve_path(data.val_shards), data.eval_samples))
+            self._eval = (builder, read_eval_items(builder, self._held_out(), data.eval_samples))
         builder, items = self._eval
         result = evaluate_vlm(
             model,
@@ -229,6 +235,15 @@ class VLMTask(ShardTask):
             fixed_length=zero.stage == 3,
         )
         return result.metrics()
+
+    def _held_out(self) -> Any:
+        """``data.val_shards`` (resolved), or ``data.val_json`` with its image folder as a JSON source."""
+        data = self.cfg.data
+        if data.val_shards:
+            return resolve_path(data.val_shards)
+        folder = data.val_image_folder and resolve_path(data.val_image_folder)
+        keys = ("data.val_json", "data.val_image_folder")
+        return JsonSource(resolve_path(data.val_json), folder, keys=keys)
 
     def export(self, model: nn.Module, ctx: ExportContext) -> str | None:
         """``export/<format>`` for each format that holds the model, from the consolidated weights with

@@ -214,8 +214,9 @@ class VLMDataSection:
     give large images more) is skipped and counted (``too_many_image_tokens``); an image is never cut.
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
     --shards``, of the crops of the model's image layout: ``--image-layout``), read instead of the images
-    while the tower is frozen. Evaluation generates up to
-    ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples.
+    while the tower is frozen. Held-out data: ``val_shards``, or ``val_json`` (a JSON Lines file or JSON
+    array, records read in file order) with its images under ``val_image_folder``. Evaluation generates up
+    to ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples (the first usable ones).
     ``packing``: each of the ``batch_size`` rows holds as many samples as fit in ``max_length`` tokens (at
     most ``max_images_per_row`` images, None: no limit; a sample with more takes a row of its own), each
     sample attending only to itself; the loss is the same as unpacked, with less padding."""
@@ -226,6 +227,8 @@ class VLMDataSection:
     sources: list[dict[str, Any]] | None = None
     max_bad_samples: int = 10
     val_shards: str | None = None
+    val_json: str | None = None
+    val_image_folder: str | None = None
     batch_size: int = 8
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -264,6 +267,15 @@ class VLMDataSection:
         if self.image_folder and not self.train_json:
             raise ValueError(
                 "data.image_folder holds the images of data.train_json: set it, or drop the folder"
+            )
+        if self.val_shards and self.val_json:
+            raise ValueError(
+                "set one of data.val_shards and data.val_json (held-out data: shards, or a JSON file with "
+                "data.val_image_folder)"
+            )
+        if self.val_image_folder and not self.val_json:
+            raise ValueError(
+                "data.val_image_folder holds the images of data.val_json: set it, or drop the folder"
             )
         if self.train_json and self.feature_cache:
             raise ValueError(
