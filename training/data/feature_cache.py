@@ -212,8 +212,8 @@ def extract_shards(
     layout = layout or tower_layout(tower)
     if identity is not None and identity.get("layout") != layout_identity(layout):
         raise ValueError(
-            f"identity names the image layout {identity.get('layout')}, the crops are cut by "
-            f"{layout_identity(layout)}"
+            f"identity names the image layout {_show_layout(identity.get('layout'))}, the crops are cut by "
+            f"{_show_layout(layout_identity(layout))}: take it with cache_identity(tower, processor, layout)"
         )
     identity = identity or cache_identity(tower, processor, layout)
     images = PixelImages(processor, layout, tower.config.patch_size)  # the crops training cuts
