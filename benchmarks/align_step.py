@@ -7,10 +7,13 @@ settings run the step `vision-tower train-vlm` runs (`training.runner.train_step
 engine and loader, data loading included) in fresh processes, with a random-weight tower of a
 registered shape (default ``so400m_p14_384``, 729 tokens per 384 px image), the ``linear`` connector and
 a tiny random decoder (``tiny_gemma``: 2 layers, width 64) on coloured-shapes shards drawn at the tower's
-resolution. The one-time cost of writing the cache is printed beside.
+resolution. The one-time cost of writing the cache is printed beside. ``--image-layout anyres`` (or any
+registered layout) cuts each image into that layout's crops, in both settings: the cache then holds every
+crop's features (``vision-tower extract --shards --image-layout anyres``).
 
     python benchmarks/align_step.py                                  # so400m_p14_384, batch 8, 10 steps
     python benchmarks/align_step.py --tower tiny --steps 3 --batch 2 # a smoke run in seconds
+    python benchmarks/align_step.py --image-layout anyres            # LLaVA-NeXT's tiles: 3 crops an image
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def tower(name: str):
 
 def prepare(args: argparse.Namespace, root: Path) -> dict:
     """Shards at the tower's resolution, a word tokenizer of their captions, and the feature cache."""
-    from training.data.feature_cache import cache_identity, extract_shards
+    from training.data.feature_cache import cache_identity, extract_shards, tower_layout
     from training.demo import caption_corpus
     from training.demo.shapes import make_shapes
     from training.tasks.decoders import word_tokenizer
@@ -58,13 +61,15 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     )
     word_tokenizer(caption_corpus()).save_pretrained(root / "tokenizer")
     processor = ImageProcessor(image_size=size)
-    identity = cache_identity(t, processor)
+    layout = tower_layout(t, args.image_layout)  # the linear connector keeps the tower's tokens per crop
+    identity = cache_identity(t, processor, layout)
     start = time.perf_counter()
     summary = extract_shards(
         t,
         processor,
         root / "data" / "train",
         root / "cache",
+        layout=layout,
         identity=identity,
         batch_size=args.batch,
         progress=False,
@@ -72,7 +77,8 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     return {
         "extract_s": time.perf_counter() - start,
         "samples": summary.samples,
-        "tokens": t.config.num_patches,
+        "crops": summary.crops,
+        "tokens": layout.num_tokens((size, size)),  # decoder tokens of one (square) image
     }
 
 
@@ -97,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
         f"run.precision={args.precision}",
         f"run.deepspeed=configs/deepspeed/zero{args.zero}.json",
         f"run.out_dir={root / 'unused'}",
+        f"model.image_layout={args.image_layout}",
     ]
     if args.cache:
         overrides.append(f"data.feature_cache={root / 'cache'}")
@@ -144,6 +151,8 @@ def launch(args: argparse.Namespace, root: Path, tokens: int, cache: bool) -> di
         args.precision,
         "--zero",
         str(args.zero),
+        "--image-layout",
+        args.image_layout,
     ] + (["--cache"] if cache else [])
     return run_for_result(args.ranks, target, timeout=7200, what="cache" if cache else "images")
 
@@ -164,6 +173,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
+    parser.add_argument(
+        "--image-layout",
+        default="fixed",
+        help="image layout (model.image_layout: fixed, anyres, anyres_max_9, ...): the crops of each image",
+    )
     for hidden in ("--root", "--tokens"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -181,8 +195,9 @@ def main() -> None:
             "cache": launch(args, root, info["tokens"], True),
         }
     print(
-        f"stage align, tower {args.tower} ({info['tokens']} tokens/image, random weights), decoder "
-        f"{args.decoder}, "
+        f"stage align, tower {args.tower} (image layout {args.image_layout}: "
+        f"{info['crops'] / info['samples']:.0f} crops, {info['tokens']} tokens/image, random weights), "
+        f"decoder {args.decoder}, "
         f"linear connector; {args.ranks} rank(s), ZeRO-{args.zero}, batch {args.batch}/rank, "
         f"{args.num_workers} "
         f"loader workers/rank, precision {args.precision}; {args.steps} timed steps after {args.warmup}"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from connectors import FormatError
 from tests.helpers.vlm_data import make_assets
-from training.data.feature_cache import extract_shards
+from training.data.feature_cache import extract_shards, tower_layout
 from training.data.shards import SkipCounter, expand_shards, iter_tar_samples
 from training.eval.vlm import evaluate_vlm, read_eval_items
 from training.runner import Zero, deepspeed_config
@@ -128,10 +128,6 @@ def test_configs_exist_and_load():
             "model.image_layout 'tiles' is unknown; known: anyres, anyres_max, anyres_max_9, fixed",
         ),
         (["model.layout_options={max_tiles: 4}"], "model.layout_options are options of model.image_layout"),
-        (
-            ["model.image_layout=anyres", "data.feature_cache=x"],
-            "data.feature_cache holds one crop per image (image layout 'fixed'); model.image_layout 'anyres'",
-        ),
         (["data.max_image_tokens=0"], "data.max_image_tokens must be >= 1"),
     ],
 )
@@ -205,11 +201,17 @@ def test_the_anyres_config_makes_a_saved_fixed_stage_1_a_stage_2_of_tiled_images
     kept = stage(tmp_path / "stage2", *keep).vlm
     assert kept.image_layout == vlm.image_layout
     assert torch.equal(kept.layout_params["image_newline"], vlm.layout_params["image_newline"])
-    # a feature cache holds one crop per image: refused for the saved anyres layout before anything trains
+    # a feature cache of fixed crops is refused for the saved anyres layout before anything trains; one of
+    # the anyres crops is taken
     cache = tmp_path / "cache"
     extract_shards(stage1.tower, stage1.image_processor(), assets["val"], cache, progress=False)
-    with pytest.raises(ValueError, match="data.feature_cache holds one crop per image .* 'anyres' tiles"):
+    with pytest.raises(ValueError, match="another image layout .*cache 'fixed', model 'anyres'"):
         stage(tmp_path / "stage2", *keep, f"data.feature_cache={cache}")
+    layout = tower_layout(stage1.tower, "anyres")
+    extract_shards(
+        stage1.tower, stage1.image_processor(), assets["val"], cache, layout=layout, progress=False
+    )
+    stage(tmp_path / "stage2", *keep, f"data.feature_cache={cache}")
 
 
 def test_lora_trains_adapters_and_merges_into_the_plain_decoder(assets):

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vision_tower.cli import add_dtype_option, check_device, check_new_output, clear_outputs, positive_int
 from vision_tower.extras import require
@@ -249,6 +250,9 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"{flag} does not apply to --shards (a cache holds patch features of a fixed-size tower)"
             )
+    options = layout_options(args.layout_option)
+    if options and not args.image_layout:
+        raise ValueError("--layout-option is an option of --image-layout: name the layout too (e.g. anyres)")
     check_new_output(args.out, args.overwrite)
     check_device(args.device)
     s = extract_to_cache(
@@ -257,6 +261,8 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
         args.out,
         image_size=args.image_size,
         feature_layer=args.layer,
+        image_layout=args.image_layout or "fixed",
+        layout_options=options,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
@@ -264,10 +270,28 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
     )
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
     print(
-        f"wrote the feature cache {s.out_dir}: {s.samples} samples of {s.shards} shards, grid {s.grid[0]}x"
+        f"wrote the feature cache {s.out_dir}: {s.samples} samples ({s.crops} crops, image layout "
+        f"{args.image_layout or 'fixed'}) of {s.shards} shards, grid {s.grid[0]}x"
         f"{s.grid[1]}, width {s.dim}, in {s.seconds:.1f}s; skipped: {skipped}. Train with "
         f"data.feature_cache={s.out_dir}"
     )
+
+
+def layout_options(pairs: list[str]) -> dict[str, Any]:
+    """``--layout-option KEY=VALUE`` pairs -> options, each value read as YAML (``max_tiles=4``,
+    ``grid_pinpoints=[[32, 64], [64, 32]]``)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--layout-option expects KEY=VALUE (e.g. max_tiles=4), got {pair!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--layout-option {pair!r}: the value is not YAML ({err})") from None
+    return options
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

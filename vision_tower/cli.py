@@ -155,6 +155,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
                 "extract --shards: no installed package writes feature caches (vision-tower's training)"
             )
         return build_cache(args)
+    for flag, given in (("--image-layout", args.image_layout), ("--layout-option", args.layout_option)):
+        if given:
+            raise ValueError(f"{flag} applies to --shards (a feature cache of a VLM's crops), not --images")
     check_new_output(args.out, args.overwrite, kind="file")
     check_device(args.device)
     feats = extract_to_file(
@@ -265,7 +268,22 @@ def add_tower_commands(sub: argparse._SubParsersAction) -> None:
         "--layer", type=int, default=-1, help="-1: final post-layernorm output; k: block k (-2: LLaVA)"
     )
     p.add_argument("--no-head", action="store_true", help="skip the attention-pooling head")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--image-layout",
+        default=None,
+        metavar="NAME",
+        help="with --shards: the VLM's image layout (model.image_layout: fixed, anyres, anyres_max_9, split, "
+        "pan_and_scan, ...), whose crops of each image are cached (default fixed: one crop)",
+    )
+    p.add_argument(
+        "--layout-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --shards: an option of --image-layout (model.layout_options; YAML value, e.g. "
+        "max_tiles=4); repeatable",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images (with --shards: crops) a batch")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_dtype_option(p)

@@ -154,6 +154,9 @@ class AnyRes(ImageLayout):
         stored = None if grid_pinpoints is None else [list(p) for p in self.pinpoints]
         super().__init__(crop, grid_pinpoints=stored)
 
+    def resolved_options(self) -> dict[str, Any]:
+        return {**self.options, "grid_pinpoints": [list(p) for p in self.pinpoints]}
+
     def learned(self, dim: int) -> dict[str, tuple[int, ...]]:
         """``image_newline`` (dim,): transformers initializes it as ``randn(dim) / sqrt(dim)``."""
         return {"image_newline": (dim,)}

@@ -171,6 +171,12 @@ class ImageLayout:
     def config(self) -> LayoutConfig:
         return LayoutConfig(self.name, dict(self.options))
 
+    def resolved_options(self) -> dict[str, Any]:
+        """The options with each default the layout filled in (``anyres``'s ``grid_pinpoints`` None: the
+        pixel grids it uses): two layouts of one name, crop size and resolved options cut the same crops
+        (what a feature cache compares)."""
+        return dict(self.options)
+
     # ---------------------------------------------------------------- sizes and tokens
     def plan(self, image_size: Sequence[int]) -> ImagePlan:
         """The crops, token count and prompt segments of an image of ``image_size`` (height, width)."""

@@ -21,6 +21,7 @@ classes), prompt text and token counts equal (tests/test_layouts_split_pan.py).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .base import Crop, CropShape, ImageLayout, ImagePlan, Segment, Size, Step, segments
 from .registry import register_layout
@@ -105,6 +106,9 @@ class Split(ImageLayout):
         self.longest_edge = DEFAULT_TILES_PER_EDGE * self.tile if longest_edge is None else longest_edge
         self.do_image_splitting = do_image_splitting
         super().__init__(crop, longest_edge=longest_edge, do_image_splitting=do_image_splitting)
+
+    def resolved_options(self) -> dict[str, Any]:
+        return {**self.options, "longest_edge": self.longest_edge}
 
     def text_tokens(self) -> tuple[str, ...]:
         """``<fake_token_around_image>``, ``<global-img>`` and, when splitting, ``<row_r_col_c>`` up to the

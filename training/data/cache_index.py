@@ -12,6 +12,16 @@ from typing import Any
 INDEX = "cache.json"
 VERSION = 2  # 2: per-sample image digests in the files' metadata, file sizes in the index
 AGAIN = "extract the features again (vision-tower extract --model TOWER --shards SHARDS --out DIR)"
+# the image layout of the identity of a cache that names none (written before layouts were recorded)
+FIXED_LAYOUT: dict[str, Any] = {"name": "fixed", "options": {}}
+
+
+def layout_identity(layout: Any) -> dict[str, Any]:
+    """An image layout's (:class:`~connectors.layouts.ImageLayout`) name and options, defaults filled in
+    (``anyres`` with ``grid_pinpoints`` unset is ``anyres`` with LLaVA-NeXT's), as ``cache.json`` holds
+    them (JSON values: tuples as lists), to compare with a model's."""
+    identity = {"name": layout.name, "options": layout.resolved_options()}
+    return json.loads(json.dumps(identity))
 
 
 def _index_problem(index: Any) -> str | None:

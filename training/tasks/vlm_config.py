@@ -28,10 +28,6 @@ EXPORT_FORMATS = (
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # what a saved VLM (model.init_from) keeps, and what a tower swap (init_from with tower) may set
 _KEPT = ("decoder", "decoder_options", "tokenizer", "attention")
-FEATURE_CACHE_LAYOUT = (
-    "data.feature_cache holds one crop per image (image layout 'fixed'); model.image_layout {layout!r} tiles "
-    "images: drop data.feature_cache (the tower reads the crops)"
-)
 _SWAP = ("image_size", "feature_layer", "connector", "connector_options", "keep_connector")
 
 
@@ -217,10 +213,10 @@ class VLMDataSection:
     ``max_image_tokens`` (None: no limit): a sample whose images take more decoder tokens (tiled layouts
     give large images more) is skipped and counted (``too_many_image_tokens``); an image is never cut.
     ``feature_cache``: a folder of tower features of ``train_shards`` (``vision-tower extract
-    --shards``, one crop per image: the ``fixed`` layout), read instead of the images while the tower is
-    frozen. Held-out data: ``val_shards``, or ``val_json`` (a JSON Lines file or JSON array, records
-    read in file order) with its images under ``val_image_folder``. Evaluation generates up to
-    ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples (the first usable ones).
+    --shards``, of the crops of the model's image layout: ``--image-layout``), read instead of the images
+    while the tower is frozen. Held-out data: ``val_shards``, or ``val_json`` (a JSON Lines file or JSON
+    array, records read in file order) with its images under ``val_image_folder``. Evaluation generates up
+    to ``eval_max_new_tokens`` for at most ``eval_samples`` held-out samples (the first usable ones).
     ``packing``: each of the ``batch_size`` rows holds as many samples as fit in ``max_length`` tokens (at
     most ``max_images_per_row`` images, None: no limit; a sample with more takes a row of its own), each
     sample attending only to itself; the loss is the same as unpacked, with less padding."""
@@ -348,8 +344,6 @@ class VLMConfig:
                 "data.feature_cache holds features of a frozen tower; finetune.tower: true trains it: drop "
                 "one"
             )
-        if self.data.feature_cache and self.model.image_layout not in (None, "fixed"):
-            raise ValueError(FEATURE_CACHE_LAYOUT.format(layout=self.model.image_layout))
 
     @property
     def tower_trains(self) -> bool:

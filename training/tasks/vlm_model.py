@@ -194,15 +194,11 @@ def build_stage_model(cfg: VLMConfig, zero: Zero, dtype: torch.dtype) -> StageMo
         vlm = assemble(cfg.model, dtype)
     if zero.stage == 3 and not all(hasattr(p, "ds_id") for p in vlm.decoder.parameters()):
         raise RuntimeError("ZeRO-3: the decoder was built whole, not partitioned as transformers loaded it")
-    if cfg.data.feature_cache:  # refused now, before anything trains, if made with another tower
+    if cfg.data.feature_cache:  # refused now, before anything trains, if made with another tower or layout
         from ..data.feature_cache import FeatureCache, cache_identity
-        from .vlm_config import FEATURE_CACHE_LAYOUT
-
-        if vlm.image_layout.name != "fixed":  # model.init_from's own layout
-            raise ValueError(FEATURE_CACHE_LAYOUT.format(layout=vlm.image_layout.name))
 
         FeatureCache(resolve_path(cfg.data.feature_cache)).check(
-            cache_identity(vlm.tower, vlm.image_processor())
+            cache_identity(vlm.tower, vlm.image_processor(), vlm.layout)
         )
     formats = export_formats(vlm, cfg.export.formats)
     set_stage(vlm, cfg)
