@@ -437,14 +437,14 @@ def test_command_errors_are_one_line(assets, argv, message, capsys, tmp_path, mo
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # no checkpoints/ left
 
 
-def test_eval_vlm_without_shards_is_an_argparse_error_of_its_own_command(capsys):
+def test_eval_vlm_without_held_out_data_is_an_argparse_error_of_its_own_command(capsys):
     from vision_tower.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "vlm", "--model", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2
-    assert err[-1] == "vision-tower eval vlm: error: the following arguments are required: --shards", err
+    assert err[-1] == "vision-tower eval vlm: error: one of the arguments --shards --json is required", err
 
 
 def test_max_length_must_leave_room_for_a_caption_after_the_image_and_the_prompt(assets):
