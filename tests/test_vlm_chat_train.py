@@ -5,15 +5,12 @@ template otherwise), one rank, with held-out conversations."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import QA_PROMPT, make_conversation_assets
+from tests.helpers.vlm_data import QA_PROMPT, conversation_model_keys, make_conversation_assets, run_train_vlm
 from tests.helpers.vlm_workers import losses
-from training.runner.launch import launch_env
 from training.runner.paths import ROOT
 from vision_tower.cli import main
 
@@ -46,9 +43,7 @@ def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
         {"train_shards": str(tmp_path / "text"), "weight": 1},
     ]
     values = {
-        "model.tower": assets["tower"],
-        "model.decoder": assets["decoder"],
-        "model.tokenizer": "null",
+        **conversation_model_keys(assets),
         "data.train_json": "null",
         "data.image_folder": "null",
         "data.sources": json.dumps(sources),
@@ -61,10 +56,7 @@ def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
         "optim.lr": 3e-2,
         "export.formats": "[native]",
     }
-    cmd = [sys.executable, "-m", "vision_tower.cli", "train-vlm", "--config", str(CONFIG)]
-    cmd += [f"{k}={v}" for k, v in values.items()]
-    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_train_vlm(CONFIG, values)
     steps = losses(str(out))
     assert len(steps) == 6 and steps[-1] < steps[0], steps
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

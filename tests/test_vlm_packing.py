@@ -7,8 +7,6 @@ logits alone; the stream packs rows within the limits and resumes exactly; the c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,13 +14,12 @@ from torch.testing import assert_close
 
 from connectors import VisionLanguageModel, inputs
 from tests.helpers import vlm_reference as R
-from tests.helpers.vlm_data import make_conversation_assets
+from tests.helpers.vlm_data import conversation_model_keys, make_conversation_assets, run_train_vlm
 from tests.helpers.vlm_workers import losses
 from training.data.packing import RowPacker, collate_packed
 from training.data.shards import SkipSample
 from training.data.stream import ShardDataset, ShardLoader
 from training.data.vlm import PixelImages, VLMBuilder, VLMItem
-from training.runner.launch import launch_env
 from training.runner.paths import ROOT
 from training.tasks.vlm import model_inputs
 from training.tasks.vlm_config import VLMDataSection, load_vlm_config
@@ -242,11 +239,7 @@ def test_train_vlm_with_packing_lowers_the_loss(tmp_path):
     assets = make_conversation_assets(tmp_path / "data", n_train=32, n_val=2)
     out = tmp_path / "run"
     values = {
-        "model.tower": assets["tower"],
-        "model.decoder": assets["decoder"],
-        "model.tokenizer": "null",
-        "data.train_json": assets["train"],
-        "data.image_folder": assets["images"],
+        **conversation_model_keys(assets),
         "data.packing": "true",
         "data.max_images_per_row": 3,
         "data.max_length": 240,
@@ -257,10 +250,7 @@ def test_train_vlm_with_packing_lowers_the_loss(tmp_path):
         "optim.lr": 3e-2,
         "export.formats": "[native]",
     }
-    cmd = [sys.executable, "-m", "vision_tower.cli", "train-vlm", "--config", str(CONVERSATIONS)]
-    cmd += [f"{k}={v}" for k, v in values.items()]
-    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_train_vlm(CONVERSATIONS, values)
     steps = losses(str(out))
     assert len(steps) == 6 and steps[-1] < steps[0], steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,13 @@ import pytest
 
 from connectors import VisionLanguageModel
 from tests.helpers import vlm_reference as R
-from tests.helpers.vlm_data import IMAGE_SIZE, conversation_record, make_conversation_assets, png
+from tests.helpers.vlm_data import (
+    IMAGE_SIZE,
+    conversation_model_keys,
+    conversation_record,
+    make_conversation_assets,
+    png,
+)
 from training.data.chat import resolve_chat_template
 from training.data.json_source import JsonSource
 from training.data.vlm import builder_for
@@ -67,11 +73,7 @@ def _task(assets: dict[str, str], vlm: VisionLanguageModel, **data: object) -> V
     """A VLM task of the shipped conversations config with ``data`` overrides, its model set to ``vlm``
     (no engine: evaluation only)."""
     values = {
-        "model.tower": assets["tower"],
-        "model.decoder": assets["decoder"],
-        "model.tokenizer": "null",
-        "data.train_json": assets["train"],
-        "data.image_folder": assets["images"],
+        **conversation_model_keys(assets),
         "data.max_length": MAX_LENGTH,
         "data.eval_max_new_tokens": 3,
         **{f"data.{k}": v for k, v in data.items()},

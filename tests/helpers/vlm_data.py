@@ -162,3 +162,30 @@ def make_conversation_assets(root: Path, *, n_train: int = 48, n_val: int = 8) -
     return {k: str(root / k) for k in ("images", "val", "tokenizer", "decoder", "tower")} | {
         "train": str(root / "train.jsonl")
     }
+
+
+def conversation_model_keys(assets: dict[str, str]) -> dict[str, str]:
+    """The config overrides that point ``configs/vlm/tiny_conversations.yaml`` at the assets of
+    :func:`make_conversation_assets`: its tower, decoder (with its tokenizer) and training JSON Lines."""
+    return {
+        "model.tower": assets["tower"],
+        "model.decoder": assets["decoder"],
+        "model.tokenizer": "null",
+        "data.train_json": assets["train"],
+        "data.image_folder": assets["images"],
+    }
+
+
+def run_train_vlm(config: Path | str, values: dict[str, object], timeout: float = 240) -> None:
+    """``vision-tower train-vlm --config CONFIG key=value...`` as a user runs it (one process, from the
+    repository root); its output in the failure message."""
+    import subprocess
+    import sys
+
+    from training.runner.launch import launch_env
+    from training.runner.paths import ROOT
+
+    cmd = [sys.executable, "-m", "vision_tower.cli", "train-vlm", "--config", str(config)]
+    cmd += [f"{k}={v}" for k, v in values.items()]
+    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
