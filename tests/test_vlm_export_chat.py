@@ -69,7 +69,7 @@ MESSAGES = [
 ]
 
 
-def _vlm(kind: str) -> VisionLanguageModel:
+def _vlm(kind: str, image_layout: str = "fixed") -> VisionLanguageModel:
     family, template = KINDS[kind]
     tower = R.tower(seed=7)
     tower.feature_layer = -2
@@ -81,6 +81,7 @@ def _vlm(kind: str) -> VisionLanguageModel:
         tokenizer=tokenizer(kind),
         processor=ImageProcessor(image_size=32),
         chat_template=template,
+        image_layout=image_layout,
     )
     R.randomize_(vlm.connector, seed=8, scale=0.3)
     return vlm.eval()
@@ -285,3 +286,19 @@ def test_a_single_turn_prompt_is_tokenized_as_the_llava_processor_does(kind, tmp
     eos = vlm.tokenizer.eos_token
     spelled = builder.prefix_ids(f"<image> what {eos}", image)
     assert vlm.tokenizer.eos_token_id not in spelled
+
+
+@pytest.mark.parametrize("fmt, layout", [("llava_next", "anyres"), ("llava_onevision", "anyres_max_9")])
+def test_the_tiled_llava_exports_processors_build_the_training_ids(fmt, layout, tmp_path):
+    """LLaVA-NeXT and OneVision exports: their processor applies the training template and tiles the image
+    into the ids training built for the conversation (a 40x30 image: the layout's base crop and tiles)."""
+    from transformers import AutoProcessor
+
+    vlm = _vlm("llama", layout)
+    ids, targets, _ = _training_ids(vlm)
+    assert ids.count(vlm.image_token_id) == vlm.tokens_for((30, 40)) > vlm.num_image_tokens
+    vlm.save_pretrained(tmp_path, format=fmt)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    text = processor.apply_chat_template(MESSAGES[:2], add_generation_prompt=True)
+    batch = processor(images=[_image()], text=text)
+    assert batch["input_ids"][0] == ids[: targets.index(True)]
