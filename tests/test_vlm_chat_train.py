@@ -47,7 +47,8 @@ def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
         "data.train_json": "null",
         "data.image_folder": "null",
         "data.sources": json.dumps(sources),
-        "data.val_shards": assets["val"],
+        "data.val_json": assets["val_json"],  # the held-out records of assets["val"], as JSON Lines
+        "data.val_image_folder": assets["val_images"],
         "data.num_workers": 0,
         "data.eval_samples": 4,
         "data.eval_max_new_tokens": 3,

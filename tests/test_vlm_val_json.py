@@ -17,7 +17,6 @@ from tests.helpers.vlm_data import (
     conversation_model_keys,
     conversation_record,
     make_conversation_assets,
-    png,
 )
 from training.data.chat import resolve_chat_template
 from training.data.json_source import JsonSource
@@ -40,16 +39,10 @@ def assets(tmp_path_factory) -> dict[str, str]:
     with their images in ``val_images/``, and a record whose image is missing third (skipped)."""
     root = tmp_path_factory.mktemp("valjson")
     found = make_conversation_assets(root / "data", n_train=1, n_val=N_VAL)
-    folder = root / "val_images"
-    folder.mkdir()
-    lines = []
-    for i in range(N_VAL):
-        name = f"v{i:05d}.png"
-        (folder / name).write_bytes(png(make_sample("val", i, image_size=IMAGE_SIZE).image))
-        lines.append(json.dumps(conversation_record("val", i, name)))
+    lines = Path(found["val_json"]).read_text().splitlines()
     lines.insert(2, json.dumps(conversation_record("val", 99, "absent.png")))
     (root / "val.jsonl").write_text("\n".join(lines) + "\n")
-    return found | {"val_json": str(root / "val.jsonl"), "val_images": str(folder), "root": str(root)}
+    return found | {"val_json": str(root / "val.jsonl"), "root": str(root)}
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,8 @@ def conversation_record(split: str, i: int, image: str) -> dict:
 
 def make_conversation_assets(root: Path, *, n_train: int = 48, n_val: int = 8) -> dict[str, str]:
     """A JSON Lines file of LLaVA conversation records with their images in a folder (``train``,
-    ``images``), held-out shards of the same records (``val``), a word tokenizer that holds LLaVA's v1
+    ``images``), held-out shards of the same records (``val``) and the same held-out records as JSON Lines
+    with their folder (``val_json``, ``val_images``), a word tokenizer that holds LLaVA's v1
     template's words, a tiny tower and a 2-layer Gemma-shaped decoder, saved as folders."""
     from training.data.chat import V1
 
@@ -147,11 +148,16 @@ def make_conversation_assets(root: Path, *, n_train: int = 48, n_val: int = 8) -
         for i in range(n_train):
             (images / f"{i:05d}.png").write_bytes(png(make_sample("train", i, image_size=IMAGE_SIZE).image))
             f.write(json.dumps(conversation_record("train", i, f"{i:05d}.png")) + "\n")
-    members = []
+    members, lines = [], []
+    (root / "val_images").mkdir()
     for i in range(n_val):
-        members.append((f"v{i:05d}.png", png(make_sample("val", i, image_size=IMAGE_SIZE).image)))
+        image = png(make_sample("val", i, image_size=IMAGE_SIZE).image)
+        members.append((f"v{i:05d}.png", image))
         members.append((f"v{i:05d}.json", json.dumps(conversation_record("val", i, "x.png")).encode()))
+        (root / "val_images" / f"v{i:05d}.png").write_bytes(image)
+        lines.append(json.dumps(conversation_record("val", i, f"v{i:05d}.png")))
     write_tar(root / "val" / "val-000.tar", members)
+    (root / "val.jsonl").write_text("\n".join(lines) + "\n")
     system = V1.split("{% else %}")[1].split("{%")[0]  # the v1 system prompt's words
     tok = word_tokenizer([*texts(), system, "USER: ASSISTANT: and its shape"])
     tok.save_pretrained(root / "tokenizer")
@@ -159,8 +165,9 @@ def make_conversation_assets(root: Path, *, n_train: int = 48, n_val: int = 8) -
     save_decoder(root / "decoder", "tiny_gemma", tok)
     torch.manual_seed(8)
     VisionTower.from_preset("tiny", use_head=False).save_pretrained(root / "tower")
-    return {k: str(root / k) for k in ("images", "val", "tokenizer", "decoder", "tower")} | {
-        "train": str(root / "train.jsonl")
+    return {k: str(root / k) for k in ("images", "val", "val_images", "tokenizer", "decoder", "tower")} | {
+        "train": str(root / "train.jsonl"),
+        "val_json": str(root / "val.jsonl"),
     }
 
 
