@@ -2,9 +2,10 @@
 then stage finetune from its export, on a shard of wide, tall and large images (24x60, 64x40, 90x90) that
 each layout cuts into its own crops and writes with its own prompt text (tile markers, image blocks). Split:
 SmolLM-style Llama decoder, ``pixel_shuffle``, ZeRO-2. Pan and scan: Gemma 3 decoder, ``avg_pool`` and Gemma
-3's image attention, ZeRO-3. The split run's finetune also exports ``idefics3``, which transformers'
-``AutoProcessor`` and ``Idefics3ForConditionalGeneration`` load from the folder and caption with: the same
-greedy tokens as ours on that export."""
+3's image attention, ZeRO-3. Each run's finetune also exports its transformers format (``idefics3``,
+``gemma3``), which transformers' ``AutoProcessor`` and ``Idefics3ForConditionalGeneration`` /
+``Gemma3ForConditionalGeneration`` load from the folder and caption with: the same ids, logits and greedy
+tokens as ours on that export."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.testing import assert_close
+from transformers import PreTrainedTokenizerFast
 
 from connectors import VisionLanguageModel, build_connector
 from connectors.inputs import build_prompts
@@ -28,6 +30,7 @@ from tests.helpers.vlm_workers import stages_worker
 from training.tasks.decoders import word_tokenizer
 from vision_tower import VisionTower
 
+BOI, EOI = "<start_of_image>", "<end_of_image>"  # Gemma 3's image block
 CASES = {
     "split": {
         "connector": ("pixel_shuffle", {"factor": 2}),
@@ -43,7 +46,7 @@ CASES = {
         "attention": "image_bidirectional",
         "options": {"min_crop_size": 16},  # 24x60 and 64x40 are panned (2 crops each), 90x90 is not
         "deepspeed": "configs/deepspeed/zero3.json",
-        "export": None,
+        "export": "gemma3",  # the finetune's export that transformers captions with
     },
 }
 
@@ -76,7 +79,14 @@ def test_two_ranks_align_then_finetune_in_the_layout(layout, tmp_path):
     name, options = case["connector"]
     shape = CropShape.of(build_connector(name, 64, 64, **options), (32, 32), (4, 4))
     tokens = build_layout(layout, shape, **case["options"]).text_tokens()
-    word_tokenizer(texts(), extra_tokens=("<image>", *tokens)).save_pretrained(tmp_path / "tokenizer")
+    tokenizer = word_tokenizer(texts(), extra_tokens=("<image>", *tokens))
+    if layout == "pan_and_scan":  # the names Gemma3Processor reads its image block's tokens by
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer,
+            **{k: getattr(tokenizer, k) for k in ("pad_token", "bos_token", "eos_token", "unk_token")},
+            extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": "<image>"},
+        )
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
     torch.manual_seed(8)
     VisionTower.from_preset("tiny", use_head=False).save_pretrained(tmp_path / "tower")
     write_tar(tmp_path / "sized" / "sized-000.tar", sized_qa_members(48))
@@ -111,8 +121,10 @@ def test_two_ranks_align_then_finetune_in_the_layout(layout, tmp_path):
     aligned = load_file(a / "export" / "native" / "connector.safetensors")
     finetuned = load_file(f / "export" / "native" / "connector.safetensors")
     assert all(not torch.equal(aligned[k], finetuned[k]) for k in aligned)  # the finetune trained it on
-    if case["export"]:
+    if case["export"] == "idefics3":
         _captions_in_transformers(f / "export" / case["export"])
+    elif case["export"] == "gemma3":
+        _gemma3_captions_in_transformers(f / "export" / case["export"], case["options"])
 
 
 def _captions_in_transformers(folder: Path) -> None:
@@ -157,4 +169,49 @@ def _captions_in_transformers(folder: Path) -> None:
     suppress = [ours.image_token_id]  # ours never generates the placeholder
     generated = hf.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=suppress)
     continued = ours.generate(pixels, prompts, image_sizes=sizes, max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(generated[:, ids.shape[1] :], continued), (generated, continued)
+
+
+def _gemma3_captions_in_transformers(folder: Path, pan: dict) -> None:
+    """transformers' AutoProcessor (Gemma3Processor, pan and scan as the layout's) and
+    Gemma3ForConditionalGeneration, from the exported folder alone, build a wide (panned) and a large image
+    of the shard with a prompt: its ids are ours, and on its inputs its logits and greedy tokens are ours."""
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "Gemma3Processor"
+    processor.tokenizer.padding_side = "left"  # as ours lays a batch out
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    ours = VisionLanguageModel.from_pretrained(folder).eval()
+    members = sized_qa_members(3)
+    images = [Image.open(io.BytesIO(members[i][1])).convert("RGB") for i in (0, 4)]  # 24x60, 90x90
+    options = {"do_pan_and_scan": True, **{f"pan_and_scan_{k}": v for k, v in pan.items()}}
+    prompts = [f"{BOI} {QA_PROMPT}"] * len(images)
+    batch = processor(
+        images=[[i] for i in images], text=prompts, return_tensors="pt", padding=True, **options
+    )
+    sizes = torch.tensor([[i.height, i.width] for i in images])
+    assert [ours.layout.num_crops(s) for s in sizes.tolist()] == [4, 1]  # the image and 3 crops; not panned
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    built = build_prompts(
+        ours.tokenizer,
+        [f"<image> {QA_PROMPT}"] * len(images),
+        image_token_id=ours.image_token_id,
+        image=[ours.image_prompt_ids(s) for s in sizes.tolist()],
+        pad_token_id=ours.tokenizer.pad_token_id,
+        causal=True,
+    )
+    assert torch.equal(ids, built.input_ids) and torch.equal(mask, built.attention_mask)
+    inputs = {k: v for k, v in batch.items() if k != "num_crops"}
+    pixels = batch["pixel_values"]  # every image, then its crops: what ours reads too
+    with torch.no_grad():
+        theirs = hf(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        mine = ours(ids, pixels, mask, image_sizes=sizes).logits
+    assert_close(mine[mask.bool()], theirs[mask.bool()], atol=1e-4, rtol=1e-4)
+    hf.generation_config.eos_token_id = None
+    suppress = [ours.image_token_id]  # ours never generates the placeholder
+    generated = hf.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=suppress)
+    continued = ours.generate(
+        pixels, input_ids=ids, attention_mask=mask, image_sizes=sizes, max_new_tokens=5, eos_token_id=[]
+    )
     assert torch.equal(generated[:, ids.shape[1] :], continued), (generated, continued)
