@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.vlm_forward import _status_mb  # noqa: E402
+from benchmarks.vlm_forward import _status_mb, parse_prefill_args  # noqa: E402
 
 LAYOUTS = {"fixed": "llava", "anyres": "llava_next", "anyres_max_9": "llava_onevision"}
 PROMPT = "<image> describe the picture in detail"
@@ -197,17 +196,8 @@ def run(layout: str, folder: Path, name: str, size: tuple[int, int], args) -> di
                     times[impl].append(time.perf_counter() - start)
     ms = {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
     mem = {impl: peak_mb(impl, layout, folder, size, args, models[impl], batches[impl]) for impl in models}
-    image_tokens = models["ours"].tokens_for(size)
-    return dict(
-        layout=layout,
-        image=name,
-        size=size,
-        crops=crops,
-        image_tokens=image_tokens,
-        ms=ms,
-        mem=mem,
-        diff=diff,
-    )
+    tokens = models["ours"].tokens_for(size)
+    return dict(layout=layout, image=name, size=size, crops=crops, tokens=tokens, ms=ms, mem=mem, diff=diff)
 
 
 def main() -> None:
@@ -215,13 +205,7 @@ def main() -> None:
     ap.add_argument("--tower", default="preset:so400m_p14_384", help="preset:NAME (random weights) or tower")
     ap.add_argument("--decoder-layers", type=int, default=2)
     ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    args = parse_prefill_args(ap, repeats=2, warmup=1)
     if args.child:
         impl, layout, folder, size, dtype = json.loads(args.child)
         print(peak_child(impl, layout, Path(folder), tuple(size), getattr(torch, dtype)))
@@ -247,7 +231,7 @@ def main() -> None:
                 r = run(layout, folders[layout], name, size, args)
                 ms, mem = r["ms"], r["mem"]
                 print(
-                    f"{layout:13} {name:7} {size[0]:>4}x{size[1]:<5} {r['crops']:5d} {r['image_tokens']:6d} "
+                    f"{layout:13} {name:7} {size[0]:>4}x{size[1]:<5} {r['crops']:5d} {r['tokens']:6d} "
                     f"{ms['theirs']:15.1f} {ms['ours']:8.1f} {ms['theirs'] / ms['ours']:8.2f} "
                     f"{mem['theirs']:16.1f} {mem['ours']:9.1f} {r['diff']:9.1e}",
                     flush=True,

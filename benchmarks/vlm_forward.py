@@ -179,16 +179,23 @@ def run_row(size: str, row: str, folder: Path, args) -> dict:
     return dict(size=size, row=row, tokens=tokens, ms=ms, mem=mem, diff=float(diff))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", choices=list(_SIZES), default=["tiny", "300m"])
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+def parse_prefill_args(ap: argparse.ArgumentParser, *, repeats: int, warmup: int) -> argparse.Namespace:
+    """The options every prefill comparison takes (timing, dtype, device, the hidden ``--child`` of a
+    memory measurement in its own process), parsed, with transformers' warnings quietened."""
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    return args
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", choices=list(_SIZES), default=["tiny", "300m"])
+    args = parse_prefill_args(ap, repeats=10, warmup=2)
     if args.child:
         row, impl, folder, dtype = json.loads(args.child)
         print(peak_child(row, impl, Path(folder), getattr(torch, dtype)))

@@ -114,20 +114,9 @@ def test_tiled_llava_export_loads_in_transformers_with_its_processor_and_back(
         shrunk = [s for s in SIZES if vlm.layout.token_grid(s)[0][2:] != vlm.layout.token_grid(s)[1]]
         assert shrunk == [(250, 90), (190, 170)], shrunk
 
-    mask = batch["attention_mask"]
-    attended = mask.bool()
-    with torch.no_grad():
-        theirs = hf(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        mine = vlm(batch["input_ids"], pixels, mask, image_sizes=sizes).logits
-    assert_close(mine[attended], theirs[attended], **LOGITS)
-
-    hf.generation_config.eos_token_id = None
-    suppress = [vlm.image_token_id]  # ours never generates the placeholder
-    generated = hf.generate(**batch, max_new_tokens=6, do_sample=False, suppress_tokens=suppress)
-    continued = vlm.generate(
-        pixels, [PROMPT] * len(images), image_sizes=sizes, max_new_tokens=6, eos_token_id=[]
+    mine = R.assert_same_logits_and_greedy_tokens(
+        hf, vlm, batch, pixels, sizes, prompts=[PROMPT] * len(images)
     )
-    assert torch.equal(generated[:, batch["input_ids"].shape[1] :], continued)
 
     back = VisionLanguageModel.from_pretrained(out)
     assert back.image_layout == vlm.image_layout  # name, pinpoints and max_tiles
@@ -135,7 +124,7 @@ def test_tiled_llava_export_loads_in_transformers_with_its_processor_and_back(
     assert back.connector.name == ("linear" if connector == "linear" else "mlp")
     assert back.tower.feature_layer == -2 and back.processor.size == (TILE, TILE)
     with torch.no_grad():
-        again = back(batch["input_ids"], pixels, mask, image_sizes=sizes).logits
+        again = back(batch["input_ids"], pixels, batch["attention_mask"], image_sizes=sizes).logits
     assert_close(again, mine, atol=1e-6, rtol=1e-6)
 
 

@@ -13,7 +13,6 @@ from PIL import Image
 from torch.testing import assert_close
 
 from connectors import FormatError, VisionLanguageModel
-from connectors.inputs import build_prompts
 from tests.helpers import split_pan_reference as S
 from tests.helpers import vlm_reference as R
 from vision_tower import ImageProcessor
@@ -89,14 +88,7 @@ def test_split_export_loads_in_transformers_with_its_processor_and_back(fmt, tmp
     counts = [vlm.layout.num_crops(s) for s in SIZES]
     # tiles 1x3, 3x2, 3x3 (a small image is enlarged), 2x3, 3x1, 1x3, and the global image
     assert counts == [4, 7, 10, 7, 4, 4], counts
-    ours = build_prompts(
-        vlm.tokenizer,
-        [PROMPT] * len(images),
-        image_token_id=vlm.image_token_id,
-        image=[vlm.image_prompt_ids(s) for s in SIZES],
-        pad_token_id=0,
-        causal=True,
-    )
+    ours = R.our_prompt_batch(vlm, [PROMPT] * len(images), SIZES)
     assert torch.equal(batch["input_ids"], ours.input_ids)
     assert torch.equal(batch["attention_mask"], ours.attention_mask)
     start = 0
@@ -106,20 +98,9 @@ def test_split_export_loads_in_transformers_with_its_processor_and_back(fmt, tmp
         start += n
     assert start == pixels.shape[0]
 
-    mask = batch["attention_mask"]
-    attended = mask.bool()
-    with torch.no_grad():
-        theirs = hf(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        mine = vlm(batch["input_ids"], pixels, mask, image_sizes=sizes).logits
-    assert_close(mine[attended], theirs[attended], **LOGITS)
-
-    hf.generation_config.eos_token_id = None
-    suppress = [vlm.image_token_id]  # ours never generates the placeholder
-    generated = hf.generate(**batch, max_new_tokens=6, do_sample=False, suppress_tokens=suppress)
-    continued = vlm.generate(
-        pixels, [PROMPT] * len(images), image_sizes=sizes, max_new_tokens=6, eos_token_id=[]
+    mine = R.assert_same_logits_and_greedy_tokens(
+        hf, vlm, batch, pixels, sizes, prompts=[PROMPT] * len(images)
     )
-    assert torch.equal(generated[:, batch["input_ids"].shape[1] :], continued)
 
     from connectors.describe import describe_vlm
 
@@ -136,7 +117,7 @@ def test_split_export_loads_in_transformers_with_its_processor_and_back(fmt, tmp
     assert back.image_token_id == vlm.image_token_id
     assert torch.equal(back.image_inputs(images)[0], pixels)
     with torch.no_grad():
-        again = back(batch["input_ids"], pixels, mask, image_sizes=sizes).logits
+        again = back(batch["input_ids"], pixels, batch["attention_mask"], image_sizes=sizes).logits
     assert_close(again, mine, atol=1e-6, rtol=1e-6)
 
 

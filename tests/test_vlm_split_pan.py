@@ -14,7 +14,6 @@ from PIL import Image
 from torch.testing import assert_close
 
 from connectors import VisionLanguageModel
-from connectors.inputs import build_prompts
 from tests.helpers import split_pan_reference as S
 from tests.helpers import vlm_reference as R
 from tests.helpers.vlm_data import png
@@ -78,14 +77,7 @@ def test_prompt_and_generation_equal_the_transformers_processor(layout):
     images = _images()
     pixels, sizes = vlm.image_inputs(images)
     word = "hi" if layout == "split" else "Here"  # a word of each test tokenizer's vocabulary
-    batch = build_prompts(
-        vlm.tokenizer,
-        [f"{word} {case['image_token']} {word}"] * len(SIZES),
-        image_token_id=vlm.image_token_id,
-        image=[vlm.image_prompt_ids(s) for s in sizes.tolist()],
-        pad_token_id=0,
-        causal=True,
-    )
+    batch = R.our_prompt_batch(vlm, [f"{word} {case['image_token']} {word}"] * len(SIZES), sizes)
     expected_pixels = []
     for i, image in enumerate(images):  # each row: the processor's ids for the same text and image
         out = reference(

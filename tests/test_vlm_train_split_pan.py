@@ -17,15 +17,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch.testing import assert_close
 from transformers import PreTrainedTokenizerFast
 
 from connectors import VisionLanguageModel, build_connector
-from connectors.inputs import build_prompts
 from connectors.layouts import CropShape, build_layout
 from tests.helpers.distributed import run_ranks, small_run
 from tests.helpers.shards import write_tar
 from tests.helpers.vlm_data import QA_PROMPT, sized_qa_members, texts
+from tests.helpers.vlm_reference import assert_same_logits_and_greedy_tokens, our_prompt_batch
 from tests.helpers.vlm_workers import stages_worker
 from training.tasks.decoders import word_tokenizer
 from vision_tower import VisionTower
@@ -151,16 +150,9 @@ def _captions_in_transformers(folder: Path) -> None:
     assert torch.equal(batch["pixel_values"][0, :3], pixels[:3]) and not batch["pixel_values"][0, 3:].any()
     assert torch.equal(batch["pixel_values"][1], pixels[3:])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    built = build_prompts(
-        ours.tokenizer,
-        prompts,
-        image_token_id=ours.image_token_id,
-        image=[ours.image_prompt_ids(s) for s in sizes.tolist()],
-        pad_token_id=0,
-        causal=True,
-    )
+    built = our_prompt_batch(ours, prompts, sizes)
     assert torch.equal(ids, built.input_ids) and torch.equal(mask, built.attention_mask)
-    _same_logits_and_greedy_tokens(hf, ours, dict(batch), pixels, sizes)
+    assert_same_logits_and_greedy_tokens(hf, ours, dict(batch), pixels, sizes)
 
 
 def _gemma3_captions_in_transformers(folder: Path, pan: dict) -> None:
@@ -184,32 +176,10 @@ def _gemma3_captions_in_transformers(folder: Path, pan: dict) -> None:
     sizes = torch.tensor([[i.height, i.width] for i in images])
     assert [ours.layout.num_crops(s) for s in sizes.tolist()] == [4, 1]  # the image and 3 crops; not panned
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    built = build_prompts(
-        ours.tokenizer,
-        [f"<image> {QA_PROMPT}"] * len(images),
-        image_token_id=ours.image_token_id,
-        image=[ours.image_prompt_ids(s) for s in sizes.tolist()],
-        pad_token_id=ours.tokenizer.pad_token_id,
-        causal=True,
+    built = our_prompt_batch(
+        ours, [f"<image> {QA_PROMPT}"] * len(images), sizes, pad_token_id=ours.tokenizer.pad_token_id
     )
     assert torch.equal(ids, built.input_ids) and torch.equal(mask, built.attention_mask)
     inputs = {k: v for k, v in batch.items() if k != "num_crops"}
     # every image, then its crops: what ours reads too
-    _same_logits_and_greedy_tokens(hf, ours, inputs, batch["pixel_values"], sizes)
-
-
-def _same_logits_and_greedy_tokens(hf, ours, inputs: dict, pixels, sizes) -> None:
-    """On the processor's ``inputs`` (left-padded ids and mask), transformers' logits at the attended
-    positions equal ours (1e-4) and its 5 greedy tokens are ours (our placeholder suppressed on its side)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    with torch.no_grad():
-        theirs = hf(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        mine = ours(ids, pixels, mask, image_sizes=sizes).logits
-    assert_close(mine[mask.bool()], theirs[mask.bool()], atol=1e-4, rtol=1e-4)
-    hf.generation_config.eos_token_id = None
-    suppress = [ours.image_token_id]  # ours never generates the placeholder
-    generated = hf.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=suppress)
-    continued = ours.generate(
-        pixels, input_ids=ids, attention_mask=mask, image_sizes=sizes, max_new_tokens=5, eos_token_id=[]
-    )
-    assert torch.equal(generated[:, ids.shape[1] :], continued), (generated, continued)
+    assert_same_logits_and_greedy_tokens(hf, ours, inputs, batch["pixel_values"], sizes)

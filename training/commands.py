@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vision_tower.cli import add_dtype_option, check_device, check_new_output, clear_outputs, positive_int
+from vision_tower.cli import add_dtype_option, check_new_output, clear_outputs, extract_options, positive_int
 from vision_tower.extras import require
 
 EXTRA = "train"
@@ -253,20 +253,10 @@ def cmd_extract_shards(args: argparse.Namespace) -> None:
     options = layout_options(args.layout_option)
     if options and not args.image_layout:
         raise ValueError("--layout-option is an option of --image-layout: name the layout too (e.g. anyres)")
-    check_new_output(args.out, args.overwrite)
-    check_device(args.device)
+    layout = args.image_layout or "fixed"
+    extract = extract_options(args, kind="folder")
     s = extract_to_cache(
-        args.model,
-        args.shards,
-        args.out,
-        image_size=args.image_size,
-        feature_layer=args.layer,
-        image_layout=args.image_layout or "fixed",
-        layout_options=options,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.quiet,
+        args.model, args.shards, args.out, image_layout=layout, layout_options=options, **extract
     )
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
     print(

@@ -147,6 +147,21 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {size:4d} px: {g}x{g} = {g * g} tokens{mark}")
 
 
+def extract_options(args: argparse.Namespace, *, kind: str) -> dict[str, Any]:
+    """The options every ``extract`` run passes on (to a features file or a feature cache), once its
+    output (a ``kind``: file or folder) and device are checked."""
+    check_new_output(args.out, args.overwrite, kind=kind)
+    check_device(args.device)
+    return dict(
+        image_size=args.image_size,
+        feature_layer=args.layer,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+
+
 def cmd_extract(args: argparse.Namespace) -> None:
     if args.shards is not None:  # a feature cache for VLM training: the training package's hook
         build_cache = hook("extract_shards")
@@ -158,22 +173,15 @@ def cmd_extract(args: argparse.Namespace) -> None:
     for flag, given in (("--image-layout", args.image_layout), ("--layout-option", args.layout_option)):
         if given:
             raise ValueError(f"{flag} applies to --shards (a feature cache of a VLM's crops), not --images")
-    check_new_output(args.out, args.overwrite, kind="file")
-    check_device(args.device)
     feats = extract_to_file(
         args.model,
         args.images,
         args.out,
-        image_size=args.image_size,
         max_num_patches=args.max_num_patches,
-        feature_layer=args.layer,
         use_head=False if args.no_head else None,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
         compile=args.compile,
-        progress=not args.quiet,
         log=print,
+        **extract_options(args, kind="file"),
     )
     grids = (
         feats.grid if feats.grid is not None else "per image " + ", ".join(f"{h}x{w}" for h, w in feats.grids)

@@ -152,3 +152,40 @@ def decoder_logits_with_images(vlm, batch, image_tokens: torch.Tensor) -> torch.
         return vlm.decoder(
             inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids
         ).logits
+
+
+def assert_same_logits_and_greedy_tokens(hf, ours, inputs: dict, pixels, sizes, *, prompts=None, tokens=6):
+    """On a processor's ``inputs`` (left-padded ids and mask; ``pixels`` and ``sizes`` as ours reads
+    them), transformers' logits at the attended positions equal ours (1e-4), and its greedy ``tokens``
+    (our placeholder suppressed on its side) equal what ours generates: from ``prompts`` when given (ours
+    builds the ids), else from the same ids. Returns our logits."""
+    from torch.testing import assert_close
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        theirs = hf(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        mine = ours(ids, pixels, mask, image_sizes=sizes).logits
+    assert_close(mine[mask.bool()], theirs[mask.bool()], atol=1e-4, rtol=1e-4)
+    hf.generation_config.eos_token_id = None
+    suppress = [ours.image_token_id]  # ours never generates the placeholder
+    generated = hf.generate(**inputs, max_new_tokens=tokens, do_sample=False, suppress_tokens=suppress)
+    given = dict(input_ids=ids, attention_mask=mask) if prompts is None else dict(prompts=prompts)
+    continued = ours.generate(pixels, **given, image_sizes=sizes, max_new_tokens=tokens, eos_token_id=[])
+    assert torch.equal(generated[:, ids.shape[1] :], continued), (generated, continued)
+    return mine
+
+
+def our_prompt_batch(vlm, prompts: list[str], sizes, *, pad_token_id: int = 0):
+    """The left-padded causal batch our ``vlm`` builds for ``prompts`` with one image of each size in
+    ``sizes`` (a list of (h, w) or an (N, 2) tensor): what a transformers processor must give too."""
+    from connectors.inputs import build_prompts
+
+    sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes
+    return build_prompts(
+        vlm.tokenizer,
+        prompts,
+        image_token_id=vlm.image_token_id,
+        image=[vlm.image_prompt_ids(s) for s in sizes],
+        pad_token_id=pad_token_id,
+        causal=True,
+    )
