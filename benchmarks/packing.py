@@ -89,22 +89,11 @@ def batches(samples, builder, batch_size: int, packer) -> list[dict[str, Any]]:
     """The training stream's batches of ``samples`` in order, one pass."""
     from training.data.stream import ShardDataset, ShardLoader
 
-    dataset = ShardDataset(
-        ["mix"],
-        builder,
-        batch_size=batch_size,
-        seed=0,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        shuffle=False,
-        shuffle_buffer=0,
-        epoch=0,
-        drop_last=False,
-        max_consecutive_skips=10,
-        reader=lambda url, counter: iter(samples),
-        packer=packer,
-    )
+    def reader(url, counter):
+        return iter(samples)
+
+    # one process, one pass in order (the defaults)
+    dataset = ShardDataset(["mix"], builder, batch_size=batch_size, reader=reader, packer=packer)
     return list(ShardLoader(dataset, num_workers=0))
 
 

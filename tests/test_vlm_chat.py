@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import layout_for, png
+from tests.helpers.vlm_data import layout_for, pixel_builder, png
 from training.data import ShardLoader, SkipSample, shard_dataset
 from training.data.chat import GENERATION_TAG, ChatEncoder, TemplateMismatch, resolve_chat_template
 from training.data.json_source import JsonSource
@@ -148,22 +148,10 @@ def test_a_template_whose_turns_do_not_add_up_is_caught_and_named(spans):
 
 # ----------------------------------------------------------------------------- sources
 
-PROCESSOR = ImageProcessor(image_size=16)
-LAYOUT = layout_for(ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2}), 16, 4)
-
 
 def builder(tok, template=QWEN, max_length=64) -> VLMBuilder:
     """16 px images in 4 px patches, 4 tokens each after pixel shuffle by 2."""
-    return VLMBuilder(
-        tok,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        layout=LAYOUT,
-        images=PixelImages(PROCESSOR, LAYOUT, patch_size=4),
-        max_length=max_length,
-        caption_prompt="caption",
-        causal=True,
-        chat_template=template,
-    )
+    return pixel_builder(tok, max_length=max_length, causal=True, chat_template=template)
 
 
 def records() -> list[dict]:

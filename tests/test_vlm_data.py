@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from connectors import ConnectorConfig, VisionLanguageModel
 from tests.helpers import vlm_reference as R
 from tests.helpers.shards import ONE_PASS, write_tar
-from tests.helpers.vlm_data import layout_for, png
+from tests.helpers.vlm_data import layout_for, pixel_builder, png
 from training.data import ShardLoader, shard_dataset
 from training.data.vlm import PixelImages, VLMBuilder
 from training.demo.shapes import make_sample
@@ -36,22 +36,6 @@ def image_bytes(i: int) -> bytes:
     return png(make_sample("train", i, image_size=16).image)
 
 
-SHUFFLE = ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})
-
-
-def builder(tok, max_length=40, connector=SHUFFLE):
-    """16 px images in 4 px patches: a 4x4 grid, 4 tokens after pixel shuffle by 2."""
-    layout = layout_for(connector, 16, 4)
-    return VLMBuilder(
-        tok,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        layout=layout,
-        images=PixelImages(PROCESSOR, layout, patch_size=4),
-        max_length=max_length,
-        caption_prompt="caption",
-    )
-
-
 def raw(key: str, i: int, **members) -> dict:
     sample = {"__key__": key, "__url__": "mem.tar", "png": image_bytes(i)}
     for ext, value in members.items():
@@ -63,7 +47,7 @@ def test_rows_put_image_and_prompt_in_the_prefix_and_the_answer_with_eos_in_the_
     tok = word_tokenizer(WORDS)
     v = tok.get_vocab()
     img, bos, eos, pad = v["<image>"], v["<bos>"], v["<eos>"], v["<pad>"]
-    b = builder(tok)
+    b = pixel_builder(tok)
     items = [
         b.build(raw("cap", 0, txt=b"a red circle")),
         b.build(raw("qa", 1, json={"prompt": "what colour", "answer": "red"})),
@@ -99,7 +83,7 @@ def test_a_causal_model_reads_a_prompt_without_image_token_as_llava_does():
     tok = word_tokenizer(WORDS)
     v = tok.get_vocab()
     img, bos, eos = v["<image>"], v["<bos>"], v["<eos>"]
-    b = builder(tok)
+    b = pixel_builder(tok)
     b.causal = True
     cap = b.build(raw("cap", 0, txt=b"a red circle"))
     qa = b.build(raw("qa", 1, json={"prompt": "what colour", "answer": "red"}))
@@ -114,7 +98,7 @@ def test_a_causal_model_reads_a_prompt_without_image_token_as_llava_does():
 
 def test_image_tokens_follow_the_layouts_crop_and_its_grid():
     tok = word_tokenizer(WORDS)
-    b = builder(tok, connector=ConnectorConfig("linear", 8, 16))  # one token per patch
+    b = pixel_builder(tok, connector=ConnectorConfig("linear", 8, 16))  # one token per patch
     small = b.build(raw("a", 0, txt=b"red"))
     assert small.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 16  # 4x4 grid
     with pytest.raises(ValueError, match="counts tokens of 16x16 crops; the processor makes 24x24 images"):
@@ -142,7 +126,7 @@ def long_shard(tmp_path):
 def test_long_rows_are_cut_on_the_answer_side_and_counted(tmp_path, num_workers):
     tok = word_tokenizer(WORDS)
     v = tok.get_vocab()
-    b = builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
+    b = pixel_builder(tok, max_length=12)  # 4 image tokens + bos + "caption" leave 6 for the answer
     dataset = shard_dataset(long_shard(tmp_path), b, batch_size=8, **ONE_PASS)
     loader = ShardLoader(dataset, num_workers=num_workers)
     (batch,) = list(loader)
@@ -168,7 +152,7 @@ def test_a_caption_of_megabytes_is_cut_before_the_tokenizer_reads_it():
             return super().__call__(text, *args, **kwargs)
 
     tok.__class__ = Recording
-    b = builder(tok, max_length=12)  # 6 answer tokens after the image and the prompt
+    b = pixel_builder(tok, max_length=12)  # 6 answer tokens after the image and the prompt
     huge = "a red circle " * 200_000  # 2.6 MB
     item = b.build(raw("huge", 0, txt=huge.encode()))
     assert item.input_ids[6:] == [v[w] for w in ("a red circle " * 2).split()] and item.truncated
@@ -225,14 +209,7 @@ def test_special_tokens_written_in_text_are_text(tmp_path):
     assert (
         tok("a <eos> b <image>", add_special_tokens=False)["input_ids"].count(eos) == 1
     )  # parsed by default
-    b = VLMBuilder(
-        tok,
-        image_token_id=img,
-        layout=layout_for(SHUFFLE, 16, 4),
-        images=PixelImages(PROCESSOR, layout_for(SHUFFLE, 16, 4), patch_size=4),
-        max_length=80,
-        caption_prompt="caption",
-    )
+    b = pixel_builder(tok, max_length=80)
     item = b.build(
         raw("k", 0, json={"prompt": "USER: <image> say <eos> ASSISTANT:", "answer": "a <image> <eos> b"})
     )
@@ -248,7 +225,7 @@ def test_special_tokens_a_word_level_vocabulary_holds_are_unknown_words_in_text(
     tok = word_tokenizer(WORDS)
     v, unk = tok.get_vocab(), tok.unk_token_id
     img, eos, bos = v["<image>"], v["<eos>"], v["<bos>"]
-    b = builder(tok, max_length=80)
+    b = pixel_builder(tok, max_length=80)
     item = b.build(
         raw("k", 0, json={"prompt": "USER: <eos> <image> <bos> ASSISTANT:", "answer": "a <image> <eos> red"})
     )
@@ -275,7 +252,7 @@ def test_a_special_token_spelled_in_text_without_an_unknown_token_is_a_skipped_s
         eos_token="<eos>",
         additional_special_tokens=["<image>"],
     )
-    b = builder(tok)
+    b = pixel_builder(tok)
     assert b.build(raw("k", 0, txt=b"a red")).input_ids[-3:] == [4, 5, 2]
     with pytest.raises(
         SkipSample, match=r"bad_caption: the text 'a <eos> red' spells the special token\(s\) \['<eos>'\]"
@@ -286,7 +263,7 @@ def test_a_special_token_spelled_in_text_without_an_unknown_token_is_a_skipped_s
 def test_a_prompt_with_two_image_tokens_is_a_skipped_sample():
     from training.data.shards import SkipSample
 
-    b = builder(word_tokenizer(WORDS))
+    b = pixel_builder(word_tokenizer(WORDS))
     with pytest.raises(SkipSample, match="bad_caption: prompt holds '<image>' more than once"):
         b.build(raw("k", 0, json={"prompt": "<image> and <image>", "answer": "red"}))
 
@@ -297,10 +274,10 @@ def test_eval_names_why_no_held_out_sample_was_usable(tmp_path):
     tok = word_tokenizer(WORDS)
     shard = long_shard(tmp_path)  # 4 samples: their image and prompt take 6 tokens or more
     with pytest.raises(ValueError, match=r"every sample was skipped \(4 too_long\)"):
-        read_eval_items(builder(tok, max_length=5), str(shard), limit=8)
+        read_eval_items(pixel_builder(tok, max_length=5), str(shard), limit=8)
     empty = write_tar(tmp_path / "empty.tar", [])
     with pytest.raises(ValueError, match="the shards hold no samples"):
-        read_eval_items(builder(tok), str(empty), limit=8)
+        read_eval_items(pixel_builder(tok), str(empty), limit=8)
 
 
 def test_a_newline_piece_listed_among_the_special_tokens_stays_text(tmp_path):

@@ -174,22 +174,8 @@ def _reader(url, counter):
 
 
 def _loader(resume_state=None) -> ShardLoader:
-    dataset = ShardDataset(
-        ["a"],
-        _Builder(bad={"k05", "k17"}),
-        batch_size=2,
-        seed=0,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        shuffle=False,
-        shuffle_buffer=0,
-        epoch=0,
-        drop_last=False,
-        max_consecutive_skips=10,
-        reader=_reader,
-        packer=RowPacker(12, max_images=3),
-    )
+    packer = RowPacker(12, max_images=3)  # one process, one pass in order (the defaults)
+    dataset = ShardDataset(["a"], _Builder(bad={"k05", "k17"}), batch_size=2, reader=_reader, packer=packer)
     return ShardLoader(dataset, num_workers=0, resume_state=resume_state)
 
 

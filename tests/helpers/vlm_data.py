@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
+from training.data.vlm import PixelImages, VLMBuilder
 from training.demo import caption_corpus
 from training.demo.shapes import make_sample, make_shapes
 from training.tasks.decoders import save_decoder, word_tokenizer
-from vision_tower import VisionTower
+from vision_tower import ImageProcessor, VisionTower
 
 QA_PROMPT = "what colour is the shape"
 IMAGE_SIZE = 32
@@ -29,6 +31,25 @@ def layout_for(connector, image_size: int, patch_size: int, name: str = "fixed",
         built = connector.build()
     side = image_size // patch_size
     return build_layout(name, CropShape.of(built, (image_size, image_size), (side, side)), **options)
+
+
+PROCESSOR16 = ImageProcessor(image_size=16)
+SHUFFLE = ConnectorConfig("pixel_shuffle", 8, 16, {"factor": 2})  # 4 tokens from a 4x4 grid
+
+
+def pixel_builder(tok, *, max_length: int = 40, connector=SHUFFLE, **options) -> VLMBuilder:
+    """A :class:`VLMBuilder` of 16 px images in 4 px patches (a 4x4 grid: 4 tokens after ``SHUFFLE``)
+    with the caption prompt "caption"; ``options`` go to the builder (``causal``, ``chat_template``)."""
+    layout = layout_for(connector, 16, 4)
+    return VLMBuilder(
+        tok,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        layout=layout,
+        images=PixelImages(PROCESSOR16, layout, patch_size=4),
+        max_length=max_length,
+        caption_prompt="caption",
+        **options,
+    )
 
 
 def png(image) -> bytes:

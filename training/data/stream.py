@@ -75,7 +75,8 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
 
 class ShardDataset(IterableDataset):
     """Batches of ``builder.collate(items)`` from shards, each with a ``"__state__"`` entry (skip counts
-    and stream position) that :class:`ShardLoader` takes off. Iterate it through :class:`ShardLoader`."""
+    and stream position) that :class:`ShardLoader` takes off. Iterate it through :class:`ShardLoader`.
+    Its defaults are one process reading one pass in order; :func:`build_dataset` sets them for a run."""
 
     def __init__(
         self,
@@ -83,15 +84,15 @@ class ShardDataset(IterableDataset):
         builder: SampleBuilder,
         *,
         batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        resampled: bool,
-        shuffle: bool,
-        shuffle_buffer: int,
-        epoch: int,
-        drop_last: bool,
-        max_consecutive_skips: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        shuffle: bool = False,
+        shuffle_buffer: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        max_consecutive_skips: int = 1000,
         reader: Callable[[str, SkipCounter], Iterator[dict[str, Any]]] = iter_tar_samples,
         mixture: Any = None,
         packer: RowPacker | None = None,

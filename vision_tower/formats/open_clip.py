@@ -11,7 +11,6 @@ the timm architecture (heads and GELU of the image tower), the text heads and GE
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..checkpoint import CheckpointError, save_safetensors
 from ..config import SiglipConfig, TextConfig, VisionConfig
 from . import timm
 from .keys import OUR_BLOCK, part, rename, text_shape
-from .registry import Files, Format, Read, register_format, with_source
+from .registry import Files, Format, OutDir, Read, StateDict, register_format, with_source
 
 Tensor = torch.Tensor
 
@@ -254,16 +253,12 @@ def read_siglip(files: Files, source: str) -> Read:
     return native, with_source(siglip_config, model_cfg, native, source), leftover
 
 
-def write_vision(config: Any, sd: dict[str, Tensor], out_dir: str | os.PathLike) -> Path:
+def write_vision(config: Any, sd: StateDict, out_dir: OutDir) -> Path:
     raise ValueError("open_clip checkpoints hold both towers: save a SiglipModel with format='open_clip'")
 
 
 def write_siglip(
-    config: SiglipConfig,
-    sd: dict[str, Tensor],
-    out_dir: str | os.PathLike,
-    *,
-    allow_gelu_change: bool = False,
+    config: SiglipConfig, sd: StateDict, out_dir: OutDir, *, allow_gelu_change: bool = False
 ) -> Path:
     """``open_clip_model.safetensors`` + ``open_clip_config.json`` (``allow_gelu_change``: see
     :func:`open_clip_config`)."""

@@ -9,6 +9,7 @@ the order they were registered.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from ..checkpoint import CheckpointError
 
 Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+OutDir = str | os.PathLike  # a writer's target folder
 
 
 @dataclass

@@ -10,7 +10,6 @@ image tower only: the registered :data:`FORMAT` reads and writes ``model.safeten
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from ..checkpoint import CheckpointError, write_safetensors
 from ..config import NaFlexVisionConfig, VisionConfig
 from .keys import OUR_BLOCK, depth_of, rename
-from .registry import Files, Format, Read, register_format, with_source
+from .registry import Files, Format, OutDir, Read, StateDict, register_format, with_source
 
 Tensor = torch.Tensor
 
@@ -286,16 +285,14 @@ def read_siglip(files: Files, source: str) -> Read:
     )
 
 
-def write_vision(
-    config: VisionConfig | NaFlexVisionConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike
-) -> Path:
+def write_vision(config: VisionConfig | NaFlexVisionConfig, sd: StateDict, out_dir: OutDir) -> Path:
     """timm's ``model.safetensors`` + ``config.json`` (that ``timm.create_model`` reads)."""
     if isinstance(config, NaFlexVisionConfig):
         raise ValueError("NaFlex towers are written in the transformers layout only (format='transformers')")
     return write_safetensors(vision_from_native(sd), out_dir, timm_config(config))
 
 
-def write_siglip(config: Any, sd: dict[str, Tensor], out_dir: str | os.PathLike, **options: Any) -> Path:
+def write_siglip(config: Any, sd: StateDict, out_dir: OutDir, **options: Any) -> Path:
     raise ValueError(
         "timm checkpoints hold the image tower only: save model.vision with format='timm', "
         "or both towers with format='open_clip'"

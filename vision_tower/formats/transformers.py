@@ -17,7 +17,6 @@ folders.
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..config import NaFlexVisionConfig, SiglipConfig, TextConfig, VisionConfig
 from ..presets import get_preset, list_presets
 from . import idefics3
 from .keys import OUR_BLOCK, depth_of, part, rename
-from .registry import Files, Format, Read, register_format
+from .registry import Files, Format, OutDir, Read, StateDict, register_format
 
 Tensor = torch.Tensor
 
@@ -281,20 +280,14 @@ def vision_state_dict_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"vision_model.{k}": v for k, v in vision_from_native(sd).items()}
 
 
-def write_vision(
-    config: VisionConfig | NaFlexVisionConfig, sd: dict[str, Tensor], out_dir: str | os.PathLike
-) -> Path:
+def write_vision(config: VisionConfig | NaFlexVisionConfig, sd: StateDict, out_dir: OutDir) -> Path:
     """transformers' ``SiglipVisionModel`` (``Siglip2VisionModel`` for NaFlex) layout."""
     arch = "Siglip2VisionModel" if isinstance(config, NaFlexVisionConfig) else "SiglipVisionModel"
     return write_safetensors(vision_state_dict_hf(sd), out_dir, {"architectures": [arch], **config.to_hf()})
 
 
 def write_siglip(
-    config: SiglipConfig,
-    sd: dict[str, Tensor],
-    out_dir: str | os.PathLike,
-    *,
-    allow_gelu_change: bool = False,
+    config: SiglipConfig, sd: StateDict, out_dir: OutDir, *, allow_gelu_change: bool = False
 ) -> Path:
     """transformers' ``SiglipModel`` layout (``allow_gelu_change`` does not apply: any GELU is written)."""
     tensors = vision_state_dict_hf(part(sd, "vision."))
