@@ -52,24 +52,26 @@ def test_crop_tokens_are_idefics3_and_gemma3_image_seq_len():
 
 
 # ---------------------------------------------------------------------------- registry and options
-def test_registry_options_refusals_and_config_round_trip():
+@pytest.mark.parametrize(
+    ("name", "crop", "options", "error", "words"),
+    [
+        ("split", CropShape((56, 28), 2, (2, 1)), {}, ValueError, "square crops"),
+        ("split", SHUFFLE, {"longest_edge": 0}, ValueError, "longest_edge must be a positive int, got 0"),
+        ("split", SHUFFLE, {"longest_edge": 150.0}, ValueError, "must be a positive int, got 150.0"),
+        ("split", SHUFFLE, {"do_image_splitting": "yes"}, TypeError, "splitting='yes': expected bool"),
+        ("pan_and_scan", POOL, {"max_num_crops": 1}, ValueError, "max_num_crops must be at least 2, got 1"),
+        ("pan_and_scan", POOL, {"min_crop_size": 0}, ValueError, "min_crop_size must be at least 1, got 0"),
+        ("pan_and_scan", POOL, {"min_ratio_to_activate": "1.2"}, TypeError, "='1.2': expected float"),
+        ("pan_and_scan", POOL, {"max_crops": 3}, TypeError, r"option\(s\) \['max_crops'\].*max_num_crops"),
+    ],
+)
+def test_bad_options_are_refused_naming_them(name, crop, options, error, words):
+    with pytest.raises(error, match=words):
+        build_layout(name, crop, **options)
+
+
+def test_registry_and_config_round_trip():
     assert {"split", "pan_and_scan"} <= set(list_layouts())
-    with pytest.raises(ValueError, match="square crops"):
-        build_layout("split", CropShape((56, 28), 2, (2, 1)))
-    with pytest.raises(ValueError, match="longest_edge must be a positive int, got 0"):
-        build_layout("split", SHUFFLE, longest_edge=0)
-    with pytest.raises(ValueError, match="longest_edge must be a positive int, got 150.0"):
-        build_layout("split", SHUFFLE, longest_edge=150.0)
-    with pytest.raises(TypeError, match="do_image_splitting='yes': expected bool"):
-        build_layout("split", SHUFFLE, do_image_splitting="yes")
-    with pytest.raises(ValueError, match="max_num_crops must be at least 2, got 1"):
-        build_layout("pan_and_scan", POOL, max_num_crops=1)
-    with pytest.raises(ValueError, match="min_crop_size must be at least 1, got 0"):
-        build_layout("pan_and_scan", POOL, min_crop_size=0)
-    with pytest.raises(TypeError, match="min_ratio_to_activate='1.2': expected float"):
-        build_layout("pan_and_scan", POOL, min_ratio_to_activate="1.2")
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_crops'\].*max_num_crops"):
-        build_layout("pan_and_scan", POOL, max_crops=3)
     for name, crop, options in (("split", SHUFFLE, {"longest_edge": 150}), ("pan_and_scan", POOL, PAN)):
         layout = build_layout(name, crop, **options)
         again = LayoutConfig.from_dict(layout.config.to_dict()).build(crop)

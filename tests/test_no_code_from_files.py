@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,17 +197,22 @@ def test_train_vlm_and_eval_vlm_refuse_a_pipe_shard_in_one_line(native, decoder,
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+def _generate_error(model: Path, tmp_path: Path, capsys) -> str:
+    """What ``vision-tower generate --model MODEL`` on a 32 px image prints to stderr; it must exit 2."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--image", str(image)]) == 2
+    return capsys.readouterr().err
+
+
 def test_generate_refuses_a_vlm_whose_decoder_asks_for_its_own_code(native, tmp_path, capsys):
     marker = tmp_path / "ran"
     model = tmp_path / "custom"
     shutil.copytree(native, model)
     shutil.rmtree(model / "decoder")
     _custom_code_folder(native / "decoder", model / "decoder", marker, config=True)
-    image = tmp_path / "x.png"
-    Image.new("RGB", (32, 32)).save(image)
-    capsys.readouterr()
-    assert main(["generate", "--model", str(model), "--image", str(image)]) == 2
-    err = capsys.readouterr().err
+    err = _generate_error(model, tmp_path, capsys)
     assert _error_line(err, "generate") == (
         f"vision-tower generate: error: {model / 'decoder'}: the model folder asks to run its own Python "
         "code (auto_map) for a class that transformers does not ship; vision-tower never runs code from "
@@ -235,11 +241,7 @@ def test_generate_refuses_a_vlm_whose_decoder_weights_are_pickled(native, tmp_pa
     shutil.copytree(native, model)
     (model / "decoder" / "model.safetensors").unlink()
     torch.save({"model.embed_tokens.weight": Payload(str(marker))}, model / "decoder" / "pytorch_model.bin")
-    image = tmp_path / "x.png"
-    Image.new("RGB", (32, 32)).save(image)
-    capsys.readouterr()
-    assert main(["generate", "--model", str(model), "--image", str(image)]) == 2
-    err = capsys.readouterr().err
+    err = _generate_error(model, tmp_path, capsys)
     assert _error_line(err, "generate").startswith(
         f"vision-tower generate: error: {model / 'decoder'}: the decoder's weights are pickled "
         "(pytorch_model.bin), which vision-tower never unpickles"
