@@ -9,8 +9,12 @@ import json
 import pytest
 
 from tests.helpers.shards import write_tar
-from tests.helpers.vlm_data import QA_PROMPT, conversation_model_keys, make_conversation_assets, run_train_vlm
-from tests.helpers.vlm_workers import losses
+from tests.helpers.vlm_data import (
+    QA_PROMPT,
+    conversation_model_keys,
+    make_conversation_assets,
+    train_and_check_the_loss_falls,
+)
 from training.runner.paths import ROOT
 from vision_tower.cli import main
 
@@ -52,15 +56,8 @@ def test_train_vlm_on_a_json_lines_conversation_set(tmp_path, capsys):
         "data.num_workers": 0,
         "data.eval_samples": 4,
         "data.eval_max_new_tokens": 3,
-        "run.steps": 6,
-        "run.out_dir": out,
-        "optim.lr": 3e-2,
-        "export.formats": "[native]",
     }
-    run_train_vlm(CONFIG, values)
-    steps = losses(str(out))
-    assert len(steps) == 6 and steps[-1] < steps[0], steps
-    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    final = train_and_check_the_loss_falls(CONFIG, values, out)[-1]
     assert final["final"] and final["eval_samples"] == 4 and not final["skip_counts"], final
     assert (out / "export" / "native").is_dir()
     # `eval vlm` of the export on the held-out conversations, through the template the export saved (v1:

@@ -92,15 +92,7 @@ def test_tiled_llava_export_loads_in_transformers_with_its_processor_and_back(
 
     pixels, sizes = vlm.image_inputs(images)
     assert sizes.tolist() == batch["image_sizes"].tolist() == [list(s) for s in SIZES]
-    counts = [vlm.tokens_for(s) for s in SIZES]
-    ours = build_prompts(
-        vlm.tokenizer,
-        [PROMPT] * len(images),
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=counts,
-        pad_token_id=0,
-        causal=True,
-    )
+    ours = R.our_prompt_batch(vlm, [PROMPT] * len(images), SIZES)
     assert torch.equal(batch["input_ids"], ours.input_ids) and torch.equal(
         batch["attention_mask"], ours.attention_mask
     )

@@ -13,7 +13,6 @@ from PIL import Image
 from torch.testing import assert_close
 
 from connectors import VisionLanguageModel
-from connectors.inputs import build_prompts
 from tests.helpers import anyres_reference as A
 from tests.helpers import vlm_reference as R
 from vision_tower import ImageProcessor, VisionConfig, VisionTower
@@ -43,15 +42,7 @@ def _vlm(layout: str = "anyres", decoder=None, **options) -> VisionLanguageModel
 
 
 def _prompts(vlm, sizes, text="caption en"):
-    counts = [vlm.tokens_for(s) for s in sizes]
-    return build_prompts(
-        vlm.tokenizer,
-        [text] * len(sizes),
-        image_token_id=vlm.image_token_id,
-        num_image_tokens=counts,
-        pad_token_id=0,
-        causal=True,
-    )
+    return R.our_prompt_batch(vlm, [text] * len(sizes), sizes)
 
 
 @pytest.mark.parametrize("layout", ["anyres", "anyres_max_1"])

@@ -14,8 +14,11 @@ from torch.testing import assert_close
 
 from connectors import VisionLanguageModel, inputs
 from tests.helpers import vlm_reference as R
-from tests.helpers.vlm_data import conversation_model_keys, make_conversation_assets, run_train_vlm
-from tests.helpers.vlm_workers import losses
+from tests.helpers.vlm_data import (
+    conversation_model_keys,
+    make_conversation_assets,
+    train_and_check_the_loss_falls,
+)
 from training.data.packing import RowPacker, collate_packed
 from training.data.shards import SkipSample
 from training.data.stream import ShardDataset, ShardLoader
@@ -231,15 +234,8 @@ def test_train_vlm_with_packing_lowers_the_loss(tmp_path):
         "data.max_length": 240,
         "data.batch_size": 2,
         "data.num_workers": 0,
-        "run.steps": 6,
-        "run.out_dir": out,
-        "optim.lr": 3e-2,
-        "export.formats": "[native]",
     }
-    run_train_vlm(CONVERSATIONS, values)
-    steps = losses(str(out))
-    assert len(steps) == 6 and steps[-1] < steps[0], steps
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = train_and_check_the_loss_falls(CONVERSATIONS, values, out)
     assert "rows_per_s" in records[1] and records[-1]["skipped"] == 0, records[:2]
 
 

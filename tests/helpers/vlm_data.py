@@ -11,6 +11,7 @@ import torch
 
 from connectors import ConnectorConfig
 from tests.helpers.shards import write_tar
+from tests.helpers.vlm_workers import losses as logged_losses
 from training.data.vlm import PixelImages, VLMBuilder
 from training.demo import caption_corpus
 from training.demo.shapes import make_sample, make_shapes
@@ -217,3 +218,15 @@ def run_train_vlm(config: Path | str, values: dict[str, object], timeout: float 
     cmd += [f"{k}={v}" for k, v in values.items()]
     proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def train_and_check_the_loss_falls(config: Path | str, values: dict[str, object], out: Path, steps: int = 6):
+    """Run ``train-vlm`` (:func:`run_train_vlm`) for ``steps`` steps at lr 3e-2 into ``out``, exporting the
+    native folder only; every step logs a loss and the last is below the first. The run's metrics records."""
+    run_train_vlm(
+        config,
+        {**values, "run.steps": steps, "run.out_dir": out, "optim.lr": 3e-2, "export.formats": "[native]"},
+    )
+    losses = logged_losses(str(out))
+    assert len(losses) == steps and losses[-1] < losses[0], losses
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
