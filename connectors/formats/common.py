@@ -201,19 +201,20 @@ def write_multimodal(
     *,
     architecture: str,
     model_type: str,
-    vision_config: dict[str, Any],
-    text: dict[str, Any],
     fields: dict[str, Any],
+    vision_config: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
     processor_fields: dict[str, Any] | None = None,
     processor_config: dict[str, Any] | None = None,
 ) -> None:
     """A PaliGemma / LLaVA folder: config.json (the keys both share, then ``fields``), the tower, projector,
-    decoder and image layout tensors in transformers' layout, and the tokenizer and processor files."""
+    decoder and image layout tensors in transformers' layout, and the tokenizer and processor files.
+    ``vision_config`` and ``text`` default to the tower's and the decoder's transformers configs."""
     config: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
-        "vision_config": vision_config,
-        "text_config": text,
+        "vision_config": parts.tower.config.to_hf() if vision_config is None else vision_config,
+        "text_config": text_config(parts.decoder) if text is None else text,
         "image_token_index": parts.image_token_id,
         **fields,
         "tie_word_embeddings": is_tied(parts.decoder),

@@ -139,8 +139,6 @@ def save(parts: VLMParts, out: Path, state_dict: dict[str, torch.Tensor]) -> Non
         out,
         architecture=architecture,
         model_type=NAME,
-        vision_config=parts.tower.config.to_hf(),
-        text=common.text_config(parts.decoder),
         fields={
             "mm_tokens_per_image": parts.num_image_tokens,
             "boi_token_index": _token_id(parts.tokenizer, BOI, defaults["boi_token_index"]),

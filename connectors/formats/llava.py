@@ -22,7 +22,6 @@ from .common import (
     multimodal_decoder,
     read_multimodal,
     split_weights,
-    text_config,
     write_multimodal,
     write_processor_template,
 )
@@ -148,8 +147,6 @@ def write(
         out,
         architecture=architecture,
         model_type=model_type,
-        vision_config=parts.tower.config.to_hf(),
-        text=text_config(parts.decoder),
         fields={
             "vision_feature_layer": parts.tower.feature_layer,
             "vision_feature_select_strategy": "full",
