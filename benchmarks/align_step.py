@@ -45,8 +45,8 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     """Shards at the tower's resolution, a word tokenizer of their captions, and the feature cache."""
     from training.data.feature_cache import cache_identity, extract_shards, tower_layout
     from training.demo import caption_corpus
+    from training.demo.decoders import word_tokenizer
     from training.demo.shapes import make_shapes
-    from training.tasks.decoders import word_tokenizer
     from vision_tower import ImageProcessor
 
     t = tower(args.tower)

@@ -52,7 +52,7 @@ def build(args, work: Path) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from connectors import VisionLanguageModel
-    from training.tasks.decoders import word_tokenizer
+    from training.demo.decoders import word_tokenizer
     from vision_tower import ImageProcessor
     from vision_tower.sources import load_tower
 

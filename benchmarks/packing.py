@@ -101,7 +101,7 @@ def model(args) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from connectors import VisionLanguageModel
-    from training.tasks.decoders import word_tokenizer
+    from training.demo.decoders import word_tokenizer
     from vision_tower import VisionTower
 
     side = int(args.image_tokens**0.5)

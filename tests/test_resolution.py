@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from tests.helpers.distributed import small_run
+from training.demo.decoders import word_tokenizer
 from training.demo.stripes import PAIRS, PROMPT
 from training.runner.launch import launch_env
 from training.runner.paths import ROOT
-from training.tasks.decoders import word_tokenizer
 from vision_tower.cli import main
 
 CONFIG = ROOT / "configs" / "vlm" / "tiny_stripes.yaml"

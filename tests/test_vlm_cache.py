@@ -17,8 +17,8 @@ from training.data import ShardLoader, iter_tar_samples, shard_dataset
 from training.data.feature_cache import FeatureCache, cache_identity
 from training.data.shards import SkipCounter, SkipSample
 from training.data.vlm import PixelImages, VLMBuilder
+from training.demo.decoders import word_tokenizer
 from training.demo.shapes import make_sample
-from training.tasks.decoders import word_tokenizer
 from vision_tower import ImageProcessor, VisionTower, load_image
 from vision_tower.cli import main
 

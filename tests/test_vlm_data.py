@@ -16,8 +16,8 @@ from tests.helpers.shards import ONE_PASS, write_tar
 from tests.helpers.vlm_data import layout_for, pixel_builder, png
 from training.data import ShardLoader, shard_dataset
 from training.data.vlm import PixelImages, VLMBuilder
+from training.demo.decoders import word_tokenizer
 from training.demo.shapes import make_sample
-from training.tasks.decoders import word_tokenizer
 from training.tasks.vlm import model_inputs
 from vision_tower import ImageProcessor
 

@@ -10,7 +10,7 @@ import torch
 from tests.helpers.distributed import run_ranks
 from tests.helpers.vlm_data import texts
 from tests.helpers.vlm_workers import one_step_grads_worker
-from training.tasks.decoders import word_tokenizer
+from training.demo.decoders import word_tokenizer
 
 pytestmark = pytest.mark.distributed
 

@@ -26,7 +26,7 @@ from tests.helpers.shards import write_tar
 from tests.helpers.vlm_data import QA_PROMPT, sized_qa_members, texts
 from tests.helpers.vlm_reference import assert_same_logits_and_greedy_tokens, our_prompt_batch
 from tests.helpers.vlm_workers import stages_worker
-from training.tasks.decoders import word_tokenizer
+from training.demo.decoders import word_tokenizer
 from vision_tower import VisionTower
 
 BOI, EOI = "<start_of_image>", "<end_of_image>"  # Gemma 3's image block

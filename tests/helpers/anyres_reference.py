@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from training.tasks.decoders import word_tokenizer
+from training.demo.decoders import word_tokenizer
 
 IMAGE = "<image>"
 

@@ -8,7 +8,7 @@ from unittest import mock
 
 from transformers import PreTrainedTokenizerFast
 
-from training.tasks.decoders import word_tokenizer
+from training.demo.decoders import word_tokenizer
 
 IDEFICS3_IMAGE = "<image>"
 IDEFICS3_TOKENS = [

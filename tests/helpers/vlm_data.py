@@ -14,8 +14,8 @@ from tests.helpers.shards import write_tar
 from tests.helpers.vlm_workers import losses as logged_losses
 from training.data.vlm import PixelImages, VLMBuilder
 from training.demo import caption_corpus
+from training.demo.decoders import save_decoder, word_tokenizer
 from training.demo.shapes import make_sample, make_shapes
-from training.tasks.decoders import save_decoder, word_tokenizer
 from vision_tower import ImageProcessor, VisionTower
 
 QA_PROMPT = "what colour is the shape"

@@ -1,6 +1,6 @@
-"""A word-level tokenizer for closed caption vocabularies, and a preset decoder saved with it as a folder:
-what tests and the README's Python example train without downloading a language model. The decoder
-presets themselves live in :mod:`connectors.decoder_presets`."""
+"""The demo's word-level tokenizer for closed caption vocabularies, and a preset decoder saved with it as
+a folder: what tests and the README's Python example train without downloading a language model. The
+decoder presets themselves live in :mod:`connectors.decoder_presets`."""
 
 from __future__ import annotations
 
