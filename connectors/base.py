@@ -85,16 +85,3 @@ class Connector(nn.Module):
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{self.name}: {self.in_dim} -> {self.out_dim}" + (f", {opts}" if opts else "")
-
-
-def no_weight_decay_names(model: nn.Module, *, own: bool = True) -> set[str]:
-    """Names of ``model``'s parameters that training should not decay: every 0/1-d tensor (biases, norms,
-    t', b; their real shape under ZeRO-3, which empties them) and what each sub-module names in its own
-    ``no_weight_decay()`` (position tables, probes, learned queries); ``own``: the model's own
-    ``no_weight_decay()`` too (False for a model whose ``no_weight_decay()`` is this function)."""
-    names = {n for n, p in model.named_parameters() if len(getattr(p, "ds_shape", p.shape)) < 2}
-    for prefix, module in model.named_modules():
-        listed = getattr(module, "no_weight_decay", None)
-        if callable(listed) and (own or module is not model):
-            names |= {f"{prefix}.{name}" if prefix else name for name in listed()}
-    return names

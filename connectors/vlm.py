@@ -14,10 +14,11 @@ from transformers.utils import ModelOutput
 
 from vision_tower import ImageProcessor, VisionTower
 from vision_tower.checkpoint import strict_load
+from vision_tower.layers import no_weight_decay_names
 from vision_tower.sources import load_tower, processor_for
 
 from . import formats, generation
-from .base import Connector, Grid, no_weight_decay_names
+from .base import Connector, Grid
 from .decoder import CACHE_KWARG, ensure_image_token, load_decoder, load_tokenizer, output_cache
 from .inputs import (
     ATTENTION,
@@ -254,7 +255,7 @@ class VisionLanguageModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that should get no weight decay: biases, norms and other 0/1-d tensors, and
         what each sub-module names in its own ``no_weight_decay()`` (the tower's position table, the
-        pooling probe, a resampler's learned queries): :func:`connectors.base.no_weight_decay_names`."""
+        pooling probe, a resampler's learned queries): :func:`vision_tower.layers.no_weight_decay_names`."""
         return no_weight_decay_names(self, own=False)
 
     def set_trainable(self, *, tower: bool, connector: bool, decoder: bool) -> None:

@@ -1,4 +1,5 @@
-"""Transformer building blocks shared by the image and text towers."""
+"""Transformer building blocks shared by the image and text towers, and the rule of which parameters
+training leaves undecayed (:func:`no_weight_decay_names`, for any model built of them)."""
 
 from __future__ import annotations
 
@@ -222,3 +223,16 @@ def init_encoder_weights(module: nn.Module) -> None:
             m.kv.weight.copy_(in_proj[dim:])
             nn.init.zeros_(m.q.bias)
             nn.init.zeros_(m.kv.bias)
+
+
+def no_weight_decay_names(model: nn.Module, *, own: bool = True) -> set[str]:
+    """Names of ``model``'s parameters that training should not decay: every 0/1-d tensor (biases, norms,
+    t', b; their real shape under ZeRO-3, which empties them) and what each sub-module names in its own
+    ``no_weight_decay()`` (position tables, probes, learned queries); ``own``: the model's own
+    ``no_weight_decay()`` too (False for a model whose ``no_weight_decay()`` is this function)."""
+    names = {n for n, p in model.named_parameters() if len(getattr(p, "ds_shape", p.shape)) < 2}
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed) and (own or module is not model):
+            names |= {f"{prefix}.{name}" if prefix else name for name in listed()}
+    return names

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vision_tower.hardware import choose_precision
+from vision_tower.layers import no_weight_decay_names
 
 from .config import OptimSection, RunSection, resolve_path
 
@@ -83,9 +84,7 @@ def _free_port() -> int:
 def no_weight_decay_params(model: nn.Module) -> set[int]:
     """ids of the parameters the model excludes from weight decay: every 0/1-d tensor (biases, norms,
     t', b) and those a module names in its ``no_weight_decay()`` (position tables, probes). The rule is
-    :func:`connectors.base.no_weight_decay_names`, the one ``VisionLanguageModel.no_weight_decay`` gives."""
-    from connectors.base import no_weight_decay_names  # transformers only when an engine is built
-
+    :func:`vision_tower.layers.no_weight_decay_names`, which ``VisionLanguageModel.no_weight_decay`` gives."""
     return {id(model.get_parameter(name)) for name in no_weight_decay_names(model)}
 
 
