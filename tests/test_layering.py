@@ -149,3 +149,16 @@ def test_the_checks_see_a_cycle_and_a_wrong_arrow(tmp_path):
     edges, tops = import_graph(tmp_path)
     assert cycles(edges) == [["connectors.a", "connectors.b"]]
     assert "training" in tops["vision_tower.c"]
+
+
+def test_the_runner_imports_no_task_and_no_connector():
+    """The runner serves any task: it reaches the core, never `training.tasks` or `connectors`."""
+    edges, tops = import_graph()
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module, targets in edges.items()
+        if module.startswith("training.runner")
+        for target in targets | ({"connectors"} & tops[module])
+        if not target.startswith(("training.runner", "vision_tower"))
+    )
+    assert not wrong, wrong
