@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,6 +61,12 @@ def _rank_entry(
     finally:
         if backend is not None and dist.is_initialized():
             dist.destroy_process_group()
+    # The rank's result is saved: leave without the interpreter's teardown, where a background thread that
+    # gloo or DeepSpeed left running was seen (rarely) to abort a finished rank ("terminate called without
+    # an active exception"). A failing worker raised above and never gets here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(
