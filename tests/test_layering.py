@@ -162,3 +162,33 @@ def test_the_runner_imports_no_task_and_no_connector():
         if not target.startswith(("training.runner", "vision_tower"))
     )
     assert not wrong, wrong
+
+
+def test_each_package_imports_only_what_its_install_declares():
+    """`vision_tower` needs only the core requirements, `connectors` adds the `connectors` extra and
+    `training` the `train` extra (pyproject.toml): an import outside them breaks an install without it."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {Requirement(r).name.lower().replace("_", "-") for r in requirements} - {"vision-tower"}
+
+    extras = project["optional-dependencies"]
+    allowed = {"vision_tower": names(project["dependencies"])}
+    allowed["connectors"] = allowed["vision_tower"] | names(extras["connectors"])
+    allowed["training"] = allowed["connectors"] | names(extras["train"])
+    dists = {name: {d.lower().replace("_", "-") for d in ds} for name, ds in packages_distributions().items()}
+    _, tops = import_graph()
+    wrong = sorted(
+        f"{module} imports {name} ({', '.join(sorted(dists.get(name, {'?'})))})"
+        for module, imported in tops.items()
+        for name in imported - set(sys.stdlib_module_names) - set(PACKAGES) - {""}
+        if not dists.get(name, set()) & allowed[module.split(".")[0]]
+    )
+    assert not wrong, wrong
