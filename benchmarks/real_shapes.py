@@ -69,7 +69,6 @@ HUB = {  # what the configs name -> a preset of the same shapes
     "google/siglip-so400m-patch14-384": "preset:so400m_p14_384",
 }
 GIB = 2**30
-RUNTIME_GIB = 0.7  # python, torch, deepspeed, transformers in a rank before any model (not in the estimate)
 BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 FILLER = (  # the words of the synthetic captions and answers
     "the picture shows a scene with a small object near the middle and some plain background around it "
@@ -105,7 +104,8 @@ class Plan:
     name: str
     kind: str  # train-vlm or pretrain
     zero: int
-    dtype_bytes: int
+    dtype_bytes: int  # parameters, gradients (fp32 unless DeepSpeed's bf16 is on)
+    act_bytes: int  # activations (bf16 under autocast)
     tokens: int  # the sample's length (decoder tokens, or image + text tokens)
     parts: dict[str, Part] = field(default_factory=dict)
 
@@ -158,13 +158,13 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
         dconf = decoder_config(preset_decoder_name(HUB[m["decoder"]]), text["tokenizer"], **options)
         decoder = AutoModelForCausalLM.from_config(dconf)
         connector = build_connector(m.get("connector", "linear"), tower.config.hidden_size, dconf.hidden_size)
-    b = args.dtype_bytes
+    b = args.act_bytes
     tower_trains = stage == "finetune" and bool(ft.get("tower"))
     full = stage == "finetune" and ft.get("decoder", "full") == "full"
     gc = bool(cfg["model"].get("gradient_checkpointing"))
     n_img = (tower.config.image_size // tower.config.patch_size) ** 2
     tokens = n_img + text["text_tokens"]
-    plan = Plan(name, "train-vlm", zero_stage(cfg), b, tokens)
+    plan = Plan(name, "train-vlm", zero_stage(cfg), args.dtype_bytes, b, tokens)
     tc = tower.config
     plan.parts["tower"] = count(tower, tower_trains)
     plan.parts["tower"].acts = block_acts(
@@ -232,10 +232,10 @@ def pretrain_plan(name: str, args: argparse.Namespace) -> Plan:
         config.vision.num_hidden_layers = config.text.num_hidden_layers = args.layers
     with torch.device("meta"):
         model = SiglipModel(config)
-    b, gc = args.dtype_bytes, bool(m.get("gradient_checkpointing"))
+    b, gc = args.act_bytes, bool(m.get("gradient_checkpointing"))
     v, t = config.vision, config.text
     n_img = (v.image_size // v.patch_size) ** 2
-    plan = Plan(name, "pretrain", zero_stage(cfg), b, n_img + t.max_position_embeddings)
+    plan = Plan(name, "pretrain", zero_stage(cfg), args.dtype_bytes, b, n_img + t.max_position_embeddings)
     for part, c, n in (("vision", v, n_img), ("text", t, t.max_position_embeddings)):
         plan.parts[part] = count(getattr(model, part), True)
         plan.parts[part].acts = block_acts(
@@ -275,6 +275,8 @@ def estimate(plan: Plan, world: int) -> dict[str, float]:
         buffers = big.largest * b * (2 if big.trained else 1)
     else:
         buffers = 0.0
+    if plan.act_bytes < b:  # autocast keeps a bf16 copy of each trained weight it casts, whole, per forward
+        buffers += trained * plan.act_bytes
     acts = sum(p.acts for p in parts)
     out = {"params": params, "grads": grads, "optimizer": optim, "buffers": buffers, "activations": acts}
     out = {k: v / GIB for k, v in out.items()}
@@ -460,11 +462,11 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> d
         return {"name": name, "failed": f"exit {proc.returncode}; log {log}:\n{tail}"}
     logged = _steps(metrics)
     per_step = args.ranks  # micro-batch 1 x ranks x grad_accum 1
-    times = [per_step / r["samples_per_s"] for s, r in sorted(logged.items()) if s > 1]
+    times = [per_step / _rate(r) for s, r in sorted(logged.items()) if s > 1]
     result = {
         "name": name,
         "step_s": statistics.median(times) if times else float("nan"),
-        "first_step_s": per_step / logged[1]["samples_per_s"] if 1 in logged else float("nan"),
+        "first_step_s": per_step / _rate(logged[1]) if 1 in logged else float("nan"),
         "loss": [round(r["loss"], 4) for _, r in sorted(logged.items())],
         "steps_hwm": steps_hwm,
         "run_hwm": hwm_run,
@@ -479,6 +481,11 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> d
     return result
 
 
+def _rate(record: dict[str, Any]) -> float:
+    """The logged throughput (``samples_per_s``, ``images_per_s`` or ``rows_per_s``)."""
+    return next(v for k, v in record.items() if k.endswith("_per_s"))
+
+
 def _steps(metrics: Path) -> dict[int, dict[str, Any]]:
     if not metrics.exists():
         return {}
@@ -488,7 +495,7 @@ def _steps(metrics: Path) -> dict[int, dict[str, Any]]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "samples_per_s" in r and not r.get("final"):
+        if "loss" in r and not r.get("final"):
             rows[r["step"]] = r
     return rows
 
@@ -513,8 +520,10 @@ def main() -> None:
     args = parser.parse_args()
     from vision_tower.hardware import cpu_fast_bf16
 
-    # precision auto (every shipped config): bf16 on a CPU with AMX or AVX512-BF16, else fp32
-    args.dtype_bytes = 2 if cpu_fast_bf16()[0] else 4
+    # precision auto (every shipped config; their DeepSpeed JSONs leave bf16 "auto"): on a CPU with AMX or
+    # AVX512-BF16 the runner keeps fp32 weights and runs the forward under bf16 autocast, else fp32
+    args.dtype_bytes = 4
+    args.act_bytes = 2 if cpu_fast_bf16()[0] else 4
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -528,6 +537,10 @@ def main() -> None:
     memory = args.memory_gib or _mem_total()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="real_shapes_"))
     root.mkdir(parents=True, exist_ok=True)
+    args.runtime = runtime_gib()
+    print(
+        f"runtime per rank (imports, no model): {args.runtime:.2f} GiB; memory {memory:.1f} GiB", flush=True
+    )
     texts = make_texts(args)
     texts["tokenizer"].save_pretrained(root / "tokenizer")
     rows, exports = [], {}
@@ -535,15 +548,15 @@ def main() -> None:
         for name in names:
             plan = vlm_plan(name, args, texts) if "stage" in read_yaml(name) else pretrain_plan(name, args)
             est = estimate(plan, args.ranks)
-            need = args.ranks * (est["total"] + RUNTIME_GIB)
+            need = args.ranks * (est["total"] + args.runtime)
             print(_describe(plan, est, args), flush=True)
             if args.estimate_only:
                 rows.append({"name": name, "plan": plan, "est": est, "skipped": "estimate only"})
                 continue
             if need > 0.9 * memory:
                 why = (
-                    f"does not fit: {args.ranks} ranks x ({est['total']:.1f} GiB estimated + {RUNTIME_GIB} "
-                    f"GiB runtime) = {need:.1f} GiB > 90% of {memory:.1f} GiB"
+                    f"does not fit: {args.ranks} ranks x ({est['total']:.1f} GiB estimated + "
+                    f"{args.runtime:.1f} GiB runtime) = {need:.1f} GiB > 90% of {memory:.1f} GiB"
                 )
                 print(f"{name}: skipped, {why}", flush=True)
                 rows.append({"name": name, "plan": plan, "est": est, "skipped": why})
@@ -559,6 +572,23 @@ def main() -> None:
         print(_table(rows, args))
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def runtime_gib() -> float:
+    """Peak RSS of a process that imports what a rank imports, before any model: the estimate's floor."""
+    from training.runner.launch import launch_env
+
+    code = (
+        "import resource, deepspeed, transformers, peft, vision_tower.cli, connectors, training.tasks.vlm, "
+        "training.tasks.siglip; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=launch_env(), cwd=ROOT, capture_output=True, text=True
+    )
+    try:
+        return int(out.stdout.split()[-1]) * 1024 / GIB
+    except (IndexError, ValueError):
+        raise RuntimeError(f"measuring the runtime's memory failed: {out.stderr[-2000:]}") from None
 
 
 def _mem_total() -> float:
@@ -582,7 +612,8 @@ def _describe(plan: Plan, est: dict[str, float], args: argparse.Namespace) -> st
     figures = ", ".join(f"{k} {v:.2f}" for k, v in est.items())
     return (
         f"\n## {plan.name}: ZeRO-{plan.zero}, {args.ranks} ranks, micro-batch 1, {plan.tokens} tokens, "
-        f"{'fp32' if plan.dtype_bytes == 4 else 'bf16'}\n  {parts}\n  estimate per rank (GiB): {figures}"
+        f"weights fp32, {'bf16 autocast' if plan.act_bytes == 2 else 'fp32'}\n  {parts}\n"
+        f"  estimate per rank (GiB): {figures}"
     )
 
 
@@ -597,7 +628,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         figures = " | ".join(
             f"{est[k]:.2f}" for k in ("params", "grads", "optimizer", "buffers", "activations")
         )
-        total = f"{est['total']:.2f} ({est['total'] + RUNTIME_GIB:.2f})"
+        total = f"{est['total']:.2f} ({est['total'] + args.runtime:.2f})"
         if "skipped" in row or "failed" in row:
             why = row.get("skipped") or row["failed"].splitlines()[0]
             lines.append(f"| {row['name']} | all | {why} | | | {figures} | {total} |")
