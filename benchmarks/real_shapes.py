@@ -15,11 +15,13 @@ cannot exist here:
   partitioned tower by tower as the load is);
 - the /data paths by a few synthetic samples written here (coloured shapes at the tower's resolution;
   captions, or json prompt/answer for the finetune configs, LLaVA's ``USER: <image>`` layout for Qwen2);
-- a finetune config's ``model.init_from`` (the align stage's ``export/native``) by the export of the
-  align config run just before it in the same invocation (it is added when not asked for);
+- a finetune config's ``model.init_from`` (the align stage's ``export/native``) by a native VLM folder
+  of the align config's model (the same presets, random weights) that this script builds and saves once,
+  so a finetune config runs without its align stage having run; the run loads it as written;
 - micro-batch 1, ``--steps`` steps, every step logged, no held-out data (no evaluation), no checkpoint
-  before the end, and only the ``native`` export (the runner always writes a final checkpoint and the
-  exports: they are timed apart and removed after each run).
+  before the end. The run is stopped once its last step is measured: the runner's final checkpoint and
+  export (rank 0 consolidates the whole model, about three fp32 copies of it at once) are not part of a
+  step; ``--full-run`` lets them run (only the ``native`` export), timed and measured apart.
 
 Per rank it reports the step time (the run's own ``samples_per_s``, first step left out as warm-up),
 the peak RSS over the timed steps (VmHWM of the rank process, reset after step 1 and read when the last
@@ -32,7 +34,7 @@ memory is not started: its figures and the reason are printed.
 
     python benchmarks/real_shapes.py --layers 2 --steps 2                    # smoke: 2 decoder layers
     python benchmarks/real_shapes.py --configs b16_224_scratch               # one config at full shape
-    python benchmarks/real_shapes.py --configs qwen2_llava_finetune          # runs qwen2_llava_align first
+    python benchmarks/real_shapes.py --configs qwen2_llava_finetune          # LoRA under ZeRO-3
     python benchmarks/real_shapes.py --estimate-only                         # the estimates alone
 """
 
@@ -40,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -348,9 +352,37 @@ def spm_tokenizer(root: Path, texts: dict[str, Any]) -> Path:
 
 
 # ----------------------------------------------------------------------------- runs
-def overrides(
-    name: str, args: argparse.Namespace, root: Path, data: dict[str, Path], exports: dict[str, str]
-) -> list[str]:
+def init_folder(name: str, args: argparse.Namespace, root: Path) -> Path:
+    """A native VLM folder of the model a finetune config starts from (its align config's, presets for
+    the hub ids, ``--layers`` decoder layers), built once in fp32 and saved as the align stage exports."""
+    import torch
+
+    from training.tasks.vlm_config import VLMModelSection
+    from training.tasks.vlm_model import assemble
+
+    source = align_of(name)
+    folder = root / "init" / f"{source}-{args.layers or 'full'}"
+    if (folder / "config.json").exists():
+        return folder
+    m = dict(read_yaml(source)["model"])
+    m.pop("gradient_checkpointing", None)
+    m.update(tower=HUB[m["tower"]], decoder=HUB[m["decoder"]], tokenizer=str(root / "tokenizer"))
+    if args.layers:
+        m["decoder_options"] = {"num_hidden_layers": args.layers}
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    vlm = assemble(VLMModelSection(**m), torch.float32)
+    vlm.save_pretrained(folder, format="native")
+    del vlm
+    print(
+        f"{name}: model.init_from is {folder} ({source}'s model, built and saved in "
+        f"{time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return folder
+
+
+def overrides(name: str, args: argparse.Namespace, root: Path, data: dict[str, Path]) -> list[str]:
     cfg = read_yaml(name)
     out = root / "runs" / name
     o = {
@@ -372,7 +404,7 @@ def overrides(
         o["data.train_shards"] = data["caption" if not ft else ("llava_qa" if llava else "gemma_qa")]
         o["export.formats"] = "[native]"
         if m.get("init_from"):
-            o["model.init_from"] = exports[align_of(name)]
+            o["model.init_from"] = init_folder(name, args, root)
         else:
             o["model.tower"] = HUB[m["tower"]]
             o["model.decoder"] = HUB[m["decoder"]]
@@ -418,12 +450,12 @@ def _rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
-def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> dict[str, Any]:
+def run_one(name: str, args: argparse.Namespace, root: Path, data) -> dict[str, Any]:
     """Launch the config's command on ``args.ranks`` ranks; poll the ranks' memory and its metrics."""
     from training.runner.launch import launch_env, torchrun_command
 
     cmd = "train-vlm" if "stage" in read_yaml(name) else "pretrain"
-    over = overrides(name, args, root, data, exports)
+    over = overrides(name, args, root, data)
     argv = torchrun_command(args.ranks, ["-m", "vision_tower.cli", cmd, "--config", CONFIGS[name], *over])
     print("$ vision-tower", cmd, "--config", CONFIGS[name], " ".join(over), flush=True)
     out = root / "runs" / name
@@ -437,7 +469,9 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> d
     steps_hwm: dict[int, float] = {}
     reset_done = False
     with open(log, "w") as f:
-        proc = subprocess.Popen(argv, env=launch_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, env=launch_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         while proc.poll() is None:
             try:
                 for pid in _children(proc.pid):
@@ -453,11 +487,13 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> d
                 if logged and max(logged) >= args.steps and not steps_hwm:
                     steps_hwm = {rank: _status(pid, "VmHWM") for rank, pid in ranks.items()}
                     steps_end = time.perf_counter()
+                    if not args.full_run:  # the final checkpoint and export are not a step
+                        os.killpg(proc.pid, signal.SIGTERM)
             except (OSError, ValueError):
                 pass  # a process that ended between listing and reading
             time.sleep(0.1)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not (steps_hwm and not args.full_run):
         tail = log.read_text()[-3000:]
         return {"name": name, "failed": f"exit {proc.returncode}; log {log}:\n{tail}"}
     logged = _steps(metrics)
@@ -471,13 +507,10 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data, exports) -> d
         "steps_hwm": steps_hwm,
         "run_hwm": hwm_run,
         "wall_s": wall,
-        "after_steps_s": wall - (steps_end - start) if steps_hwm else float("nan"),
+        "after_steps_s": wall - (steps_end - start) if steps_hwm and args.full_run else float("nan"),
         "disk_gib": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / GIB,
     }
-    export = out / "export" / "native"
-    if export.exists():
-        exports[name] = str(export)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     return result
 
 
@@ -517,6 +550,9 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=None, help="default: this machine's MemTotal")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
     parser.add_argument("--estimate-only", action="store_true")
+    parser.add_argument(
+        "--full-run", action="store_true", help="let each run write its final checkpoint and export"
+    )
     args = parser.parse_args()
     from vision_tower.hardware import cpu_fast_bf16
 
@@ -529,11 +565,6 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
-    for n in list(names):  # a finetune stage starts from its align stage's export
-        first = align_of(n)
-        if first and first not in names:
-            print(f"{n} starts from {first}'s export: running {first} first", flush=True)
-            names.insert(names.index(n), first)
     memory = args.memory_gib or _mem_total()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="real_shapes_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -543,7 +574,7 @@ def main() -> None:
     )
     texts = make_texts(args)
     texts["tokenizer"].save_pretrained(root / "tokenizer")
-    rows, exports = [], {}
+    rows = []
     try:
         for name in names:
             plan = vlm_plan(name, args, texts) if "stage" in read_yaml(name) else pretrain_plan(name, args)
@@ -565,7 +596,7 @@ def main() -> None:
             data = write_data(root, size, texts, args.samples)
             if plan.kind == "pretrain":
                 spm_tokenizer(root, texts)
-            result = run_one(name, args, root, data, exports)
+            result = run_one(name, args, root, data)
             print(json.dumps({k: v for k, v in result.items()}, default=str), flush=True)
             rows.append({**result, "plan": plan, "est": est})
     finally:
@@ -610,6 +641,8 @@ def _describe(plan: Plan, est: dict[str, float], args: argparse.Namespace) -> st
         f"{k} {p.params / 1e6:.1f}M ({p.trained / 1e6:.1f}M trained)" for k, p in plan.parts.items()
     )
     figures = ", ".join(f"{k} {v:.2f}" for k, v in est.items())
+    whole = sum(p.params for p in plan.parts.values()) * 4 / GIB
+    figures += f"; the whole model in fp32 {whole:.2f} (export on rank 0, --full-run: about 3x that)"
     return (
         f"\n## {plan.name}: ZeRO-{plan.zero}, {args.ranks} ranks, micro-batch 1, {plan.tokens} tokens, "
         f"weights fp32, {'bf16 autocast' if plan.act_bytes == 2 else 'fp32'}\n  {parts}\n"
@@ -619,8 +652,8 @@ def _describe(plan: Plan, est: dict[str, float], args: argparse.Namespace) -> st
 
 def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = (
-        "| config | rank | step s | peak RSS steps GiB | peak RSS run GiB | est. params | grads | AdamW | "
-        "ZeRO buffers | activations | est. total (+runtime) |\n|" + "---|" * 11
+        "| config | rank | step s | peak RSS steps GiB | peak RSS build+steps GiB | est. params | grads "
+        "| AdamW | ZeRO buffers | activations | est. total (+runtime) |\n|" + "---|" * 11
     )
     lines = [head]
     for row in rows:
