@@ -67,7 +67,15 @@ CONFIGS = {
     "b16_224_scratch": "configs/pretrain/b16_224_scratch.yaml",
     "so400m_finetune": "configs/pretrain/so400m_finetune.yaml",
 }
-HUB = {  # what the configs name -> a preset of the same shapes
+# what the configs name -> a preset of the same shapes (with --tiny: tiny presets, for a quick check that
+# each config runs as written, its stage, ZeRO setting, LoRA and checkpointing included)
+TINY = {
+    "google/gemma-2b": "preset:tiny_gemma",
+    "Qwen/Qwen2-1.5B-Instruct": "preset:tiny_qwen2",
+    "google/siglip-so400m-patch14-384": "preset:tiny",
+    "b16_224": "preset:tiny",
+}
+HUB = {
     "google/gemma-2b": "preset:gemma_2b",
     "Qwen/Qwen2-1.5B-Instruct": "preset:qwen2_1_5b",
     "google/siglip-so400m-patch14-384": "preset:so400m_p14_384",
@@ -78,6 +86,11 @@ FILLER = (  # the words of the synthetic captions and answers
     "the picture shows a scene with a small object near the middle and some plain background around it "
     "while the light falls from the left side onto the table and the wall behind"
 )
+
+
+def source(name: str) -> str:
+    """The ``preset:`` source of a hub id (or a pretraining preset's name, itself unless --tiny)."""
+    return HUB.get(name, f"preset:{name}")
 
 
 def read_yaml(name: str) -> dict[str, Any]:
@@ -111,6 +124,7 @@ class Plan:
     dtype_bytes: int  # parameters, gradients (fp32 unless DeepSpeed's bf16 is on)
     act_bytes: int  # activations (bf16 under autocast)
     tokens: int  # the sample's length (decoder tokens, or image + text tokens)
+    image_size: int
     parts: dict[str, Part] = field(default_factory=dict)
 
 
@@ -157,9 +171,9 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     ft = cfg.get("finetune") or {}
     stage = cfg.get("stage", "align")
     with torch.device("meta"):
-        tower = VisionTower.from_preset(preset_name(HUB[m["tower"]]), use_head=False)
+        tower = VisionTower.from_preset(preset_name(source(m["tower"])), use_head=False)
         options = {"num_hidden_layers": args.layers} if args.layers else {}
-        dconf = decoder_config(preset_decoder_name(HUB[m["decoder"]]), text["tokenizer"], **options)
+        dconf = decoder_config(preset_decoder_name(source(m["decoder"])), text["tokenizer"], **options)
         decoder = AutoModelForCausalLM.from_config(dconf)
         connector = build_connector(m.get("connector", "linear"), tower.config.hidden_size, dconf.hidden_size)
     b = args.act_bytes
@@ -168,8 +182,8 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     gc = bool(cfg["model"].get("gradient_checkpointing"))
     n_img = (tower.config.image_size // tower.config.patch_size) ** 2
     tokens = n_img + text["text_tokens"]
-    plan = Plan(name, "train-vlm", zero_stage(cfg), args.dtype_bytes, b, tokens)
     tc = tower.config
+    plan = Plan(name, "train-vlm", zero_stage(cfg), args.dtype_bytes, b, tokens, tc.image_size)
     plan.parts["tower"] = count(tower, tower_trains)
     plan.parts["tower"].acts = block_acts(
         n_img,
@@ -230,7 +244,7 @@ def pretrain_plan(name: str, args: argparse.Namespace) -> Plan:
 
     cfg = read_yaml(name)
     m = cfg["model"]
-    preset = m.get("preset") or preset_name_of(m["init_from"])
+    preset = preset_name_of(m.get("preset") or m["init_from"])
     config = get_preset(preset)
     if args.layers:
         config.vision.num_hidden_layers = config.text.num_hidden_layers = args.layers
@@ -239,7 +253,15 @@ def pretrain_plan(name: str, args: argparse.Namespace) -> Plan:
     b, gc = args.act_bytes, bool(m.get("gradient_checkpointing"))
     v, t = config.vision, config.text
     n_img = (v.image_size // v.patch_size) ** 2
-    plan = Plan(name, "pretrain", zero_stage(cfg), args.dtype_bytes, b, n_img + t.max_position_embeddings)
+    plan = Plan(
+        name,
+        "pretrain",
+        zero_stage(cfg),
+        args.dtype_bytes,
+        b,
+        n_img + t.max_position_embeddings,
+        v.image_size,
+    )
     for part, c, n in (("vision", v, n_img), ("text", t, t.max_position_embeddings)):
         plan.parts[part] = count(getattr(model, part), True)
         plan.parts[part].acts = block_acts(
@@ -257,7 +279,7 @@ def pretrain_plan(name: str, args: argparse.Namespace) -> Plan:
 
 
 def preset_name_of(src: str) -> str:
-    return HUB[src].split(":", 1)[1]
+    return source(src).split(":", 1)[1]
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:
@@ -279,8 +301,9 @@ def estimate(plan: Plan, world: int) -> dict[str, float]:
         buffers = big.largest * b * (2 if big.trained else 1)
     else:
         buffers = 0.0
-    if plan.act_bytes < b:  # autocast keeps a bf16 copy of each trained weight it casts, whole, per forward
-        buffers += trained * plan.act_bytes
+    if plan.act_bytes < b:  # autocast keeps a bf16 copy of each trained weight it casts, whole, per forward,
+        # and casts each frozen one as it is used: the largest (the decoder's embedding as lm_head) at once
+        buffers += trained * plan.act_bytes + max(p.largest for p in parts) * plan.act_bytes
     acts = sum(p.acts for p in parts)
     out = {"params": params, "grads": grads, "optimizer": optim, "buffers": buffers, "activations": acts}
     out = {k: v / GIB for k, v in out.items()}
@@ -366,7 +389,7 @@ def init_folder(name: str, args: argparse.Namespace, root: Path) -> Path:
         return folder
     m = dict(read_yaml(source)["model"])
     m.pop("gradient_checkpointing", None)
-    m.update(tower=HUB[m["tower"]], decoder=HUB[m["decoder"]], tokenizer=str(root / "tokenizer"))
+    m.update(tower=source(m["tower"]), decoder=source(m["decoder"]), tokenizer=str(root / "tokenizer"))
     if args.layers:
         m["decoder_options"] = {"num_hidden_layers": args.layers}
     start = time.perf_counter()
@@ -406,8 +429,8 @@ def overrides(name: str, args: argparse.Namespace, root: Path, data: dict[str, P
         if m.get("init_from"):
             o["model.init_from"] = init_folder(name, args, root)
         else:
-            o["model.tower"] = HUB[m["tower"]]
-            o["model.decoder"] = HUB[m["decoder"]]
+            o["model.tower"] = source(m["tower"])
+            o["model.decoder"] = source(m["decoder"])
             o["model.tokenizer"] = root / "tokenizer"
             if args.layers:
                 o["model.decoder_options"] = json.dumps({"num_hidden_layers": args.layers})
@@ -417,7 +440,8 @@ def overrides(name: str, args: argparse.Namespace, root: Path, data: dict[str, P
         o["data.tokenizer"] = root / "spm"
         if m.get("init_from"):
             o["model.init_from"] = "null"
-            o["model.preset"] = preset_name_of(m["init_from"])
+        if m.get("init_from") or preset_name_of(m["preset"]) != m["preset"]:
+            o["model.preset"] = preset_name_of(m.get("preset") or m["init_from"])
         if args.layers:
             o["model.vision"] = json.dumps({"num_hidden_layers": args.layers})
             o["model.text"] = json.dumps({"num_hidden_layers": args.layers})
@@ -550,6 +574,7 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=None, help="default: this machine's MemTotal")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
     parser.add_argument("--estimate-only", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny presets: does each config run as written?")
     parser.add_argument(
         "--full-run", action="store_true", help="let each run write its final checkpoint and export"
     )
@@ -561,6 +586,8 @@ def main() -> None:
     args.dtype_bytes = 4
     args.act_bytes = 2 if cpu_fast_bf16()[0] else 4
 
+    if args.tiny:
+        HUB.update(TINY)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -592,7 +619,7 @@ def main() -> None:
                 print(f"{name}: skipped, {why}", flush=True)
                 rows.append({"name": name, "plan": plan, "est": est, "skipped": why})
                 continue
-            size = 384 if plan.kind == "train-vlm" else _pretrain_size(name)
+            size = plan.image_size
             data = write_data(root, size, texts, args.samples)
             if plan.kind == "pretrain":
                 spm_tokenizer(root, texts)
@@ -627,13 +654,6 @@ def _mem_total() -> float:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024 / GIB
     return float("inf")
-
-
-def _pretrain_size(name: str) -> int:
-    from vision_tower import get_preset
-
-    m = read_yaml(name)["model"]
-    return get_preset(m.get("preset") or preset_name_of(m["init_from"])).vision.image_size
 
 
 def _describe(plan: Plan, est: dict[str, float], args: argparse.Namespace) -> str:
