@@ -166,8 +166,8 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     from vision_tower.presets import preset_name
 
     cfg = read_yaml(name)
-    source = align_of(name) if cfg["model"].get("init_from") else name
-    m = read_yaml(source)["model"]
+    first = align_of(name) if cfg["model"].get("init_from") else name
+    m = read_yaml(first)["model"]
     ft = cfg.get("finetune") or {}
     stage = cfg.get("stage", "align")
     with torch.device("meta"):
@@ -383,11 +383,11 @@ def init_folder(name: str, args: argparse.Namespace, root: Path) -> Path:
     from training.tasks.vlm_config import VLMModelSection
     from training.tasks.vlm_model import assemble
 
-    source = align_of(name)
-    folder = root / "init" / f"{source}-{args.layers or 'full'}"
+    first = align_of(name)
+    folder = root / "init" / f"{first}-{'tiny' if args.tiny else args.layers or 'full'}"
     if (folder / "config.json").exists():
         return folder
-    m = dict(read_yaml(source)["model"])
+    m = dict(read_yaml(first)["model"])
     m.pop("gradient_checkpointing", None)
     m.update(tower=source(m["tower"]), decoder=source(m["decoder"]), tokenizer=str(root / "tokenizer"))
     if args.layers:
@@ -398,7 +398,7 @@ def init_folder(name: str, args: argparse.Namespace, root: Path) -> Path:
     vlm.save_pretrained(folder, format="native")
     del vlm
     print(
-        f"{name}: model.init_from is {folder} ({source}'s model, built and saved in "
+        f"{name}: model.init_from is {folder} ({first}'s model, built and saved in "
         f"{time.perf_counter() - start:.0f} s)",
         flush=True,
     )
