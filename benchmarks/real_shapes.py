@@ -5,7 +5,8 @@ Each shipped config (``configs/vlm/so400m_gemma2b_*``, ``configs/vlm/qwen2_llava
 ``configs/pretrain/b16_224_scratch``, ``configs/pretrain/so400m_finetune``) runs as users run it,
 ``vision-tower train-vlm --config CONFIG`` / ``vision-tower pretrain --config CONFIG`` under torchrun on
 ``--ranks`` CPU ranks (gloo), with its DeepSpeed stage, gradient checkpointing, LoRA, ``max_length`` and
-precision (``auto``: fp32 on a CPU without AMX / AVX512-BF16) as written. Overrides replace only what
+precision as written (``auto``: fp32 weights and a bf16 autocast forward on a CPU with AMX or
+AVX512-BF16, such as this machine's Zen 4, else fp32). Overrides replace only what
 cannot exist here:
 
 - the hub ids by ``preset:`` sources of the same shapes (random weights): google/gemma-2b ->
@@ -23,9 +24,10 @@ cannot exist here:
   export (rank 0 consolidates the whole model, about three fp32 copies of it at once) are not part of a
   step; ``--full-run`` lets them run (only the ``native`` export), timed and measured apart.
 
-Per rank it reports the step time (the run's own ``samples_per_s``, first step left out as warm-up),
-the peak RSS over the timed steps (VmHWM of the rank process, reset after step 1 and read when the last
-step is logged), the whole run's peak (building and export included), and beside them the estimate from
+Per rank it reports the step time (from the run's own logged throughput, first step left out as
+warm-up; the ranks step together), the peak RSS over the timed steps (VmHWM of the rank process, reset
+after step 1 and read when the last step is logged), the peak of building and stepping (and exporting,
+with ``--full-run``), and beside them the estimate from
 the shapes: parameters, gradients, AdamW state (fp32 m and v, and the fp32 master copy DeepSpeed's ZeRO
 optimizers keep of the trained partition), ZeRO buffers (the gradient reduce bucket of stages 1-2; the
 largest parameter gathered whole, with its gradient, at stage 3) and activations for one sample at the
@@ -36,6 +38,7 @@ memory is not started: its figures and the reason are printed.
     python benchmarks/real_shapes.py --configs b16_224_scratch               # one config at full shape
     python benchmarks/real_shapes.py --configs qwen2_llava_finetune          # LoRA under ZeRO-3
     python benchmarks/real_shapes.py --estimate-only                         # the estimates alone
+    python benchmarks/real_shapes.py --tiny                                  # each config as written, tiny
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
 
     from connectors import build_connector
     from connectors.decoder_presets import decoder_config, preset_decoder_name
+    from training.tasks.vlm_config import LORA_TARGETS
     from vision_tower import VisionTower
     from vision_tower.presets import preset_name
 
@@ -202,15 +206,7 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     if stage == "finetune" and ft.get("decoder") == "lora":
         lora = ft.get("lora") or {}
         r = int(lora.get("r", 16))
-        targets = lora.get("target_modules") or [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        targets = lora.get("target_modules") or LORA_TARGETS
         extra = sum(
             r * (mod.in_features + mod.out_features)
             for n, mod in decoder.named_modules()
