@@ -27,12 +27,12 @@ cannot exist here:
 Per rank it reports the step time (from the run's own logged throughput, first step left out as
 warm-up; the ranks step together), the peak RSS over the timed steps (VmHWM of the rank process, reset
 after step 1 and read when the last step is logged), the peak of building and stepping (and exporting,
-with ``--full-run``), and beside them the estimate from
-the shapes: parameters, gradients, AdamW state (fp32 m and v, and the fp32 master copy DeepSpeed's ZeRO
-optimizers keep of the trained partition), ZeRO buffers (the gradient reduce bucket of stages 1-2; the
-largest parameter gathered whole, with its gradient, at stage 3) and activations for one sample at the
-sample's length with the config's checkpointing. A config whose estimate does not fit this machine's
-memory is not started: its figures and the reason are printed.
+with ``--full-run``), and beside them the estimate from the shapes: parameters, gradients, AdamW state
+(fp32 m and v, and the fp32 master copy DeepSpeed's ZeRO optimizers keep of the trained partition), ZeRO
+buffers (the gradient reduce bucket; at stage 3 the gathered parameters DeepSpeed keeps live, up to 1e9
+elements by default, and the largest gradient whole) with autocast's bf16 copies of the trained weights,
+and activations for one sample at the sample's length with the config's checkpointing. A config whose
+estimate does not fit this machine's memory is not started: its figures and the reason are printed.
 
     python benchmarks/real_shapes.py --layers 2 --steps 2                    # smoke: 2 decoder layers
     python benchmarks/real_shapes.py --configs b16_224_scratch               # one config at full shape
@@ -85,6 +85,7 @@ HUB = {
 }
 GIB = 2**30
 BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+LIVE = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (elements)
 FILLER = (  # the words of the synthetic captions and answers
     "the picture shows a scene with a small object near the middle and some plain background around it "
     "while the light falls from the left side onto the table and the wall behind"
@@ -290,13 +291,12 @@ def estimate(plan: Plan, world: int) -> dict[str, float]:
     params = total * b / (world if z == 3 else 1)
     grads = trained * b / (world if z >= 2 else 1)
     optim = trained * (8 + (4 if z >= 1 or b == 2 else 0)) / (world if z >= 1 else 1)
-    if z in (1, 2):
-        buffers = min(BUCKET, trained) * b
-    elif z == 3:
+    buffers = min(BUCKET, trained) * b if z >= 1 else 0.0  # the gradient reduce bucket's touched part
+    if z == 3:  # gathered parameters a rank keeps between uses (DeepSpeed's stage3_max_live_parameters and
+        # stage3_max_reuse_distance, 1e9 elements by default; checkpointing's recompute reuses every layer),
+        # at least the largest one, whole; and the largest gradient, whole, if it trains
         big = max(parts, key=lambda p: p.largest)
-        buffers = big.largest * b * (2 if big.trained else 1)
-    else:
-        buffers = 0.0
+        buffers += max(min(LIVE, total), big.largest) * b + (big.largest * b if big.trained else 0)
     if plan.act_bytes < b:  # autocast keeps a bf16 copy of each trained weight it casts, whole, per forward,
         # and casts each frozen one as it is used: the largest (the decoder's embedding as lm_head) at once
         buffers += trained * plan.act_bytes + max(p.largest for p in parts) * plan.act_bytes
@@ -441,7 +441,7 @@ def overrides(name: str, args: argparse.Namespace, root: Path, data: dict[str, P
         if args.layers:
             o["model.vision"] = json.dumps({"num_hidden_layers": args.layers})
             o["model.text"] = json.dumps({"num_hidden_layers": args.layers})
-    return [f"{k}={v}" for k, v in o.items()]
+    return [f"{k}={v}" for k, v in o.items()] + list(args.override)
 
 
 def _children(pid: int) -> list[int]:
@@ -570,6 +570,9 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=None, help="default: this machine's MemTotal")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
     parser.add_argument("--estimate-only", action="store_true")
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="one more override, every run"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny presets: does each config run as written?")
     parser.add_argument(
         "--full-run", action="store_true", help="let each run write its final checkpoint and export"
