@@ -310,7 +310,7 @@ def estimate(plan: Plan, world: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- data
 def make_texts(args: argparse.Namespace) -> dict[str, Any]:
     """The words of every synthetic text, the tokenizer folder's contents and the per-sample lengths."""
-    from training.tasks.decoders import word_tokenizer
+    from training.demo.decoders import word_tokenizer
 
     answer = " ".join((FILLER.split() * 8)[: args.answer_words])
     prompts = {

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connectors.decoder_presets import decoder_config
-from training.tasks.decoders import word_tokenizer
+from training.demo.decoders import word_tokenizer
 
 # the fields of google/gemma-2b's and Qwen/Qwen2-1.5B-Instruct's config.json
 REFERENCE = {
