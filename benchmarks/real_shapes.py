@@ -160,6 +160,12 @@ def block_acts(
     return layers * block + block
 
 
+def tower_acts(c, tokens: int, b: int, *, grad: bool, checkpointing: bool) -> float:
+    """:func:`block_acts` of one of our towers' configs (image or text: multi-head attention, no GQA)."""
+    width, mlp, heads, layers = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers
+    return block_acts(tokens, width, mlp, heads, width, layers, b, grad=grad, checkpointing=checkpointing)
+
+
 def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     import torch
     from transformers import AutoModelForCausalLM
@@ -190,17 +196,7 @@ def vlm_plan(name: str, args: argparse.Namespace, text: dict[str, Any]) -> Plan:
     tc = tower.config
     plan = Plan(name, "train-vlm", zero_stage(cfg), args.dtype_bytes, b, tokens, tc.image_size)
     plan.parts["tower"] = count(tower, tower_trains)
-    plan.parts["tower"].acts = block_acts(
-        n_img,
-        tc.hidden_size,
-        tc.intermediate_size,
-        tc.num_attention_heads,
-        tc.hidden_size,
-        tc.num_hidden_layers,
-        b,
-        grad=tower_trains,
-        checkpointing=gc,
-    )
+    plan.parts["tower"].acts = tower_acts(tc, n_img, b, grad=tower_trains, checkpointing=gc)
     plan.parts["connector"] = count(connector, True)
     plan.parts["connector"].acts = 3 * n_img * (tc.hidden_size + dconf.hidden_size) * b
     part = count(decoder, full)
@@ -261,17 +257,7 @@ def pretrain_plan(name: str, args: argparse.Namespace) -> Plan:
     )
     for part, c, n in (("vision", v, n_img), ("text", t, t.max_position_embeddings)):
         plan.parts[part] = count(getattr(model, part), True)
-        plan.parts[part].acts = block_acts(
-            n,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.hidden_size,
-            c.num_hidden_layers,
-            b,
-            grad=True,
-            checkpointing=gc,
-        )
+        plan.parts[part].acts = tower_acts(c, n, b, grad=True, checkpointing=gc)
     return plan
 
 

@@ -11,32 +11,32 @@ from transformers import AutoModelForCausalLM
 from connectors.decoder_presets import decoder_config
 from training.demo.decoders import word_tokenizer
 
-# the fields of google/gemma-2b's and Qwen/Qwen2-1.5B-Instruct's config.json
+# the fields of google/gemma-2b's and Qwen/Qwen2-1.5B-Instruct's config.json, in its (alphabetical) order
 REFERENCE = {
     "gemma_2b": {
-        "model_type": "gemma",
+        "head_dim": 256,
         "hidden_size": 2048,
         "intermediate_size": 16384,
-        "num_hidden_layers": 18,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 1,
-        "head_dim": 256,
-        "vocab_size": 256000,
         "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
+        "model_type": "gemma",
+        "num_attention_heads": 8,
+        "num_hidden_layers": 18,
+        "num_key_value_heads": 1,
         "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 256000,
     },
     "qwen2_1_5b": {
-        "model_type": "qwen2",
         "hidden_size": 1536,
         "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
         "max_position_embeddings": 32768,
-        "tie_word_embeddings": True,
+        "model_type": "qwen2",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 2,
         "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
     },
 }
 
