@@ -50,6 +50,10 @@ _SIZES = {
     "300m": ("b16_224", (32000, 1024, 4096, 12, 8, 128)),
     # Gemma's real 256k vocabulary on a small body: where the logits, not the layers, take the memory
     "256k": ("tiny", (256000, 256, 512, 2, 4, 64)),
+    # PaliGemma's shapes (so400m/14 at 224 px: 256 image tokens, at 448 px: 1024) with Gemma 2B's width and
+    # 256k vocabulary, its decoder cut to 2 of 18 layers to fit a CPU machine
+    "pg224": ("so400m_p14_224", (256000, 2048, 16384, 2, 8, 256)),
+    "pg448": ("so400m_p14_224@448", (256000, 2048, 16384, 2, 8, 256)),
 }
 
 
@@ -74,7 +78,10 @@ def export(size: str, work: Path) -> dict[str, Path]:
     preset, dec_cfg = _sizes()[size]
     torch.manual_seed(0)
     decoder = AutoModelForCausalLM.from_config(dec_cfg)
-    tower = VisionTower.from_preset(preset, use_head=False)
+    preset, _, size_px = preset.partition("@")  # NAME@PX: the preset's tower at another resolution
+    tower = VisionTower.from_preset(
+        preset, use_head=False, **({"image_size": int(size_px)} if size_px else {})
+    )
     vlm = VisionLanguageModel(tower, "linear", decoder, image_token_id=dec_cfg.vocab_size - 1)
     out = {"paligemma": work / f"{size}-paligemma", "layer -2": work / f"{size}-llava"}
     vlm.save_pretrained(out["paligemma"], format="paligemma")

@@ -62,8 +62,16 @@ def load(impl: str, folder: Path, device: str):
     return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device).train()
 
 
-def step(model, impl: str, batch: dict) -> float:
-    """Forward and backward; returns the loss."""
+def freeze_for_align(model, impl: str) -> torch.optim.Optimizer:
+    """Stage align: only the connector (transformers: ``multi_modal_projector``) trains; its AdamW."""
+    trained = model.connector if impl.startswith("ours") else model.model.multi_modal_projector
+    model.requires_grad_(False)
+    trained.requires_grad_(True)
+    return torch.optim.AdamW(trained.parameters(), lr=1e-4)
+
+
+def step(model, impl: str, batch: dict, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Forward and backward (and the optimizer's step when there is one); returns the loss."""
     if impl.startswith("ours"):
         out = model(
             batch["input_ids"],
@@ -76,33 +84,37 @@ def step(model, impl: str, batch: dict) -> float:
     else:
         out = model(**batch)
     out.loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
     return float(out.loss.detach())
 
 
-def peak_child(impl: str, folder: Path, rows: int, answer: int) -> float:
+def peak_child(impl: str, folder: Path, rows: int, answer: int, stage: str = "full") -> float:
     """CPU: the peak RSS growth (MiB) of one step, in this (fresh) process."""
     model = load(impl, folder, "cpu")
+    optimizer = freeze_for_align(model, impl) if stage == "align" else None
     batch = batch_for(folder, rows, answer, "cpu")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
     before = _status_mb("VmRSS")
-    step(model, impl, batch)
+    step(model, impl, batch, optimizer)
     return _status_mb("VmHWM") - before
 
 
-def peak_mb(impl: str, folder: Path, args, model, batch) -> float:
+def peak_mb(impl: str, folder: Path, args, model, batch, optimizer=None) -> float:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(model, impl, batch)
+        step(model, impl, batch, optimizer)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     code = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
         "from benchmarks.vlm_train_step import peak_child; "
-        "print(peak_child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))"
+        "print(peak_child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]))"
     )
     cmd = [sys.executable, "-c", code, str(ROOT), impl, str(folder), str(args.batch), str(args.answer)]
+    cmd.append(args.stage)
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
@@ -110,7 +122,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "300m"], choices=["tiny", "300m", "256k"])
+    parser.add_argument(
+        "--sizes", nargs="+", default=["tiny", "300m"], choices=["tiny", "300m", "256k", "pg224", "pg448"]
+    )
+    parser.add_argument(
+        "--stage",
+        choices=["full", "align"],
+        default="full",
+        help="full: every part gets gradients, no optimizer step; align: the connector trains, with AdamW",
+    )
+    parser.add_argument(
+        "--skip-everywhere", action="store_true", help="leave out ours with logits everywhere"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer", type=int, default=24, help="answer tokens per row (the loss is on them)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -120,22 +143,30 @@ def main() -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as work:
             folder = export(size, Path(work))["paligemma"]
-            models = {impl: load(impl, folder, args.device) for impl in IMPLS}
+            impls = [i for i in IMPLS if not (args.skip_everywhere and i == IMPLS[1])]
+            models = {impl: load(impl, folder, args.device) for impl in impls}
+            optims = {i: freeze_for_align(m, i) if args.stage == "align" else None for i, m in models.items()}
             batch = batch_for(folder, args.batch, args.answer, args.device)
-            losses = {impl: step(models[impl], impl, batch) for impl in IMPLS}  # warm-up
-            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            losses = {impl: step(models[impl], impl, batch, optims[impl]) for impl in impls}  # warm-up
+            times: dict[str, list[float]] = {impl: [] for impl in impls}
             for _ in range(args.repeats):
-                for impl in IMPLS:
+                for impl in impls:
                     start = time.perf_counter()
-                    step(models[impl], impl, batch)
+                    step(models[impl], impl, batch, optims[impl])
                     if args.device.startswith("cuda"):
                         torch.cuda.synchronize()
                     times[impl].append(time.perf_counter() - start)
-            peaks = {impl: peak_mb(impl, folder, args, models[impl], batch) for impl in IMPLS}
+            if args.device.startswith("cuda"):
+                peaks = {i: peak_mb(i, folder, args, models[i], batch, optims[i]) for i in impls}
+            else:  # in fresh processes, one model each
+                del models, optims
+                peaks = {i: peak_mb(i, folder, args, None, batch) for i in impls}
             rows, length = batch["input_ids"].shape
-            print(f"\n{size}: {rows} rows of {length} tokens, {args.answer} of them answer tokens")
+            print(
+                f"\n{size}, stage {args.stage}: {rows} rows of {length} tokens, {args.answer} answer tokens"
+            )
             ref = IMPLS[-1]
-            for impl in IMPLS:
+            for impl in impls:
                 t = statistics.median(times[impl])
                 print(
                     f"  {impl:<26} step {t * 1e3:8.1f} ms ({t / statistics.median(times[ref]):.2f}x "
