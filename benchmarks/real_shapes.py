@@ -465,8 +465,8 @@ def run_one(name: str, args: argparse.Namespace, root: Path, data) -> dict[str, 
     argv = torchrun_command(args.ranks, ["-m", "vision_tower.cli", cmd, "--config", CONFIGS[name], *over])
     print("$ vision-tower", cmd, "--config", CONFIGS[name], " ".join(over), flush=True)
     out = root / "runs" / name
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists():  # never remove what this run did not write
+        raise SystemExit(f"{out} exists: give another --workdir, or remove it yourself")
     log = root / f"{name}.log"
     metrics = out / "metrics.jsonl"
     start = time.perf_counter()
