@@ -6,11 +6,14 @@ of every row, image tokens and prompt included, onto the vocabulary).
 All three load the same PaliGemma export (random weights, see ``vlm_forward.py`` for the sizes) and run the
 same batch: ``--batch`` rows of one image, bos, an 8-token prompt and a ``--answer``-token answer, the loss on
 the answer. The step time is the median of ``--repeats`` after a warm-up, the three timed alternately; the
-peak is the RSS growth of one step in a fresh process holding only that model (CPU) or
-``max_memory_allocated`` (CUDA). The losses of the three are printed too (they must agree).
+peak is the RSS growth of a second step in a fresh process holding only that model (the first step read
+every weight and made the optimizer state), or ``max_memory_allocated`` (CUDA). The losses of the three are
+printed too (they must agree). ``--stage align`` freezes tower and decoder; the connector's AdamW step is
+timed with the rest.
 
     python benchmarks/vlm_train_step.py                       # tiny and ~300M, float32, CPU
     python benchmarks/vlm_train_step.py --sizes tiny --repeats 2
+    python benchmarks/vlm_train_step.py --sizes pg224 pg448 --stage align --batch 2 --answer 32 --skip-everywhere
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ def peak_child(impl: str, folder: Path, rows: int, answer: int, stage: str = "fu
     model = load(impl, folder, "cpu")
     optimizer = freeze_for_align(model, impl) if stage == "align" else None
     batch = batch_for(folder, rows, answer, "cpu")
+    # a first step reads every weight (transformers may leave them memory-mapped, counted once touched) and
+    # makes the optimizer's state; the second step's growth is what a step holds: activations and gradients
+    step(model, impl, batch, optimizer)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
     before = _status_mb("VmRSS")
     step(model, impl, batch, optimizer)
