@@ -13,7 +13,8 @@ timed with the rest.
 
     python benchmarks/vlm_train_step.py                       # tiny and ~300M, float32, CPU
     python benchmarks/vlm_train_step.py --sizes tiny --repeats 2
-    python benchmarks/vlm_train_step.py --sizes pg224 pg448 --stage align --batch 2 --answer 32 --skip-everywhere
+    python benchmarks/vlm_train_step.py --sizes pg224 pg448 --stage align --batch 2 --answer 32 \
+        --skip-everywhere                                     # PaliGemma shapes, stage align
 """
 
 from __future__ import annotations
