@@ -136,3 +136,57 @@ def test_interpolate_pos_embed_is_identity_at_native_size():
     table = torch.randn(16, 8)
     assert interpolate_pos_embed(table, (4, 4)) is table
     assert interpolate_pos_embed(table, (6, 3)).shape == (18, 8)
+
+
+def test_the_next_batch_is_read_while_the_tower_runs(tmp_path):
+    """`extract_features` reads and preprocesses batch i+1 while the tower runs on batch i: the tower's first
+    forward waits (5 s at most) for the second batch's preprocessing to start; a serial reader would only
+    start it after that forward. The features are those of the tower run on each image alone."""
+    import threading
+
+    from PIL import Image
+
+    from vision_tower import ImageProcessor
+    from vision_tower.features import extract_features
+
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20 + 4 * i, 24), (40 * i, 90, 200 - 30 * i)).save(files[-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    files.insert(2, tmp_path / "bad.png")
+    calls, second_read = [], threading.Event()
+
+    class CountingProcessor(ImageProcessor):
+        def __call__(self, images):
+            calls.append(threading.current_thread().name)
+            if len(calls) == 2:
+                second_read.set()
+            return super().__call__(images)
+
+    torch.manual_seed(0)
+    tower = VisionTower.from_preset("tiny").eval()
+    processor = CountingProcessor(image_size=tower.config.image_size)
+    waited_in_vain = []
+    forwards = []
+
+    def before_forward(module, args):
+        if not forwards:
+            waited_in_vain.append(not second_read.wait(timeout=5))
+        forwards.append(len(calls))
+
+    tower.register_forward_pre_hook(before_forward)
+    feats = extract_features(tower, files, processor=processor, batch_size=2, progress=False)
+    assert waited_in_vain == [False], "the second batch was not read while the tower ran on the first"
+    assert all(name.startswith("extract-read") for name in calls)
+    assert feats.skipped == {str(tmp_path / "bad.png"): feats.skipped[str(tmp_path / "bad.png")]}
+    assert feats.files == [str(f) for f in files if f.name != "bad.png"]
+    with torch.no_grad():
+        alone = torch.cat(
+            [
+                tower(processor([Image.open(f).convert("RGB")])).patch_features
+                for f in files
+                if f.name != "bad.png"
+            ]
+        )
+    assert_close(feats.patch_features, alone, **TOL)

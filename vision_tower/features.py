@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -103,18 +105,43 @@ def compiled_tower(tower: VisionTower, batch_size: int) -> Callable[[torch.Tenso
     return call
 
 
-def _run(tower: AnyTower, run, processor: AnyProcessor, images: list, device, dtype):
-    """One batch through the tower (``run``: it, or its compiled form): (features, grids, pooled, mask)."""
+@dataclass
+class _Batch:
+    """One batch of files read and preprocessed: the files kept, those skipped (file: reason), and the
+    processor's output for the kept images (None when none could be read)."""
+
+    kept: list[str]
+    skipped: dict[str, str]
+    inputs: Any = None
+    count: int = 0
+
+
+def _read_batch(processor: AnyProcessor, files: list[Path]) -> _Batch:
+    """Decode and preprocess ``files`` (what runs beside the tower, one batch ahead)."""
+    batch = _Batch([], {})
+    images = []
+    for f in files:
+        try:
+            images.append(load_image(f))
+            batch.kept.append(str(f))
+        except ImageLoadError as err:
+            batch.skipped[str(f)] = err.reason
+    if images:
+        batch.inputs, batch.count = processor(images), len(images)
+    return batch
+
+
+def _run(tower: AnyTower, run, batch: _Batch, device, dtype):
+    """One read batch through the tower (``run``: it, or its compiled form): (features, grids, pooled,
+    mask)."""
     if isinstance(tower, NaFlexVisionTower):
-        if not isinstance(processor, NaFlexImageProcessor):
-            raise TypeError("a NaFlex tower needs a NaFlexImageProcessor")
-        batch = processor(images)
+        inputs = batch.inputs
         out = tower(
-            batch.pixel_values.to(device=device, dtype=dtype), batch.spatial_shapes, batch.attention_mask
+            inputs.pixel_values.to(device=device, dtype=dtype), inputs.spatial_shapes, inputs.attention_mask
         )
-        return out.patch_features, out.grids, out.pooled, batch.attention_mask
-    out = run(processor(images).to(device=device, dtype=dtype))  # (b, 3, H, W) in
-    return out.patch_features, [out.grid] * len(images), out.pooled, None
+        return out.patch_features, out.grids, out.pooled, inputs.attention_mask
+    out = run(batch.inputs.to(device=device, dtype=dtype))  # (b, 3, H, W) in
+    return out.patch_features, [out.grid] * batch.count, out.pooled, None
 
 
 @torch.no_grad()
@@ -138,29 +165,34 @@ def extract_features(
             if naflex
             else ImageProcessor(image_size=tower.config.image_size)
         )
+    if isinstance(tower, NaFlexVisionTower) and not isinstance(processor, NaFlexImageProcessor):
+        raise TypeError("a NaFlex tower needs a NaFlexImageProcessor")
     param = next(tower.parameters())
     run = compiled_tower(tower, batch_size) if compile and isinstance(tower, VisionTower) else tower
     kept: list[str] = []
     skipped: dict[str, str] = {}
     feats, pooled, grids, masks = [], [], [], []
+    chunks = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
     bar = tqdm(total=len(files), unit="img", desc="extract", disable=not progress)
-    for start in range(0, len(files), batch_size):
-        images = []
-        for f in files[start : start + batch_size]:
-            try:
-                images.append(load_image(f))
-                kept.append(str(f))
-            except ImageLoadError as err:
-                skipped[str(f)] = err.reason
-        if images:
-            f_, g_, p_, m_ = _run(tower, run, processor, images, param.device, param.dtype)
-            feats.append(f_.float().cpu())
-            grids += g_
-            if p_ is not None:
-                pooled.append(p_.float().cpu())
-            if m_ is not None:
-                masks.append(m_)
-        bar.update(len(files[start : start + batch_size]))
+    # one thread reads and preprocesses the next batch while the tower runs on this one (PIL and torch
+    # release the GIL), so the tower does not wait for decoding; a read error still surfaces here
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-read") as reader:
+        ahead = reader.submit(_read_batch, processor, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            batch = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = reader.submit(_read_batch, processor, chunks[i + 1])
+            kept += batch.kept
+            skipped.update(batch.skipped)
+            if batch.count:
+                f_, g_, p_, m_ = _run(tower, run, batch, param.device, param.dtype)
+                feats.append(f_.float().cpu())
+                grids += g_
+                if p_ is not None:
+                    pooled.append(p_.float().cpu())
+                if m_ is not None:
+                    masks.append(m_)
+            bar.update(len(chunk))
     bar.close()
     if not kept:
         raise ValueError(f"none of the {len(files)} images could be read: {skipped}")
