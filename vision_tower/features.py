@@ -113,7 +113,6 @@ class _Batch:
     kept: list[str]
     skipped: dict[str, str]
     inputs: Any = None
-    count: int = 0
 
 
 def _read_batch(processor: AnyProcessor, files: list[Path]) -> _Batch:
@@ -127,7 +126,7 @@ def _read_batch(processor: AnyProcessor, files: list[Path]) -> _Batch:
         except ImageLoadError as err:
             batch.skipped[str(f)] = err.reason
     if images:
-        batch.inputs, batch.count = processor(images), len(images)
+        batch.inputs = processor(images)
     return batch
 
 
@@ -141,7 +140,7 @@ def _run(tower: AnyTower, run, batch: _Batch, device, dtype):
         )
         return out.patch_features, out.grids, out.pooled, inputs.attention_mask
     out = run(batch.inputs.to(device=device, dtype=dtype))  # (b, 3, H, W) in
-    return out.patch_features, [out.grid] * batch.count, out.pooled, None
+    return out.patch_features, [out.grid] * len(batch.kept), out.pooled, None
 
 
 @torch.no_grad()
@@ -184,7 +183,7 @@ def extract_features(
                 ahead = reader.submit(_read_batch, processor, chunks[i + 1])
             kept += batch.kept
             skipped.update(batch.skipped)
-            if batch.count:
+            if batch.inputs is not None:
                 f_, g_, p_, m_ = _run(tower, run, batch, param.device, param.dtype)
                 feats.append(f_.float().cpu())
                 grids += g_
