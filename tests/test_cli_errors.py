@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from tests.helpers.hf_reference import hf_vision
 from tests.helpers.shards import write_tar
 
-# What a command says it chose before it starts (precision, compilation): status, not part of the error.
-STATUS_LINES = ("precision: ", "compile: ")
+# What a command says it chose before it starts (precision, compilation, the CPU allocator): status, not
+# part of the error.
+STATUS_LINES = ("precision: ", "compile: ", "allocator: ")
 
 
 class Evil:

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,7 +20,7 @@ from tests.helpers.hf_reference import hf_vision
 from vision_tower import ImageProcessor, VisionTower, load_image
 from vision_tower.cli import main
 from vision_tower.features import COMPILE_MIN_BATCHES, decide_compile
-from vision_tower.hardware import choose_precision, read_cpuinfo_flags
+from vision_tower.hardware import choose_precision, keep_freed_cpu_memory, read_cpuinfo_flags
 
 ZEN4 = "fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_bf16 avx512_vnni"
 SAPPHIRE_RAPIDS = "fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8"
@@ -169,3 +173,55 @@ def test_eval_reports_the_precision_and_loads_the_model_in_it(cpu, tmp_path, cap
         assert result["dtype"] == dtype and result["n"] == 2
         assert out.err.splitlines()[0].startswith(f"precision: {dtype} (")
         assert loaded[-1] == getattr(torch, dtype)
+
+
+# A fresh process allocates a 30 MiB tensor and reports how many bytes glibc's mallinfo2 counts in mmapped
+# blocks before and after: glibc maps a block that large by itself (its threshold starts at 128 KiB), unless
+# keep_freed_cpu_memory raised the threshold to 32 MiB, when it comes from the heap (and stays there freed).
+MALLINFO_SCRIPT = """
+import ctypes, sys, torch
+from vision_tower.hardware import keep_freed_cpu_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+said = keep_freed_cpu_memory() if sys.argv[1] == "keep" else ""
+before = mallinfo2().hblkhd
+x = torch.ones(30 * 2**20 // 4)
+print(mallinfo2().hblkhd - before, said, sep="|")
+"""
+
+
+def _mmapped_growth(mode: str) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", MALLINFO_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
+    ).stdout
+    grown, said = out.strip().splitlines()[-1].split("|")
+    return int(grown), said
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_cpu_training_keeps_freed_blocks_below_32_mib_on_the_heap():
+    plain, _ = _mmapped_growth("plain")
+    kept, said = _mmapped_growth("keep")
+    assert plain >= 30 * 2**20  # glibc's default: its own mapping, unmapped and faulted in again each step
+    assert kept == 0, said  # from the heap, reused when freed
+    assert "keeps freed memory for reuse (mmap threshold 32 MiB, trim threshold 1 GiB)" in said
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, "allocator: glibc malloc as set by MALLOC_TRIM_THRESHOLD_"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "allocator: jemalloc (LD_PRELOAD)"),
+    ],
+)
+def test_a_users_allocator_choice_is_left_alone(env, said, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert keep_freed_cpu_memory.__wrapped__() == said  # returns before any mallopt call

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_tower.hardware import choose_precision
+from vision_tower.hardware import choose_precision, keep_freed_cpu_memory
 from vision_tower.layers import no_weight_decay_names
 
 from .config import OptimSection, RunSection, resolve_path
@@ -216,6 +216,7 @@ class Engine:
     ds_config: dict[str, Any]
     precision: TrainPrecision
     compiled: int = 0  # how many blocks run under torch.compile (run.compile)
+    allocator: str = ""  # what keep_freed_cpu_memory did (CPU training), or "" on a GPU
 
     @property
     def stage(self) -> int:
@@ -227,13 +228,14 @@ class Engine:
         return self.precision.input_dtype
 
     def describe(self) -> str:
-        """The first lines a run prints: precision and compilation, and why."""
+        """The first lines a run prints: precision, compilation and (on CPU) the allocator, and why."""
         compiled = f"on, {self.compiled} repeated blocks" if self.compiled else "off"
-        return f"{self.precision.describe()}\ncompile: {compiled}"
+        lines = [self.precision.describe(), f"compile: {compiled}"]
+        return "\n".join(lines + [self.allocator] if self.allocator else lines)
 
     def record(self) -> dict[str, Any]:
         """Entries for ``metrics.jsonl``."""
-        return {**self.precision.record(), "compiled_blocks": self.compiled}
+        return {**self.precision.record(), "compiled_blocks": self.compiled, "allocator": self.allocator}
 
 
 def compile_repeated_blocks(model: nn.Module) -> int:
@@ -276,4 +278,5 @@ def build_engine(
         # average it over ranks: with one rank that is the identity, and at B/16 it was a fifth of the step
         engine.enable_backward_allreduce = False
     compiled = compile_repeated_blocks(engine.module) if run.compile else 0
-    return Engine(engine, optimizer, scheduler, ds_config, training_precision(run), compiled)
+    allocator = keep_freed_cpu_memory() if engine.device.type == "cpu" else ""
+    return Engine(engine, optimizer, scheduler, ds_config, training_precision(run), compiled, allocator)
