@@ -15,6 +15,7 @@ cosine between the two sides.
     python benchmarks/extract_vs_transformers.py                       # so400m/14, 384 and 448, 64 photos
     python benchmarks/extract_vs_transformers.py --images 16           # fewer photos on a slow CPU
     python benchmarks/extract_vs_transformers.py --preset b16_224 --sizes 224 --images 16   # a quick run
+    python benchmarks/extract_vs_transformers.py --device cuda --images 256 --batch 32 --json out.json
 """
 
 from __future__ import annotations
@@ -85,29 +86,41 @@ def forward_flops(cfg, tokens: int) -> float:
     return float(2 * tokens * 3 * cfg.patch_size**2 * d + blocks * per_block)
 
 
-def matmul_peak_of(cfg, rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak_of(cfg, rows: int, dtype: torch.dtype, device: str = "cpu", repeats: int = 3) -> float:
     """GFLOP/s of the tower's own matmuls (QKV, projection, MLP up and down) at ``rows`` rows, in ``dtype``:
     the best of ``repeats`` passes over the four products."""
     d, i = cfg.hidden_size, cfg.intermediate_size
     shapes = [(d, 3 * d), (d, d), (d, i), (i, d)]
-    operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(k, m, dtype=dtype)) for k, m in shapes]
+    operands = [
+        (torch.randn(rows, k, dtype=dtype, device=device), torch.randn(k, m, dtype=dtype, device=device))
+        for k, m in shapes
+    ]
     flops = sum(2 * rows * k * m for k, m in shapes)
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up
+        sync(device)
         start = time.perf_counter()
         for a, b in operands:
             torch.mm(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return flops / best / 1e9
 
 
-def hf_child(folder: str, images: str, out: str, size: int, batch: int, dtype: str) -> None:
+def hf_child(folder: str, images: str, out: str, size: int, batch: int, dtype: str, device: str) -> None:
     """transformers' way, as a user writes it: the processor and model from the folder, a batched loop."""
     import transformers
     from safetensors.torch import save_file
 
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    model = transformers.SiglipVisionModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    model = (
+        transformers.SiglipVisionModel.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    )
     native = model.config.image_size
     files = sorted(Path(images).glob("*.jpg"))
     features, forward = [], 0.0
@@ -115,11 +128,13 @@ def hf_child(folder: str, images: str, out: str, size: int, batch: int, dtype: s
         for start in range(0, len(files), batch):
             chunk = [Image.open(f).convert("RGB") for f in files[start : start + batch]]
             pixels = processor(images=chunk, size={"height": size, "width": size}, return_tensors="pt")
-            pixels = pixels["pixel_values"].to(getattr(torch, dtype))
+            pixels = pixels["pixel_values"].to(device, getattr(torch, dtype))
+            sync(device)
             begin = time.perf_counter()
             hidden = model(pixels, output_hidden_states=True, interpolate_pos_encoding=size != native)
+            sync(device)
             forward += time.perf_counter() - begin
-            features.append(hidden.hidden_states[-2].float())
+            features.append(hidden.hidden_states[-2].float().cpu())
     save_file({"patch_features": torch.cat(features)}, out)
     print(json.dumps({"forward_s": forward}))
 
@@ -133,24 +148,30 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
-def our_forward(folder: Path, files: list[Path], size: int, batch: int, dtype: torch.dtype):
+def our_forward(folder: Path, files: list[Path], size: int, batch: int, dtype: torch.dtype, device: str):
     """Our tower's forward alone on the same batches (seconds), and fp32 features of ours (the reference
     for the cosines)."""
     from vision_tower import ImageProcessor, VisionTower, load_image
 
     options = dict(image_size=size, feature_layer=-2, use_head=False)
-    tower = VisionTower.from_pretrained(folder, dtype=dtype, **options).eval()
+    tower = VisionTower.from_pretrained(folder, dtype=dtype, device=device, **options).eval()
     same = dtype == torch.float32  # then the timed run's features are the reference themselves
-    fp32 = tower if same else VisionTower.from_pretrained(folder, dtype=torch.float32, **options).eval()
+    fp32 = (
+        tower if same else VisionTower.from_pretrained(folder, dtype=torch.float32, device=device, **options)
+    )
     processor = ImageProcessor(image_size=size)
     forward, reference = 0.0, []
     with torch.inference_mode():
         for start in range(0, len(files), batch):
-            pixels = torch.stack([processor(load_image(f))[0] for f in files[start : start + batch]])
+            pixels = torch.stack([processor(load_image(f))[0] for f in files[start : start + batch]]).to(
+                device
+            )
+            sync(device)
             begin = time.perf_counter()
             out = tower(pixels.to(dtype))
+            sync(device)
             forward += time.perf_counter() - begin
-            reference.append(out.patch_features if same else fp32(pixels).patch_features)
+            reference.append((out.patch_features if same else fp32.eval()(pixels).patch_features).cpu())
     return forward, torch.cat(reference).float()
 
 
@@ -165,6 +186,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[384, 448])
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--json", type=Path, help="also write the table's rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -174,10 +197,14 @@ def main() -> None:
 
     from vision_tower.hardware import choose_precision
 
-    precision = choose_precision("auto")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    precision = choose_precision("auto", device)
     dtype = precision.dtype
     name = str(dtype).removeprefix("torch.")
-    print(f"{cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; dtype auto: {name}")
+    where = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+    print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; dtype auto: {name}")
     print(f"({precision.reason}); {args.preset}, block -2, no head, {args.images} photos, batch {args.batch}")
     print()
     columns = ["size", "tokens", "ours img/s", "transformers img/s", "ours / transformers"]
@@ -185,6 +212,7 @@ def main() -> None:
     columns += ["cosine to fp32 (ours, theirs)", "cosine ours-theirs"]
     print("| " + " | ".join(columns) + " |")
     print("|---" * 10 + "|")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="extract_bench_") as tmp:
         root = Path(tmp)
         files = photos(root / "photos", args.images)
@@ -197,18 +225,34 @@ def main() -> None:
             ours_cmd = [sys.executable, "-m", "vision_tower.cli", "extract", "--model", str(folder)]
             ours_cmd += ["--images", str(root / "photos"), "--out", str(ours_out), "--image-size", str(size)]
             ours_cmd += ["--layer", "-2", "--no-head", "--batch-size", str(args.batch), "--quiet"]
-            child = json.dumps([str(folder), str(root / "photos"), str(hf_out), size, args.batch, name])
+            ours_cmd += ["--device", device]
+            child = json.dumps(
+                [str(folder), str(root / "photos"), str(hf_out), size, args.batch, name, device]
+            )
             ours_s, _ = timed(ours_cmd)
             hf_s, printed = timed([sys.executable, __file__, "--child", child])
             hf_forward = json.loads(printed.strip().splitlines()[-1])["forward_s"]
-            ours_forward, reference = our_forward(folder, files, size, args.batch, dtype)
+            ours_forward, reference = our_forward(folder, files, size, args.batch, dtype, device)
             tokens = (size // base.patch_size) ** 2
             flops = forward_flops(base, tokens)
-            peak = matmul_peak_of(base, args.batch * tokens, dtype)
+            peak = matmul_peak_of(base, args.batch * tokens, dtype, device)
             ours_feats = load_file(ours_out)["patch_features"]
             hf_feats = load_file(hf_out)["patch_features"]
             n = args.images
             share = [n * flops / s / 1e9 / peak for s in (ours_forward, hf_forward)]
+            rows.append(
+                {
+                    "size": size,
+                    "tokens": tokens,
+                    "ours_img_s": n / ours_s,
+                    "transformers_img_s": n / hf_s,
+                    "ours_forward_img_s": n / ours_forward,
+                    "transformers_forward_img_s": n / hf_forward,
+                    "matmul_peak_gflops": peak,
+                    "forward_share_of_peak": share,
+                    "cosine_to_fp32": [cosine(ours_feats, reference), cosine(hf_feats, reference)],
+                }
+            )
             print(
                 f"| {size} | {tokens} | {n / ours_s:.3f} | {n / hf_s:.3f} | {hf_s / ours_s:.2f} | "
                 f"{n / ours_forward:.3f}, {n / hf_forward:.3f} | {peak:.0f} | "
@@ -217,6 +261,15 @@ def main() -> None:
                 f"{cosine(ours_feats, hf_feats):.5f} |"
             )
             sys.stdout.flush()
+    if args.json:
+        info = {
+            "device": where,
+            "dtype": name,
+            "preset": args.preset,
+            "images": args.images,
+            "batch": args.batch,
+        }
+        args.json.write_text(json.dumps({**info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

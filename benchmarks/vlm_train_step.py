@@ -145,7 +145,9 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=24, help="answer tokens per row (the loss is on them)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    results = []
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as work:
@@ -173,13 +175,24 @@ def main() -> None:
                 f"\n{size}, stage {args.stage}: {rows} rows of {length} tokens, {args.answer} answer tokens"
             )
             ref = IMPLS[-1]
+            results.append({"size": size, "stage": args.stage, "rows": rows, "length": length, "impls": {}})
             for impl in impls:
+                results[-1]["impls"][impl] = {
+                    "step_s": statistics.median(times[impl]),
+                    "peak_mib": peaks[impl],
+                    "loss": losses[impl],
+                }
                 t = statistics.median(times[impl])
                 print(
                     f"  {impl:<26} step {t * 1e3:8.1f} ms ({t / statistics.median(times[ref]):.2f}x "
                     f"transformers)  peak +{peaks[impl]:8.1f} MiB ({peaks[impl] / peaks[ref]:.2f}x)  "
                     f"loss {losses[impl]:.6f}"
                 )
+    if args.json:
+        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        args.json.write_text(
+            json.dumps({"device": where, "answer": args.answer, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":
