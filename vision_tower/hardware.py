@@ -175,8 +175,11 @@ def keep_freed_cpu_memory() -> str:
     """Make glibc's malloc keep freed memory for the next step instead of handing it back to the kernel
     (see the comment above), once per process; what was done, or why nothing was, as one line.
 
-    Nothing changes where the user chose: any of ``ALLOCATOR_ENV`` set (glibc's own tunables), another
-    allocator in ``LD_PRELOAD``, or a C library that is not glibc (then there is no ``mallopt``)."""
+    Nothing changes where the user chose: ``VISION_TOWER_KEEP_FREED_MEMORY=0``, any of ``ALLOCATOR_ENV`` set
+    (glibc's own tunables), another allocator in ``LD_PRELOAD``, or a C library that is not glibc (then
+    there is no ``mallopt``)."""
+    if os.environ.get("VISION_TOWER_KEEP_FREED_MEMORY", "1") == "0":
+        return "allocator: as it comes (VISION_TOWER_KEEP_FREED_MEMORY=0)"
     chosen = [name for name in ALLOCATOR_ENV if name in os.environ]
     if chosen:
         return f"allocator: glibc malloc as set by {', '.join(chosen)}"
