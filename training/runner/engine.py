@@ -278,5 +278,5 @@ def build_engine(
         # average it over ranks: with one rank that is the identity, and at B/16 it was a fifth of the step
         engine.enable_backward_allreduce = False
     compiled = compile_repeated_blocks(engine.module) if run.compile else 0
-    allocator = keep_freed_cpu_memory() if engine.device.type == "cpu" else ""
+    allocator = keep_freed_cpu_memory() if engine.device.type == "cpu" else ""  # from here on, every step
     return Engine(engine, optimizer, scheduler, ds_config, training_precision(run), compiled, allocator)

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from vision_tower.errors import agreed, ranks_diverge
-from vision_tower.hardware import keep_freed_cpu_memory
 
 from . import checkpoints, resume_check
 from .engine import (
@@ -98,8 +97,6 @@ def build_task_engine(task: Task, rank: int, world: int) -> tuple[Engine, Zero]:
     """The DeepSpeed config from the task's ``optim``/``run`` sections, the task's model built under it
     (partitioned at ZeRO-3), and the engine over the task's parameter groups."""
     ds_config = deepspeed_config(task.optim, task.run, task.micro_batch_size, world)
-    if not torch.cuda.is_available():  # a CPU run: keep freed memory from the model's build on
-        keep_freed_cpu_memory()
     zero = Zero(zero_stage(ds_config), ds_config, rank, world)
     model = task.build_model(zero)
     return build_engine(model, task.param_groups(model), task.optim, task.run, ds_config), zero
