@@ -91,13 +91,13 @@ def task_for(folder: Path, batch: int):
     return SiglipTask(cfg)
 
 
-def ours(folder: Path, batch: int):
+def ours(task):
+    """The runner's engine for ``task`` in this process (a one-rank process group)."""
     from training.runner import build_task_engine, init_distributed
 
     rank, world = init_distributed()
-    task = task_for(folder, batch)
     engine, _ = build_task_engine(task, rank, world)
-    return task, engine
+    return engine
 
 
 def theirs(folder: Path, lr: float, weight_decay: float, device: torch.device):
@@ -136,7 +136,7 @@ def child(side: str, folder: str, batch_file: str, steps: int, warmup: int) -> d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the runner's device
     result = {"side": side, "precision": precision.mode, "allocator": ""}
     if side == "ours":
-        task, engine = ours(Path(folder), len(batch["input_ids"]))
+        engine = ours(task)
         result["allocator"] = engine.allocator
         batches = itertools.repeat(batch)
 
@@ -218,9 +218,8 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
-    env = (
-        None if device == "cuda" else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    )  # the runner uses a GPU if any
+    # the runner trains on a GPU whenever it sees one: hide it for a CPU run
+    env = None if device == "cuda" else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     from benchmarks.tower_forward import cpu_model
 
     where = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
